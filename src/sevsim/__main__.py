@@ -1,0 +1,3 @@
+from sevsim.cli import main
+
+main()

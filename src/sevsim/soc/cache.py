@@ -1,0 +1,219 @@
+"""The CPU cache: 64-byte lines of *plaintext*, tagged by physical line address and
+encryption domain (hardware.md §4).
+
+The domain of a line is the key slot its data is encrypted with on the way to DRAM
+(0 = plaintext, the host key slot, or a guest's ASID slot). MODEL: the architecture says a
+line is tagged with the C-bit and the ASID; tagging by the key slot is the same thing for
+every access the model makes, and it answers the open question of §10 for shared guest
+pages (they are tagged with the host or the plaintext domain, the key they really use).
+
+* A fill reads DRAM through the memory controller, which decrypts with the domain's key.
+* A dirty line is encrypted with its domain's key when it is evicted or flushed.
+* Two domains may hold the same physical line at once. Without HwEnforcedCacheCoh they
+  are not kept coherent: a stale dirty line can be written back after newer data went to
+  DRAM through another domain, which is the aliasing corruption of §4.1. With it, an
+  access in one domain first writes back and drops the other domains' lines of that
+  address (the MODEL of §4.1).
+
+Set-associative with FIFO replacement (MODEL: FIFO needs no bookkeeping on a hit, which
+keeps the CPU's hit path short; real parts use a pseudo-LRU). One cache is shared by all
+cores: per-core L1/L2 are not modelled.
+
+Memory types (from the PAT) decide how a store behaves: WB allocates and dirties a line;
+WT updates a resident line and memory; WP writes memory and drops the line, so no dirty
+line can ever be created through a WP mapping (what Linux's in-place kernel encryption
+relies on); UC/WC bypass the cache after writing back and dropping the line of the same
+domain (processor self-snoop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import IntEnum
+
+from sevsim.profiles import CacheGeometry
+from sevsim.soc.memctl import LINE_SIZE, MemoryController
+
+LINE_MASK = LINE_SIZE - 1
+DOMAIN_SHIFT = 52  # key = slot << 52 | line address: one int, cheap to hash
+ADDR_MASK = (1 << DOMAIN_SHIFT) - 1
+
+
+class MemType(IntEnum):
+    """x86 memory types, with their PAT encodings."""
+
+    UC = 0
+    WC = 1
+    WT = 4
+    WP = 5
+    WB = 6
+    UC_MINUS = 7
+
+
+def line_key(line_pa: int, slot: int) -> int:
+    return (slot << DOMAIN_SHIFT) | line_pa
+
+
+class Cache:
+    def __init__(self, geometry: CacheGeometry, memctl: MemoryController, coherent: bool) -> None:
+        if geometry.line != LINE_SIZE:
+            raise ValueError("the model uses 64-byte cache lines")
+        self.geometry = geometry
+        self.coherent = coherent
+        self._memctl = memctl
+        self._set_mask = geometry.sets - 1
+        if geometry.sets & self._set_mask:
+            raise ValueError("the number of cache sets must be a power of two")
+        self._ways = geometry.ways
+        # These containers are shared with the cores' hit paths: mutate, never rebind.
+        self._lines: dict[int, bytearray] = {}
+        self._dirty: set[int] = set()
+        self._sets: dict[int, list[int]] = {}
+        self._slots_of_line: dict[int, list[int]] = {}  # line PA -> domains holding it
+        self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
+
+    def __repr__(self) -> str:
+        return (
+            f"<Cache {self.geometry.size >> 20} MiB {self._ways}-way coherent={self.coherent}"
+            f" lines={len(self._lines)} dirty={len(self._dirty)}>"
+        )
+
+    # ---- lines ------------------------------------------------------------------------
+    def _line(self, line_pa: int, slot: int) -> bytearray:
+        """The resident line for (line_pa, slot), filled from DRAM if needed."""
+        key = (slot << DOMAIN_SHIFT) | line_pa
+        line = self._lines.get(key)
+        if line is not None:
+            return line
+        if self.coherent:
+            self._drop_other_domains(line_pa, slot)
+        line = bytearray(self._memctl.read_line(line_pa, slot))
+        self.stats["fills"] += 1
+        ways = self._sets.setdefault((line_pa >> 6) & self._set_mask, [])
+        if len(ways) >= self._ways:
+            self._evict(ways[0])
+        ways.append(key)
+        self._lines[key] = line
+        self._slots_of_line.setdefault(line_pa, []).append(slot)
+        return line
+
+    def _evict(self, key: int) -> None:
+        """Write back (if dirty) and drop one line."""
+        line = self._lines.pop(key)
+        line_pa = key & ADDR_MASK
+        slot = key >> DOMAIN_SHIFT
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self._memctl.write_line(line_pa, slot, bytes(line))
+            self.stats["writebacks"] += 1
+        self._sets[(line_pa >> 6) & self._set_mask].remove(key)
+        slots = self._slots_of_line[line_pa]
+        slots.remove(slot)
+        if not slots:
+            del self._slots_of_line[line_pa]
+        self.stats["evictions"] += 1
+
+    def _drop_other_domains(self, line_pa: int, slot: int) -> None:
+        for other in list(self._slots_of_line.get(line_pa, ())):
+            if other != slot:
+                self._evict((other << DOMAIN_SHIFT) | line_pa)
+
+    def _flush_line(self, line_pa: int, slot: int) -> None:
+        key = (slot << DOMAIN_SHIFT) | line_pa
+        if key in self._lines:
+            self._evict(key)
+
+    # ---- CPU accesses -----------------------------------------------------------------
+    def read(self, pa: int, n: int, slot: int, memtype: MemType = MemType.WB) -> bytes:
+        """Read n bytes at pa (may span lines) in the given domain."""
+        if memtype in (MemType.UC, MemType.WC, MemType.UC_MINUS):
+            for line_pa in _lines_of(pa, n):
+                if self.coherent:
+                    self._drop_other_domains(line_pa, slot)
+                self._flush_line(line_pa, slot)
+            return self._memctl.read(pa, n, slot)
+        if (pa & LINE_MASK) + n <= LINE_SIZE:
+            off = pa & LINE_MASK
+            return bytes(self._line(pa - off, slot)[off : off + n])
+        out = bytearray()
+        for line_pa in _lines_of(pa, n):
+            lo, hi = max(pa, line_pa), min(pa + n, line_pa + LINE_SIZE)
+            out += self._line(line_pa, slot)[lo - line_pa : hi - line_pa]
+        return bytes(out)
+
+    def write(self, pa: int, data: bytes, slot: int, memtype: MemType = MemType.WB) -> None:
+        n = len(data)
+        for line_pa in _lines_of(pa, n):
+            lo, hi = max(pa, line_pa), min(pa + n, line_pa + LINE_SIZE)
+            part = data[lo - pa : hi - pa]
+            key = (slot << DOMAIN_SHIFT) | line_pa
+            if memtype == MemType.WB:
+                self._line(line_pa, slot)[lo - line_pa : hi - line_pa] = part
+                self._dirty.add(key)
+                continue
+            if self.coherent:
+                self._drop_other_domains(line_pa, slot)
+            if memtype == MemType.WT and key in self._lines and key not in self._dirty:
+                self._lines[key][lo - line_pa : hi - line_pa] = part  # stays clean
+            else:
+                self._flush_line(line_pa, slot)  # WP, UC, WC: the line must not survive
+            self._memctl.write(lo, part, slot)
+
+    # ---- flushes ------------------------------------------------------------------------
+    def clflush(self, pa: int, slot: int) -> None:
+        """CLFLUSH: write back and invalidate the line of pa *in this domain only*; other
+        domains' lines of the same address survive unless the hardware is coherent."""
+        line_pa = pa & ~LINE_MASK
+        if self.coherent:
+            self._drop_other_domains(line_pa, slot)
+        self._flush_line(line_pa, slot)
+
+    def flush_page(self, page_pa: int, slot: int) -> int:
+        """VM_PAGE_FLUSH: write back and invalidate one page's lines of one domain.
+        Returns how many lines were flushed."""
+        flushed = 0
+        for line_pa in range(page_pa, page_pa + 4096, LINE_SIZE):
+            key = (slot << DOMAIN_SHIFT) | line_pa
+            if key in self._lines:
+                self._evict(key)
+                flushed += 1
+        return flushed
+
+    def wbinvd(self, invalidate: bool = True) -> int:
+        """WBINVD (or WBNOINVD with invalidate=False): write back every dirty line of
+        every domain, oldest first. Returns how many lines were written back."""
+        written = 0
+        if invalidate:
+            for key in list(self._lines):
+                written += key in self._dirty
+                self._evict(key)
+        else:
+            for key in list(self._dirty):
+                self._memctl.write_line(
+                    key & ADDR_MASK, key >> DOMAIN_SHIFT, bytes(self._lines[key])
+                )
+                written += 1
+            self._dirty.clear()
+            self.stats["writebacks"] += written
+        return written
+
+    # ---- inspection (what a debugger or a test may look at; holds no keys) -----------------
+    def resident(self, pa: int) -> list[tuple[int, bool]]:
+        """The domains (slots) holding the line of pa, each with its dirty flag."""
+        line_pa = pa & ~LINE_MASK
+        return [
+            (slot, line_key(line_pa, slot) in self._dirty)
+            for slot in self._slots_of_line.get(line_pa, ())
+        ]
+
+    def dirty_lines(self) -> Iterator[tuple[int, int]]:
+        """(line PA, slot) of every dirty line."""
+        for key in self._dirty:
+            yield key & ADDR_MASK, key >> DOMAIN_SHIFT
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+
+def _lines_of(pa: int, n: int) -> range:
+    return range(pa & ~LINE_MASK, pa + n, LINE_SIZE) if n else range(0)

@@ -1,0 +1,413 @@
+"""A CPU core: control registers, operating modes, CPUID/MSRs, TLB, and memory accesses.
+
+There is no instruction decoder: software in the model (host kernel, later the guest
+kernel) is Python code that drives a core through ``load``/``store``/``read``/``write``/
+``fetch``/``cpuid``/``rdmsr``/``wrmsr``/``write_cr*``/``invlpg``/``clflush``/``wbinvd`` —
+the interface an instruction engine would sit on. Every access goes through the real
+path: linear address -> page walk over page-table bytes in DRAM (or the TLB) -> physical
+address + C-bit -> key slot -> cache -> memory controller -> DRAM.
+
+Segmentation is flat (linear address = effective address) in every mode.
+
+The TLB is tagged by ASID (a dict per ASID); a CR3 write drops the current ASID's
+non-global entries, INVLPG one page. Stale entries are kept exactly as long as the
+hardware keeps them, so software that forgets a flush sees the old translation.
+
+Hot path: ``load``/``store`` of 1, 2, 4 or 8 bytes inside one cache line of a WB page that
+hits the TLB and the cache touch two dicts and no other Python code. The ``_fast_*`` maps
+are derived from the TLB for the current CPL and are dropped whenever anything they depend
+on changes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from sevsim.soc import msr
+from sevsim.soc.cache import DOMAIN_SHIFT, LINE_MASK, MemType
+from sevsim.soc.cpuid import Regs, host_cpuid
+from sevsim.soc.faults import GeneralProtection
+from sevsim.soc.paging import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PGE,
+    CR4_PSE,
+    CR4_SMEP,
+    DEFAULT_PAT,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    Access,
+    PagingMode,
+    Translation,
+    WalkConfig,
+    walk,
+)
+
+if TYPE_CHECKING:
+    from sevsim.soc.machine import Machine
+
+_UNPACK = {n: struct.Struct(f).unpack_from for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
+_PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
+_MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
+_EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_NXE | (1 << 12)  # SCE, LME, NXE, SVME
+_SYSCFG_WRITABLE = sum(1 << b for b in (18, 19, 20, 21, 22, 24, 25))  # not 23: the BIOS's
+
+
+class _CoreTables:
+    """How a core's page walker reaches page tables: through the cache, with the key the
+    pointing entry's C-bit selects, as write-back memory."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+
+    def read_entry(self, pa: int, size: int, c_bit: bool) -> int:
+        slot = self._core.key_slot(c_bit)
+        return int.from_bytes(self._core.machine.cache.read(pa, size, slot), "little")
+
+    def write_entry(self, pa: int, size: int, c_bit: bool, value: int) -> None:
+        slot = self._core.key_slot(c_bit)
+        self._core.machine.cache.write(pa, value.to_bytes(size, "little"), slot)
+
+
+class Core:
+    def __init__(self, machine: Machine, index: int) -> None:
+        self.machine = machine
+        self.index = index
+        self._profile = machine.profile
+        self._memctl = machine.memctl
+        self._cache = machine.cache
+        self._lines = machine.cache._lines  # shared with the cache; never rebound there
+        self._dirty = machine.cache._dirty
+        self._tables = _CoreTables(self)
+        # Architectural state at reset: real mode, paging off.
+        self.cr0 = 0x6000_0010
+        self.cr2 = 0
+        self.cr3 = 0
+        self.cr4 = 0
+        self.efer = 0
+        self.pat = DEFAULT_PAT
+        self.vm_hsave_pa = 0
+        self._cpl = 0
+        self.asid = 0  # the host; VMRUN (a later issue) switches it
+        self._tlbs: dict[int, dict[int, Translation]] = {0: {}}
+        self._tlb = self._tlbs[0]
+        self._fast_r: dict[int, int] = {}
+        self._fast_w: dict[int, int] = {}
+        self._cfg = self._walk_config()
+
+    def __repr__(self) -> str:
+        return f"<Core {self.index} mode={self.mode.name} cpl={self._cpl} asid={self.asid}>"
+
+    # ---- modes ---------------------------------------------------------------------------
+    @property
+    def mode(self) -> PagingMode:
+        return self._cfg.mode
+
+    @property
+    def long_mode(self) -> bool:
+        return bool(self.efer & EFER_LMA)
+
+    @property
+    def cpl(self) -> int:
+        return self._cpl
+
+    @cpl.setter
+    def cpl(self, value: int) -> None:
+        if value not in (0, 1, 2, 3):
+            raise ValueError("CPL is 0..3")
+        self._cpl = value
+        self._drop_fast()
+
+    def _paging_mode(self) -> PagingMode:
+        if not self.cr0 & CR0_PG:
+            return PagingMode.NONE
+        if self.efer & EFER_LMA:
+            return PagingMode.LONG5 if self.cr4 & CR4_LA57 else PagingMode.LONG4
+        return PagingMode.PAE if self.cr4 & CR4_PAE else PagingMode.LEGACY
+
+    def _walk_config(self) -> WalkConfig:
+        mode = self._paging_mode()
+        smee = bool(self.machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)
+        wide = mode in (PagingMode.PAE, PagingMode.LONG4, PagingMode.LONG5)
+        return WalkConfig(
+            mode=mode,
+            cr3=self.cr3,
+            pa_bits=self.machine.phys_bits,
+            cbit_mask=(1 << self._profile.cbit) if smee and wide else 0,
+            nxe=bool(self.efer & EFER_NXE),
+            wp=bool(self.cr0 & CR0_WP),
+            pse=bool(self.cr4 & CR4_PSE),
+            pge=bool(self.cr4 & CR4_PGE),
+            smep=bool(self.cr4 & CR4_SMEP),
+            pat=self.pat,
+        )
+
+    def _drop_fast(self) -> None:
+        self._fast_r.clear()
+        self._fast_w.clear()
+
+    def _flush_tlb(self, keep_global: bool) -> None:
+        if keep_global:
+            for vpn in [v for v, t in self._tlb.items() if not t.global_]:
+                del self._tlb[vpn]
+        else:
+            self._tlb.clear()
+        self._drop_fast()
+
+    def _state_changed(self, flush_all: bool) -> None:
+        self._cfg = self._walk_config()
+        if flush_all:
+            self._flush_tlb(keep_global=False)
+        else:
+            self._drop_fast()
+
+    # ---- control registers -------------------------------------------------------------
+    def write_cr0(self, value: int) -> None:
+        value &= 0xFFFF_FFFF
+        if value & CR0_PG and not value & CR0_PE:
+            raise GeneralProtection("CR0.PG without CR0.PE")
+        turning_on = bool(value & CR0_PG) and not self.cr0 & CR0_PG
+        if turning_on and self.efer & EFER_LME:
+            if not self.cr4 & CR4_PAE:
+                raise GeneralProtection("long mode needs CR4.PAE before CR0.PG")
+            self.efer |= EFER_LMA
+        if not value & CR0_PG:
+            self.efer &= ~EFER_LMA
+        changed = value ^ self.cr0
+        self.cr0 = value
+        self._state_changed(flush_all=bool(changed & (CR0_PG | CR0_PE)))
+
+    def write_cr3(self, value: int) -> None:
+        if self.long_mode:
+            # Reserved: address bits the reduction removed (except the C-bit) up to bit 51.
+            cbit = self._cfg.cbit_mask
+            reserved = ((1 << 52) - 1) & ~((1 << self.machine.phys_bits) - 1) & ~cbit
+            if value & reserved or value >> 52:
+                raise GeneralProtection(f"CR3 value {value:#x} sets reserved bits")
+        else:
+            value &= 0xFFFF_FFFF
+        self.cr3 = value
+        self._cfg = self._walk_config()
+        self._flush_tlb(keep_global=True)
+
+    def write_cr4(self, value: int) -> None:
+        if self.long_mode and not value & CR4_PAE:
+            raise GeneralProtection("cannot clear CR4.PAE in long mode")
+        if (value ^ self.cr4) & CR4_LA57 and self.long_mode:
+            raise GeneralProtection("cannot change CR4.LA57 in long mode")
+        if value & CR4_LA57 and not self._profile.la57:
+            raise GeneralProtection("CR4.LA57: 5-level paging is not supported by this part")
+        changed = value ^ self.cr4
+        self.cr4 = value
+        self._state_changed(
+            flush_all=bool(changed & (CR4_PGE | CR4_PAE | CR4_PSE | CR4_LA57 | CR4_SMEP))
+        )
+
+    # ---- CPUID / MSRs --------------------------------------------------------------------
+    def cpuid(self, leaf: int, subleaf: int = 0) -> Regs:
+        return host_cpuid(self._profile, leaf, subleaf, self.index)
+
+    def rdmsr(self, index: int) -> int:
+        m = self.machine
+        if index == msr.EFER:
+            return self.efer
+        if index == msr.PAT:
+            return self.pat
+        if index == msr.SYSCFG:
+            return m.syscfg
+        if index == msr.HWCR:
+            return m.hwcr
+        if index == msr.SEV_STATUS:
+            return 0  # a host core is not an SEV guest
+        if index == msr.VM_HSAVE_PA:
+            return self.vm_hsave_pa
+        raise GeneralProtection(f"RDMSR of unimplemented or write-only MSR {index:#x}")
+
+    def wrmsr(self, index: int, value: int) -> None:
+        m = self.machine
+        if index == msr.EFER:
+            if value & ~(_EFER_WRITABLE | EFER_LMA):
+                raise GeneralProtection(f"EFER value {value:#x} sets reserved bits")
+            if (value ^ self.efer) & EFER_LME and self.cr0 & CR0_PG:
+                raise GeneralProtection("cannot change EFER.LME while paging is on")
+            self.efer = (self.efer & EFER_LMA) | (value & _EFER_WRITABLE)
+            self._state_changed(flush_all=True)
+        elif index == msr.PAT:
+            if any(((value >> (8 * i)) & 0xFF) not in (0, 1, 4, 5, 6, 7) for i in range(8)):
+                raise GeneralProtection(f"PAT value {value:#x} has an invalid memory type")
+            self.pat = value
+            self._state_changed(flush_all=True)  # MODEL: TLB entries carry the memory type
+        elif index == msr.SYSCFG:
+            if (value ^ m.syscfg) & ~_SYSCFG_WRITABLE:
+                raise GeneralProtection("SYSCFG: only the BIOS sets MemEncryptionModEn")
+            m.syscfg = value
+        elif index == msr.HWCR:
+            if (value ^ m.hwcr) & msr.HWCR_SMMLOCK:
+                raise GeneralProtection("HWCR.SMMLOCK is locked by the BIOS")
+            m.hwcr = value
+        elif index == msr.VM_HSAVE_PA:
+            self.vm_hsave_pa = value
+        elif index == msr.VM_PAGE_FLUSH:
+            self._vm_page_flush(value)
+        else:
+            raise GeneralProtection(f"WRMSR to unimplemented or read-only MSR {index:#x}")
+
+    def _vm_page_flush(self, value: int) -> None:
+        """VM_PAGE_FLUSH: value = host virtual page address | guest ASID (hardware.md §2.4)."""
+        if not self._profile.vm_page_flush:
+            raise GeneralProtection("VM_PAGE_FLUSH is not supported by this part")
+        asid = value & 0xFFF
+        if asid > self._profile.max_asid:
+            raise GeneralProtection(f"VM_PAGE_FLUSH: ASID {asid} is not an encrypted ASID")
+        t = self.translate(value & ~0xFFF, Access.READ)
+        self._cache.flush_page(t.page_pa, self._memctl.key_slot(True, asid))
+
+    # ---- translation -----------------------------------------------------------------------
+    def key_slot(self, c_bit: bool) -> int:
+        return self._memctl.key_slot(c_bit, self.asid)
+
+    def _canonical(self, va: int) -> int:
+        mode = self._cfg.mode
+        if mode >= PagingMode.LONG4:
+            bits = 57 if mode == PagingMode.LONG5 else 48
+            top = va >> (bits - 1)
+            if top != 0 and top != (1 << (65 - bits)) - 1:
+                raise GeneralProtection(f"non-canonical address {va:#x}")
+            return va
+        if not 0 <= va < 1 << 64:
+            raise GeneralProtection(f"address {va:#x} is not a 64-bit value")
+        return va & 0xFFFF_FFFF
+
+    def translate(self, va: int, access: Access = Access.READ) -> Translation:
+        """Linear -> physical for one access, through the TLB (filling it on a miss)."""
+        va = self._canonical(va)
+        vpn = va >> 12
+        t = self._tlb.get(vpn)
+        if t is None or not self._allowed(t, access):
+            if self._cfg.mode == PagingMode.NONE:
+                t = Translation(
+                    va & ~0xFFF,
+                    False,
+                    MemType.WB,
+                    True,
+                    True,
+                    False,
+                    True,
+                    False,
+                    4096,
+                    va & ~0xFFF,
+                )
+            else:
+                t = walk(va, access, self._cpl, self._cfg, self._tables)
+            self._tlb[vpn] = t
+        if t.memtype == MemType.WB:
+            prefix = (self.key_slot(t.c_bit) << DOMAIN_SHIFT) | t.page_pa
+            if self._allowed(t, Access.READ):
+                self._fast_r[vpn] = prefix
+            if t.dirty and self._allowed(t, Access.WRITE):
+                self._fast_w[vpn] = prefix
+        return t
+
+    def _allowed(self, t: Translation, access: Access) -> bool:
+        if self._cpl == 3 and not t.user:
+            return False
+        if access == Access.WRITE:
+            return t.dirty and (t.writable or (self._cpl < 3 and not self._cfg.wp))
+        if access == Access.FETCH:
+            return not t.nx and not (self._cpl < 3 and t.user and self._cfg.smep)
+        return True
+
+    def _pieces(self, va: int, n: int, access: Access) -> list[tuple[int, int, MemType, int]]:
+        """Translate every page an access touches *before* any byte moves, so an access
+        that faults on its second page has no effect (as on hardware)."""
+        pieces = []
+        pos, end = va, va + n
+        while pos < end:
+            t = self.translate(pos, access)
+            length = min(end, (pos | 0xFFF) + 1) - pos
+            pieces.append((t.page_pa | (pos & 0xFFF), self.key_slot(t.c_bit), t.memtype, length))
+            pos += length
+        return pieces
+
+    def invlpg(self, va: int) -> None:
+        va = self._canonical(va)
+        t = self._tlb.pop(va >> 12, None)
+        if t is not None and t.page_size > 4096:
+            for vpn in [v for v, e in self._tlb.items() if e.page_base == t.page_base]:
+                del self._tlb[vpn]
+        self._drop_fast()
+
+    # ---- memory accesses ---------------------------------------------------------------------
+    def load(self, va: int, size: int = 8) -> int:
+        """A data load of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
+        prefix = self._fast_r.get(va >> 12)
+        if prefix is not None:
+            off = va & LINE_MASK
+            if off + size <= 64 and size in _UNPACK:
+                line = self._lines.get(prefix | (va & 0xFC0))
+                if line is not None:
+                    return _UNPACK[size](line, off)[0]
+        return int.from_bytes(self.read(va, size), "little")
+
+    def store(self, va: int, size: int, value: int) -> None:
+        """A data store of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
+        prefix = self._fast_w.get(va >> 12)
+        if prefix is not None:
+            off = va & LINE_MASK
+            if off + size <= 64 and size in _PACK:
+                key = prefix | (va & 0xFC0)
+                line = self._lines.get(key)
+                if line is not None:
+                    _PACK[size](line, off, value & _MASK[size])
+                    self._dirty.add(key)
+                    return
+        self.write(va, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def read(self, va: int, n: int) -> bytes:
+        """Read n bytes of data at va (crossing lines and pages as needed)."""
+        return self._read(va, n, Access.READ)
+
+    def fetch(self, va: int, n: int) -> bytes:
+        """Instruction fetch of n bytes at va: execute permission, fetch error codes."""
+        return self._read(va, n, Access.FETCH)
+
+    def _read(self, va: int, n: int, access: Access) -> bytes:
+        pieces = self._pieces(va, n, access)
+        cache = self._cache
+        if len(pieces) == 1:
+            pa, slot, memtype, length = pieces[0]
+            return cache.read(pa, length, slot, memtype)
+        return b"".join(cache.read(pa, length, slot, mt) for pa, slot, mt, length in pieces)
+
+    def write(self, va: int, data: bytes) -> None:
+        """Write bytes at va; nothing is written if any page of the range faults."""
+        pos = 0
+        for pa, slot, memtype, length in self._pieces(va, len(data), Access.WRITE):
+            self._cache.write(pa, data[pos : pos + length], slot, memtype)
+            pos += length
+
+    def copy(self, dst_va: int, src_va: int, n: int, chunk: int = 4096) -> None:
+        """REP MOVSB: copy n bytes, a page at a time."""
+        for off in range(0, n, chunk):
+            length = min(chunk, n - off)
+            self.write(dst_va + off, self.read(src_va + off, length))
+
+    # ---- cache control ---------------------------------------------------------------------
+    def clflush(self, va: int) -> None:
+        """CLFLUSH: write back and drop the line of va in the domain of va's mapping."""
+        t = self.translate(va, Access.READ)
+        self._cache.clflush(t.page_pa | (va & 0xFFF), self.key_slot(t.c_bit))
+
+    def wbinvd(self) -> int:
+        """WBINVD: write back and invalidate every line; returns lines written back."""
+        return self._cache.wbinvd(invalidate=True)
+
+    def wbnoinvd(self) -> int:
+        return self._cache.wbinvd(invalidate=False)
