@@ -90,6 +90,7 @@ class BootReport:
     kernel_len: int  # the encrypted range: the image and its tables, 2 MiB aligned
     image_len: int
     workarea_pa: int
+    copy_buffer_pa: int  # the 2 MiB intermediate buffer: keeps the last chunk in plaintext
     log: list[str] = field(default_factory=list)
 
 
@@ -157,7 +158,13 @@ class HostKernel:
             + (" (C-bit set: page tables and memory encrypted)" if self.sme_active else "")
         )
         self.report = BootReport(
-            sme, KERNEL_PA, kernel_end - KERNEL_PA, len(self.image), workarea_pa, self.log
+            sme,
+            KERNEL_PA,
+            kernel_end - KERNEL_PA,
+            len(self.image),
+            workarea_pa,
+            workarea_pa + 2 * PAGE_4K,
+            self.log,
         )
         return self.report
 

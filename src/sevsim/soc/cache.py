@@ -65,9 +65,11 @@ class Cache:
         if geometry.sets & self._set_mask:
             raise ValueError("the number of cache sets must be a power of two")
         self._ways = geometry.ways
-        # These containers are shared with the cores' hit paths: mutate, never rebind.
-        self._lines: dict[int, bytearray] = {}
-        self._dirty: set[int] = set()
+        # Lines are grouped per (domain, page): a core's fast path keeps a page's dict and
+        # finds a line with a small-integer lookup. Shared with the cores: never rebound.
+        self._pages: dict[int, dict[int, bytearray]] = {}  # page key -> {line index: data}
+        self._dirty: set[int] = set()  # line keys
+        self._count = 0
         self._sets: dict[int, list[int]] = {}
         self._slots_of_line: dict[int, list[int]] = {}  # line PA -> domains holding it
         self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
@@ -75,31 +77,53 @@ class Cache:
     def __repr__(self) -> str:
         return (
             f"<Cache {self.geometry.size >> 20} MiB {self._ways}-way coherent={self.coherent}"
-            f" lines={len(self._lines)} dirty={len(self._dirty)}>"
+            f" lines={self._count} dirty={len(self._dirty)}>"
         )
 
     # ---- lines ------------------------------------------------------------------------
-    def _line(self, line_pa: int, slot: int) -> bytearray:
-        """The resident line for (line_pa, slot), filled from DRAM if needed."""
+    def page_lines(self, slot: int, page_pa: int) -> dict[int, bytearray]:
+        """The live dict of one page's resident lines in one domain (line index -> data).
+        A core may keep it for its fast path; a dict that empties is dropped and replaced,
+        so a stale one only ever misses."""
+        return self._pages.setdefault((slot << DOMAIN_SHIFT) | page_pa, {})
+
+    def _get(self, key: int) -> bytearray | None:
+        lines = self._pages.get(key & ~0xFFF)
+        return None if lines is None else lines.get((key >> 6) & 63)
+
+    def _line(self, line_pa: int, slot: int, fill: bool = True) -> bytearray:
+        """The resident line for (line_pa, slot), filled from DRAM if needed (a full-line
+        write allocates without reading: ``fill=False``)."""
         key = (slot << DOMAIN_SHIFT) | line_pa
-        line = self._lines.get(key)
-        if line is not None:
-            return line
+        lines = self._pages.get(key & ~0xFFF)
+        if lines is not None:
+            line = lines.get((line_pa >> 6) & 63)
+            if line is not None:
+                return line
         if self.coherent:
             self._drop_other_domains(line_pa, slot)
-        line = bytearray(self._memctl.read_line(line_pa, slot))
-        self.stats["fills"] += 1
+        if fill:
+            line = bytearray(self._memctl.read_line(line_pa, slot))
+            self.stats["fills"] += 1
+        else:
+            line = bytearray(LINE_SIZE)
         ways = self._sets.setdefault((line_pa >> 6) & self._set_mask, [])
         if len(ways) >= self._ways:
             self._evict(ways[0])
         ways.append(key)
-        self._lines[key] = line
+        self._pages.setdefault(key & ~0xFFF, {})[(line_pa >> 6) & 63] = line
+        self._count += 1
         self._slots_of_line.setdefault(line_pa, []).append(slot)
         return line
 
     def _evict(self, key: int) -> None:
         """Write back (if dirty) and drop one line."""
-        line = self._lines.pop(key)
+        page_key = key & ~0xFFF
+        lines = self._pages[page_key]
+        line = lines.pop((key >> 6) & 63)
+        if not lines:
+            del self._pages[page_key]
+        self._count -= 1
         line_pa = key & ADDR_MASK
         slot = key >> DOMAIN_SHIFT
         if key in self._dirty:
@@ -120,7 +144,7 @@ class Cache:
 
     def _flush_line(self, line_pa: int, slot: int) -> None:
         key = (slot << DOMAIN_SHIFT) | line_pa
-        if key in self._lines:
+        if self._get(key) is not None:
             self._evict(key)
 
     # ---- CPU accesses -----------------------------------------------------------------
@@ -148,13 +172,16 @@ class Cache:
             part = data[lo - pa : hi - pa]
             key = (slot << DOMAIN_SHIFT) | line_pa
             if memtype == MemType.WB:
-                self._line(line_pa, slot)[lo - line_pa : hi - line_pa] = part
+                self._line(line_pa, slot, fill=hi - lo < LINE_SIZE)[lo - line_pa : hi - line_pa] = (
+                    part
+                )
                 self._dirty.add(key)
                 continue
             if self.coherent:
                 self._drop_other_domains(line_pa, slot)
-            if memtype == MemType.WT and key in self._lines and key not in self._dirty:
-                self._lines[key][lo - line_pa : hi - line_pa] = part  # stays clean
+            line = self._get(key)
+            if memtype == MemType.WT and line is not None and key not in self._dirty:
+                line[lo - line_pa : hi - line_pa] = part  # stays clean
             else:
                 self._flush_line(line_pa, slot)  # WP, UC, WC: the line must not survive
             self._memctl.write(lo, part, slot)
@@ -172,26 +199,26 @@ class Cache:
         """VM_PAGE_FLUSH: write back and invalidate one page's lines of one domain.
         Returns how many lines were flushed."""
         flushed = 0
-        for line_pa in range(page_pa, page_pa + 4096, LINE_SIZE):
-            key = (slot << DOMAIN_SHIFT) | line_pa
-            if key in self._lines:
-                self._evict(key)
-                flushed += 1
+        lines = self._pages.get((slot << DOMAIN_SHIFT) | page_pa, {})
+        for index in sorted(lines):
+            self._evict((slot << DOMAIN_SHIFT) | page_pa | index << 6)
+            flushed += 1
         return flushed
 
     def wbinvd(self, invalidate: bool = True) -> int:
         """WBINVD (or WBNOINVD with invalidate=False): write back every dirty line of
-        every domain, oldest first. Returns how many lines were written back."""
+        every domain, set by set, oldest first within a set (so of two aliases of one
+        address, the older is written first). Returns how many lines were written back."""
         written = 0
         if invalidate:
-            for key in list(self._lines):
+            for key in [k for ways in self._sets.values() for k in ways]:
                 written += key in self._dirty
                 self._evict(key)
         else:
-            for key in list(self._dirty):
-                self._memctl.write_line(
-                    key & ADDR_MASK, key >> DOMAIN_SHIFT, bytes(self._lines[key])
-                )
+            for key in [k for ways in self._sets.values() for k in ways if k in self._dirty]:
+                line = self._get(key)
+                assert line is not None
+                self._memctl.write_line(key & ADDR_MASK, key >> DOMAIN_SHIFT, bytes(line))
                 written += 1
             self._dirty.clear()
             self.stats["writebacks"] += written
@@ -212,7 +239,7 @@ class Cache:
             yield key & ADDR_MASK, key >> DOMAIN_SHIFT
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return self._count
 
 
 def _lines_of(pa: int, n: int) -> range:

@@ -25,7 +25,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from sevsim.soc import msr
-from sevsim.soc.cache import DOMAIN_SHIFT, LINE_MASK, MemType
+from sevsim.soc.cache import DOMAIN_SHIFT, MemType
 from sevsim.soc.cpuid import Regs, host_cpuid
 from sevsim.soc.faults import GeneralProtection
 from sevsim.soc.paging import (
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 _UNPACK = {n: struct.Struct(f).unpack_from for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 _PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 _MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
+_U64 = _UNPACK[8]
 _EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_NXE | (1 << 12)  # SCE, LME, NXE, SVME
 _SYSCFG_WRITABLE = sum(1 << b for b in (18, 19, 20, 21, 22, 24, 25))  # not 23: the BIOS's
 
@@ -83,8 +84,7 @@ class Core:
         self._profile = machine.profile
         self._memctl = machine.memctl
         self._cache = machine.cache
-        self._lines = machine.cache._lines  # shared with the cache; never rebound there
-        self._dirty = machine.cache._dirty
+        self._dirty = machine.cache._dirty  # shared with the cache; never rebound there
         self._tables = _CoreTables(self)
         # Architectural state at reset: real mode, paging off.
         self.cr0 = 0x6000_0010
@@ -98,8 +98,10 @@ class Core:
         self.asid = 0  # the host; VMRUN (a later issue) switches it
         self._tlbs: dict[int, dict[int, Translation]] = {0: {}}
         self._tlb = self._tlbs[0]
-        self._fast_r: dict[int, int] = {}
-        self._fast_w: dict[int, int] = {}
+        # vpn -> the cache's dict of that page's resident lines (and, for stores, the
+        # page's line-key prefix for the dirty set); only WB pages the current CPL may use.
+        self._fast_r: dict[int, dict[int, bytearray]] = {}
+        self._fast_w: dict[int, tuple[dict[int, bytearray], int]] = {}
         self._cfg = self._walk_config()
 
     def __repr__(self) -> str:
@@ -308,11 +310,12 @@ class Core:
                 t = walk(va, access, self._cpl, self._cfg, self._tables)
             self._tlb[vpn] = t
         if t.memtype == MemType.WB:
-            prefix = (self.key_slot(t.c_bit) << DOMAIN_SHIFT) | t.page_pa
+            slot = self.key_slot(t.c_bit)
+            lines = self._cache.page_lines(slot, t.page_pa)
             if self._allowed(t, Access.READ):
-                self._fast_r[vpn] = prefix
-            if t.dirty and self._allowed(t, Access.WRITE):
-                self._fast_w[vpn] = prefix
+                self._fast_r[vpn] = lines
+            if self._allowed(t, Access.WRITE):
+                self._fast_w[vpn] = (lines, (slot << DOMAIN_SHIFT) | t.page_pa)
         return t
 
     def _allowed(self, t: Translation, access: Access) -> bool:
@@ -347,27 +350,27 @@ class Core:
     # ---- memory accesses ---------------------------------------------------------------------
     def load(self, va: int, size: int = 8) -> int:
         """A data load of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
-        prefix = self._fast_r.get(va >> 12)
-        if prefix is not None:
-            off = va & LINE_MASK
-            if off + size <= 64 and size in _UNPACK:
-                line = self._lines.get(prefix | (va & 0xFC0))
+        lines = self._fast_r.get(va >> 12)
+        if lines is not None:
+            off = va & 63
+            if off + size <= 64:
+                line = lines.get((va >> 6) & 63)
                 if line is not None:
-                    return _UNPACK[size](line, off)[0]
+                    if size == 8:
+                        return _U64(line, off)[0]
+                    if size in _UNPACK:
+                        return _UNPACK[size](line, off)[0]
         return int.from_bytes(self.read(va, size), "little")
 
     def store(self, va: int, size: int, value: int) -> None:
         """A data store of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
-        prefix = self._fast_w.get(va >> 12)
-        if prefix is not None:
-            off = va & LINE_MASK
-            if off + size <= 64 and size in _PACK:
-                key = prefix | (va & 0xFC0)
-                line = self._lines.get(key)
-                if line is not None:
-                    _PACK[size](line, off, value & _MASK[size])
-                    self._dirty.add(key)
-                    return
+        entry = self._fast_w.get(va >> 12)
+        if entry is not None and (va & 63) + size <= 64 and size in _PACK:
+            line = entry[0].get((va >> 6) & 63)
+            if line is not None:
+                _PACK[size](line, va & 63, value & _MASK[size])
+                self._dirty.add(entry[1] | (va & 0xFC0))
+                return
         self.write(va, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     def read(self, va: int, n: int) -> bytes:

@@ -1,0 +1,1 @@
+"""What a malicious host or a physical attacker can do, using only what they really have."""

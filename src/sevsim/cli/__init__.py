@@ -1,0 +1,55 @@
+"""The ``sevsim`` command line.
+
+Every command has ``--help``; scripts get ``--json``. Bad arguments produce one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sevsim import __version__
+from sevsim.cli.bench import bench
+from sevsim.cli.demo import demo
+from sevsim.cli.info import info
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="sevsim")
+def cli() -> None:
+    """sevsim: a software AMD EPYC machine with memory encryption (SME, TSME, SEV).
+
+    Start with `sevsim demo`: it boots a machine, runs Linux's SME sequence and shows,
+    side by side, what the CPU reads and what a physical attacker's DRAM dump holds.
+    """
+
+
+cli.add_command(demo)
+cli.add_command(info)
+cli.add_command(bench)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="sevsim", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else cli.get_help(click.Context(cli)))
+        code = 0
+    except click.UsageError as e:
+        path = e.ctx.command_path if e.ctx else "sevsim"
+        click.echo(f"{path}: error: {e.format_message()} (try '{path} --help')", err=True)
+        code = 2
+    except click.ClickException as e:
+        click.echo(f"sevsim: error: {e.format_message()}", err=True)
+        code = e.exit_code
+    except click.Abort:
+        click.echo("sevsim: aborted", err=True)
+        code = 130
+    except KeyboardInterrupt:
+        click.echo("sevsim: interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,290 @@
+"""The main job, ``sevsim demo``: the whole story, step by step, with every claim checked.
+
+Each step says what happens, shows what the CPU sees next to what DRAM holds (the view of a
+physical attacker with a cold-boot dump), and checks that the machine behaved as the
+architecture says. The CLI renders the steps; this module only runs them.
+
+The host kernel acts through its core. The physical view reads DRAM directly, as a cold-boot
+attacker or a bus probe can; it is the only place here that looks below the memory
+controller, and it only reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sevsim.attacks.physical import ColdBootDump
+from sevsim.host import HostKernel
+from sevsim.profiles import MachineProfile
+from sevsim.soc import Machine, msr
+
+SECRET = b"TOP SECRET: the launch code is 0451-SEVSIM. Only the CPU may read this line."
+PUBLIC = b"PUBLIC: this page is shared (C=0); anyone with a DRAM dump can read it."
+
+
+@dataclass
+class Check:
+    what: str
+    ok: bool
+
+
+@dataclass
+class View:
+    """One buffer, as the CPU reads it and as DRAM stores it."""
+
+    label: str
+    mapping: str
+    physical_address: int
+    cpu_reads: bytes
+    dram_holds: bytes
+
+
+@dataclass
+class Step:
+    title: str
+    explanation: str
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    views: list[View] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    def check(self, what: str, ok: bool) -> bool:
+        self.checks.append(Check(what, bool(ok)))
+        return bool(ok)
+
+
+@dataclass
+class DemoResult:
+    profile: str
+    steps: list[Step]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for s in self.steps for c in s.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "ok": self.ok,
+            "steps": [
+                {
+                    "title": s.title,
+                    "facts": dict(s.facts),
+                    "views": [
+                        {
+                            "label": v.label,
+                            "mapping": v.mapping,
+                            "physical_address": f"{v.physical_address:#x}",
+                            "cpu_reads": v.cpu_reads.hex(),
+                            "dram_holds": v.dram_holds.hex(),
+                        }
+                        for v in s.views
+                    ],
+                    "checks": [{"what": c.what, "ok": c.ok} for c in s.checks],
+                }
+                for s in self.steps
+            ],
+        }
+
+
+def run_demo(profile: MachineProfile) -> DemoResult:
+    steps = _sme_story(profile.with_(tsme=False))
+    steps += _tsme_story(profile.with_(tsme=True))
+    return DemoResult(profile.name, steps)
+
+
+def _sme_story(profile: MachineProfile) -> list[Step]:
+    steps = []
+    machine = Machine(profile)
+    core = machine.cores[0]
+    dump = ColdBootDump(machine)
+
+    # 1. Power on.
+    eax, ebx, _, _ = core.cpuid(0x8000_001F)
+    syscfg = core.rdmsr(msr.SYSCFG)
+    s = Step(
+        f"Power on an {profile.part} ({profile.generation})",
+        "The memory controller draws a fresh host key; no software can read it. CPUID "
+        "0x8000001F tells software that SME exists and which page-table bit is the C-bit; "
+        "the BIOS option SMEE (SYSCFG bit 23) says whether the C-bit is honoured.",
+        facts=[
+            ("CPUID 8000_001F EAX", f"{eax:#010x} ({', '.join(profile.features()[:4])}, ...)"),
+            ("C-bit", f"bit {ebx & 0x3F} of a page-table entry"),
+            ("physical address bits lost", f"{(ebx >> 6) & 0x3F}"),
+            ("SYSCFG", f"{syscfg:#x} (MemEncryptionModEn = {syscfg >> 23 & 1})"),
+            ("AES engine", f"{machine.memctl.engine_mode}, AES-{profile.engine_key_bits}"),
+        ],
+    )
+    s.check("CPUID reports SME", eax & 1)
+    s.check("SYSCFG[23] MemEncryptionModEn is set", syscfg & msr.SYSCFG_MEM_ENCRYPT)
+    steps.append(s)
+
+    # 2. Boot the host kernel with SME.
+    kernel = HostKernel(core, cmdline="mem_encrypt=on")
+    report = kernel.boot()
+    banner = kernel.image[:48]
+    s = Step(
+        "Boot Linux with mem_encrypt=on",
+        "sme_enable() checks CPUID, SEV_STATUS and SYSCFG; the kernel image, loaded in "
+        "plaintext, is encrypted in place through two mappings of the same memory (an "
+        "encrypted one, and a write-protected plaintext alias) after a WBINVD. Then CR3 is "
+        "loaded with the C-bit: page tables and all kernel memory are encrypted from here on.",
+        facts=[(f"kernel log {i + 1}", line) for i, line in enumerate(report.log)],
+    )
+    core.wbinvd()  # make DRAM current before looking at it
+    image_view = View(
+        "kernel image",
+        "direct map, C=1",
+        report.kernel_pa,
+        kernel.read(kernel.va(report.kernel_pa), len(banner)),
+        dump.read(report.kernel_pa, len(banner)),
+    )
+    s.views.append(image_view)
+    s.check("SME is active with the C-bit from CPUID", kernel.me_mask == 1 << (ebx & 0x3F))
+    s.check("CR3 carries the C-bit (page tables are encrypted)", core.cr3 & kernel.me_mask)
+    s.check("the CPU reads the kernel image in plaintext", image_view.cpu_reads == banner)
+    s.check("DRAM holds the kernel image as ciphertext", image_view.dram_holds != banner)
+    copies = dump.find(banner)
+    in_buffer = [pa for pa in copies if 0 <= pa - report.copy_buffer_pa < 2 << 20]
+    s.facts.append(
+        (
+            "plaintext copies in DRAM",
+            ", ".join(f"{pa:#x}" for pa in copies) + " (the work area's copy buffer: Linux "
+            "leaves the last 2 MiB chunk there; the image is public anyway)",
+        )
+    )
+    s.check(
+        "the only plaintext copy left is in the work area's copy buffer",
+        copies and copies == in_buffer,
+    )
+    steps.append(s)
+
+    # 3. A secret through C=1, a public string through C=0.
+    secret_va = kernel.alloc_pages(1)
+    public_va = kernel.alloc_pages(1)
+    kernel.set_memory_decrypted(public_va, 1)
+    kernel.write(secret_va, SECRET)
+    kernel.write(public_va, PUBLIC)
+    secret_pa, public_pa = kernel.pa(secret_va), kernel.pa(public_va)
+    s = Step(
+        "Write a secret through a C=1 mapping and a public string through a C=0 mapping",
+        "Caches hold plaintext: encryption happens in the memory controller, on the way to "
+        "DRAM. Right after the stores the data is only in the cache, so DRAM still holds "
+        "what was there before (here: never-written zeros).",
+    )
+    before = dump.read(secret_pa, len(SECRET))
+    s.views.append(
+        View(
+            "secret, before write-back",
+            "C=1",
+            secret_pa,
+            kernel.read(secret_va, len(SECRET)),
+            before,
+        )
+    )
+    s.check("before write-back, DRAM does not hold the secret yet", before != SECRET)
+    steps.append(s)
+
+    # 4. Write back and compare.
+    written = core.wbinvd()
+    secret_view = View(
+        "secret",
+        "C=1",
+        secret_pa,
+        kernel.read(secret_va, len(SECRET)),
+        dump.read(secret_pa, len(SECRET)),
+    )
+    public_view = View(
+        "public string",
+        "C=0",
+        public_pa,
+        kernel.read(public_va, len(PUBLIC)),
+        dump.read(public_pa, len(PUBLIC)),
+    )
+    s = Step(
+        "Flush the caches (WBINVD) and compare what the CPU reads with what DRAM holds",
+        "The CPU reads both strings in plaintext. In DRAM, the C=1 page is ciphertext "
+        "(AES with the host key, tweaked by the physical address); the C=0 page is stored "
+        "as it is. A physical attacker's dump reads the public string, not the secret.",
+        facts=[("dirty lines written back", str(written))],
+        views=[secret_view, public_view],
+    )
+    s.check("the CPU reads the secret", secret_view.cpu_reads == SECRET)
+    s.check("DRAM holds the secret only as ciphertext", secret_view.dram_holds != SECRET)
+    s.check("a search of the whole DRAM dump does not find the secret", not dump.find(SECRET))
+    s.check("the CPU reads the public string", public_view.cpu_reads == PUBLIC)
+    s.check("DRAM holds the public string in plaintext", public_view.dram_holds == PUBLIC)
+    s.check("the dump finds the public string at its address", dump.find(PUBLIC) == [public_pa])
+    steps.append(s)
+
+    # 5. The C-bit selects a key; it does not convert data.
+    kernel.set_memory_decrypted(secret_va, 1)
+    flipped = View(
+        "secret page, now C=0",
+        "C=0",
+        secret_pa,
+        kernel.read(secret_va, len(SECRET)),
+        dump.read(secret_pa, len(SECRET)),
+    )
+    s = Step(
+        "Clear the C-bit of the secret page (set_memory_decrypted)",
+        "Changing the C-bit changes which key the memory controller uses, not the bytes in "
+        "DRAM: the CPU now reads the stored ciphertext. This is why Linux only converts "
+        "buffers whose content it will rewrite, and why a host mapping a page without the "
+        "C-bit sees only ciphertext.",
+        views=[flipped],
+    )
+    s.check(
+        "through C=0 the CPU reads the ciphertext, not the secret",
+        flipped.cpu_reads == secret_view.dram_holds,
+    )
+    steps.append(s)
+    return steps
+
+
+def _tsme_story(profile: MachineProfile) -> list[Step]:
+    machine = Machine(profile)
+    core = machine.cores[0]
+    dump = ColdBootDump(machine)
+    kernel = HostKernel(core, cmdline="mem_encrypt=on")
+    kernel.boot()
+    secret_va = kernel.alloc_pages(1)
+    public_va = kernel.alloc_pages(1)
+    kernel.set_memory_decrypted(public_va, 1)
+    kernel.write(secret_va, SECRET)
+    kernel.write(public_va, PUBLIC)
+    core.wbinvd()
+    secret_pa, public_pa = kernel.pa(secret_va), kernel.pa(public_va)
+    secret_view = View(
+        "secret",
+        "C=1",
+        secret_pa,
+        kernel.read(secret_va, len(SECRET)),
+        dump.read(secret_pa, len(SECRET)),
+    )
+    public_view = View(
+        "public string",
+        "C=0",
+        public_pa,
+        kernel.read(public_va, len(PUBLIC)),
+        dump.read(public_pa, len(PUBLIC)),
+    )
+    s = Step(
+        "Reboot with Transparent SME (BIOS option) and do the same",
+        "With TSME the memory controller encrypts every DRAM access with the host key, "
+        "whatever the C-bit says and without any help from the OS. Both pages are "
+        "ciphertext in DRAM; the CPU still reads both in plaintext. (TSME and SME share "
+        "the key, so the C-bit changes nothing.)",
+        views=[secret_view, public_view],
+    )
+    s.check("the CPU reads the secret", secret_view.cpu_reads == SECRET)
+    s.check("the CPU reads the public string", public_view.cpu_reads == PUBLIC)
+    s.check("DRAM holds the public string only as ciphertext", public_view.dram_holds != PUBLIC)
+    s.check(
+        "a search of the whole DRAM dump finds neither string",
+        not dump.find(SECRET) and not dump.find(PUBLIC),
+    )
+    s.check(
+        "the kernel's own boot-time image is ciphertext in DRAM", not dump.find(kernel.image[:48])
+    )
+    return [s]
