@@ -87,9 +87,11 @@ class DemoResult:
         }
 
 
-def run_demo(profile: MachineProfile) -> DemoResult:
-    steps = _sme_story(profile.with_(tsme=False))
-    steps += _tsme_story(profile.with_(tsme=True))
+def run_demo(profile: MachineProfile, sme: bool = True, tsme: bool = True) -> DemoResult:
+    """The SME story (without TSME), then the same with TSME; either may be left out."""
+    steps = _sme_story(profile.with_(tsme=False)) if sme else []
+    if tsme:
+        steps += _tsme_story(profile.with_(tsme=True))
     return DemoResult(profile.name, steps)
 
 

@@ -19,7 +19,7 @@ from sevsim.demo import DemoResult, run_demo
 @click.option(
     "--tsme",
     is_flag=True,
-    help="Only tell the TSME part of the story (the SME part runs without it).",
+    help="Only the Transparent SME part of the story (a BIOS option: everything encrypted).",
 )
 @seed_option
 @json_option
@@ -32,9 +32,7 @@ def demo(profile_name: str, tsme: bool, seed, as_json: bool) -> int:
     do it again. Every claim is checked: the exit code is 0 only if all checks pass.
     """
     profile = build_profile(profile_name, seed)
-    result = run_demo(profile)
-    if tsme:
-        result.steps = [s for s in result.steps if "TSME" in s.title]
+    result = run_demo(profile, sme=not tsme)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -44,6 +42,7 @@ def demo(profile_name: str, tsme: bool, seed, as_json: bool) -> int:
 
 def _render(result: DemoResult) -> None:
     console = Console()
+    width, rows = (16, 2) if console.width >= 150 else (8, 4)  # two 16-byte cells need ~150
     console.rule(f"[bold]sevsim demo[/bold] — profile {result.profile}")
     for number, step in enumerate(result.steps, 1):
         body = Table.grid(padding=(0, 1))
@@ -56,18 +55,16 @@ def _render(result: DemoResult) -> None:
             for k, v in step.facts:
                 facts.add_row(k, v)
             body.add_row(facts)
-        if step.views:
-            views = Table(show_lines=True)
-            views.add_column("buffer")
-            views.add_column("what the CPU reads")
-            views.add_column("what DRAM holds (cold-boot dump)")
-            for v in step.views:
-                views.add_row(
-                    f"{v.label}\n{v.mapping}\nPA {v.physical_address:#x}",
-                    hexdump(v.cpu_reads),
-                    hexdump(v.dram_holds),
-                )
-            body.add_row(views)
+        for v in step.views:
+            view = Table(
+                title=f"{v.label} ({v.mapping}, physical address {v.physical_address:#x})",
+                title_justify="left",
+                title_style="bold",
+            )
+            view.add_column("what the CPU reads")
+            view.add_column("what DRAM holds (cold-boot dump)")
+            view.add_row(hexdump(v.cpu_reads, width, rows), hexdump(v.dram_holds, width, rows))
+            body.add_row(view)
         for c in step.checks:
             mark = "[green]✔[/green]" if c.ok else "[red]✘[/red]"
             body.add_row(f"{mark} {c.what}")

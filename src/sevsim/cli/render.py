@@ -6,7 +6,8 @@ from rich.text import Text
 
 
 def hexdump(data: bytes, width: int = 16, rows: int = 2) -> Text:
-    """A few rows of hex + ASCII; printable text stands out from ciphertext at a glance."""
+    """A few rows of hex + ASCII; printable text stands out from ciphertext at a glance.
+    Pass width=8, rows=4 for narrow terminals: the same 32 bytes."""
     text = Text()
     for r in range(rows):
         chunk = data[r * width : (r + 1) * width]

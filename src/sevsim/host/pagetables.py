@@ -176,6 +176,19 @@ class PageTables:
         for index in range(va >> shift, ((va + length - 1) >> shift) + 1):
             self.write_entry(self.root_pa + (index & 0x1FF) * 8, 0)
 
+    def path(self, va: int) -> list[tuple[int, int, int]]:
+        """(level, entry address, entry value) of every entry a walk of va reads."""
+        out = []
+        table = self.root_pa
+        for level in range(self.levels, 0, -1):
+            epa = self._entry_pa(table, va, level)
+            e = self.read_entry(epa)
+            out.append((level, epa, e))
+            if not e & P or level == 1 or (level in (2, 3) and e & PS):
+                break
+            table = e & ENTRY_ADDR_MASK & ~self.me_mask
+        return out
+
     def leaf(self, va: int) -> Leaf | None:
         """Software walk: the leaf entry mapping va, or None if unmapped."""
         table = self.root_pa

@@ -170,6 +170,16 @@ class Core:
         else:
             self._drop_fast()
 
+    def switch_asid(self, asid: int) -> None:
+        """Change the ASID the core runs with: the TLB tag, and the key a C=1 access uses.
+        This is the part of VMRUN/#VMEXIT that concerns memory; the TLB of the previous
+        ASID is kept (tagged), not flushed."""
+        if not 0 <= asid < self._profile.nasid:
+            raise GeneralProtection(f"ASID {asid} is outside 0..{self._profile.nasid - 1}")
+        self.asid = asid
+        self._tlb = self._tlbs.setdefault(asid, {})
+        self._drop_fast()
+
     # ---- control registers -------------------------------------------------------------
     def write_cr0(self, value: int) -> None:
         value &= 0xFFFF_FFFF
@@ -340,11 +350,16 @@ class Core:
         return pieces
 
     def invlpg(self, va: int) -> None:
+        """Drop the translation of the page holding va, whatever its size."""
         va = self._canonical(va)
-        t = self._tlb.pop(va >> 12, None)
-        if t is not None and t.page_size > 4096:
-            for vpn in [v for v, e in self._tlb.items() if e.page_base == t.page_base]:
-                del self._tlb[vpn]
+        self._tlb.pop(va >> 12, None)
+        covering = [
+            vpn
+            for vpn, t in self._tlb.items()
+            if t.page_size > 4096 and t.page_base <= va < t.page_base + t.page_size
+        ]
+        for vpn in covering:
+            del self._tlb[vpn]
         self._drop_fast()
 
     # ---- memory accesses ---------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""The command line: exit codes, JSON output, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sevsim.cli import main
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_info_json_decodes_cpuid(capsys):
+    code, out, _ = run(["info", "--profile", "milan", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0
+    leaf = data["cpuid"]["0x8000001f"]
+    assert leaf["eax"] == "0x0101fd3f" and leaf["ebx"] == "0x00004173"
+    assert (leaf["c_bit"], leaf["phys_addr_reduction"], leaf["num_vmpl"]) == (51, 5, 4)
+    assert "HwEnforcedCacheCoh" in leaf["features"]
+    assert data["derived"]["effective_phys_bits"] == 43
+    assert data["derived"]["reserved_pte_address_bits"] == [43, 50]
+    assert data["msr"]["SYSCFG"]["mem_encryption_mod_en"] is True
+    assert data["msr"]["SEV_STATUS"]["value"] == "0x00000000"
+
+
+def test_info_reflects_bios_options(capsys):
+    code, out, _ = run(["info", "--profile", "rome", "--no-smee", "--tsme", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0
+    assert data["msr"]["SYSCFG"]["mem_encryption_mod_en"] is False
+    assert data["derived"]["effective_phys_bits"] == 48 and data["derived"]["tsme"] is True
+
+
+def test_info_table_and_all(capsys):
+    code, out, _ = run(["info", "--profile", "naples"], capsys)
+    assert code == 0 and "C-bit" in out and "47" in out
+    code, out, _ = run(["info", "--all"], capsys)
+    assert code == 0 and all(n in out for n in ("naples", "rome", "milan", "genoa"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info", "--profile", "zen9"],
+        ["demo", "--seed", "abc"],
+        ["bench", "--rounds", "3"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(args, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("sevsim")
+    assert "Traceback" not in err + out
+
+
+def test_help_everywhere(capsys):
+    for args in ([], ["--help"], ["demo", "--help"], ["info", "--help"], ["bench", "--help"]):
+        code, out, _ = run(args, capsys)
+        assert code == 0 and "Usage" in out
+
+
+def test_demo_passes_every_check(capsys):
+    code, out, _ = run(["demo", "--seed", "7", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["ok"]
+    checks = [c for s in data["steps"] for c in s["checks"]]
+    assert len(checks) >= 15 and all(c["ok"] for c in checks)
+    views = {v["label"]: v for s in data["steps"] for v in s["views"]}
+    secret = views["secret"]
+    assert bytes.fromhex(secret["cpu_reads"]).startswith(b"TOP SECRET")
+    assert b"TOP SECRET" not in bytes.fromhex(secret["dram_holds"])
+
+
+def test_demo_renders_for_people():
+    out = subprocess.run(
+        [sys.executable, "-m", "sevsim", "demo", "--profile", "rome", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "checks passed" in out.stdout and "TSME" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_bench_quick_json(capsys):
+    code, out, _ = run(["bench", "--quick", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0
+    for key in (
+        "bulk_encrypt_ratio",
+        "bulk_decrypt_ratio",
+        "bulk_encrypt_gbps",
+        "load_ratio",
+        "loads_per_s",
+        "sparse_rss_mib",
+        "touched_mib",
+    ):
+        assert data[key] > 0
+    assert data["touched_mib"] == 8
+    assert set(data["targets_met"]) == set(data["targets"])
