@@ -111,7 +111,9 @@ def _contains_secret(obj, secrets: list[bytes]) -> bool:
     return any(s in blob or s.hex().encode() in blob for s in secrets)
 
 
-def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch):
+@pytest.fixture
+def created_keys(monkeypatch) -> list[bytes]:
+    """Every key any key slot is given from now on (recorded by the test, not the model)."""
     keys: list[bytes] = []
     real_cipher = memctl_module.SlotCipher
 
@@ -122,6 +124,12 @@ def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch):
             keys.append(bytes(key))
             super().__init__(key)
 
+    monkeypatch.setattr(memctl_module, "SlotCipher", Spy)
+    return keys
+
+
+def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch, created_keys):
+    keys = created_keys
     tweaks: list[bytes] = []
     real_random_constants = tweak_module.random_constants
 
@@ -130,7 +138,6 @@ def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch):
         tweaks.extend(consts.values())
         return consts
 
-    monkeypatch.setattr(memctl_module, "SlotCipher", Spy)
     monkeypatch.setattr(memctl_module, "random_constants", spy_constants)
 
     m = make_machine("milan", seed=None)
@@ -155,18 +162,8 @@ def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch):
     assert not any(k in dram for k in secrets)
 
 
-def test_cli_outputs_expose_no_keys(monkeypatch):
-    keys: list[bytes] = []
-    real_cipher = memctl_module.SlotCipher
-
-    class Spy(real_cipher):
-        __slots__ = ()
-
-        def __init__(self, key: bytes) -> None:
-            keys.append(bytes(key))
-            super().__init__(key)
-
-    monkeypatch.setattr(memctl_module, "SlotCipher", Spy)
+def test_cli_outputs_expose_no_keys(created_keys):
+    keys = created_keys
     profile = get_profile("rome").with_(seed=None, dram_size=1 << 32)
     outputs = [repr(describe(profile)), repr(run_demo(profile).to_json())]
     assert keys

@@ -87,6 +87,23 @@ class DemoResult:
         }
 
 
+def _write_secret_and_public(kernel: HostKernel) -> tuple[int, int]:
+    """A private page (the direct map's C=1) and a shared page (set to C=0), each written."""
+    secret_va = kernel.alloc_pages(1)
+    public_va = kernel.alloc_pages(1)
+    kernel.set_memory_decrypted(public_va, 1)
+    kernel.write(secret_va, SECRET)
+    kernel.write(public_va, PUBLIC)
+    return secret_va, public_va
+
+
+def _view(
+    label: str, mapping: str, kernel: HostKernel, dump: ColdBootDump, va: int, n: int
+) -> View:
+    pa = kernel.pa(va)
+    return View(label, mapping, pa, kernel.read(va, n), dump.read(pa, n))
+
+
 def run_demo(profile: MachineProfile, sme: bool = True, tsme: bool = True) -> DemoResult:
     """The SME story (without TSME), then the same with TSME; either may be left out."""
     steps = _sme_story(profile.with_(tsme=False)) if sme else []
@@ -162,47 +179,22 @@ def _sme_story(profile: MachineProfile) -> list[Step]:
     steps.append(s)
 
     # 3. A secret through C=1, a public string through C=0.
-    secret_va = kernel.alloc_pages(1)
-    public_va = kernel.alloc_pages(1)
-    kernel.set_memory_decrypted(public_va, 1)
-    kernel.write(secret_va, SECRET)
-    kernel.write(public_va, PUBLIC)
-    secret_pa, public_pa = kernel.pa(secret_va), kernel.pa(public_va)
+    secret_va, public_va = _write_secret_and_public(kernel)
     s = Step(
         "Write a secret through a C=1 mapping and a public string through a C=0 mapping",
         "Caches hold plaintext: encryption happens in the memory controller, on the way to "
         "DRAM. Right after the stores the data is only in the cache, so DRAM still holds "
         "what was there before (here: never-written zeros).",
     )
-    before = dump.read(secret_pa, len(SECRET))
-    s.views.append(
-        View(
-            "secret, before write-back",
-            "C=1",
-            secret_pa,
-            kernel.read(secret_va, len(SECRET)),
-            before,
-        )
-    )
-    s.check("before write-back, DRAM does not hold the secret yet", before != SECRET)
+    before = _view("secret, before write-back", "C=1", kernel, dump, secret_va, len(SECRET))
+    s.views.append(before)
+    s.check("before write-back, DRAM does not hold the secret yet", before.dram_holds != SECRET)
     steps.append(s)
 
     # 4. Write back and compare.
     written = core.wbinvd()
-    secret_view = View(
-        "secret",
-        "C=1",
-        secret_pa,
-        kernel.read(secret_va, len(SECRET)),
-        dump.read(secret_pa, len(SECRET)),
-    )
-    public_view = View(
-        "public string",
-        "C=0",
-        public_pa,
-        kernel.read(public_va, len(PUBLIC)),
-        dump.read(public_pa, len(PUBLIC)),
-    )
+    secret_view = _view("secret", "C=1", kernel, dump, secret_va, len(SECRET))
+    public_view = _view("public string", "C=0", kernel, dump, public_va, len(PUBLIC))
     s = Step(
         "Flush the caches (WBINVD) and compare what the CPU reads with what DRAM holds",
         "The CPU reads both strings in plaintext. In DRAM, the C=1 page is ciphertext "
@@ -216,18 +208,15 @@ def _sme_story(profile: MachineProfile) -> list[Step]:
     s.check("a search of the whole DRAM dump does not find the secret", not dump.find(SECRET))
     s.check("the CPU reads the public string", public_view.cpu_reads == PUBLIC)
     s.check("DRAM holds the public string in plaintext", public_view.dram_holds == PUBLIC)
-    s.check("the dump finds the public string at its address", dump.find(PUBLIC) == [public_pa])
+    s.check(
+        "the dump finds the public string at its address",
+        dump.find(PUBLIC) == [public_view.physical_address],
+    )
     steps.append(s)
 
     # 5. The C-bit selects a key; it does not convert data.
     kernel.set_memory_decrypted(secret_va, 1)
-    flipped = View(
-        "secret page, now C=0",
-        "C=0",
-        secret_pa,
-        kernel.read(secret_va, len(SECRET)),
-        dump.read(secret_pa, len(SECRET)),
-    )
+    flipped = _view("secret page, now C=0", "C=0", kernel, dump, secret_va, len(SECRET))
     s = Step(
         "Clear the C-bit of the secret page (set_memory_decrypted)",
         "Changing the C-bit changes which key the memory controller uses, not the bytes in "
@@ -250,27 +239,10 @@ def _tsme_story(profile: MachineProfile) -> list[Step]:
     dump = ColdBootDump(machine)
     kernel = HostKernel(core, cmdline="mem_encrypt=on")
     kernel.boot()
-    secret_va = kernel.alloc_pages(1)
-    public_va = kernel.alloc_pages(1)
-    kernel.set_memory_decrypted(public_va, 1)
-    kernel.write(secret_va, SECRET)
-    kernel.write(public_va, PUBLIC)
+    secret_va, public_va = _write_secret_and_public(kernel)
     core.wbinvd()
-    secret_pa, public_pa = kernel.pa(secret_va), kernel.pa(public_va)
-    secret_view = View(
-        "secret",
-        "C=1",
-        secret_pa,
-        kernel.read(secret_va, len(SECRET)),
-        dump.read(secret_pa, len(SECRET)),
-    )
-    public_view = View(
-        "public string",
-        "C=0",
-        public_pa,
-        kernel.read(public_va, len(PUBLIC)),
-        dump.read(public_pa, len(PUBLIC)),
-    )
+    secret_view = _view("secret", "C=1", kernel, dump, secret_va, len(SECRET))
+    public_view = _view("public string", "C=0", kernel, dump, public_va, len(PUBLIC))
     s = Step(
         "Reboot with Transparent SME (BIOS option) and do the same",
         "With TSME the memory controller encrypts every DRAM access with the host key, "

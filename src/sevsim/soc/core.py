@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from sevsim.soc import msr
 from sevsim.soc.cache import DOMAIN_SHIFT, MemType
 from sevsim.soc.cpuid import Regs, host_cpuid
-from sevsim.soc.faults import GeneralProtection
+from sevsim.soc.faults import GeneralProtection, PageFault
 from sevsim.soc.paging import (
     CR0_PE,
     CR0_PG,
@@ -70,11 +70,11 @@ class _CoreTables:
 
     def read_entry(self, pa: int, size: int, c_bit: bool) -> int:
         slot = self._core.key_slot(c_bit)
-        return int.from_bytes(self._core.machine.cache.read(pa, size, slot), "little")
+        return int.from_bytes(self._core._cache.read(pa, size, slot), "little")
 
     def write_entry(self, pa: int, size: int, c_bit: bool, value: int) -> None:
         slot = self._core.key_slot(c_bit)
-        self._core.machine.cache.write(pa, value.to_bytes(size, "little"), slot)
+        self._core._cache.write(pa, value.to_bytes(size, "little"), slot)
 
 
 class Core:
@@ -317,7 +317,11 @@ class Core:
                     va & ~0xFFF,
                 )
             else:
-                t = walk(va, access, self._cpl, self._cfg, self._tables)
+                try:
+                    t = walk(va, access, self._cpl, self._cfg, self._tables)
+                except PageFault as fault:
+                    self.cr2 = fault.address
+                    raise
             self._tlb[vpn] = t
         if t.memtype == MemType.WB:
             slot = self.key_slot(t.c_bit)

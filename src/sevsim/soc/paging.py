@@ -184,15 +184,33 @@ def _check_rights(va: int, access: Access, cpl: int, cfg: WalkConfig, t: Transla
 _LEVEL_NAMES = {5: "PML5E", 4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
 
 
-def _walk_64(va, access, cpl, cfg: WalkConfig, mem: TableMemory, levels: int):
+def _pat_index(e: int, pat_bit: int) -> int:
+    return (4 if e & pat_bit else 0) | (2 if e & PCD else 0) | (1 if e & PWT else 0)
+
+
+def _leaf(va, frame, size, c_bit, e, pat_bit, writable, user, nx, cfg: WalkConfig) -> Translation:
+    return Translation(
+        page_pa=frame | (va & (size - 1) & ~0xFFF),
+        c_bit=c_bit,
+        memtype=cfg.memtype(_pat_index(e, pat_bit)),
+        writable=writable,
+        user=user,
+        nx=nx,
+        dirty=bool(e & D),
+        global_=cfg.pge and bool(e & G),
+        page_size=size,
+        page_base=va & ~(size - 1),
+    )
+
+
+def _walk_levels(va, access, cpl, cfg: WalkConfig, mem: TableMemory, top, table, table_c, visited):
+    """The 8-byte-entry levels from ``top`` down to the leaf (long mode, and PAE below its
+    PDPT)."""
     addr_mask = cfg.addr_mask
     rsvd = cfg.reserved_mask()
     cbit = cfg.cbit_mask
-    table = cfg.cr3 & addr_mask
-    table_c = bool(cfg.cr3 & cbit)
     writable, user, nx = True, True, False
-    visited = []
-    for level in range(levels, 0, -1):
+    for level in range(top, 0, -1):
         shift = 12 + 9 * (level - 1)
         epa = table + ((va >> shift) & 0x1FF) * 8
         e = mem.read_entry(epa, 8, table_c)
@@ -216,76 +234,31 @@ def _walk_64(va, access, cpl, cfg: WalkConfig, mem: TableMemory, levels: int):
             size = 1 << shift
             frame = e & addr_mask & ~(size - 1)
             pat_bit = PAT_LARGE if large else PAT_4K
-            index = (4 if e & pat_bit else 0) | (2 if e & PCD else 0) | (1 if e & PWT else 0)
-            t = Translation(
-                page_pa=frame | (va & (size - 1) & ~0xFFF),
-                c_bit=c_bit,
-                memtype=cfg.memtype(index),
-                writable=writable,
-                user=user,
-                nx=nx,
-                dirty=bool(e & D),
-                global_=cfg.pge and bool(e & G),
-                page_size=size,
-                page_base=va & ~(size - 1),
-            )
-            return t, visited
+            return _leaf(va, frame, size, c_bit, e, pat_bit, writable, user, nx, cfg), visited
         table = e & addr_mask
         table_c = c_bit
     raise AssertionError("unreachable")
 
 
+def _walk_64(va, access, cpl, cfg: WalkConfig, mem: TableMemory, levels: int):
+    table = cfg.cr3 & cfg.addr_mask
+    table_c = bool(cfg.cr3 & cfg.cbit_mask)
+    return _walk_levels(va, access, cpl, cfg, mem, levels, table, table_c, [])
+
+
 def _walk_pae(va, access, cpl, cfg: WalkConfig, mem: TableMemory):
     va &= 0xFFFFFFFF
-    addr_mask = cfg.addr_mask
-    rsvd = cfg.reserved_mask()
     cbit = cfg.cbit_mask
     # The PDPT: 4 entries at CR3[31:5]. CR3 is 32 bits wide here, so it cannot carry a C-bit.
     epa = (cfg.cr3 & 0xFFFFFFE0) + ((va >> 30) & 3) * 8
     e = mem.read_entry(epa, 8, False)
     if not e & P:
         raise _not_present(va, access, cpl, cfg, "PDPTE")
-    bad = (rsvd | NX | 0x1E6) & ~cbit  # bits 2:1 and 8:5 are reserved in a PAE PDPTE
+    bad = (cfg.reserved_mask() | NX | 0x1E6) & ~cbit  # bits 2:1 and 8:5 are reserved here
     if e & bad:
         raise _reserved(va, access, cpl, cfg, "PDPTE", e & bad)
-    visited = []  # PAE PDPTEs have no accessed bit
-    table, table_c = e & addr_mask, bool(e & cbit)
-    writable, user, nx = True, True, False
-    for level in (2, 1):
-        shift = 12 + 9 * (level - 1)
-        epa = table + ((va >> shift) & 0x1FF) * 8
-        e = mem.read_entry(epa, 8, table_c)
-        name = _LEVEL_NAMES[level]
-        if not e & P:
-            raise _not_present(va, access, cpl, cfg, name)
-        large = level == 2 and bool(e & PS)
-        bad = rsvd | ((((1 << shift) - 1) & ~0x1FFF) if large else 0)
-        if e & bad:
-            raise _reserved(va, access, cpl, cfg, name, e & bad)
-        writable = writable and bool(e & RW)
-        user = user and bool(e & US)
-        nx = nx or (cfg.nxe and bool(e & NX))
-        visited.append((epa, 8, table_c, e))
-        c_bit = bool(e & cbit)
-        if large or level == 1:
-            size = 1 << shift
-            pat_bit = PAT_LARGE if large else PAT_4K
-            index = (4 if e & pat_bit else 0) | (2 if e & PCD else 0) | (1 if e & PWT else 0)
-            t = Translation(
-                page_pa=(e & addr_mask & ~(size - 1)) | (va & (size - 1) & ~0xFFF),
-                c_bit=c_bit,
-                memtype=cfg.memtype(index),
-                writable=writable,
-                user=user,
-                nx=nx,
-                dirty=bool(e & D),
-                global_=cfg.pge and bool(e & G),
-                page_size=size,
-                page_base=va & ~(size - 1),
-            )
-            return t, visited
-        table, table_c = e & addr_mask, c_bit
-    raise AssertionError("unreachable")
+    # PAE PDPTEs have no accessed bit and no rights: the walk goes on at the PD.
+    return _walk_levels(va, access, cpl, cfg, mem, 2, e & cfg.addr_mask, bool(e & cbit), [])
 
 
 def _walk_legacy(va, access, cpl, cfg: WalkConfig, mem: TableMemory):
@@ -303,28 +276,12 @@ def _walk_legacy(va, access, cpl, cfg: WalkConfig, mem: TableMemory):
         if e & bad:
             raise _reserved(va, access, cpl, cfg, "PDE", e & bad)
         frame = (e & 0xFFC00000) | (((e >> 13) & 0xFF) << 32)
-        index = (4 if e & PAT_LARGE else 0) | (2 if e & PCD else 0) | (1 if e & PWT else 0)
-        size = PAGE_4M
-    else:
-        epa = (e & 0xFFFFF000) + ((va >> 12) & 0x3FF) * 4
-        e = mem.read_entry(epa, 4, False)
-        if not e & P:
-            raise _not_present(va, access, cpl, cfg, "PTE")
-        writable, user = writable and bool(e & RW), user and bool(e & US)
-        visited.append((epa, 4, False, e))
-        frame = e & 0xFFFFF000
-        index = (4 if e & PAT_4K else 0) | (2 if e & PCD else 0) | (1 if e & PWT else 0)
-        size = PAGE_4K
-    t = Translation(
-        page_pa=frame | (va & (size - 1) & ~0xFFF),
-        c_bit=False,
-        memtype=cfg.memtype(index),
-        writable=writable,
-        user=user,
-        nx=False,
-        dirty=bool(e & D),
-        global_=cfg.pge and bool(e & G),
-        page_size=size,
-        page_base=va & ~(size - 1),
-    )
-    return t, visited
+        return _leaf(va, frame, PAGE_4M, False, e, PAT_LARGE, writable, user, False, cfg), visited
+    epa = (e & 0xFFFFF000) + ((va >> 12) & 0x3FF) * 4
+    e = mem.read_entry(epa, 4, False)
+    if not e & P:
+        raise _not_present(va, access, cpl, cfg, "PTE")
+    writable, user = writable and bool(e & RW), user and bool(e & US)
+    visited.append((epa, 4, False, e))
+    frame = e & 0xFFFFF000
+    return _leaf(va, frame, PAGE_4K, False, e, PAT_4K, writable, user, False, cfg), visited
