@@ -56,7 +56,6 @@ PAGE_OFFSET = 0xFFFF_8880_0000_0000  # Linux's direct map base with 4-level pagi
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # Linux's kernel text mapping
 KERNEL_PA = 16 * MiB  # CONFIG_PHYSICAL_START
 BOOT_PGT_PA = 1 * MiB  # the boot loader's identity-map tables
-KERNEL_PGT_PAGES = 16  # room inside the image for the kernel's own page tables
 SME_FLAGS = P | RW | A | D  # Linux's PMD_FLAGS_LARGE / PTE_FLAGS without PS and G
 PAT_INDEX_WP = 5  # sme_encrypt_execute sets PAT entry PA5 to write-protect
 MEMTYPE_WP = 5
@@ -123,7 +122,10 @@ class HostKernel:
         core = self.core
         image_len = _align(len(self.image), PAGE_4K)
         pgt_pa = KERNEL_PA + image_len
-        kernel_end = _align(pgt_pa + KERNEL_PGT_PAGES * PAGE_4K, PAGE_2M)
+        # Room in the image for the kernel's own tables: a PML4, one PDPT per 512 GiB of
+        # direct map, and a PDPT and a PD for the kernel text mapping.
+        pgt_pages = 3 + -(-self._dram_size // (512 * PAGE_1G))
+        kernel_end = _align(pgt_pa + pgt_pages * PAGE_4K, PAGE_2M)
         workarea_pa = kernel_end
         self._load_and_enter_long_mode()
         sme = self.sme_enable()
@@ -131,7 +133,7 @@ class HostKernel:
         self._print(sme.reason)
 
         # The kernel's page tables, inside the image, built through the identity map.
-        image_pgt = iter(range(pgt_pa, pgt_pa + KERNEL_PGT_PAGES * PAGE_4K, PAGE_4K))
+        image_pgt = iter(range(pgt_pa, pgt_pa + pgt_pages * PAGE_4K, PAGE_4K))
         tables = PageTables(
             LinearWindow(core, 0),
             lambda: next(image_pgt),
