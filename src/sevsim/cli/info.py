@@ -99,10 +99,8 @@ def _range(r: list[int]) -> str:
 
 def _summary(data: dict) -> None:
     table = Table(title="machine profiles (sevsim info --profile NAME for details)")
-    for col in ("profile", "gen.", "C-bit", "PA bits lost", "max ASID", "1st SEV ASID"):
+    for col in ("profile", "gen.", "C-bit", "reduction", "ASIDs", "SEV from", "coherent", "engine"):
         table.add_column(col, no_wrap=True)
-    table.add_column("coherent", no_wrap=True)
-    table.add_column("engine", no_wrap=True)
     for name, d in data.items():
         leaf = d["cpuid"]["0x8000001f"]
         table.add_row(
