@@ -23,6 +23,17 @@ def make_machine(name: str = "milan", **changes) -> Machine:
     return Machine(get_profile(name).with_(**changes))
 
 
+def make_memctl(name: str = "milan", **changes):
+    """A memory controller on its own, as on a test bench: its key port is free to use."""
+    from sevsim.soc.dram import DRAM
+    from sevsim.soc.memctl import MemoryController
+    from sevsim.soc.rng import EntropySource
+
+    changes.setdefault("seed", 1234)
+    profile = get_profile(name).with_(**changes)
+    return MemoryController(profile, DRAM(4 << 30), EntropySource(profile.seed, "bench"))
+
+
 class Phys:
     """Test-bench access to physical memory through the cache, in one encryption domain —
     what firmware or a boot loader would use to lay out memory before paging."""
@@ -78,3 +89,18 @@ def long_mode(
 @pytest.fixture(params=ALL_PROFILES)
 def profile_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _sevsim_data_dir(tmp_path_factory):
+    """Keep the simulated AMD roots and KDS registry of a test run out of the user's home."""
+    import os
+
+    path = tmp_path_factory.mktemp("sevsim-data")
+    old = os.environ.get("SEVSIM_DATA")
+    os.environ["SEVSIM_DATA"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SEVSIM_DATA", None)
+    else:
+        os.environ["SEVSIM_DATA"] = old

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_machine
+from conftest import make_machine, make_memctl
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -163,16 +163,16 @@ def test_decrypt_after_encrypt_is_identity(name):
 
 
 def test_wrong_key_gives_garbage():
-    m = make_machine("milan")
-    memctl = m.memctl
+    memctl = make_memctl("milan")
     data = b"the quick brown fox jumps over the lazy dog, twice!" + bytes(13)
     memctl.write(0x40000, data, memctl.host_key_slot)
-    assert memctl.read(0x40000, 64, 0) == m.dram.read(0x40000, 64) != data  # no key: ciphertext
+    stored = memctl.dram.read(0x40000, 64)
+    assert memctl.read(0x40000, 64, 0) == stored != data  # no key: the ciphertext as stored
     empty = memctl.read(0x40000, 64, 7)  # a slot nothing was ever loaded into
     port = memctl.key_port()
     port.load(9, os.urandom(16))
     other = memctl.read(0x40000, 64, 9)
-    assert len({data, empty, other, m.dram.read(0x40000, 64)}) == 4
+    assert len({data, empty, other, stored}) == 4
 
 
 def test_one_flipped_ciphertext_bit_garbles_exactly_one_block():

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_machine
+from conftest import make_machine, make_memctl
 
 import sevsim.soc.memctl as memctl_module
 import sevsim.soc.tweak as tweak_module
@@ -46,26 +46,29 @@ def test_tsme_stores_c0_and_c1_identically():
     assert m.dram.read(0x5000, 64) == c0 != data
 
 
-def test_key_port_is_handed_out_once_and_checks_keys():
+def test_key_port_belongs_to_the_psp():
     m = make_machine("milan")
-    port = m.memctl.key_port()
     with pytest.raises(PermissionError):
-        m.memctl.key_port()
+        m.memctl.key_port()  # the PSP took it at power-on
+
+
+def test_key_port_loads_keys_and_checks_them():
+    memctl = make_memctl("milan")
+    port = memctl.key_port()
+    with pytest.raises(PermissionError):
+        memctl.key_port()
     with pytest.raises(ValueError):
         port.load(5, b"short")
     with pytest.raises(ValueError):
-        port.load(m.memctl.max_slot + 1, bytes(16))
+        port.load(memctl.max_slot + 1, bytes(16))
     port.load(5, bytes(16))
-    m.memctl.write(0, b"x" * 16, 5)
+    memctl.write(0, b"x" * 16, 5)
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    t = m.memctl._engine._tweak.block(0)
-    inner = (
-        Cipher(algorithms.AES(bytes(16)), modes.ECB())
-        .encryptor()
-        .update(bytes(a ^ b for a, b in zip(b"x" * 16, t, strict=True)))
-    )
-    assert m.dram.read(0, 16) == bytes(a ^ b for a, b in zip(inner, t, strict=True))
+    t = memctl._engine._tweak.block(0)
+    aes = Cipher(algorithms.AES(bytes(16)), modes.ECB()).encryptor()
+    inner = aes.update(bytes(a ^ b for a, b in zip(b"x" * 16, t, strict=True)))
+    assert memctl.dram.read(0, 16) == bytes(a ^ b for a, b in zip(inner, t, strict=True))
 
 
 def _reachable(root, max_depth=6):
@@ -145,7 +148,7 @@ def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch, created_ke
     kernel.boot()
     va = kernel.alloc_pages(1)
     kernel.write(va, b"guest-visible data")
-    port = m.memctl.key_port()
+    port = m._psp._hw.key_port  # the firmware's port, to put a guest key in a slot
     port.load(3, os.urandom(16))
     m.memctl.read(0x1000, 64, 3)
     m.memctl.read(0x1000, 64, 4)  # an empty slot gets a key of its own

@@ -91,7 +91,15 @@ class MachineProfile:
     # (ASPFW sev_plat.h); other generations are UNCONFIRMED and use the same number.
     host_key_slot: int = 1023
     cores: int = 4
+    cores_per_ccx: int = 4  # cores sharing an L3 (a CCX); the firmware tracks ASIDs per CCX
     dram_size: int = 8 * GiB
+    # The SEV firmware the part runs: API version and build (PLATFORM_STATUS, §7.1).
+    fw_api_major: int = 1
+    fw_api_minor: int = 55
+    fw_build: int = 25
+    # Mailbox register offsets of the PSP's PCI BAR (Linux sp-pci.c sev_vdata): "sevv1" is
+    # C2PMSG_32/56/57 at 0x10580/0x105e0/0x105e4, "sevv2" the same registers at 0x109xx.
+    psp_mailbox: str = "sevv2"
     # None: keys and xex tweaks are fresh random values at each boot (os.urandom), as on
     # real parts. An integer makes every boot of this profile reproducible (tests, demos).
     seed: int | None = None
@@ -143,6 +151,10 @@ class MachineProfile:
         return self.maxlinaddr >= 57
 
     @property
+    def ccx_count(self) -> int:
+        return -(-self.cores // self.cores_per_ccx)
+
+    @property
     def effective_phys_bits(self) -> int:
         """Usable physical-address width: MAXPHYADDR minus the reduction when SMEE is on."""
         return self.maxphyaddr - (self.phys_reduction if self.smee else 0)
@@ -164,6 +176,7 @@ _COMMON_UNCONFIRMED = {
     "nasid": "UNCONFIRMED: 32768, the usual EPYC value; no dump in the sources",
     "cores": "MODEL: the number of simulated cores, not the part's core count",
     "cache": "MODEL: one shared last-level cache with the geometry of one CCX/CCD L3",
+    "psp_mailbox": "Linux sp-pci.c: sevv1 for the Zen 1 PSP (0x1456), sevv2 for later PSPs",
 }
 
 NAPLES = MachineProfile(
@@ -182,6 +195,10 @@ NAPLES = MachineProfile(
     nasid=32768,
     cache=CacheGeometry(size=8 * MiB, ways=16),
     engine_mode="xe",
+    fw_api_major=0,
+    fw_api_minor=17,
+    fw_build=48,
+    psp_mailbox="sevv1",
     provenance={
         **_COMMON_UNCONFIRMED,
         "sev_eax": "UNCONFIRMED: SME and SEV only (no SEV-ES on Zen 1); no full dump",
@@ -191,6 +208,7 @@ NAPLES = MachineProfile(
         "sev_edx": "UNCONFIRMED: 1 (no SEV-ES, so every ASID is an SEV ASID)",
         "maxphyaddr": "UNCONFIRMED: 48",
         "engine_mode": "xe as measured on the EPYC 7251 by SEVurity (the 7401P used xex)",
+        "fw_api": "UNCONFIRMED: 0.17 build 48 (public Naples certificates carry API 0.14-0.16)",
     },
 )
 
@@ -210,6 +228,9 @@ ROME = MachineProfile(
     nasid=32768,
     cache=CacheGeometry(size=16 * MiB, ways=16),
     engine_mode="xex",
+    fw_api_major=0,
+    fw_api_minor=24,
+    fw_build=15,
     provenance={
         **_COMMON_UNCONFIRMED,
         "sev_eax": "0x0001000F (SME, SEV, VmPgFlush, SEV-ES, VTE) from an EPYC edge box "
@@ -221,6 +242,7 @@ ROME = MachineProfile(
         "maxphyaddr": "UNCONFIRMED: 48",
         "engine_mode": "xex with per-boot random tweaks (AMD to the SEVurity authors); "
         "exact Zen 2 tweak function UNCONFIRMED",
+        "fw_api": "UNCONFIRMED: 0.24 build 15 (a public Rome PEK carries API 0.22)",
     },
 )
 
@@ -240,8 +262,13 @@ MILAN = MachineProfile(
     nasid=32768,
     cache=CacheGeometry(size=32 * MiB, ways=16),
     engine_mode="xex",
+    cores_per_ccx=8,
+    fw_api_major=1,
+    fw_api_minor=51,
+    fw_build=3,
     provenance={
         **_COMMON_UNCONFIRMED,
+        "fw_api": "UNCONFIRMED: 1.51 build 3, a common Milan firmware",
         "sev_eax": "0x0101FD3F from three Milan dumps (oxidecomputer/omicron, "
         "firecracker T2A fixture, EPYC 7713P lab notes); HwEnforcedCacheCoh set",
         "sev_ebx": "0x4173: C-bit 51, reduction 5, 4 VMPLs (same dumps)",
@@ -268,8 +295,10 @@ GENOA = MachineProfile(
     nasid=32768,
     cache=CacheGeometry(size=32 * MiB, ways=16),
     engine_mode="xex",
+    cores_per_ccx=8,
     provenance={
         **_COMMON_UNCONFIRMED,
+        "fw_api": "1.55 build 25: AMD's published Genoa SEV firmware (ASPFW README)",
         "sev_eax": "UNCONFIRMED: no full Genoa dump; Milan's feature bits assumed",
         "sev_ebx": "C-bit 51 and 4 VMPLs (ASPFW); reduction 4 is our reading of the "
         "firmware's 'MemWidth=4' comment, UNCONFIRMED",

@@ -305,6 +305,11 @@ class HostKernel:
     def read(self, va: int, n: int) -> bytes:
         return self.core.read(va, n)
 
+    def wbinvd_on_all_cpus(self) -> None:
+        """Linux wbinvd_on_all_cpus(): the kernel runs WBINVD on every core."""
+        for core in self.core.machine.cores:
+            core.wbinvd()
+
     def write(self, va: int, data: bytes) -> None:
         self.core.write(va, data)
 

@@ -224,6 +224,27 @@ class Cache:
             self.stats["writebacks"] += written
         return written
 
+    def snoop(self, pa: int, n: int, slot: int, invalidate: bool) -> None:
+        """What a fabric access (firmware, DMA) does to the cache before it reaches DRAM:
+        write back the same domain's dirty lines of the range (and drop them for a write);
+        with HwEnforcedCacheCoh, write back and drop the other domains' lines too."""
+        slots_of_line = self._slots_of_line
+        for line_pa in _lines_of(pa, n):
+            if line_pa not in slots_of_line:
+                continue
+            if self.coherent:
+                self._drop_other_domains(line_pa, slot)
+            key = (slot << DOMAIN_SHIFT) | line_pa
+            line = self._get(key)
+            if line is None:
+                continue
+            if invalidate:
+                self._evict(key)
+            elif key in self._dirty:
+                self._dirty.discard(key)
+                self._memctl.write_line(line_pa, slot, bytes(line))
+                self.stats["writebacks"] += 1
+
     # ---- inspection (what a debugger or a test may look at; holds no keys) -----------------
     def resident(self, pa: int) -> list[tuple[int, bool]]:
         """The domains (slots) holding the line of pa, each with its dirty flag."""

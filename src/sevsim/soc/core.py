@@ -428,8 +428,13 @@ class Core:
         self._cache.clflush(t.page_pa | (va & 0xFFF), self.key_slot(t.c_bit))
 
     def wbinvd(self) -> int:
-        """WBINVD: write back and invalidate every line; returns lines written back."""
-        return self._cache.wbinvd(invalidate=True)
+        """WBINVD: write back and invalidate every line; returns lines written back. Sets
+        this core's WBINVD-done flag, which the SEV firmware checks at DF_FLUSH."""
+        written = self._cache.wbinvd(invalidate=True)
+        self.machine._wbinvd_done[self.index] = True
+        return written
 
     def wbnoinvd(self) -> int:
-        return self._cache.wbinvd(invalidate=False)
+        written = self._cache.wbinvd(invalidate=False)
+        self.machine._wbinvd_done[self.index] = True
+        return written

@@ -1,11 +1,19 @@
-"""The machine: DRAM, the memory controller with its AES engine, the cache, and the cores.
+"""The machine: DRAM, the memory controller with its AES engine, the cache, the cores, and
+the AMD Secure Processor.
 
 Constructing a ``Machine`` is a power-on: the memory controller draws the host key (and,
 in ``xex`` mode, the tweak constants), the BIOS options of the profile are latched into
-SYSCFG and HWCR, and every core starts in real mode.
+SYSCFG and HWCR, every core starts in real mode, and the PSP loads its SEV firmware, which
+starts UNINIT. Host software talks to the firmware only through ``machine.mailbox``.
+
+``state_dir`` makes the platform persistent: the chip's fuses and the firmware's SPI flash
+live there, so the next process powers on the same chip with the same keys. One process
+at a time holds a state directory (``close()`` releases it).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sevsim.profiles import MachineProfile
 from sevsim.soc import msr
@@ -13,21 +21,78 @@ from sevsim.soc.cache import Cache
 from sevsim.soc.core import Core
 from sevsim.soc.dram import DRAM
 from sevsim.soc.engine import EngineMode
+from sevsim.soc.fabric import FabricPort
 from sevsim.soc.memctl import MemoryController
 from sevsim.soc.rng import EntropySource
 
+PROFILE_FILE = "profile"
+
+
+class PlatformMismatch(ValueError):
+    pass
+
 
 class Machine:
-    def __init__(self, profile: MachineProfile, engine_mode: EngineMode | None = None) -> None:
+    def __init__(
+        self,
+        profile: MachineProfile,
+        engine_mode: EngineMode | None = None,
+        state_dir: Path | None = None,
+        data_dir: Path | None = None,
+    ) -> None:
         self.profile = profile
         self._entropy = EntropySource(profile.seed, f"machine/{profile.name}")
         self.dram = DRAM(profile.dram_size)
         self.memctl = MemoryController(profile, self.dram, self._entropy, engine_mode)
         # Coherence between encryption domains is CPUID 8000_001F EAX[10] (HwEnforcedCacheCoh).
         self.cache = Cache(profile.cache, self.memctl, coherent=profile.sme_coherent)
+        self.fabric = FabricPort(self.cache, self.memctl)
         self.syscfg = profile.syscfg_bios | (msr.SYSCFG_MEM_ENCRYPT if profile.smee else 0)
         self.hwcr = msr.HWCR_SMMLOCK if profile.smmlock else 0
+        self._wbinvd_done = [False] * profile.cores
         self.cores = [Core(self, i) for i in range(profile.cores)]
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self._lock = None
+        self._power_on_psp(data_dir)
+
+    def _power_on_psp(self, data_dir: Path | None) -> None:
+        # Imported here: the factory and the firmware sit above the silicon.
+        from sevsim.amd.fab import manufacture
+        from sevsim.amd.kds import KeyDistributionService
+        from sevsim.fsutil import FileLock
+        from sevsim.paths import data_dir as default_data_dir
+        from sevsim.psp.firmware import SevFirmware
+        from sevsim.psp.mailbox import Mailbox
+        from sevsim.psp.persistent import SpiFlash
+        from sevsim.soc.psp_port import PspHardware
+
+        if self.state_dir is not None:
+            self._lock = FileLock(self.state_dir / ".lock", what="platform")
+            recorded = self.state_dir / PROFILE_FILE
+            if recorded.exists() and recorded.read_text().strip() != self.profile.name:
+                self.close()
+                raise PlatformMismatch(
+                    f"{self.state_dir} holds a {recorded.read_text().strip()} platform, "
+                    f"not {self.profile.name}"
+                )
+            recorded.write_text(self.profile.name + "\n")
+        kds = KeyDistributionService(data_dir or default_data_dir())
+        fuses = manufacture(self.profile, self.state_dir, kds)
+        firmware = SevFirmware(
+            PspHardware(self),
+            fuses,
+            SpiFlash(self.state_dir),
+            self.profile,
+            EntropySource(self.profile.seed, f"psp/{self.profile.name}"),
+        )
+        self._psp = firmware
+        self.mailbox = Mailbox(self.profile.psp_mailbox, firmware.dispatch)
+
+    def close(self) -> None:
+        """Power off: release the state directory for other processes."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def phys_bits(self) -> int:

@@ -1,0 +1,55 @@
+"""The factory: a chip's fuses (its chip-unique key) and its registration with AMD's KDS.
+
+A platform with a state directory keeps its fuses there (``fuses.bin``), so the same chip
+comes back in every process; PLATFORM_RESET does not touch them (fuses are not flash).
+Without a state directory the fuses derive from the profile seed, or are random.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sevsim.amd.kds import KeyDistributionService
+from sevsim.certs.sev import Algo, SevCert, Usage
+from sevsim.fsutil import atomic_write
+from sevsim.profiles import MachineProfile
+from sevsim.psp import identity
+from sevsim.soc.rng import EntropySource
+
+FUSES_FILE = "fuses.bin"
+
+
+@dataclass(frozen=True)
+class ChipFuses:
+    generation: str
+    cuk: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"<ChipFuses {self.generation} (chip-unique key not shown)>"
+
+
+def manufacture(
+    profile: MachineProfile, state_dir: Path | None, kds: KeyDistributionService | None
+) -> ChipFuses:
+    generation = profile.name  # the profiles are named after their generation
+    cuk = None
+    if state_dir is not None and (Path(state_dir) / FUSES_FILE).exists():
+        cuk = (Path(state_dir) / FUSES_FILE).read_bytes()
+        if len(cuk) != 32:
+            raise ValueError(f"{Path(state_dir) / FUSES_FILE} is damaged ({len(cuk)} bytes)")
+    if cuk is None:
+        cuk = EntropySource(profile.seed, f"fab/{profile.name}").random_bytes(32, "cuk")
+        if state_dir is not None:
+            atomic_write(Path(state_dir) / FUSES_FILE, cuk)
+    fuses = ChipFuses(generation, cuk)
+    if kds is not None:
+        cek = SevCert.create(
+            Usage.CEK,
+            Algo.ECDSA_SHA256,
+            identity.derive_cek(cuk).public_key(),
+            profile.fw_api_major,
+            profile.fw_api_minor,
+        )
+        kds.register(identity.chip_id(cuk), generation, cek)
+    return fuses

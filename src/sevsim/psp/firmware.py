@@ -1,0 +1,457 @@
+"""The SEV firmware of the AMD Secure Processor (sev-api.md §1, §3, §4, §7; AMD-ASPFW).
+
+Reached only through the mailbox (``psp.mailbox``): ``dispatch`` copies the command buffer
+in from x86 memory, runs the handler, and copies it back as the real dispatcher does —
+input-only commands never write back, output-only commands write on success, and the
+"output even on error" commands also write back on INVALID_LENGTH so the host learns the
+size it must provide. Every handler checks in the firmware's order: platform state, guest
+handle, guest state, then the rest. No Python exception leaves ``dispatch``: a failure is a
+status code, and an unexpected internal error is reported as HWERROR_PLATFORM.
+
+Secrets (CEK, OCA/PEK/PDH private keys, and later the guests' keys) live only in this
+object's private attributes and, sealed, in the persistent store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sevsim import crypto
+from sevsim.api import commands as cmd
+from sevsim.api.commands import Command
+from sevsim.api.status import PlatformState, Status
+from sevsim.certs.sev import (
+    CERT_SIZE,
+    Algo,
+    CertError,
+    SevCert,
+    Usage,
+    firmware_validate,
+)
+from sevsim.psp import identity
+from sevsim.psp.persistent import (
+    ERASED,
+    NV_LENGTH,
+    PersistentIdentity,
+    SealError,
+    SpiFlash,
+    seal,
+    unseal,
+)
+from sevsim.psp.x86mem import FirmwareError, X86Memory
+from sevsim.soc.rng import EntropySource
+
+log = logging.getLogger(__name__)
+
+CHAIN_SIZE = 3 * CERT_SIZE  # PEK || OCA || CEK
+TMR_SIZE = 1 << 20
+TMR_ALIGN = 1 << 20
+
+
+class Buffer(Enum):
+    """How the dispatcher treats a command's buffer (AMD-ASPFW sev_dispatch.c)."""
+
+    NONE = 0
+    IN = 1
+    OUT = 2
+    IN_OUT = 3
+    IN_OUT_ERROR = 4  # written back on success and on INVALID_LENGTH
+
+
+@dataclass
+class Identity:
+    """The platform keys while the firmware is initialised."""
+
+    cek: ec.EllipticCurvePrivateKey
+    persistent: PersistentIdentity
+
+    def __repr__(self) -> str:
+        return "<Identity (keys not shown)>"
+
+
+class SevFirmware:
+    def __init__(self, hw, fuses, spi: SpiFlash, profile, entropy: EntropySource) -> None:
+        self._hw = hw
+        self._fuses = fuses
+        self._spi = spi
+        self._profile = profile
+        self._trng = entropy
+        self._mem = X86Memory(hw)
+        self.api_version = (profile.fw_api_major, profile.fw_api_minor, profile.fw_build)
+        self.state = PlatformState.UNINIT
+        self.config_flags = 0
+        self.guest_count = 0
+        self._identity: Identity | None = None
+        self._nv_paddr = 0  # 0: the SPI flash; else the INIT_EX NV area in x86 memory
+        self._tmr: tuple[int, int] | None = None
+        # Per ASID, a bitmask of CCXs in each firmware state (sev-api.md §7.3).
+        self._ccx_all = (1 << hw.ccx_count) - 1
+        n = hw.max_asid + 1
+        self._asid_dirty = [0] * n
+        self._asid_clean = [0] * n
+        self._asid_allocated = [0] * n
+        self._asid_in_use = [0] * n
+        self.internal_errors: list[str] = []
+        self._raw_buffer = b""  # the command buffer as read, for must-be-zero checks
+        self._handlers: dict[int, tuple[Callable[[Any], Status], Buffer]] = {
+            Command.INIT: (self._init, Buffer.IN),
+            Command.INIT_EX: (self._init_ex, Buffer.IN),
+            Command.SHUTDOWN: (self._shutdown, Buffer.NONE),
+            Command.PLATFORM_RESET: (self._platform_reset, Buffer.NONE),
+            Command.PLATFORM_STATUS: (self._platform_status, Buffer.OUT),
+            Command.PEK_GEN: (self._pek_gen, Buffer.NONE),
+            Command.PEK_CSR: (self._pek_csr, Buffer.IN_OUT_ERROR),
+            Command.PEK_CERT_IMPORT: (self._pek_cert_import, Buffer.IN),
+            Command.PDH_CERT_EXPORT: (self._pdh_cert_export, Buffer.IN_OUT_ERROR),
+            Command.PDH_GEN: (self._pdh_gen, Buffer.NONE),
+            Command.DF_FLUSH: (self._df_flush, Buffer.NONE),
+            Command.GET_ID: (self._get_id, Buffer.IN_OUT_ERROR),
+            Command.NOP: (self._nop, Buffer.NONE),
+        }
+
+    def __repr__(self) -> str:
+        major, minor, build = self.api_version
+        return f"<SevFirmware {major}.{minor} build {build} state={self.state.name}>"
+
+    # ---- the dispatcher ----------------------------------------------------------------
+    def dispatch(self, command_id: int, buffer_addr: int) -> Status:
+        entry = self._handlers.get(command_id)
+        layout = cmd.BUFFERS.get(_command(command_id))
+        if entry is None:
+            return Status.INVALID_COMMAND
+        handler, use = entry
+        try:
+            buf = None
+            self._raw_buffer = b""
+            if use in (Buffer.IN, Buffer.IN_OUT, Buffer.IN_OUT_ERROR):
+                self._raw_buffer = self._mem.read(buffer_addr, layout.size)
+                buf = layout.parse(self._raw_buffer)
+            elif use == Buffer.OUT:
+                buf = layout.new()
+            status = handler(buf)
+            if use in (Buffer.OUT, Buffer.IN_OUT, Buffer.IN_OUT_ERROR) and status == Status.SUCCESS:
+                self._mem.write(buffer_addr, layout.build(buf))
+            elif use == Buffer.IN_OUT_ERROR and status == Status.INVALID_LENGTH:
+                try:
+                    self._mem.write(buffer_addr, layout.build(buf))
+                except FirmwareError:
+                    pass  # the length status stands (AMD-ASPFW ignores this copy's result)
+            return status
+        except FirmwareError as exc:
+            return exc.status
+        except Exception as exc:  # noqa: BLE001 - a firmware bug must not reach the host
+            log.exception("internal firmware error in command %#x", command_id)
+            self.internal_errors.append(f"{command_id:#x}: {type(exc).__name__}: {exc}")
+            return Status.HWERROR_PLATFORM
+
+    # ---- keys and certificates ---------------------------------------------------------
+    def _new_key(self) -> ec.EllipticCurvePrivateKey:
+        rdata = self._trng.random_bytes(56, "p384-key")
+        return crypto.p384_private_from_scalar(identity.scalar_from_random(rdata))
+
+    def _cert(self, usage: Usage, algo: Algo, key: ec.EllipticCurvePrivateKey) -> SevCert:
+        major, minor, _ = self.api_version
+        return SevCert.create(usage, algo, key.public_key(), major, minor)
+
+    def _generate_oca(self, p: PersistentIdentity) -> PersistentIdentity:
+        key = self._new_key()
+        cert = self._cert(Usage.OCA, Algo.ECDSA_SHA256, key).signed(
+            key, Usage.OCA, Algo.ECDSA_SHA256
+        )
+        return replace(p, externally_owned=False, oca_key=_scalar(key), oca_cert=cert.raw.hex())
+
+    def _generate_pek(
+        self, p: PersistentIdentity, cek: ec.EllipticCurvePrivateKey
+    ) -> PersistentIdentity:
+        if p.oca_key is None:
+            raise FirmwareError(Status.INVALID_CERTIFICATE)
+        key = self._new_key()
+        oca = crypto.p384_private_from_scalar(p.oca_key)
+        cert = (
+            self._cert(Usage.PEK, Algo.ECDSA_SHA256, key)
+            .signed(oca, Usage.OCA, Algo.ECDSA_SHA256, slot=0)
+            .signed(cek, Usage.CEK, Algo.ECDSA_SHA256, slot=1)
+        )
+        return replace(p, pek_key=_scalar(key), pek_cert=cert.raw.hex())
+
+    def _generate_pdh(self, p: PersistentIdentity) -> PersistentIdentity:
+        if p.pek_key is None:
+            raise FirmwareError(Status.INVALID_CERTIFICATE)
+        key = self._new_key()
+        pek = crypto.p384_private_from_scalar(p.pek_key)
+        cert = self._cert(Usage.PDH, Algo.ECDH_SHA256, key).signed(
+            pek, Usage.PEK, Algo.ECDSA_SHA256
+        )
+        return replace(p, pdh_key=_scalar(key), pdh_cert=cert.raw.hex())
+
+    def _require_identity(self) -> Identity:
+        if self._identity is None:  # cannot happen in INIT/WORKING; guard against bugs
+            raise FirmwareError(Status.INVALID_PLATFORM_STATE)
+        return self._identity
+
+    # ---- persistent storage --------------------------------------------------------------
+    def _load(self) -> PersistentIdentity | None:
+        if self._nv_paddr:
+            blob = self._mem.read(self._nv_paddr, NV_LENGTH)
+        else:
+            blob = self._spi.read()
+        try:
+            return unseal(self._fuses.cuk, blob or b"")
+        except SealError:
+            if self._nv_paddr:  # the firmware erases a bad NV area before reporting it
+                self._mem.write(self._nv_paddr, bytes([ERASED]) * NV_LENGTH)
+            raise FirmwareError(Status.SECURE_DATA_INVALID) from None
+
+    def _save(self, p: PersistentIdentity) -> None:
+        blob = seal(self._fuses.cuk, p, self._trng.random_bytes(12, "seal-nonce"))
+        if self._nv_paddr:
+            self._mem.write(self._nv_paddr, blob.ljust(NV_LENGTH, bytes([ERASED])))
+        else:
+            self._spi.write(blob)
+
+    # ---- INIT / INIT_EX / SHUTDOWN ------------------------------------------------------------
+    def _init(self, buf) -> Status:
+        return self._init_common(buf, ex=False)
+
+    def _init_ex(self, buf) -> Status:
+        return self._init_common(buf, ex=True)
+
+    def _init_common(self, buf, ex: bool) -> Status:
+        if self.state != PlatformState.UNINIT:
+            return Status.INVALID_PLATFORM_STATE
+        try:
+            status = self._do_init(buf, ex)
+        except FirmwareError as exc:
+            status = exc.status
+        if status != Status.SUCCESS:
+            self._clear()
+        return status
+
+    def _do_init(self, buf, ex: bool) -> Status:
+        if not self._hw.smee_all_cores():
+            return Status.HWERROR_PLATFORM  # SME must be enabled (SYSCFG[23]) on every core
+        layout = cmd.INIT_EX if ex else cmd.INIT
+        if buf.flags & ~cmd.CONFIG_FLAG_ES or not layout.reserved_ok(self._raw_buffer):
+            return Status.INVALID_CONFIG
+        if buf.flags & cmd.CONFIG_FLAG_ES and not self._hw.sev_es:
+            return Status.INVALID_CONFIG  # a part without SEV-ES knows no CONFIG.ES bit
+        self._nv_paddr = 0
+        if ex:
+            if buf.length != cmd.INIT_EX_LENGTH:
+                return Status.INVALID_LENGTH
+            if buf.nv_paddr:
+                if buf.nv_paddr % 4096:
+                    return Status.INVALID_ADDRESS
+                self._mem.check(buf.nv_paddr, max(buf.nv_len, 1))
+                if buf.nv_len != NV_LENGTH:
+                    return Status.INVALID_LENGTH
+            self._nv_paddr = buf.nv_paddr
+        p = self._load() or PersistentIdentity()
+        cek = identity.derive_cek(self._fuses.cuk)
+        changed = False
+        if not p.oca_cert:
+            p = replace(self._generate_oca(p), pek_key=None, pek_cert="")
+            changed = True
+        if not p.pek_cert:
+            p = replace(self._generate_pek(p, cek), pdh_key=None, pdh_cert="")
+            changed = True
+        if not p.pdh_cert:
+            p = self._generate_pdh(p)
+            changed = True
+        if changed:
+            self._save(p)
+        # Every ASID is dirty on every CCX, and every core owes a WBINVD before a DF_FLUSH.
+        for asid in range(1, len(self._asid_dirty)):
+            self._asid_dirty[asid] = self._ccx_all
+            self._asid_clean[asid] = self._asid_allocated[asid] = self._asid_in_use[asid] = 0
+        self._hw.clear_wbinvd_done(range(self._hw.cores))
+        if buf.flags & cmd.CONFIG_FLAG_ES:
+            self._reserve_tmr(buf.tmr_paddr, buf.tmr_len)
+        self._identity = Identity(cek, p)
+        self.config_flags = buf.flags
+        self.state = PlatformState.INIT
+        return Status.SUCCESS
+
+    def _reserve_tmr(self, paddr: int, length: int) -> None:
+        pa = paddr & ~self._hw.cbit_mask
+        if pa % TMR_ALIGN:
+            raise FirmwareError(Status.INVALID_ADDRESS)
+        if length != TMR_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH)
+        self._mem.check(paddr, length)
+        if (
+            self._nv_paddr
+            and pa < (self._nv_paddr & ~self._hw.cbit_mask) + NV_LENGTH
+            and (self._nv_paddr & ~self._hw.cbit_mask) < pa + length
+        ):
+            raise FirmwareError(Status.INVALID_ADDRESS)  # the TMR and the NV area overlap
+        self._tmr = (pa, pa + length)
+        self._mem.reserved = [self._tmr]
+
+    def _clear(self) -> None:
+        """Back to the state after reset: no identity, no guests, no TMR."""
+        self._identity = None
+        self.state = PlatformState.UNINIT
+        self.config_flags = 0
+        self.guest_count = 0
+        self._tmr = None
+        self._mem.reserved = []
+
+    def _shutdown(self, _buf) -> Status:
+        self._clear()
+        return Status.SUCCESS
+
+    def _platform_reset(self, _buf) -> Status:
+        if self.state != PlatformState.UNINIT:
+            return Status.INVALID_PLATFORM_STATE
+        self._spi.erase()  # the SPI flash only (AMD-ASPFW sev_mcmd_platform_reset)
+        return Status.SUCCESS
+
+    def _platform_status(self, buf) -> Status:
+        major, minor, build = self.api_version
+        buf.api_major, buf.api_minor, buf.build_id = major, minor, build
+        buf.state = self.state
+        if self.state != PlatformState.UNINIT:
+            owned = self._require_identity().persistent.externally_owned
+            buf.platform_flags = cmd.PLATFORM_FLAG_OWNER if owned else 0
+            buf.config_flags = self.config_flags
+            buf.guest_count = self.guest_count
+        return Status.SUCCESS
+
+    # ---- platform keys ------------------------------------------------------------------------
+    def _pek_gen(self, _buf) -> Status:
+        if self.state != PlatformState.INIT:
+            return Status.INVALID_PLATFORM_STATE
+        ident = self._require_identity()
+        p = self._generate_oca(ident.persistent)
+        p = self._generate_pdh(self._generate_pek(p, ident.cek))
+        self._save(p)
+        ident.persistent = p
+        return Status.SUCCESS
+
+    def _pdh_gen(self, _buf) -> Status:
+        if self.state not in (PlatformState.INIT, PlatformState.WORKING):
+            return Status.INVALID_PLATFORM_STATE
+        ident = self._require_identity()
+        p = self._generate_pdh(ident.persistent)
+        self._save(p)
+        ident.persistent = p
+        return Status.SUCCESS
+
+    def _pek_csr(self, buf) -> Status:
+        if self.state not in (PlatformState.INIT, PlatformState.WORKING):
+            return Status.INVALID_PLATFORM_STATE
+        if buf.csr_len < CERT_SIZE:
+            buf.csr_len = CERT_SIZE
+            return Status.INVALID_LENGTH
+        pek = SevCert.parse(bytes.fromhex(self._require_identity().persistent.pek_cert))
+        self._mem.write(buf.csr_paddr, pek.without_signatures().raw)
+        buf.csr_len = CERT_SIZE
+        return Status.SUCCESS
+
+    def _pek_cert_import(self, buf) -> Status:
+        if self.state != PlatformState.INIT:
+            return Status.INVALID_PLATFORM_STATE
+        ident = self._require_identity()
+        if ident.persistent.externally_owned:
+            return Status.ALREADY_OWNED
+        if buf.pek_len != CERT_SIZE or buf.oca_len != CERT_SIZE:
+            return Status.INVALID_LENGTH
+        pek = SevCert.parse(self._mem.read(buf.pek_paddr, CERT_SIZE))
+        oca = SevCert.parse(self._mem.read(buf.oca_paddr, CERT_SIZE))
+        try:
+            oca_key = oca.signing_key()
+        except CertError:
+            return Status.INVALID_CERTIFICATE
+        for status in (firmware_validate(oca, oca_key), firmware_validate(pek, oca_key)):
+            if status != Status.SUCCESS:
+                return status
+        own = SevCert.parse(bytes.fromhex(ident.persistent.pek_cert))
+        if pek.body != own.body:
+            return Status.INVALID_CERTIFICATE  # the PEK was altered outside the firmware
+        cek_sig = next(((u, a, s) for u, a, s in own.slots() if u == Usage.CEK), None)
+        free = [i for i, (u, _, _) in enumerate(pek.slots()) if u == Usage.INVALID]
+        if cek_sig is None or not free:
+            return Status.INVALID_CERTIFICATE
+        pek = pek.with_slot(free[0], *cek_sig)
+        p = replace(
+            ident.persistent,
+            externally_owned=True,
+            oca_key=None,
+            oca_cert=oca.raw.hex(),
+            pek_cert=pek.raw.hex(),
+        )
+        p = self._generate_pdh(p)
+        self._save(p)  # on failure the old identity stays in place
+        ident.persistent = p
+        return Status.SUCCESS
+
+    def _pdh_cert_export(self, buf) -> Status:
+        if self.state not in (PlatformState.INIT, PlatformState.WORKING):
+            return Status.INVALID_PLATFORM_STATE
+        if buf.pdh_len < CERT_SIZE or buf.chain_len < CHAIN_SIZE:
+            buf.pdh_len, buf.chain_len = CERT_SIZE, CHAIN_SIZE
+            return Status.INVALID_LENGTH
+        ident = self._require_identity()
+        p = ident.persistent
+        self._mem.write(buf.pdh_paddr, bytes.fromhex(p.pdh_cert))
+        # The firmware exports the CEK unsigned; AMD's KDS serves the ASK-signed one.
+        cek = self._cert(Usage.CEK, Algo.ECDSA_SHA256, ident.cek)
+        self._mem.write(
+            buf.chain_paddr, bytes.fromhex(p.pek_cert) + bytes.fromhex(p.oca_cert) + cek.raw
+        )
+        buf.pdh_len, buf.chain_len = CERT_SIZE, CHAIN_SIZE
+        return Status.SUCCESS
+
+    def _get_id(self, buf) -> Status:
+        if buf.id_len < cmd.GET_ID_LENGTH:
+            buf.id_len = cmd.GET_ID_LENGTH
+            return Status.INVALID_LENGTH
+        self._mem.write(buf.id_paddr, identity.chip_id(self._fuses.cuk))
+        buf.id_len = cmd.GET_ID_LENGTH
+        return Status.SUCCESS
+
+    # ---- cache and fabric -----------------------------------------------------------------------
+    def _df_flush(self, _buf) -> Status:
+        done = self._hw.wbinvd_done()
+        ccx_done = 0
+        for ccx in range(self._hw.ccx_count):
+            if all(done[c] for c in self._hw.cores_of_ccx(ccx)):
+                ccx_done |= 1 << ccx
+        for asid in range(1, len(self._asid_dirty)):
+            moved = self._asid_dirty[asid] & ccx_done
+            if moved:
+                self._asid_dirty[asid] &= ~moved
+                self._asid_clean[asid] |= moved
+        if ccx_done != self._ccx_all:
+            return Status.WBINVD_REQUIRED
+        return Status.SUCCESS
+
+    def _nop(self, _buf) -> Status:
+        return Status.SUCCESS
+
+    # ---- inspection for tests and debugging (no secrets) ---------------------------------------
+    def asid_state(self, asid: int) -> dict[str, int]:
+        return {
+            "dirty": self._asid_dirty[asid],
+            "clean": self._asid_clean[asid],
+            "allocated": self._asid_allocated[asid],
+            "in_use": self._asid_in_use[asid],
+        }
+
+
+def _command(command_id: int) -> Command | None:
+    try:
+        return Command(command_id)
+    except ValueError:
+        return None
+
+
+def _scalar(key: ec.EllipticCurvePrivateKey) -> int:
+    return key.private_numbers().private_value

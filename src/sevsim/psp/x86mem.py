@@ -1,0 +1,61 @@
+"""How the firmware reaches x86 memory (AMD-ASPFW x86_copy.c).
+
+Every address the host gives is checked first: the C-bit is set aside, then address bits
+the memory-encryption reduction removed (they carry the key id on the fabric) must be
+zero, and the range must lie in DRAM and outside reserved regions such as an SEV-ES TMR —
+otherwise INVALID_ADDRESS. A "plaintext" access uses the host (SME) key when the address
+has the C-bit and no key otherwise (the TSME key under TSME); a guest access uses the
+guest's key slot. Accesses go through the coherent fabric port (``soc.fabric``).
+"""
+
+from __future__ import annotations
+
+from sevsim.api.status import Status
+
+
+class FirmwareError(Exception):
+    """Unwinds a command handler with the status the firmware returns."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(status.name)
+        self.status = status
+
+
+class X86Memory:
+    def __init__(self, hw) -> None:
+        self._hw = hw
+        self.reserved: list[tuple[int, int]] = []  # [start, end) the x86 may not name
+
+    def check(self, addr: int, size: int) -> int:
+        """The physical address without the C-bit, or FirmwareError(INVALID_ADDRESS)."""
+        hw = self._hw
+        if size <= 0:
+            raise FirmwareError(Status.INVALID_PARAM)  # MODEL: FW-internal ERR_INVALID_PARAMS
+        pa = addr & ~hw.cbit_mask
+        reserved_bits = ((1 << 64) - 1) & ~((1 << hw.phys_bits) - 1)
+        end = pa + size
+        if pa & reserved_bits or (end - 1) & reserved_bits or end > hw.dram_size:
+            raise FirmwareError(Status.INVALID_ADDRESS)
+        for start, stop in self.reserved:
+            if pa < stop and start < end:
+                raise FirmwareError(Status.INVALID_ADDRESS)
+        return pa
+
+    def _plain_slot(self, addr: int) -> int:
+        return self._hw.key_slot(bool(addr & self._hw.cbit_mask))
+
+    def read(self, addr: int, size: int) -> bytes:
+        pa = self.check(addr, size)
+        return self._hw.memory.read(pa, size, self._plain_slot(addr))
+
+    def write(self, addr: int, data: bytes) -> None:
+        pa = self.check(addr, len(data))
+        self._hw.memory.write(pa, data, self._plain_slot(addr))
+
+    def read_guest(self, addr: int, size: int, asid: int) -> bytes:
+        pa = self.check(addr, size)
+        return self._hw.memory.read(pa, size, self._hw.key_slot(True, asid))
+
+    def write_guest(self, addr: int, data: bytes, asid: int) -> None:
+        pa = self.check(addr, len(data))
+        self._hw.memory.write(pa, data, self._hw.key_slot(True, asid))

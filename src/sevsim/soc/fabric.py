@@ -1,0 +1,38 @@
+"""The data fabric as seen by agents other than the cores: the AMD Secure Processor and DMA.
+
+Such accesses name a physical address and a key slot and go to the memory controller.
+They are coherent with the CPU cache for the *same* encryption domain: a read first
+writes back a dirty line of that domain, a write drops it. Lines of other domains (the
+aliases of hardware.md §4.1) are left alone unless the part has HwEnforcedCacheCoh, which
+is why the firmware and KVM flush before re-encrypting memory in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sevsim.soc.cache import Cache
+from sevsim.soc.memctl import MemoryController
+
+
+class FabricPort:
+    def __init__(self, cache: Cache, memctl: MemoryController) -> None:
+        self._cache = cache
+        self._memctl = memctl
+
+    def read(self, pa: int, n: int, slot: int) -> bytes:
+        self._cache.snoop(pa, n, slot, invalidate=False)
+        return self._memctl.read(pa, n, slot)
+
+    def write(self, pa: int, data: bytes, slot: int) -> None:
+        self._cache.snoop(pa, len(data), slot, invalidate=True)
+        self._memctl.write(pa, data, slot)
+
+    def read_into(self, pa: int, out: np.ndarray, slot: int) -> None:
+        """Bulk form of ``read`` (16-byte aligned range)."""
+        self._cache.snoop(pa, len(out), slot, invalidate=False)
+        self._memctl.read_into(pa, out, slot)
+
+    def write_from(self, pa: int, src: np.ndarray, slot: int) -> None:
+        self._cache.snoop(pa, len(src), slot, invalidate=True)
+        self._memctl.write_from(pa, src, slot)

@@ -1,0 +1,52 @@
+"""What the AMD Secure Processor's firmware can reach on the chip — nothing more.
+
+The key-slot port (write-only), the data fabric (coherent memory access with an explicit
+key slot), the per-core WBINVD-done flags it checks before DF_FLUSH, the SYSCFG state of
+the cores, and the topology it tracks ASIDs by. Built once per power-on by the machine
+and handed to the firmware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from sevsim.soc import msr
+
+if TYPE_CHECKING:
+    from sevsim.soc.machine import Machine
+
+
+class PspHardware:
+    def __init__(self, machine: Machine) -> None:
+        profile = machine.profile
+        self._machine = machine
+        self.key_port = machine.memctl.key_port()
+        self.memory = machine.fabric
+        self.key_slot = machine.memctl.key_slot
+        self.cbit_mask = machine.cbit_mask
+        self.phys_bits = machine.phys_bits
+        self.dram_size = machine.dram.size
+        self.max_asid = profile.max_asid
+        self.min_sev_asid = profile.min_sev_asid
+        self.sev_es = bool(profile.sev_eax >> 3 & 1)
+        self.cores = profile.cores
+        self.ccx_count = profile.ccx_count
+        self._cores_per_ccx = profile.cores_per_ccx
+
+    def __repr__(self) -> str:
+        return f"<PspHardware cores={self.cores} ccxs={self.ccx_count}>"
+
+    def cores_of_ccx(self, ccx: int) -> range:
+        start = ccx * self._cores_per_ccx
+        return range(start, min(start + self._cores_per_ccx, self.cores))
+
+    def wbinvd_done(self) -> list[bool]:
+        return list(self._machine._wbinvd_done)
+
+    def clear_wbinvd_done(self, cores: Iterable[int]) -> None:
+        for c in cores:
+            self._machine._wbinvd_done[c] = False
+
+    def smee_all_cores(self) -> bool:
+        return bool(self._machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)
