@@ -11,13 +11,20 @@ controller, and it only reads.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from sevsim.attacks.physical import ColdBootDump
+from sevsim.certs.chain import SevChain, builtin_root, verify_chain
+from sevsim.certs.sev import SevCert
 from sevsim.host import HostKernel
+from sevsim.host.sev import SevDevice
+from sevsim.owner.trust import choose_root
+from sevsim.paths import data_dir
 from sevsim.profiles import MachineProfile
 from sevsim.soc import Machine, msr
+from sevsim.system import HostSystem
 
 SECRET = b"TOP SECRET: the launch code is 0451-SEVSIM. Only the CPU may read this line."
 PUBLIC = b"PUBLIC: this page is shared (C=0); anyone with a DRAM dump can read it."
@@ -178,7 +185,13 @@ def _sme_story(profile: MachineProfile) -> list[Step]:
     )
     steps.append(s)
 
-    # 3. A secret through C=1, a public string through C=0.
+    # 3. The SEV platform, and the guest owner checking who it is.
+    sev = SevDevice(kernel, machine.mailbox)
+    probe = sev.probe()
+    system = HostSystem(machine, kernel, sev, data_dir())
+    steps.append(_authenticate_step(system, probe.ok))
+
+    # 4. A secret through C=1, a public string through C=0.
     secret_va, public_va = _write_secret_and_public(kernel)
     s = Step(
         "Write a secret through a C=1 mapping and a public string through a C=0 mapping",
@@ -191,7 +204,7 @@ def _sme_story(profile: MachineProfile) -> list[Step]:
     s.check("before write-back, DRAM does not hold the secret yet", before.dram_holds != SECRET)
     steps.append(s)
 
-    # 4. Write back and compare.
+    # 5. Write back and compare.
     written = core.wbinvd()
     secret_view = _view("secret", "C=1", kernel, dump, secret_va, len(SECRET))
     public_view = _view("public string", "C=0", kernel, dump, public_va, len(PUBLIC))
@@ -214,7 +227,7 @@ def _sme_story(profile: MachineProfile) -> list[Step]:
     )
     steps.append(s)
 
-    # 5. The C-bit selects a key; it does not convert data.
+    # 6. The C-bit selects a key; it does not convert data.
     kernel.set_memory_decrypted(secret_va, 1)
     flipped = _view("secret page, now C=0", "C=0", kernel, dump, secret_va, len(SECRET))
     s = Step(
@@ -231,6 +244,44 @@ def _sme_story(profile: MachineProfile) -> list[Step]:
     )
     steps.append(s)
     return steps
+
+
+def _authenticate_step(system: HostSystem, probed: bool) -> Step:
+    sev = system.sev
+    chain = system.export_chain()
+    report = verify_chain(chain, choose_root(chain, "sim", system.data_dir))
+    # A malicious host swaps in a PEK of its own choosing: one changed byte of its key.
+    raw = bytearray(chain.pek.raw)
+    raw[0x20] ^= 0x01
+    forged = SevChain(chain.pdh, SevCert.parse(bytes(raw)), chain.oca, chain.cek)
+    forged_report = verify_chain(forged, choose_root(chain, "sim", system.data_dir))
+    real_amd = verify_chain(chain, builtin_root(system.machine.profile.name))
+    major, minor, build = sev.api_version or (0, 0, 0)
+    failure = forged_report.first_failure()
+    s = Step(
+        "The guest owner authenticates the platform",
+        "The host's SEV driver initialises the AMD Secure Processor through its mailbox "
+        "(INIT, WBINVD on every core, DF_FLUSH) and exports the certificate chain. The guest "
+        "owner checks it: the chip's CEK is signed by AMD's ASK (from the key distribution "
+        "service), the CEK and the owner's OCA sign the PEK, the PEK signs the PDH — the key "
+        "the owner will use to send secrets to this chip and nobody else. Here the root is "
+        "the simulator's AMD root; a simulated chip does not chain to AMD's real one.",
+        facts=[
+            ("firmware", f"SEV API {major}.{minor}, build {build}"),
+            ("driver log", "; ".join(sev.log)),
+            ("chip ID", system.chip_id().hex()[:32] + "..."),
+            ("PDH certificate SHA-256", hashlib.sha256(chain.pdh.raw).hexdigest()[:32] + "..."),
+            (
+                "forged PEK",
+                f"{failure.subject} {failure.check}: {failure.reason}" if failure else "accepted!",
+            ),
+        ],
+    )
+    s.check("the platform initialised through the mailbox", probed)
+    s.check("every link of the chain verifies against the simulated AMD root", report.ok)
+    s.check("a chain with a forged PEK is rejected", not forged_report.ok)
+    s.check("the simulated chip does not chain to AMD's real ARK", not real_amd.ok)
+    return s
 
 
 def _tsme_story(profile: MachineProfile) -> list[Step]:

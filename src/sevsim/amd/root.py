@@ -48,6 +48,16 @@ def _pem(key: rsa.RSAPrivateKey) -> bytes:
     )
 
 
+def published_root(generation: str, data_dir: Path) -> CaRoot | None:
+    """The simulated ARK and ASK certificates (public) of a generation, if they exist."""
+    base = Path(data_dir) / "amd-sim-root" / generation
+    if not ((base / "ark.cert").exists() and (base / "ask.cert").exists()):
+        return None
+    ark = AmdCert.parse((base / "ark.cert").read_bytes())
+    ask = AmdCert.parse((base / "ask.cert").read_bytes())
+    return CaRoot(f"simulated AMD {generation}", ark, ask)
+
+
 def load_or_create(generation: str, data_dir: Path) -> SimulatedRoot:
     if generation not in KEY_BITS:
         raise ValueError(f"no simulated root for {generation!r}")

@@ -103,8 +103,8 @@ def decode_platform_certs(data: bytes) -> tuple[SevCert, SevCert, SevCert]:
 
 @dataclass
 class Link:
-    child: str
-    signer: str
+    subject: str  # the certificate checked
+    check: str  # what was checked: "self-signed", "signed by the ASK", ...
     ok: bool
     reason: str = ""
 
@@ -122,16 +122,17 @@ class ChainReport:
         return next((link for link in self.links if not link.ok), None)
 
 
-def _link(child: str, signer: str, reason: str | None) -> Link:
-    return Link(child, signer, reason is None, reason or "")
+def _link(subject: str, check: str, reason: str | None) -> Link:
+    return Link(subject, check, reason is None, reason or "")
 
 
-def _sev_link(child: str, cert: SevCert, signer_name: str, signer: SevCert | AmdCert) -> Link:
+def _sev_link(subject: str, cert: SevCert, signer_name: str, signer: SevCert | AmdCert) -> Link:
+    check = "self-signed" if signer is cert else f"signed by the {signer_name}"
     try:
         key = signer.signing_key()
     except CertError as exc:
-        return Link(child, signer_name, False, f"the {signer_name} key is unusable: {exc}")
-    return _link(child, signer_name, check_signed_by(cert, key))
+        return Link(subject, check, False, f"the {signer_name} key is unusable: {exc}")
+    return _link(subject, check, check_signed_by(cert, key))
 
 
 def verify_chain(chain: SevChain, root: CaRoot) -> ChainReport:
@@ -139,19 +140,19 @@ def verify_chain(chain: SevChain, root: CaRoot) -> ChainReport:
     ARK must carry the trusted ones."""
     report = ChainReport(root.name)
     links = report.links
-    if chain.ark is not None and chain.ark != root.ark:
-        links.append(Link("ARK", root.name, False, "the chain's ARK is not the trusted root"))
-    if chain.ask is not None and chain.ask != root.ask:
-        links.append(Link("ASK", root.name, False, "the chain's ASK is not the trusted ASK"))
-    ark_self = root.ark.check_signed_by(root.ark)
-    links.append(_link("ARK", "ARK (self)", ark_self))
-    links.append(_link("ASK", "ARK", root.ask.check_signed_by(root.ark)))
-    cek_signer = root.ask
-    links.append(_sev_link("CEK", chain.cek, "ASK", cek_signer))
+    if chain.ark is not None:
+        same = chain.ark == root.ark
+        links.append(Link("ARK", f"is the {root.name} ARK", same, "" if same else "another ARK"))
+    if chain.ask is not None:
+        same = chain.ask == root.ask
+        links.append(Link("ASK", f"is the {root.name} ASK", same, "" if same else "another ASK"))
+    links.append(_link("ARK", "self-signed", root.ark.check_signed_by(root.ark)))
+    links.append(_link("ASK", "signed by the ARK", root.ask.check_signed_by(root.ark)))
+    links.append(_sev_link("CEK", chain.cek, "ASK", root.ask))
     links.append(_sev_link("PEK", chain.pek, "CEK", chain.cek))
-    links.append(_sev_link("OCA", chain.oca, "OCA (self)", chain.oca))
+    links.append(_sev_link("OCA", chain.oca, "OCA", chain.oca))
     links.append(_sev_link("PEK", chain.pek, "OCA", chain.oca))
     links.append(_sev_link("PDH", chain.pdh, "PEK", chain.pek))
     if chain.pdh.usage != Usage.PDH:
-        links.append(Link("PDH", "-", False, "the first certificate is not a PDH"))
+        links.append(Link("PDH", "is a PDH", False, "the first certificate is not a PDH"))
     return report

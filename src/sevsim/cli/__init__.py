@@ -14,6 +14,9 @@ from sevsim import __version__
 from sevsim.cli.bench import bench
 from sevsim.cli.demo import demo
 from sevsim.cli.info import info
+from sevsim.cli.owner import owner
+from sevsim.cli.platform import platform
+from sevsim.cli.verify import verify_chain_cmd
 
 
 @click.group(
@@ -31,6 +34,9 @@ def cli() -> None:
 cli.add_command(demo)
 cli.add_command(info)
 cli.add_command(bench)
+cli.add_command(platform)
+cli.add_command(owner)
+cli.add_command(verify_chain_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"sevsim: error: {e.format_message()}", err=True)
         code = e.exit_code
+    except SystemExit as e:  # commands that choose their own exit code (verify-chain)
+        code = e.code if isinstance(e.code, int) else 1
     except click.Abort:
         click.echo("sevsim: aborted", err=True)
         code = 130

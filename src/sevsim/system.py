@@ -1,0 +1,105 @@
+"""A running host: a powered-on machine, its booted host kernel, and the probed SEV device.
+
+This is what a ``sevsim`` command or the demo starts from. It also carries the platform
+operator's tasks that involve AMD's public services, as sevctl does: fetching the
+ASK-signed CEK from the key distribution service for an exported chain, and the AMD root
+of the platform's generation for a full chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sevsim.amd.kds import KeyDistributionService
+from sevsim.api.status import Status
+from sevsim.certs.chain import SevChain, decode_platform_certs
+from sevsim.certs.sev import SevCert
+from sevsim.host import HostKernel
+from sevsim.host.sev import IoctlResult, SevDevice
+from sevsim.paths import data_dir as default_data_dir
+from sevsim.profiles import MachineProfile
+from sevsim.soc import Machine
+
+HINTS = {
+    ("PEK_CERT_IMPORT", Status.ALREADY_OWNED): "the platform already has an external owner; "
+    "'sevsim platform pek-gen' makes it self-owned again",
+    ("PEK_CERT_IMPORT", Status.INVALID_CERTIFICATE): "the PEK must be this platform's current "
+    "PEK signing request signed by the OCA, and the OCA must be self-signed",
+    ("PEK_CERT_IMPORT", Status.BAD_SIGNATURE): "a signature on the PEK or the OCA does not verify",
+    ("PEK_GEN", Status.INVALID_PLATFORM_STATE): "PEK_GEN needs the INIT state (no guests running)",
+}
+
+
+class PlatformError(RuntimeError):
+    """A firmware command failed; carries the ioctl result."""
+
+    def __init__(self, what: str, result: IoctlResult) -> None:
+        hint = HINTS.get((what, result.error))
+        super().__init__(f"{what}: {result.explain()}" + (f" ({hint})" if hint else ""))
+        self.result = result
+
+
+@dataclass
+class HostSystem:
+    machine: Machine
+    kernel: HostKernel
+    sev: SevDevice
+    data_dir: Path
+
+    @classmethod
+    def start(
+        cls,
+        profile: MachineProfile,
+        state_dir: Path | None = None,
+        nv_file: Path | None = None,
+        data_dir: Path | None = None,
+        cmdline: str = "mem_encrypt=on",
+    ) -> HostSystem:
+        data = Path(data_dir) if data_dir is not None else default_data_dir()
+        machine = Machine(profile, state_dir=state_dir, data_dir=data)
+        try:
+            kernel = HostKernel(machine.cores[0], cmdline=cmdline)
+            kernel.boot()
+            sev = SevDevice(kernel, machine.mailbox, init_ex_path=nv_file)
+            probe = sev.probe()
+            if not probe.ok:
+                raise PlatformError("SEV platform initialisation failed", probe)
+        except BaseException:
+            machine.close()
+            raise
+        return cls(machine, kernel, sev, data)
+
+    def close(self) -> None:
+        self.machine.close()
+
+    def __enter__(self) -> HostSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def kds(self) -> KeyDistributionService:
+        return KeyDistributionService(self.data_dir)
+
+    def check(self, what: str, result: IoctlResult) -> IoctlResult:
+        if not result.ok:
+            raise PlatformError(what, result)
+        return result
+
+    def chip_id(self) -> bytes:
+        return self.check("GET_ID", self.sev.get_id2()).data["id"]
+
+    def export_chain(self, full: bool = False) -> SevChain:
+        """sevctl ``export``: PDH_CERT_EXPORT, with the CEK replaced by the KDS's signed one;
+        ``full`` adds the ASK and ARK of the platform's generation."""
+        result = self.check("PDH_CERT_EXPORT", self.sev.pdh_cert_export())
+        pek, oca, _unsigned_cek = decode_platform_certs(result.data["chain"])
+        kds = self.kds
+        chip = self.chip_id()
+        chain = SevChain(SevCert.parse(result.data["pdh"]), pek, oca, kds.cek_cert(chip))
+        if full:
+            root = kds.root(kds.generation_of(chip))
+            chain.ask, chain.ark = root.ask, root.ark
+        return chain
