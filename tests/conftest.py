@@ -8,7 +8,7 @@ import pytest
 
 from sevsim.host.pagetables import PageTables
 from sevsim.profiles import PROFILES, get_profile
-from sevsim.soc import Machine, msr
+from sevsim.soc import Machine, MachineCheck, msr
 from sevsim.soc.paging import CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LME, EFER_NXE
 
 ALL_PROFILES = list(PROFILES)
@@ -17,10 +17,10 @@ COHERENT = [name for name, p in PROFILES.items() if p.sme_coherent]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def make_machine(name: str = "milan", **changes) -> Machine:
+def make_machine(name: str = "milan", state_dir=None, **changes) -> Machine:
     changes.setdefault("seed", 1234)
     changes.setdefault("dram_size", 4 << 30)
-    return Machine(get_profile(name).with_(**changes))
+    return Machine(get_profile(name).with_(**changes), state_dir=state_dir)
 
 
 def make_memctl(name: str = "milan", **changes):
@@ -104,3 +104,73 @@ def _sevsim_data_dir(tmp_path_factory):
         os.environ.pop("SEVSIM_DATA", None)
     else:
         os.environ["SEVSIM_DATA"] = old
+
+
+class RawMailbox:
+    """Issue firmware commands the way a minimal host would: buffers in plaintext memory at
+    fixed physical addresses (no C-bit), CmdBufAddr, CmdResp, poll. No kernel needed."""
+
+    CMD_PA = 0x10_0000  # the command buffer
+    DATA_PA = 0x20_0000  # room for certificates and other data
+
+    def __init__(self, machine: Machine) -> None:
+        from sevsim.api.commands import CMDRESP_CMD_SHIFT, CMDRESP_RESP
+
+        self.machine = machine
+        self._shift, self._resp = CMDRESP_CMD_SHIFT, CMDRESP_RESP
+        self.phys = Phys(machine)
+
+    def write(self, pa: int, data: bytes) -> None:
+        self.phys.write(pa, data)
+
+    def read(self, pa: int, n: int) -> bytes:
+        return self.phys.read(pa, n)
+
+    def ring(self, command: int, addr: int) -> int:
+        mb = self.machine.mailbox
+        regs = mb.registers
+        mb.write32(regs["cmdbuff_addr_lo"], addr & 0xFFFFFFFF)
+        mb.write32(regs["cmdbuff_addr_hi"], addr >> 32)
+        mb.write32(regs["cmdresp"], command << self._shift | 1)
+        reg = mb.read32(regs["cmdresp"])
+        assert reg & self._resp and (reg >> self._shift) & 0x7FF == command & 0x7FF
+        return reg & 0xFFFF
+
+    def cmd(self, command, buffer: bytes | None = None, addr: int | None = None):
+        """(Status, command buffer after the command)."""
+        from sevsim.api import commands as c
+        from sevsim.api.status import Status
+
+        layout = c.BUFFERS.get(command)
+        size = layout.size if layout else 0
+        addr = self.CMD_PA if addr is None else addr
+        if buffer is not None:
+            self.write(addr, bytes(buffer).ljust(size, b"\0"))
+        status = Status(self.ring(int(command), addr))
+        try:
+            out = self.read(addr, size) if size else b""
+        except MachineCheck:
+            out = b""  # the test named an address outside DRAM on purpose
+        return status, out
+
+    def init(self, flags: int = 0, **fields):
+        from sevsim.api import commands as c
+
+        return self.cmd(c.Command.INIT, c.INIT.build(flags=flags, **fields))[0]
+
+    def wbinvd_all(self) -> None:
+        for core in self.machine.cores:
+            core.wbinvd()
+
+
+def boot_host(name: str = "milan", **changes):
+    """A HostSystem (machine, booted kernel, probed /dev/sev) on a fresh volatile platform."""
+    from sevsim.system import HostSystem
+
+    changes.setdefault("seed", 1234)
+    changes.setdefault("dram_size", 4 << 30)
+    state_dir = changes.pop("state_dir", None)
+    nv_file = changes.pop("nv_file", None)
+    return HostSystem.start(
+        get_profile(name).with_(**changes), state_dir=state_dir, nv_file=nv_file
+    )

@@ -40,7 +40,7 @@ class LockBusy(RuntimeError):
 class FileLock:
     """An exclusive advisory lock (flock) held for the life of the object."""
 
-    def __init__(self, path: Path, timeout: float = 10.0, what: str = "resource") -> None:
+    def __init__(self, path: Path, timeout: float = 2.0, what: str = "resource") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -50,9 +50,17 @@ class KeyDistributionService:
         return json.loads(entry.read_text())
 
     def cek_cert(self, chip_id: bytes) -> SevCert:
-        """GET /cek/id/<chip id>: the CEK signed by the generation's ASK."""
+        """GET /cek/id/<chip id>: the CEK signed by the generation's ASK. Signed once and
+        then served as stored (RSA-PSS signatures are randomised)."""
+        signed_path = self._registry / f"{chip_id.hex()}.cek"
         record = self._record(chip_id)
+        cek = SevCert.parse(bytes.fromhex(record["cek"]))
+        if signed_path.exists():
+            signed = SevCert.parse(signed_path.read_bytes())
+            if signed.body == cek.body:
+                return signed
         root = self.root(record["generation"])
         algo = Algo.RSA_SHA256 if root.ask.bits == 2048 else Algo.RSA_SHA384
-        cek = SevCert.parse(bytes.fromhex(record["cek"]))
-        return cek.signed(root._ask_key, Usage.ASK, algo, slot=0)
+        signed = cek.signed(root._ask_key, Usage.ASK, algo, slot=0)
+        atomic_write(signed_path, signed.raw, 0o644)
+        return signed

@@ -286,16 +286,16 @@ def firmware_validate(cert: SevCert, signer: SigningKey) -> Status:
         return Status.INVALID_CERTIFICATE
     if isinstance(signer.key, rsa.RSAPublicKey) and signer.key.key_size not in (2048, 4096):
         return Status.INVALID_CERTIFICATE
+    # AMD-ASPFW sev_cert_validate_sig: a malformed slot fails at once, even after a good
+    # one; of the slots made by this signer, the last one's result stands.
     result: Status | None = None
     for usage, algo, sig in cert.slots():
         if (usage == Usage.INVALID) != (algo == Algo.INVALID):
-            return Status.BAD_SIGNATURE  # a half-empty slot is malformed
+            return Status.BAD_SIGNATURE
         if usage != signer.usage or algo != signer.algo:
             continue
         ok = _slot_verifies(cert, signer.algo, sig, signer.key)
         result = Status.SUCCESS if ok else Status.BAD_SIGNATURE
-        if ok:
-            break
     if result is None:
         return Status.INVALID_CERTIFICATE  # no slot was signed by this signer
     if result != Status.SUCCESS:

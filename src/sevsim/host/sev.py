@@ -143,6 +143,8 @@ class SevDevice:
         DF_FLUSH. An INIT that finds corrupt persistent data is retried once."""
         if self.state != PlatformState.UNINIT:
             return IoctlResult(0, Status.SUCCESS)
+        if self._nv_buf is not None:
+            self._read_nv_file()  # once: a retry uses the buffer as the firmware left it
         for attempt in (1, 2):
             ret, status = self._init_once()
             if status != Status.SECURE_DATA_INVALID or attempt == 2:
@@ -162,7 +164,6 @@ class SevDevice:
         if self._nv_buf is None:
             ret, status, _ = self.do_cmd(Command.INIT, cmd.INIT.build())
             return ret, status
-        self._read_nv_file()
         buf = cmd.INIT_EX.build(
             length=cmd.INIT_EX_LENGTH, nv_paddr=self._psp_pa(self._nv_buf), nv_len=NV_LENGTH
         )

@@ -31,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from enum import IntEnum
 
+import numpy as np
+
 from sevsim.profiles import CacheGeometry
 from sevsim.soc.memctl import LINE_SIZE, MemoryController
 
@@ -208,21 +210,46 @@ class Cache:
     def wbinvd(self, invalidate: bool = True) -> int:
         """WBINVD (or WBNOINVD with invalidate=False): write back every dirty line of
         every domain, set by set, oldest first within a set (so of two aliases of one
-        address, the older is written first). Returns how many lines were written back."""
-        written = 0
+        address, the older is written first and the newer stays in DRAM). Returns how many
+        lines were written back."""
+        written = len(self._dirty)
+        self._write_back_all()
+        self._dirty.clear()
+        self.stats["writebacks"] += written
         if invalidate:
-            for key in [k for ways in self._sets.values() for k in ways]:
-                written += key in self._dirty
-                self._evict(key)
-        else:
-            for key in [k for ways in self._sets.values() for k in ways if k in self._dirty]:
-                line = self._get(key)
-                assert line is not None
-                self._memctl.write_line(key & ADDR_MASK, key >> DOMAIN_SHIFT, bytes(line))
-                written += 1
-            self._dirty.clear()
-            self.stats["writebacks"] += written
+            self.stats["evictions"] += self._count
+            self._pages.clear()
+            self._sets.clear()
+            self._slots_of_line.clear()
+            self._count = 0
         return written
+
+    def _write_back_all(self) -> None:
+        """All dirty lines to DRAM, batched: contiguous lines of one domain go through the
+        engine's bulk path in one call."""
+        runs: list[tuple[int, int, list[bytearray]]] = []  # (slot, first line PA, lines)
+        for key in sorted(self._dirty):
+            slot, line_pa = key >> DOMAIN_SHIFT, key & ADDR_MASK
+            line = self._get(key)
+            assert line is not None
+            last = runs[-1] if runs else None
+            if last and last[0] == slot and last[1] + LINE_SIZE * len(last[2]) == line_pa:
+                last[2].append(line)
+            else:
+                runs.append((slot, line_pa, [line]))
+        for slot, pa, lines in runs:
+            if len(lines) == 1:
+                self._memctl.write_line(pa, slot, bytes(lines[0]))
+            else:
+                self._memctl.write_from(pa, np.frombuffer(b"".join(lines), dtype=np.uint8), slot)
+        # Aliases dirty in several domains: the newest (last in its set) must end up in DRAM.
+        for line_pa, slots in self._slots_of_line.items():
+            dirty = [s for s in slots if ((s << DOMAIN_SHIFT) | line_pa) in self._dirty]
+            if len(dirty) > 1:
+                ways = self._sets[(line_pa >> 6) & self._set_mask]
+                newest = max(dirty, key=lambda s: ways.index((s << DOMAIN_SHIFT) | line_pa))
+                line = self._get((newest << DOMAIN_SHIFT) | line_pa)
+                self._memctl.write_line(line_pa, newest, bytes(line))
 
     def snoop(self, pa: int, n: int, slot: int, invalidate: bool) -> None:
         """What a fabric access (firmware, DMA) does to the cache before it reaches DRAM:
