@@ -51,6 +51,11 @@ def describe(profile: MachineProfile) -> dict[str, Any]:
                 "aes_key_bits": profile.engine_key_bits,
                 "host_key_slot": profile.host_key_slot,
             },
+            "firmware": {
+                "api_major": profile.fw_api_major,
+                "api_minor": profile.fw_api_minor,
+                "build": profile.fw_build,
+            },
             "seed": profile.seed,
             "bios": {"smee": profile.smee, "tsme": profile.tsme, "smmlock": profile.smmlock},
         },

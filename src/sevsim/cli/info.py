@@ -69,6 +69,7 @@ def info(profile_name: str, tsme: bool, no_smee: bool, show_all: bool, seed, as_
         ("HWCR", f"{msrs['HWCR']['value']} (SMMLOCK {smmlock})"),
         ("SEV_STATUS", f"{msrs['SEV_STATUS']['value']} (a host is not an SEV guest)"),
         ("TSME", "on" if derived["tsme"] else "off"),
+        ("SEV firmware", "API {api_major}.{api_minor}, build {build}".format(**p["firmware"])),
         (
             "AES engine",
             f"{engine['mode']}, AES-{engine['aes_key_bits']}, "
