@@ -54,8 +54,9 @@ def test_unknown_and_snp_commands_are_invalid(mb, command):
     assert mb.ring(command, mb.CMD_PA) == Status.INVALID_COMMAND
 
 
-def test_guest_commands_are_not_implemented_yet_but_answer_with_a_status(mb):
-    assert mb.cmd(Command.LAUNCH_START, bytes(0x28))[0] == Status.INVALID_COMMAND
+def test_commands_not_implemented_answer_with_a_status(mb):
+    assert mb.cmd(Command.SNP_INIT, bytes(0x40))[0] == Status.INVALID_COMMAND
+    assert mb.cmd(0x7F, bytes(0x40))[0] == Status.INVALID_COMMAND  # no such command
 
 
 @pytest.mark.parametrize(
@@ -321,7 +322,7 @@ def test_df_flush_needs_wbinvd_on_every_core(mb):
     assert mb.cmd(Command.DF_FLUSH)[0] == Status.WBINVD_REQUIRED
     mb.wbinvd_all()
     assert mb.cmd(Command.DF_FLUSH)[0] == Status.SUCCESS
-    assert fw.asid_state(5) == {"dirty": 0, "clean": 1, "allocated": 0, "in_use": 0}
+    assert fw.asid_state(5) == {"handle": 0, "dirty": 0, "clean": 1, "allocated": 0, "in_use": 0}
 
 
 def test_df_flush_cleans_asids_per_ccx():

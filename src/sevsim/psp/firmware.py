@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevsim import crypto
 from sevsim.api import commands as cmd
+from sevsim.api import policy as sev_policy
 from sevsim.api.commands import Command
 from sevsim.api.status import PlatformState, Status
 from sevsim.certs.sev import (
@@ -33,8 +34,10 @@ from sevsim.certs.sev import (
     SevCert,
     Usage,
     firmware_validate,
+    sanity_check,
 )
 from sevsim.psp import identity
+from sevsim.psp.guest import GUEST_COUNT_MAX, Activation, Guest, GuestState
 from sevsim.psp.persistent import (
     ERASED,
     NV_LENGTH,
@@ -50,6 +53,10 @@ from sevsim.soc.rng import EntropySource
 log = logging.getLogger(__name__)
 
 CHAIN_SIZE = 3 * CERT_SIZE  # PEK || OCA || CEK
+SESSION_SIZE = 128  # nonce 16 | wrap_tk 32 | wrap_iv 16 | wrap_mac 32 | policy_mac 32
+MEASUREMENT_SIZE = 48  # MEASURE 32 | MNONCE 16
+CTX_MEASURE = 0x04  # SEV_CHANNEL_CTX_MEASURE
+APIC_ID_SIZE = 4
 TMR_SIZE = 1 << 20
 TMR_ALIGN = 1 << 20
 
@@ -113,7 +120,17 @@ class SevFirmware:
             Command.DF_FLUSH: (self._df_flush, Buffer.NONE),
             Command.GET_ID: (self._get_id, Buffer.IN_OUT_ERROR),
             Command.NOP: (self._nop, Buffer.NONE),
+            Command.DECOMMISSION: (self._decommission, Buffer.IN),
+            Command.ACTIVATE: (self._activate, Buffer.IN),
+            Command.ACTIVATE_EX: (self._activate_ex, Buffer.IN),
+            Command.DEACTIVATE: (self._deactivate, Buffer.IN),
+            Command.GUEST_STATUS: (self._guest_status, Buffer.IN_OUT),
+            Command.LAUNCH_START: (self._launch_start, Buffer.IN_OUT),
+            Command.LAUNCH_UPDATE_DATA: (self._launch_update_data, Buffer.IN),
+            Command.LAUNCH_MEASURE: (self._launch_measure, Buffer.IN_OUT_ERROR),
+            Command.LAUNCH_FINISH: (self._launch_finish, Buffer.IN),
         }
+        self._guests: dict[int, Guest] = {}  # handle -> guest context
 
     def __repr__(self) -> str:
         major, minor, build = self.api_version
@@ -270,6 +287,7 @@ class SevFirmware:
         for asid in range(1, len(self._asid_dirty)):
             self._asid_dirty[asid] = self._ccx_all
             self._asid_clean[asid] = self._asid_allocated[asid] = self._asid_in_use[asid] = 0
+            self._hw.disable_asid(asid, self._ccx_all)
         self._hw.clear_wbinvd_done(range(self._hw.cores))
         if buf.flags & cmd.CONFIG_FLAG_ES:
             self._reserve_tmr(buf.tmr_paddr, buf.tmr_len)
@@ -296,6 +314,10 @@ class SevFirmware:
 
     def _clear(self) -> None:
         """Back to the state after reset: no identity, no guests, no TMR."""
+        for guest in self._guests.values():
+            if guest.asid:
+                self._hw.disable_asid(guest.asid, self._ccx_all)
+        self._guests.clear()
         self._identity = None
         self.state = PlatformState.UNINIT
         self.config_flags = 0
@@ -436,9 +458,248 @@ class SevFirmware:
     def _nop(self, _buf) -> Status:
         return Status.SUCCESS
 
+    # ---- guests: handles, ASIDs, keys (sev-api.md §1.4, §7.3; AMD-ASPFW sev_mcmd.c) ----------
+    def _guest(self, handle: int) -> Guest:
+        guest = self._guests.get(handle)
+        if guest is None:
+            raise FirmwareError(Status.INVALID_GUEST)
+        return guest
+
+    def _require_working(self) -> None:
+        if self.state != PlatformState.WORKING:
+            raise FirmwareError(Status.INVALID_PLATFORM_STATE)
+
+    def _activate(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        asid = buf.asid
+        if asid == 0 or asid > self._hw.max_asid:
+            return Status.INVALID_ASID
+        if self._asid_in_use[asid] or self._asid_allocated[asid]:
+            return Status.ASID_OWNED
+        if not guest.inactive:
+            return Status.ACTIVE
+        return self._activate_common(guest, asid, self._ccx_all)
+
+    def _activate_ex(self, buf) -> Status:
+        self._require_working()
+        if buf.ex_len != cmd.ACTIVATE_EX.size:
+            return Status.INVALID_PARAM
+        guest = self._guest(buf.handle)
+        asid = buf.asid
+        if asid == 0 or asid > self._hw.max_asid:
+            return Status.INVALID_ASID
+        if buf.numids == 0 or buf.numids > self._hw.cores:
+            return Status.INVALID_PARAM
+        raw = self._mem.read(buf.ids_paddr, buf.numids * APIC_ID_SIZE)
+        ccxs = 0
+        for i in range(buf.numids):
+            ccx = self._hw.ccx_of_apic_id(crypto.from_le(raw[i * 4 : i * 4 + 4]))
+            if ccx is None:
+                return Status.INVALID_PARAM  # MODEL: an APIC id of no present core
+            ccxs |= 1 << ccx
+        return self._activate_common(guest, asid, ccxs)
+
+    def _activate_common(self, guest: Guest, asid: int, ccxs: int) -> Status:
+        if guest.state == GuestState.SENT:
+            return Status.INVALID_GUEST_STATE
+        if not guest.asid:
+            # First activation: the ASID must be clean everywhere (DEACTIVATE, WBINVD, DF_FLUSH).
+            if self._asid_dirty[asid]:
+                return Status.DF_FLUSH_REQUIRED
+            if self._asid_clean[asid] != self._ccx_all:
+                return Status.ASID_OWNED
+        elif asid != guest.asid:
+            return Status.ACTIVE  # later ACTIVATE_EX calls may only add CCXs to the same ASID
+        # sev_es_validate_asid: SEV-ES guests below the min SEV ASID, plain SEV at or above it.
+        if guest.is_es != (asid < self._hw.min_sev_asid):
+            return Status.INVALID_ASID
+        if self._asid_dirty[asid] & ccxs:
+            return Status.DF_FLUSH_REQUIRED
+        if not guest.asid:
+            self._hw.key_port.load(asid, guest.vek)  # into the ASID's slot in every UMC
+            guest.asid = asid
+        guest.ccxs |= ccxs
+        if guest.state in (GuestState.RUNNING, GuestState.SUPDATE):
+            self._hw.enable_asid(asid, guest.ccxs)
+            guest.activation = Activation.ACTIVE
+            self._asid_in_use[asid] |= guest.ccxs
+            self._asid_allocated[asid] &= ~guest.ccxs
+            self._asid_clean[asid] &= ~guest.ccxs
+        else:
+            guest.activation = Activation.PENDING
+            self._asid_allocated[asid] |= ccxs
+            self._asid_clean[asid] &= ~ccxs
+        return Status.SUCCESS
+
+    def _deactivate(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if guest.inactive:
+            return Status.INACTIVE
+        asid, ccxs = guest.asid, guest.ccxs
+        in_use = self._asid_in_use[asid]
+        if in_use:
+            # The ASID is invalid again on those CCXs, and each of their cores owes a WBINVD.
+            self._hw.disable_asid(asid, in_use)
+            self._hw.clear_wbinvd_done(
+                core
+                for ccx in range(self._hw.ccx_count)
+                if in_use >> ccx & 1
+                for core in self._hw.cores_of_ccx(ccx)
+            )
+        never_ran = self._asid_allocated[asid] & ccxs
+        self._asid_allocated[asid] &= ~never_ran
+        self._asid_clean[asid] |= never_ran
+        ran = self._asid_in_use[asid] & ccxs
+        self._asid_in_use[asid] &= ~ran
+        self._asid_dirty[asid] |= ran
+        guest.asid = guest.ccxs = 0
+        guest.activation = Activation.INACTIVE
+        return Status.SUCCESS
+
+    def _decommission(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if guest.asid:
+            return Status.ACTIVE
+        del self._guests[guest.handle]
+        self.guest_count -= 1
+        if self.guest_count == 0:
+            self.state = PlatformState.INIT
+        return Status.SUCCESS
+
+    def _guest_status(self, buf) -> Status:
+        if self.state not in (PlatformState.INIT, PlatformState.WORKING):
+            return Status.INVALID_PLATFORM_STATE
+        guest = self._guests.get(buf.handle)
+        if guest is None:
+            buf.state = GuestState.UNINIT
+            return Status.SUCCESS
+        buf.state, buf.asid, buf.policy = guest.state, guest.asid, guest.policy
+        return Status.SUCCESS
+
+    # ---- launch (sev-api.md §5) ---------------------------------------------------------------
+    def _open_channel(self, buf) -> tuple[bytes, bytes]:
+        """The trusted channel with the guest owner: (TEK, TIK) from the session blob."""
+        if buf.session_len != SESSION_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH)
+        session = self._mem.read(buf.session_paddr, SESSION_SIZE)
+        if buf.dh_cert_len != CERT_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH)
+        godh = SevCert.parse(self._mem.read(buf.dh_cert_paddr, CERT_SIZE))
+        if sanity_check(godh, Usage.PDH, Algo.ECDH_SHA256) != Status.SUCCESS:
+            raise FirmwareError(Status.INVALID_CERTIFICATE)
+        pdh_key = crypto.p384_private_from_scalar(self._require_identity().persistent.pdh_key)
+        try:
+            z = crypto.ecdh_z(pdh_key, godh.public_key())
+        except (CertError, ValueError):
+            raise FirmwareError(Status.INVALID_CERTIFICATE) from None
+        nonce, wrap_tk, wrap_iv = session[0:16], session[16:48], session[48:64]
+        wrap_mac, policy_mac = session[64:96], session[96:128]
+        master = crypto.kdf(z, b"sev-master-secret", nonce, 128)
+        kek = crypto.kdf(master, b"sev-kek", b"", 128)
+        kik = crypto.kdf(master, b"sev-kik", b"", 128)
+        if not crypto.equal(crypto.hmac_sha256(kik, wrap_tk), wrap_mac):
+            raise FirmwareError(Status.BAD_MEASUREMENT)
+        keys = crypto.aes128_ctr(kek, wrap_iv, wrap_tk)
+        tek, tik = keys[:16], keys[16:]
+        # sev_guest_verify_policy: MAC, minimum API version, reserved bits.
+        if not crypto.equal(crypto.hmac_sha256(tik, crypto.le(buf.policy, 4)), policy_mac):
+            raise FirmwareError(Status.BAD_MEASUREMENT)
+        if sev_policy.api_min(buf.policy) > self.api_version[:2]:
+            raise FirmwareError(Status.POLICY_FAILURE)
+        if buf.policy & sev_policy.RESERVED_MASK:
+            raise FirmwareError(Status.POLICY_FAILURE)
+        return tek, tik
+
+    def _launch_start(self, buf) -> Status:
+        if self.state not in (PlatformState.INIT, PlatformState.WORKING):
+            return Status.INVALID_PLATFORM_STATE
+        tek = tik = bytes(16)  # no DH certificate: no channel, zero keys, policy unchecked
+        if buf.dh_cert_paddr:
+            tek, tik = self._open_channel(buf)
+        if buf.handle == 0:
+            vek = self._trng.random_bytes(self._hw.vek_bytes, "vek")
+        else:
+            shared = self._guest(buf.handle)
+            if buf.policy != shared.policy or shared.policy & sev_policy.PolicyFlag.NOKS:
+                return Status.POLICY_FAILURE
+            vek = shared.vek
+        handle = next((h for h in range(1, GUEST_COUNT_MAX + 1) if h not in self._guests), 0)
+        if not handle:
+            return Status.RESOURCE_LIMIT
+        if buf.policy & sev_policy.PolicyFlag.ES and not self.config_flags & cmd.CONFIG_FLAG_ES:
+            return Status.UNSUPPORTED
+        guest = Guest(handle, buf.policy, vek, tek=tek, tik=tik)
+        guest.state = GuestState.LUPDATE
+        self._guests[handle] = guest
+        self.state = PlatformState.WORKING
+        self.guest_count += 1
+        buf.handle = handle
+        return Status.SUCCESS
+
+    def _launch_guest(self, handle: int, state: GuestState) -> Guest:
+        self._require_working()
+        guest = self._guest(handle)
+        if guest.state != state:
+            raise FirmwareError(Status.INVALID_GUEST_STATE)
+        return guest
+
+    def _launch_update_data(self, buf) -> Status:
+        guest = self._launch_guest(buf.handle, GuestState.LUPDATE)
+        if guest.inactive:
+            return Status.INACTIVE
+        if buf.paddr % 16:
+            return Status.INVALID_ADDRESS
+        if buf.len % 16 or buf.len == 0:
+            return Status.INVALID_LENGTH
+        # Read with rd_sz_wbinvd: the host's cached lines of the plaintext are written back
+        # and dropped, then the page is rewritten under the VEK in place.
+        plaintext = self._mem.read(buf.paddr, buf.len, flush=True)
+        guest.digest.update(plaintext)
+        self._mem.write_guest(buf.paddr, plaintext, guest.asid)
+        return Status.SUCCESS
+
+    def _launch_measure(self, buf) -> Status:
+        guest = self._launch_guest(buf.handle, GuestState.LUPDATE)
+        if buf.measure_len < MEASUREMENT_SIZE:
+            buf.measure_len = MEASUREMENT_SIZE
+            return Status.INVALID_LENGTH
+        launch_digest = guest.digest.digest()
+        mnonce = self._trng.random_bytes(16, "mnonce")
+        major, minor, build = self.api_version
+        measure = crypto.hmac_sha256(
+            guest.tik,
+            bytes([CTX_MEASURE, major, minor, build])
+            + crypto.le(guest.policy, 4)
+            + launch_digest
+            + mnonce,
+        )
+        self._mem.write(buf.measure_paddr, measure + mnonce)
+        guest.measurement, guest.launch_digest = measure, launch_digest
+        guest.transition(Command.LAUNCH_MEASURE)
+        return Status.SUCCESS
+
+    def _launch_finish(self, buf) -> Status:
+        guest = self._launch_guest(buf.handle, GuestState.LSECRET)
+        if guest.activation == Activation.PENDING:
+            asid, ccxs = guest.asid, guest.ccxs
+            self._hw.enable_asid(asid, ccxs)
+            guest.activation = Activation.ACTIVE
+            self._asid_in_use[asid] |= ccxs
+            self._asid_allocated[asid] &= ~ccxs
+            self._asid_clean[asid] &= ~ccxs
+        guest.close_channel()
+        guest.transition(Command.LAUNCH_FINISH)
+        return Status.SUCCESS
+
     # ---- inspection for tests and debugging (no secrets) ---------------------------------------
     def asid_state(self, asid: int) -> dict[str, int]:
+        """Per-CCX bitmasks of the ASID's firmware state, and the handle holding it (0: none)."""
+        holder = next((g.handle for g in self._guests.values() if g.asid == asid), 0)
         return {
+            "handle": holder,
             "dirty": self._asid_dirty[asid],
             "clean": self._asid_clean[asid],
             "allocated": self._asid_allocated[asid],

@@ -44,9 +44,12 @@ class X86Memory:
     def _plain_slot(self, addr: int) -> int:
         return self._hw.key_slot(bool(addr & self._hw.cbit_mask))
 
-    def read(self, addr: int, size: int) -> bytes:
+    def read(self, addr: int, size: int, flush: bool = False) -> bytes:
+        """``flush``: the read-sized write-back-invalidate mode (rd_sz_wbinvd) the firmware
+        turns on before it re-encrypts memory in place: cached lines of the range are
+        written back and dropped rather than left to alias the new contents."""
         pa = self.check(addr, size)
-        return self._hw.memory.read(pa, size, self._plain_slot(addr))
+        return self._hw.memory.read(pa, size, self._plain_slot(addr), invalidate=flush)
 
     def write(self, addr: int, data: bytes) -> None:
         pa = self.check(addr, len(data))

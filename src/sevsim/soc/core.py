@@ -28,6 +28,7 @@ from sevsim.soc import msr
 from sevsim.soc.cache import DOMAIN_SHIFT, MemType
 from sevsim.soc.cpuid import Regs, host_cpuid
 from sevsim.soc.faults import GeneralProtection, PageFault
+from sevsim.soc.nested import GuestMode, HostTables, vmrun
 from sevsim.soc.paging import (
     CR0_PE,
     CR0_PG,
@@ -47,6 +48,7 @@ from sevsim.soc.paging import (
     WalkConfig,
     walk,
 )
+from sevsim.soc.svm import Exit
 
 if TYPE_CHECKING:
     from sevsim.soc.machine import Machine
@@ -59,24 +61,6 @@ _EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_NXE | (1 << 12)  # SCE, LME, NXE, SV
 _SYSCFG_WRITABLE = sum(1 << b for b in (18, 19, 20, 21, 22, 24, 25))  # not 23: the BIOS's
 
 
-class _CoreTables:
-    """How a core's page walker reaches page tables: through the cache, with the key the
-    pointing entry's C-bit selects, as write-back memory."""
-
-    __slots__ = ("_core",)
-
-    def __init__(self, core: Core) -> None:
-        self._core = core
-
-    def read_entry(self, pa: int, size: int, c_bit: bool) -> int:
-        slot = self._core.key_slot(c_bit)
-        return int.from_bytes(self._core._cache.read(pa, size, slot), "little")
-
-    def write_entry(self, pa: int, size: int, c_bit: bool, value: int) -> None:
-        slot = self._core.key_slot(c_bit)
-        self._core._cache.write(pa, value.to_bytes(size, "little"), slot)
-
-
 class Core:
     def __init__(self, machine: Machine, index: int) -> None:
         self.machine = machine
@@ -85,7 +69,8 @@ class Core:
         self._memctl = machine.memctl
         self._cache = machine.cache
         self._dirty = machine.cache._dirty  # shared with the cache; never rebound there
-        self._tables = _CoreTables(self)
+        self._tables = HostTables(self)
+        self._guest: GuestMode | None = None  # set between VMRUN and #VMEXIT
         # Architectural state at reset: real mode, paging off.
         self.cr0 = 0x6000_0010
         self.cr2 = 0
@@ -136,13 +121,21 @@ class Core:
 
     def _walk_config(self) -> WalkConfig:
         mode = self._paging_mode()
-        smee = bool(self.machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)
         wide = mode in (PagingMode.PAE, PagingMode.LONG4, PagingMode.LONG5)
+        if self._guest is None:
+            smee = bool(self.machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)
+            pa_bits = self.machine.phys_bits
+            cbit = smee and wide
+        else:
+            # Guest-physical addresses are not reduced (they all go through the NPT); the
+            # C-bit means something only to an SEV guest (hardware.md §1.3, §3.3).
+            pa_bits = self._profile.maxphyaddr
+            cbit = self._guest.sev and wide
         return WalkConfig(
             mode=mode,
             cr3=self.cr3,
-            pa_bits=self.machine.phys_bits,
-            cbit_mask=(1 << self._profile.cbit) if smee and wide else 0,
+            pa_bits=pa_bits,
+            cbit_mask=(1 << self._profile.cbit) if cbit else 0,
             nxe=bool(self.efer & EFER_NXE),
             wp=bool(self.cr0 & CR0_WP),
             pse=bool(self.cr4 & CR4_PSE),
@@ -200,7 +193,7 @@ class Core:
         if self.long_mode:
             # Reserved: address bits the reduction removed (except the C-bit) up to bit 51.
             cbit = self._cfg.cbit_mask
-            reserved = ((1 << 52) - 1) & ~((1 << self.machine.phys_bits) - 1) & ~cbit
+            reserved = ((1 << 52) - 1) & ~((1 << self._cfg.pa_bits) - 1) & ~cbit
             if value & reserved or value >> 52:
                 raise GeneralProtection(f"CR3 value {value:#x} sets reserved bits")
         else:
@@ -237,7 +230,7 @@ class Core:
         if index == msr.HWCR:
             return m.hwcr
         if index == msr.SEV_STATUS:
-            return 0  # a host core is not an SEV guest
+            return 0 if self._guest is None else self._guest.sev_status
         if index == msr.VM_HSAVE_PA:
             return self.vm_hsave_pa
         raise GeneralProtection(f"RDMSR of unimplemented or write-only MSR {index:#x}")
@@ -303,7 +296,9 @@ class Core:
         vpn = va >> 12
         t = self._tlb.get(vpn)
         if t is None or not self._allowed(t, access):
-            if self._cfg.mode == PagingMode.NONE:
+            if self._guest is not None:
+                t = self._guest.translate(va, access, self._cfg, self._cpl)
+            elif self._cfg.mode == PagingMode.NONE:
                 t = Translation(
                     va & ~0xFFF,
                     False,
@@ -324,13 +319,18 @@ class Core:
                     raise
             self._tlb[vpn] = t
         if t.memtype == MemType.WB:
-            slot = self.key_slot(t.c_bit)
+            slot = t.slot if t.slot >= 0 else self.key_slot(t.c_bit)
             lines = self._cache.page_lines(slot, t.page_pa)
             if self._allowed(t, Access.READ):
                 self._fast_r[vpn] = lines
             if self._allowed(t, Access.WRITE):
                 self._fast_w[vpn] = (lines, (slot << DOMAIN_SHIFT) | t.page_pa)
         return t
+
+    def _slot(self, t: Translation, access: Access) -> int:
+        if t.slot < 0:
+            return self.key_slot(t.c_bit)
+        return t.fetch_slot if access == Access.FETCH else t.slot
 
     def _allowed(self, t: Translation, access: Access) -> bool:
         if self._cpl == 3 and not t.user:
@@ -349,7 +349,7 @@ class Core:
         while pos < end:
             t = self.translate(pos, access)
             length = min(end, (pos | 0xFFF) + 1) - pos
-            pieces.append((t.page_pa | (pos & 0xFFF), self.key_slot(t.c_bit), t.memtype, length))
+            pieces.append((t.page_pa | (pos & 0xFFF), self._slot(t, access), t.memtype, length))
             pos += length
         return pieces
 
@@ -421,11 +421,22 @@ class Core:
             length = min(chunk, n - off)
             self.write(dst_va + off, self.read(src_va + off, length))
 
+    # ---- SVM ----------------------------------------------------------------------------------
+    def vmrun(self, vmcb_addr: int, regs: dict[str, int]) -> Exit:
+        """VMRUN (RAX = the VMCB's physical address): run the guest until its #VMEXIT.
+        ``regs`` are the guest's other general-purpose registers, which the hypervisor keeps
+        (as KVM does) and which a non-ES guest's intercepted instructions use."""
+        return vmrun(self, vmcb_addr, regs)
+
+    @property
+    def in_guest(self) -> bool:
+        return self._guest is not None
+
     # ---- cache control ---------------------------------------------------------------------
     def clflush(self, va: int) -> None:
         """CLFLUSH: write back and drop the line of va in the domain of va's mapping."""
         t = self.translate(va, Access.READ)
-        self._cache.clflush(t.page_pa | (va & 0xFFF), self.key_slot(t.c_bit))
+        self._cache.clflush(t.page_pa | (va & 0xFFF), self._slot(t, Access.READ))
 
     def wbinvd(self) -> int:
         """WBINVD: write back and invalidate every line; returns lines written back. Sets

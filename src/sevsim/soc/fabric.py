@@ -20,8 +20,8 @@ class FabricPort:
         self._cache = cache
         self._memctl = memctl
 
-    def read(self, pa: int, n: int, slot: int) -> bytes:
-        self._cache.snoop(pa, n, slot, invalidate=False)
+    def read(self, pa: int, n: int, slot: int, invalidate: bool = False) -> bytes:
+        self._cache.snoop(pa, n, slot, invalidate=invalidate)
         return self._memctl.read(pa, n, slot)
 
     def write(self, pa: int, data: bytes, slot: int) -> None:

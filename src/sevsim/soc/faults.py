@@ -71,3 +71,25 @@ class MachineCheck(HardwareFault):
     def __init__(self, address: int, reason: str) -> None:
         self.address = address
         super().__init__(f"#MC at physical address {address:#x}: {reason}")
+
+
+class NestedPageFault(HardwareFault):
+    """A nested-paging fault: the hypervisor's tables do not allow a guest-physical access.
+    It is not delivered to the guest: it is a #VMEXIT(NPF) with the error code in EXITINFO1
+    and the guest-physical address, without the C-bit, in EXITINFO2."""
+
+    vector = -1
+    mnemonic = "#NPF"
+
+    def __init__(self, gpa: int, error_code: int, reason: str = "") -> None:
+        self.gpa = gpa
+        self.error_code = error_code
+        self.reason = reason
+        super().__init__(f"#NPF at GPA {gpa:#x}, EXITINFO1 {error_code:#x} {reason}".rstrip())
+
+
+class InvalidOpcode(HardwareFault):
+    """#UD (vector 6)."""
+
+    vector = 6
+    mnemonic = "#UD"

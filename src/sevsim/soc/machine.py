@@ -50,6 +50,9 @@ class Machine:
         self.syscfg = profile.syscfg_bios | (msr.SYSCFG_MEM_ENCRYPT if profile.smee else 0)
         self.hwcr = msr.HWCR_SMMLOCK if profile.smmlock else 0
         self._wbinvd_done = [False] * profile.cores
+        # Per ASID, the CCXs on which the firmware has enabled it (VMRUN checks this).
+        self._asid_enabled: dict[int, int] = {}
+        self._guest_threads: dict = {}  # VMCB PA -> the vCPU's execution context (svm.py)
         self.cores = [Core(self, i) for i in range(profile.cores)]
         self.state_dir = None if state_dir is None else Path(state_dir)
         self._lock = None
@@ -88,8 +91,24 @@ class Machine:
         self._psp = firmware
         self.mailbox = Mailbox(self.profile.psp_mailbox, firmware.dispatch)
 
+    def ccx_of(self, core_index: int) -> int:
+        return core_index // self.profile.cores_per_ccx
+
+    def _asid_enabled_on(self, asid: int, core_index: int) -> bool:
+        return bool(self._asid_enabled.get(asid, 0) >> self.ccx_of(core_index) & 1)
+
+    def forget_vmcb(self, vmcb_addr: int) -> None:
+        """The VMCB page is being freed: end the execution context of its vCPU. (Model
+        plumbing: on hardware a vCPU that is never run again simply stops existing.)"""
+        thread = self._guest_threads.pop(vmcb_addr & ~self.cbit_mask, None)
+        if thread is not None:
+            thread.kill()
+
     def close(self) -> None:
-        """Power off: release the state directory for other processes."""
+        """Power off: end every guest and release the state directory for other processes."""
+        for thread in self._guest_threads.values():
+            thread.kill()
+        self._guest_threads.clear()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

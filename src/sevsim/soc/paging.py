@@ -93,6 +93,10 @@ class Translation:
     global_: bool
     page_size: int
     page_base: int  # VA of the start of the (possibly large) page
+    # Key slots decided at translation time (guest mode, hardware.md §3.4); -1: the key
+    # follows from the C-bit and the current ASID.
+    slot: int = -1
+    fetch_slot: int = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ class PspHardware:
         self.max_asid = profile.max_asid
         self.min_sev_asid = profile.min_sev_asid
         self.sev_es = bool(profile.sev_eax >> 3 & 1)
+        self.vek_bytes = profile.engine_key_bits // 8
         self.cores = profile.cores
         self.ccx_count = profile.ccx_count
         self._cores_per_ccx = profile.cores_per_ccx
@@ -47,6 +48,17 @@ class PspHardware:
     def clear_wbinvd_done(self, cores: Iterable[int]) -> None:
         for c in cores:
             self._machine._wbinvd_done[c] = False
+
+    def ccx_of_apic_id(self, apic_id: int) -> int | None:
+        """A core's APIC id is its index here (CPUID 1 EBX[31:24])."""
+        return apic_id // self._cores_per_ccx if 0 <= apic_id < self.cores else None
+
+    def enable_asid(self, asid: int, ccxs: int) -> None:
+        """Clear the 'ASID invalid' state of an ASID on these CCXs: VMRUN may use it there."""
+        self._machine._asid_enabled[asid] = self._machine._asid_enabled.get(asid, 0) | ccxs
+
+    def disable_asid(self, asid: int, ccxs: int) -> None:
+        self._machine._asid_enabled[asid] = self._machine._asid_enabled.get(asid, 0) & ~ccxs
 
     def smee_all_cores(self) -> bool:
         return bool(self._machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)

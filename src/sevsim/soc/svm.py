@@ -1,0 +1,252 @@
+"""SVM: the VMCB, #VMEXIT codes, and how guest code runs in the model (hardware.md §7).
+
+**VMCB.** A 4 KiB page in host memory, declared once with the offsets of AMD's layout
+(Linux arch/x86/include/asm/svm.h): the control area (intercepts, ASID, TLB control, exit
+code and information, nested-paging and SEV enables, nCR3) and the parts of the save area
+at 0x400 that the model uses (CR0/CR3/CR4, EFER, RIP, RSP, RAX, CPL, guest PAT). For a
+plain SEV guest the save area is ordinary, unencrypted hypervisor memory: the hypervisor
+reads and writes the guest's registers (the weakness SEV-ES removes).
+
+**Guest code.** There is no instruction decoder. A guest program is Python code driving
+its vCPU (``GuestVcpu``: load/store/fetch/CPUID/MSRs/control registers/VMMCALL/HLT). Its
+*code image* — the bytes that represent its instructions — is registered once
+(``register_program``) and placed in guest memory by whoever builds the guest. At every
+VMRUN the core fetches the bytes at the guest's RIP through the real path (guest page
+tables, nested page tables, the key of the VMCB's ASID) and looks them up in the table of
+registered images: that lookup is the model's decoder. Bytes that decrypt to anything else
+(the wrong key, tampered memory) are not an instruction: #UD, and since the IDT is no more
+readable than the code, no handler can be delivered: triple fault, #VMEXIT(SHUTDOWN) —
+"security by crash" (hardware.md §7.5). An unhandled architectural fault raised inside a
+guest program ends the same way.
+
+**Exits.** Each vCPU's program runs in its own thread; the host's VMRUN blocks while the
+guest runs and returns the exit when the guest traps (CPUID, MSR, HLT, VMMCALL, #NPF,
+SHUTDOWN). The next VMRUN resumes the guest where it stopped. Only one side runs at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sevsim.api.layout import Layout
+from sevsim.soc.faults import HardwareFault
+
+VMCB_SIZE = 4096
+SAVE = 0x400  # the save area
+
+VMCB = Layout(
+    "VMCB",
+    VMCB_SIZE,
+    "AMD APM vol. 2 App. B; hardware.md §7.3",
+    (0x000, "I", "intercept_cr"),
+    (0x004, "I", "intercept_dr"),
+    (0x008, "I", "intercept_exceptions"),
+    (0x00C, "I", "intercept_misc1"),
+    (0x010, "I", "intercept_misc2"),
+    (0x058, "I", "asid"),
+    (0x05C, "B", "tlb_control"),
+    (0x070, "Q", "exit_code"),
+    (0x078, "Q", "exit_info_1"),
+    (0x080, "Q", "exit_info_2"),
+    (0x088, "I", "exit_int_info"),
+    (0x090, "Q", "nested_ctl"),
+    (0x0A0, "Q", "ghcb_gpa"),
+    (0x0B0, "Q", "ncr3"),
+    (0x0C0, "I", "clean"),
+    (0x0C8, "Q", "next_rip"),
+    (0x108, "Q", "vmsa_pa"),
+    (SAVE + 0x0CB, "B", "cpl"),
+    (SAVE + 0x0D0, "Q", "efer"),
+    (SAVE + 0x148, "Q", "cr4"),
+    (SAVE + 0x150, "Q", "cr3"),
+    (SAVE + 0x158, "Q", "cr0"),
+    (SAVE + 0x170, "Q", "rflags"),
+    (SAVE + 0x178, "Q", "rip"),
+    (SAVE + 0x1D8, "Q", "rsp"),
+    (SAVE + 0x1F8, "Q", "rax"),
+    (SAVE + 0x240, "Q", "cr2"),
+    (SAVE + 0x268, "Q", "g_pat"),
+)
+
+# nested_ctl bits
+NP_ENABLE = 1 << 0
+SEV_ENABLE = 1 << 1
+SEV_ES_ENABLE = 1 << 2
+
+# TLB_CONTROL values
+TLB_CONTROL_DO_NOTHING = 0
+TLB_CONTROL_FLUSH_ALL_ASIDS = 1
+TLB_CONTROL_FLUSH_ASID = 3
+TLB_CONTROL_FLUSH_ASID_LOCAL = 7
+
+# Intercept bits: misc1 (VMCB 0x00C) and misc2 (0x010).
+INTERCEPT_CPUID = 1 << 18
+INTERCEPT_HLT = 1 << 24
+INTERCEPT_INVLPG = 1 << 25
+INTERCEPT_MSR_PROT = 1 << 28
+INTERCEPT_SHUTDOWN = 1 << 31
+INTERCEPT_VMRUN = 1 << 0  # misc2
+INTERCEPT_VMMCALL = 1 << 1  # misc2
+INTERCEPT_WBINVD = 1 << 9  # misc2
+
+# #VMEXIT codes (Linux uapi/asm/svm.h)
+EXIT_EXCP_BASE = 0x40
+EXIT_CPUID = 0x72
+EXIT_HLT = 0x78
+EXIT_INVLPG = 0x79
+EXIT_MSR = 0x7C
+EXIT_SHUTDOWN = 0x7F
+EXIT_VMRUN = 0x80
+EXIT_VMMCALL = 0x81
+EXIT_WBINVD = 0x89
+EXIT_NPF = 0x400
+EXIT_INVALID = (1 << 64) - 1  # VMEXIT_INVALID (-1): the VMRUN consistency checks failed
+
+EXIT_NAMES = {
+    EXIT_CPUID: "CPUID",
+    EXIT_HLT: "HLT",
+    EXIT_INVLPG: "INVLPG",
+    EXIT_MSR: "MSR",
+    EXIT_SHUTDOWN: "SHUTDOWN",
+    EXIT_VMRUN: "VMRUN",
+    EXIT_VMMCALL: "VMMCALL",
+    EXIT_WBINVD: "WBINVD",
+    EXIT_NPF: "NPF",
+    EXIT_INVALID: "INVALID",
+}
+
+# #NPF EXITINFO1 bits above the page-fault error code (hardware.md §8.5)
+NPF_FINAL_GPA = 1 << 32  # the fault is on the final guest-physical address
+NPF_GUEST_PAGE_TABLE = 1 << 33  # the fault is on a guest page-table access
+
+
+def exit_name(code: int) -> str:
+    if EXIT_EXCP_BASE <= code < EXIT_EXCP_BASE + 32:
+        return f"EXCP({code - EXIT_EXCP_BASE})"
+    return EXIT_NAMES.get(code, f"{code:#x}")
+
+
+@dataclass
+class Exit:
+    """What #VMEXIT reports (also written into the VMCB)."""
+
+    code: int
+    info1: int = 0
+    info2: int = 0
+    # Software-visible extras of the model: what the guest asked for (CPUID leaf, MSR index
+    # and value, hypercall number and arguments), as the hypervisor reads them from the
+    # guest's registers in a non-ES guest.
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return exit_name(self.code)
+
+    def __repr__(self) -> str:
+        return f"<Exit {self.name} info1={self.info1:#x} info2={self.info2:#x}>"
+
+
+# ---- the model's instruction decoder: code images of known programs -------------------------
+@dataclass(frozen=True)
+class GuestProgram:
+    name: str
+    entry: Callable[..., Any]
+    code: bytes  # the code image: what its instructions look like in memory
+
+
+_PROGRAMS: dict[bytes, GuestProgram] = {}
+
+
+def register_program(name: str, entry: Callable[..., Any], size: int = 4096) -> GuestProgram:
+    """Give a guest program a code image (deterministic from its name) so guests can run it."""
+    seed = hashlib.sha256(f"sevsim guest program: {name}".encode()).digest()
+    header = f"SEVSIM-GUEST-CODE {name}\n".encode()
+    blocks = (hashlib.sha256(seed + i.to_bytes(4, "little")).digest() for i in range(size // 32))
+    body = b"".join(blocks)
+    code = (header + body)[:size]
+    program = GuestProgram(name, entry, code)
+    existing = _PROGRAMS.get(code)
+    if existing is not None and existing.entry is not entry:
+        raise ValueError(f"another program is already registered as {name!r}")
+    _PROGRAMS[code] = program
+    return program
+
+
+def decode(code: bytes) -> GuestProgram | None:
+    """The program whose code image these bytes are, if any."""
+    return _PROGRAMS.get(code)
+
+
+class GuestKilled(BaseException):
+    """Unwinds a guest program whose vCPU was shut down or destroyed."""
+
+
+class GuestThread:
+    """The execution context of one vCPU (one VMCB): the guest program's thread."""
+
+    def __init__(self, program: GuestProgram, vcpu: Any) -> None:
+        self.program = program
+        self.vcpu = vcpu
+        self._to_guest: threading.Semaphore = threading.Semaphore(0)
+        self._to_host: threading.Semaphore = threading.Semaphore(0)
+        self._exit: Exit | None = None
+        self._error: BaseException | None = None
+        self._kill = False
+        self.finished = False
+        self.result: Any = None
+        self._thread = threading.Thread(
+            target=self._main, name=f"guest:{program.name}", daemon=True
+        )
+        self._started = False
+
+    def _main(self) -> None:
+        self._to_guest.acquire()
+        try:
+            if self._kill:
+                return
+            self.result = self.program.entry(self.vcpu)
+            self._exit = Exit(EXIT_HLT, detail={"finished": True})
+        except GuestKilled:
+            return
+        except HardwareFault as fault:
+            # No handler can be delivered (the model has no IDT): triple fault.
+            self._exit = Exit(EXIT_SHUTDOWN, detail={"reason": f"unhandled {fault}"})
+        except BaseException as exc:  # noqa: BLE001 - a bug in guest code: the host sees it
+            self._error = exc
+        self.finished = True
+        self._to_host.release()
+
+    def run(self) -> Exit:
+        """Run the guest until its next exit (called by the host thread inside VMRUN)."""
+        if self.finished:
+            return Exit(EXIT_SHUTDOWN, detail={"reason": "the vCPU is no longer running"})
+        self._exit = None
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        self._to_guest.release()
+        self._to_host.acquire()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert self._exit is not None
+        return self._exit
+
+    def trap(self, exit_: Exit) -> None:
+        """Called on the guest thread: hand an exit to the host and wait for the next VMRUN."""
+        self._exit = exit_
+        self._to_host.release()
+        self._to_guest.acquire()
+        if self._kill:
+            raise GuestKilled()
+
+    def kill(self) -> None:
+        if self._started and not self.finished and self._thread.is_alive():
+            self._kill = True
+            self._to_guest.release()
+            self._thread.join(timeout=5)
+        self.finished = True
