@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sevsim.host.pagetables import PageTables
+from sevsim.pagetables import PageTables
 from sevsim.profiles import PROFILES, get_profile
 from sevsim.soc import Machine, MachineCheck, msr
 from sevsim.soc.paging import CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LME, EFER_NXE

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import ALL_PROFILES, Bump, Phys, long_mode, make_machine
 
-from sevsim.host.pagetables import PageTables
+from sevsim.pagetables import PageTables
 from sevsim.profiles import PROFILES
 from sevsim.soc import GeneralProtection, PageFault, msr
 from sevsim.soc.faults import PF_ID, PF_P, PF_RSVD, PF_U, PF_W

@@ -68,6 +68,12 @@ class Layout:
     def __repr__(self) -> str:
         return f"<Layout {self.name} ({self.size} bytes, {self.spec})>"
 
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} has no field {name!r}")
+
     def new(self, **values: Any) -> Any:
         return self.Record(**values)
 

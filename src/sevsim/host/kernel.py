@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sevsim.host.pagetables import PAGE_KERNEL, LinearWindow, PageTables
+from sevsim.pagetables import PAGE_KERNEL, LinearWindow, PageTables
 from sevsim.soc import msr
 from sevsim.soc.core import Core
 from sevsim.soc.cpuid import LEAF1_ECX_HYPERVISOR
@@ -40,6 +40,7 @@ from sevsim.soc.paging import (
     CR0_WP,
     CR4_PAE,
     CR4_PGE,
+    EFER_LMA,
     EFER_LME,
     EFER_NXE,
     PAGE_1G,
@@ -263,6 +264,23 @@ class HostKernel:
             + ")"
         )
         return workarea_end
+
+    # ---- CPUs -------------------------------------------------------------------------------
+    def cpu(self, index: int) -> Core:
+        """Core ``index`` running this kernel. A secondary core is brought online on first
+        use the way the AP trampoline leaves it: long mode, the kernel's CR3 and CR4."""
+        if self.tables is None:
+            raise RuntimeError("the kernel has not booted")
+        core = self.core.machine.cores[index]
+        if core is not self.core and not core.cr0 & CR0_PG:
+            bsp = self.core
+            core.write_cr0(core.cr0 | CR0_PE)
+            core.write_cr4(bsp.cr4)
+            core.wrmsr(msr.PAT, bsp.rdmsr(msr.PAT))
+            core.wrmsr(msr.EFER, bsp.rdmsr(msr.EFER) & ~EFER_LMA)
+            core.write_cr3(bsp.cr3)
+            core.write_cr0(bsp.cr0)
+        return core
 
     # ---- memory -------------------------------------------------------------------------
     def va(self, pa: int) -> int:

@@ -95,7 +95,8 @@ class SevDevice:
         self.log: list[str] = []
 
     # ---- the mailbox protocol (Linux __sev_do_cmd_locked) --------------------------------------
-    def _psp_pa(self, va: int) -> int:
+    def psp_pa(self, va: int) -> int:
+        """Linux __psp_pa: the address the PSP is given for a kernel buffer (C-bit included)."""
         return self.kernel.pa(va) | self.kernel.me_mask
 
     def do_cmd(self, command: Command, buffer: bytes | None = None) -> tuple[int, Status, bytes]:
@@ -104,7 +105,7 @@ class SevDevice:
         size = layout.size if layout is not None else 0
         if buffer is not None:
             self.kernel.write(self._cmd_buf, bytes(buffer).ljust(size, b"\0"))
-        addr = self._psp_pa(self._cmd_buf) if size else 0
+        addr = self.psp_pa(self._cmd_buf) if size else 0
         self._mb.write32(self._regs["cmdbuff_addr_lo"], addr & 0xFFFF_FFFF)
         self._mb.write32(self._regs["cmdbuff_addr_hi"], addr >> 32)
         self._mb.write32(
@@ -165,7 +166,7 @@ class SevDevice:
             ret, status, _ = self.do_cmd(Command.INIT, cmd.INIT.build())
             return ret, status
         buf = cmd.INIT_EX.build(
-            length=cmd.INIT_EX_LENGTH, nv_paddr=self._psp_pa(self._nv_buf), nv_len=NV_LENGTH
+            length=cmd.INIT_EX_LENGTH, nv_paddr=self.psp_pa(self._nv_buf), nv_len=NV_LENGTH
         )
         ret, status, _ = self.do_cmd(Command.INIT_EX, buf)
         return ret, status
@@ -265,7 +266,7 @@ class SevDevice:
             return failed
         va = self._alloc(length) if length else 0
         try:
-            addr = self._psp_pa(va) if length else 0
+            addr = self.psp_pa(va) if length else 0
             ret, status, out = self.do_cmd(
                 Command.PEK_CSR, cmd.PEK_CSR.build(csr_paddr=addr, csr_len=length)
             )
@@ -288,9 +289,9 @@ class SevDevice:
         chain_va = self._alloc(chain_length) if chain_length else 0
         try:
             buf = cmd.PDH_CERT_EXPORT.build(
-                pdh_paddr=self._psp_pa(pdh_va) if pdh_va else 0,
+                pdh_paddr=self.psp_pa(pdh_va) if pdh_va else 0,
                 pdh_len=pdh_length,
-                chain_paddr=self._psp_pa(chain_va) if chain_va else 0,
+                chain_paddr=self.psp_pa(chain_va) if chain_va else 0,
                 chain_len=chain_length,
             )
             ret, status, out = self.do_cmd(Command.PDH_CERT_EXPORT, buf)
@@ -314,9 +315,9 @@ class SevDevice:
             self.kernel.write(pek_va, pek)
             self.kernel.write(oca_va, oca)
             buf = cmd.PEK_CERT_IMPORT.build(
-                pek_paddr=self._psp_pa(pek_va),
+                pek_paddr=self.psp_pa(pek_va),
                 pek_len=len(pek),
-                oca_paddr=self._psp_pa(oca_va),
+                oca_paddr=self.psp_pa(oca_va),
                 oca_len=len(oca),
             )
             ret, status, _ = self.do_cmd(Command.PEK_CERT_IMPORT, buf)
@@ -328,7 +329,7 @@ class SevDevice:
     def get_id2(self, length: int = cmd.GET_ID_LENGTH) -> IoctlResult:
         va = self._alloc(length) if length else 0
         try:
-            buf = cmd.GET_ID.build(id_paddr=self._psp_pa(va) if va else 0, id_len=length)
+            buf = cmd.GET_ID.build(id_paddr=self.psp_pa(va) if va else 0, id_len=length)
             ret, status, out = self.do_cmd(Command.GET_ID, buf)
             r = cmd.GET_ID.parse(out)
             data: dict[str, Any] = {"length": r.id_len}

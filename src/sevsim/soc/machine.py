@@ -14,6 +14,7 @@ at a time holds a state directory (``close()`` releases it).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sevsim.profiles import MachineProfile
 from sevsim.soc import msr
@@ -44,6 +45,7 @@ class Machine:
         self._entropy = EntropySource(profile.seed, f"machine/{profile.name}")
         self.dram = DRAM(profile.dram_size)
         self.memctl = MemoryController(profile, self.dram, self._entropy, engine_mode)
+        self.rdrand = EntropySource(profile.seed, f"rdrand/{profile.name}")  # the cores' RNG
         # Coherence between encryption domains is CPUID 8000_001F EAX[10] (HwEnforcedCacheCoh).
         self.cache = Cache(profile.cache, self.memctl, coherent=profile.sme_coherent)
         self.fabric = FabricPort(self.cache, self.memctl)
@@ -96,6 +98,13 @@ class Machine:
 
     def _asid_enabled_on(self, asid: int, core_index: int) -> bool:
         return bool(self._asid_enabled.get(asid, 0) >> self.ccx_of(core_index) & 1)
+
+    def observe_guest(self, vmcb_addr: int) -> Any:
+        """What the guest program of this vCPU returned: its own view of things, or None
+        while it runs. An observer's window for demos and tests — nothing on the host can
+        read it (hardware has no such thing)."""
+        thread = self._guest_threads.get(vmcb_addr & ~self.cbit_mask)
+        return None if thread is None else thread.result
 
     def forget_vmcb(self, vmcb_addr: int) -> None:
         """The VMCB page is being freed: end the execution context of its vCPU. (Model

@@ -45,9 +45,11 @@ from sevsim.soc.paging import (
     walk,
 )
 from sevsim.soc.svm import (
+    EVENTINJ_VALID,
     EXIT_CPUID,
     EXIT_HLT,
     EXIT_INVALID,
+    EXIT_IOIO,
     EXIT_MSR,
     EXIT_NPF,
     EXIT_SHUTDOWN,
@@ -55,9 +57,13 @@ from sevsim.soc.svm import (
     EXIT_WBINVD,
     INTERCEPT_CPUID,
     INTERCEPT_HLT,
+    INTERCEPT_IOIO_PROT,
     INTERCEPT_MSR_PROT,
     INTERCEPT_VMMCALL,
     INTERCEPT_WBINVD,
+    IOIO_PORT_SHIFT,
+    IOIO_SZ8,
+    IOIO_TYPE_IN,
     NP_ENABLE,
     NPF_FINAL_GPA,
     NPF_GUEST_PAGE_TABLE,
@@ -77,6 +83,7 @@ if TYPE_CHECKING:
     from sevsim.soc.core import Core
 
 CODE_SIZE = 4096  # how many bytes at RIP the model's decoder looks at
+_INJECTABLE = {6: InvalidOpcode, 13: GeneralProtection}
 EFER_SVME = 1 << 12
 
 
@@ -209,13 +216,19 @@ class GuestVcpu:
         self._core: Core | None = None
         self._thread: GuestThread | None = None
         self.regs: dict[str, int] = {}
+        self._event = 0  # an exception the hypervisor injected (VMCB EVENTINJ)
 
-    def _bind(self, core: Core, thread: GuestThread, regs: dict[str, int]) -> None:
-        self._core, self._thread, self.regs = core, thread, regs
+    def _bind(self, core: Core, thread: GuestThread, regs: dict[str, int], event: int) -> None:
+        self._core, self._thread, self.regs, self._event = core, thread, regs, event
 
     def _trap(self, exit_: Exit) -> None:
         assert self._thread is not None
         self._thread.trap(exit_)
+        if self._event:
+            # Delivered at the guest's next instruction; a guest program handles it with
+            # try/except (its IDT), or dies of it (triple fault).
+            vector, self._event = self._event & 0xFF, 0
+            raise _INJECTABLE.get(vector, GeneralProtection)(f"exception {vector} injected")
 
     def _npf(self, fault: NestedPageFault) -> None:
         self._trap(Exit(EXIT_NPF, fault.error_code, fault.gpa, {"reason": fault.reason}))
@@ -333,6 +346,25 @@ class GuestVcpu:
         self._trap(Exit(EXIT_VMMCALL, detail={"nr": nr, "args": args}))
         return self.regs.get("rax", 0)
 
+    def outb(self, port: int, value: int) -> None:
+        """OUT to an I/O port (a serial console, say): the hypervisor sees the byte."""
+        if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
+            raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
+        self.regs["rax"] = value & 0xFF
+        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SZ8
+        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port, "value": value & 0xFF}))
+
+    def inb(self, port: int) -> int:
+        if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
+            raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
+        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SZ8 | IOIO_TYPE_IN
+        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port}))
+        return self.regs.get("rax", 0) & 0xFF
+
+    def rdrand64(self) -> int:
+        """RDRAND: the core's random-number generator (not intercepted)."""
+        return int.from_bytes(self._core.machine.rdrand.random_bytes(8, "rdrand"), "little")
+
     def hlt(self) -> None:
         if self._mode.intercept_misc1 & INTERCEPT_HLT:
             self._trap(Exit(EXIT_HLT))
@@ -409,12 +441,14 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
                     },
                 )
             else:
-                if thread is None or thread.program is not program or thread.finished:
+                if thread is None or thread.program is not program:
                     if thread is not None:
                         thread.kill()
                     thread = GuestThread(program, GuestVcpu())
                     threads[vmcb_pa] = thread
-                thread.vcpu._bind(core, thread, regs)
+                event = v.event_inj if v.event_inj & EVENTINJ_VALID else 0
+                v.event_inj = 0  # taken
+                thread.vcpu._bind(core, thread, regs, event)
                 exit_ = thread.run()
     finally:
         v.cr0, v.cr3, v.cr4, v.efer, v.cpl = core.cr0, core.cr3, core.cr4, core.efer, core._cpl

@@ -55,6 +55,7 @@ VMCB = Layout(
     (0x088, "I", "exit_int_info"),
     (0x090, "Q", "nested_ctl"),
     (0x0A0, "Q", "ghcb_gpa"),
+    (0x0A8, "Q", "event_inj"),
     (0x0B0, "Q", "ncr3"),
     (0x0C0, "I", "clean"),
     (0x0C8, "Q", "next_rip"),
@@ -77,6 +78,10 @@ NP_ENABLE = 1 << 0
 SEV_ENABLE = 1 << 1
 SEV_ES_ENABLE = 1 << 2
 
+# EVENTINJ (VMCB 0x0A8): bits 7:0 vector, 10:8 type (3 = exception), bit 31 valid.
+EVENTINJ_VALID = 1 << 31
+EVENTINJ_TYPE_EXCEPTION = 3 << 8
+
 # TLB_CONTROL values
 TLB_CONTROL_DO_NOTHING = 0
 TLB_CONTROL_FLUSH_ALL_ASIDS = 1
@@ -87,6 +92,7 @@ TLB_CONTROL_FLUSH_ASID_LOCAL = 7
 INTERCEPT_CPUID = 1 << 18
 INTERCEPT_HLT = 1 << 24
 INTERCEPT_INVLPG = 1 << 25
+INTERCEPT_IOIO_PROT = 1 << 27
 INTERCEPT_MSR_PROT = 1 << 28
 INTERCEPT_SHUTDOWN = 1 << 31
 INTERCEPT_VMRUN = 1 << 0  # misc2
@@ -98,6 +104,7 @@ EXIT_EXCP_BASE = 0x40
 EXIT_CPUID = 0x72
 EXIT_HLT = 0x78
 EXIT_INVLPG = 0x79
+EXIT_IOIO = 0x7B
 EXIT_MSR = 0x7C
 EXIT_SHUTDOWN = 0x7F
 EXIT_VMRUN = 0x80
@@ -110,6 +117,7 @@ EXIT_NAMES = {
     EXIT_CPUID: "CPUID",
     EXIT_HLT: "HLT",
     EXIT_INVLPG: "INVLPG",
+    EXIT_IOIO: "IOIO",
     EXIT_MSR: "MSR",
     EXIT_SHUTDOWN: "SHUTDOWN",
     EXIT_VMRUN: "VMRUN",
@@ -118,6 +126,12 @@ EXIT_NAMES = {
     EXIT_NPF: "NPF",
     EXIT_INVALID: "INVALID",
 }
+
+# IOIO EXITINFO1 (APM vol. 2 §15.10.2): bit 0 direction (1 = IN), bit 4 8-bit operand,
+# bits 31:16 the port.
+IOIO_TYPE_IN = 1 << 0
+IOIO_SZ8 = 1 << 4
+IOIO_PORT_SHIFT = 16
 
 # #NPF EXITINFO1 bits above the page-fault error code (hardware.md §8.5)
 NPF_FINAL_GPA = 1 << 32  # the fault is on the final guest-physical address
@@ -223,7 +237,8 @@ class GuestThread:
     def run(self) -> Exit:
         """Run the guest until its next exit (called by the host thread inside VMRUN)."""
         if self.finished:
-            return Exit(EXIT_SHUTDOWN, detail={"reason": "the vCPU is no longer running"})
+            # The program has ended: the vCPU sits in "cli; hlt" for good.
+            return Exit(EXIT_HLT, detail={"finished": True})
         self._exit = None
         if not self._started:
             self._started = True

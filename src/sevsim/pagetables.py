@@ -2,8 +2,9 @@
 
 The builder never touches the silicon directly. It reads and writes table pages through a
 ``TableAccess`` — for the host kernel that is a range of its own virtual address space
-(the identity map during early boot, the direct map afterwards), so whether the tables
-end up encrypted in DRAM depends on the mapping used, exactly as in Linux.
+(the identity map during early boot, the direct map afterwards), for KVM's nested tables
+the host direct map, for a guest kernel its own vCPU — so whether the tables end up
+encrypted in DRAM, and with which key, depends on the mapping used, exactly as on hardware.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ class PageTables:
         encrypted_tables: bool = False,
         levels: int = 4,
         root_pa: int | None = None,
+        table_flags: int = KERNPG_TABLE,
     ) -> None:
         self.mem = mem
+        self.table_flags = table_flags  # bits of the entries that point to tables
         self.alloc_page = alloc_page
         self.me_mask = me_mask
         self.table_c = me_mask if encrypted_tables else 0
@@ -132,7 +135,7 @@ class PageTables:
             e = self.read_entry(epa)
             if not e & P:
                 child = self.new_table()
-                self.write_entry(epa, child | KERNPG_TABLE | self.table_c)
+                self.write_entry(epa, child | self.table_flags | self.table_c)
                 table = child
             elif e & PS:
                 raise ValueError(f"{va:#x} is inside a large page; split it first")
@@ -222,7 +225,7 @@ class PageTables:
             (frame + i * child_size | flags | c).to_bytes(8, "little") for i in range(512)
         )
         self.mem.write(table, data)
-        self.write_entry(leaf.entry_pa, table | KERNPG_TABLE | self.table_c)
+        self.write_entry(leaf.entry_pa, table | self.table_flags | self.table_c)
         new = self.leaf(va)
         assert new is not None
         return new

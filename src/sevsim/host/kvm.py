@@ -1,0 +1,594 @@
+"""A VM manager modelled on KVM's AMD SVM and SEV support (Linux arch/x86/kvm/svm/{svm,sev}.c).
+
+What it does, and what it can see, is what KVM does and sees:
+
+* **Guest memory** is host physical memory (pages from the host kernel), reached by the
+  hypervisor through its own direct map — with the host key when the host runs with SME.
+* **Nested page tables** are real page-table bytes in host DRAM, built through the direct
+  map with the host C-bit on every entry when SME is active (KVM's ``shadow_me_value``),
+  filled on demand at #NPF.
+* **vCPUs** are VMCB pages; VMRUN is issued on a host core. Exits are handled here
+  (CPUID, MSR, I/O to a serial console, hypercalls, #NPF) or returned to the caller
+  (HLT, SHUTDOWN, a failed entry), as KVM returns to QEMU.
+* **SEV**: the guest's firmware context is made with LAUNCH_START and bound to an ASID
+  with ACTIVATE; the launch image is encrypted with LAUNCH_UPDATE_DATA; teardown is
+  DEACTIVATE then DECOMMISSION. SEV ASIDs come from ``SevAsids``, which recycles lazily
+  as KVM does: a freed ASID waits in a reclaim set, and only when the pool is empty does
+  KVM run WBINVD on every core and DF_FLUSH, after which the reclaimed ASIDs are free.
+* Non-SEV guests get ASIDs above the SEV range (MODEL: one per VM, where KVM hands them
+  out per core and generation).
+
+A guest's secrets are not reachable from here: the hypervisor reads guest memory only
+through its own mappings, and the firmware answers only with statuses and public data.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sevsim import crypto
+from sevsim.api import commands as cmd
+from sevsim.api.commands import Command
+from sevsim.api.status import Status
+from sevsim.host.kernel import PAGE_OFFSET, HostKernel
+from sevsim.host.sev import SevDevice
+from sevsim.pagetables import LinearWindow, PageTables
+from sevsim.soc import msr
+from sevsim.soc.core import Core
+from sevsim.soc.cpuid import LEAF1_ECX_HYPERVISOR
+from sevsim.soc.paging import CR0_PE, PAGE_4K, RW, US, A, D, P
+from sevsim.soc.svm import (
+    EVENTINJ_TYPE_EXCEPTION,
+    EVENTINJ_VALID,
+    EXIT_CPUID,
+    EXIT_HLT,
+    EXIT_INVALID,
+    EXIT_IOIO,
+    EXIT_MSR,
+    EXIT_NPF,
+    EXIT_SHUTDOWN,
+    EXIT_VMMCALL,
+    INTERCEPT_CPUID,
+    INTERCEPT_HLT,
+    INTERCEPT_IOIO_PROT,
+    INTERCEPT_MSR_PROT,
+    INTERCEPT_SHUTDOWN,
+    INTERCEPT_VMMCALL,
+    INTERCEPT_VMRUN,
+    IOIO_PORT_SHIFT,
+    IOIO_TYPE_IN,
+    NP_ENABLE,
+    SEV_ENABLE,
+    TLB_CONTROL_DO_NOTHING,
+    TLB_CONTROL_FLUSH_ASID,
+    VMCB,
+    Exit,
+)
+
+EFER_SVME = 1 << 12
+CR0_ET = 1 << 4
+DEFAULT_GUEST_PAT = 0x0007_0406_0007_0406  # the PAT's power-on value
+NPT_TABLE = P | RW | US | A | D  # nested walks are user accesses: every level needs US
+NPT_LEAF = P | RW | US | A | D
+
+# Hypercalls (Linux include/uapi/linux/kvm_para.h)
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_ENOSYS = 1000
+
+COM1 = 0x3F8  # the serial console's data port
+COM1_LSR = COM1 + 5  # line status: bit 5 = transmitter empty
+KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+MSR_APIC_BASE = 0x1B
+GP_VECTOR = 13
+
+
+class KvmError(RuntimeError):
+    """An ioctl failed: carries errno and, for SEV commands, the firmware status."""
+
+    def __init__(self, what: str, status: Status | None = None, err: int = errno.EIO) -> None:
+        text = what if status is None else f"{what}: firmware status {status.name}"
+        super().__init__(text)
+        self.status = status
+        self.errno = err
+
+
+@dataclass
+class RunExit:
+    """Why KVM_RUN returned to the VMM (KVM_EXIT_* in spirit)."""
+
+    reason: str  # "HLT", "DONE", "SHUTDOWN", "FAIL_ENTRY", "INTERNAL_ERROR"
+    detail: str = ""
+    exit: Exit | None = None
+
+
+class SevAsids:
+    """KVM's SEV ASID bitmaps: in use, and freed-but-not-yet-flushed (the reclaim set)."""
+
+    def __init__(self, min_sev_asid: int, max_sev_asid: int, flush: Callable[[], None]) -> None:
+        self.min_sev_asid = min_sev_asid
+        self.max_sev_asid = max_sev_asid
+        self._flush = flush
+        self.used: set[int] = set()
+        self.reclaim: set[int] = set()
+        self.flushes = 0
+
+    def range(self, es: bool) -> range:
+        if es:
+            return range(1, self.min_sev_asid)
+        return range(self.min_sev_asid, self.max_sev_asid + 1)
+
+    def new(self, es: bool = False) -> int:
+        """sev_asid_new: the lowest free ASID; when none is free, recycle once and retry."""
+        candidates = self.range(es)
+        for attempt in range(2):
+            asid = next((a for a in candidates if a not in self.used), None)
+            if asid is not None:
+                self.used.add(asid)
+                return asid
+            if attempt == 0 and self.reclaim & set(candidates):
+                self._recycle()
+        kind = "SEV-ES" if es else "SEV"
+        raise KvmError(f"no free {kind} ASID ({len(candidates)} in all)", err=errno.EBUSY)
+
+    def _recycle(self) -> None:
+        """__sev_recycle_asids: WBINVD on every core and DF_FLUSH, then the reclaimed ASIDs
+        are free again (the firmware has moved them from dirty to clean)."""
+        self._flush()
+        self.flushes += 1
+        self.used -= self.reclaim
+        self.reclaim.clear()
+
+    def free(self, asid: int) -> None:
+        """sev_asid_free: the ASID stays unavailable until the next recycle."""
+        self.reclaim.add(asid)
+
+
+class Kvm:
+    """The hypervisor: one per host kernel."""
+
+    def __init__(self, kernel: HostKernel, sev: SevDevice | None = None) -> None:
+        self.kernel = kernel
+        self.sev = sev
+        core = kernel.core
+        eax, ebx, ecx, edx = core.cpuid(0x8000_001F)
+        self.sev_supported = bool(eax >> 1 & 1) and sev is not None
+        self.sme_coherent = bool(eax >> 10 & 1)
+        self.cbit = ebx & 0x3F
+        self.nasid = core.cpuid(0x8000_000A)[1]
+        self.asids = SevAsids(max(edx, 1), ecx, self._flush_asids)
+        self.reduced_phys_bits = 1  # what QEMU is usually told (-object sev-guest,...)
+        self._next_plain_asid = ecx + 1
+        self._svm_on: set[int] = set()
+        self._last_vmcb: dict[tuple[int, int], int] = {}  # (core, ASID) -> VMCB: sev_vmcbs
+        self.log: list[str] = []
+
+    def __repr__(self) -> str:
+        sev = "on" if self.sev_supported else "off"
+        return f"<Kvm SEV={sev} SEV ASIDs in use={len(self.asids.used)}>"
+
+    # ---- the host side ------------------------------------------------------------------
+    def cpu(self, index: int) -> Core:
+        """A host core with SVM enabled (svm_hardware_enable: EFER.SVME, VM_HSAVE_PA)."""
+        core = self.kernel.cpu(index)
+        if index not in self._svm_on:
+            hsave = self.kernel.alloc_pages(1)
+            core.wrmsr(msr.VM_HSAVE_PA, self.kernel.pa(hsave))
+            core.wrmsr(msr.EFER, core.rdmsr(msr.EFER) | EFER_SVME)
+            self._svm_on.add(index)
+        return core
+
+    def _flush_asids(self) -> None:
+        """sev_flush_asids: WBINVD on every core, then DF_FLUSH."""
+        self.kernel.wbinvd_on_all_cpus()
+        status = self.sev_cmd(Command.DF_FLUSH)
+        self.log.append(f"ASID pool empty: WBINVD on all cores, DF_FLUSH → {status.name}")
+        if status != Status.SUCCESS:
+            raise KvmError("DF_FLUSH", status)
+
+    def sev_cmd(self, command: Command, **fields: Any) -> Status:
+        """sev_issue_cmd: one firmware command; returns its status (fields updated in place
+        are read back with ``sev_cmd_out``)."""
+        status, _ = self.sev_cmd_out(command, **fields)
+        return status
+
+    def sev_cmd_out(self, command: Command, **fields: Any) -> tuple[Status, Any]:
+        if self.sev is None:
+            raise KvmError("SEV is not available on this host", err=errno.ENODEV)
+        layout = cmd.BUFFERS.get(command)
+        buffer = layout.build(**fields) if layout is not None else None
+        ret, status, out = self.sev.do_cmd(command, buffer)
+        if ret == -errno.ETIMEDOUT:
+            raise KvmError(f"{command.name}: the PSP did not answer", err=errno.ETIMEDOUT)
+        return status, layout.parse(out) if layout is not None and out else None
+
+    def plain_asid(self) -> int:
+        asid = self._next_plain_asid
+        if asid >= self.nasid:
+            raise KvmError("out of non-SEV ASIDs (MODEL: they are not recycled)")
+        self._next_plain_asid += 1
+        return asid
+
+    # ---- VMs ----------------------------------------------------------------------------
+    def create_vm(self, memory: int, vcpus: int = 1, sev: bool = False, name: str = "") -> Vm:
+        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT)."""
+        if sev and not self.sev_supported:
+            raise KvmError("SEV is not supported or not initialised", err=errno.ENOTTY)
+        return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}")
+
+
+class Vm:
+    def __init__(self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str) -> None:
+        if memory <= 0 or memory % PAGE_4K:
+            raise ValueError("guest memory must be a positive multiple of 4 KiB")
+        if nr_vcpus < 1:
+            raise ValueError("a VM needs at least one vCPU")
+        self.kvm = kvm
+        self.name = name
+        self.kernel = kvm.kernel
+        self.memory_size = memory
+        self.sev = sev
+        self.handle = 0
+        self.policy = 0
+        self.console = bytearray()
+        self.hypercalls: list[tuple[int, tuple[int, ...]]] = []
+        self.shared_ranges: list[tuple[int, int]] = []  # (gpa, npages) the guest made shared
+        self.dead: RunExit | None = None
+        self.destroyed = False
+        npages = memory // PAGE_4K
+        self.hva = self.kernel.alloc_pages(npages)  # zeroed, like anonymous memory
+        self.hpa = self.kernel.pa(self.hva)
+        self._npt_frames: list[int] = []
+        me_mask = self.kernel.me_mask
+        self.npt = PageTables(
+            LinearWindow(self.kernel.core, PAGE_OFFSET),
+            self._npt_frame,
+            me_mask=me_mask,
+            encrypted_tables=True,
+            table_flags=NPT_TABLE,
+        )
+        self.asid = kvm.asids.new() if sev else kvm.plain_asid()
+        self.vcpus = [Vcpu(self, i) for i in range(nr_vcpus)]
+
+    def __repr__(self) -> str:
+        kind = f"SEV handle {self.handle}" if self.sev else "non-SEV"
+        return f"<Vm {self.name} {kind} ASID {self.asid} {self.memory_size >> 20} MiB>"
+
+    def _npt_frame(self) -> int:
+        pa = self.kernel.alloc_frame()
+        self._npt_frames.append(pa)
+        return pa
+
+    # ---- the hypervisor's view of guest memory (its own mapping, ASID 0) ------------------
+    def _hva_of(self, gpa: int, n: int) -> int:
+        if gpa < 0 or gpa + n > self.memory_size:
+            raise ValueError(f"GPA range {gpa:#x}+{n:#x} is outside guest memory")
+        return self.hva + gpa
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self.kernel.read(self._hva_of(gpa, n), n)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.kernel.write(self._hva_of(gpa, len(data)), data)
+
+    def spa(self, gpa: int) -> int:
+        """The system-physical address backing a GPA (guest memory is contiguous here)."""
+        self._hva_of(gpa, 1)
+        return self.hpa + gpa
+
+    def map_gpa(self, gpa: int) -> None:
+        """Fill the nested page table for one 4 KiB guest page (the #NPF handler)."""
+        page = gpa & ~0xFFF
+        self.npt.map(page, self.hpa + page, PAGE_4K, NPT_LEAF, encrypted=self.kernel.sme_active)
+
+    # ---- SEV launch (KVM_SEV_* ioctls) -------------------------------------------------------
+    def sev_launch_start(
+        self, policy: int, godh_cert: bytes | None = None, session: bytes | None = None
+    ) -> int:
+        """KVM_SEV_LAUNCH_START: LAUNCH_START, then ACTIVATE with the VM's ASID (sev_bind_asid)."""
+        if not self.sev:
+            raise KvmError("not an SEV guest", err=errno.ENOTTY)
+        kernel, sev = self.kernel, self.kvm.sev
+        assert sev is not None
+        bufs = []
+        fields = {"handle": 0, "policy": policy}
+        if godh_cert is not None:
+            for name, data in (("dh_cert", godh_cert), ("session", session or b"")):
+                va = kernel.alloc_pages(max(1, -(-len(data) // PAGE_4K)))
+                kernel.write(va, data)
+                bufs.append((va, len(data)))
+                fields[f"{name}_paddr"] = sev.psp_pa(va)
+                fields[f"{name}_len"] = len(data)
+        try:
+            status, out = self.kvm.sev_cmd_out(Command.LAUNCH_START, **fields)
+        finally:
+            for va, n in bufs:
+                kernel.free_pages(va, max(1, -(-n // PAGE_4K)))
+        if status != Status.SUCCESS:
+            raise KvmError("LAUNCH_START", status)
+        self.handle, self.policy = out.handle, policy
+        status = self.kvm.sev_cmd(Command.ACTIVATE, handle=self.handle, asid=self.asid)
+        if status != Status.SUCCESS:
+            self.kvm.sev_cmd(Command.DECOMMISSION, handle=self.handle)
+            self.handle = 0
+            raise KvmError(f"ACTIVATE of ASID {self.asid}", status)
+        return self.handle
+
+    def sev_launch_update_data(self, gpa: int, length: int) -> None:
+        """KVM_SEV_LAUNCH_UPDATE_DATA: flush the pages (unless the part keeps the caches
+        coherent across keys), then LAUNCH_UPDATE_DATA page by page."""
+        self._hva_of(gpa, length)
+        end = gpa + length
+        while gpa < end:
+            n = min(end, (gpa | 0xFFF) + 1) - gpa
+            if not self.kvm.sme_coherent:
+                for line in range(self.hva + (gpa & ~63), self.hva + gpa + n, 64):
+                    self.kernel.core.clflush(line)
+            status = self.kvm.sev_cmd(
+                Command.LAUNCH_UPDATE_DATA,
+                handle=self.handle,
+                paddr=(self.hpa + gpa) | self.kernel.me_mask,
+                len=n,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError(f"LAUNCH_UPDATE_DATA at GPA {gpa:#x}", status)
+            gpa += n
+
+    def sev_launch_measure(self) -> bytes:
+        """KVM_SEV_LAUNCH_MEASURE: MEASURE(32) || MNONCE(16)."""
+        kernel = self.kernel
+        va = kernel.alloc_pages(1)
+        try:
+            status, _ = self.kvm.sev_cmd_out(
+                Command.LAUNCH_MEASURE,
+                handle=self.handle,
+                measure_paddr=self.kvm.sev.psp_pa(va),
+                measure_len=48,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError("LAUNCH_MEASURE", status)
+            return kernel.read(va, 48)
+        finally:
+            kernel.free_pages(va)
+
+    def sev_launch_finish(self) -> None:
+        status = self.kvm.sev_cmd(Command.LAUNCH_FINISH, handle=self.handle)
+        if status != Status.SUCCESS:
+            raise KvmError("LAUNCH_FINISH", status)
+
+    def sev_guest_status(self) -> Any:
+        status, out = self.kvm.sev_cmd_out(Command.GUEST_STATUS, handle=self.handle)
+        if status != Status.SUCCESS:
+            raise KvmError("GUEST_STATUS", status)
+        return out
+
+    def launch(self, image: list[tuple[int, bytes]], entry: int, policy: int = 0) -> bytes | None:
+        """What a VMM does to start a guest: copy the image into guest memory, point every
+        vCPU at ``entry`` and, for an SEV guest, LAUNCH_START (no owner session), encrypt
+        and measure the image, LAUNCH_FINISH. Returns the measurement (SEV) or None."""
+        for gpa, data in image:
+            self.write(gpa, data)
+        for vcpu in self.vcpus:
+            vcpu.set_vmcb(rip=entry)
+        if not self.sev:
+            return None
+        self.sev_launch_start(policy)
+        for gpa, data in image:
+            self.sev_launch_update_data(gpa, len(data))
+        measurement = self.sev_launch_measure()
+        self.sev_launch_finish()
+        return measurement
+
+    # ---- running ----------------------------------------------------------------------------
+    def run(self, max_rounds: int = 10_000) -> list[RunExit]:
+        """Run every vCPU round-robin until each is done or the VM died; a vCPU that halts
+        yields to the others (a timer wakes it in the next round)."""
+        last: list[RunExit | None] = [None] * len(self.vcpus)
+        for _ in range(max_rounds):
+            runnable = [v for v in self.vcpus if _runnable(last[v.index])]
+            if not runnable or self.dead:
+                break
+            for vcpu in runnable:
+                last[vcpu.index] = vcpu.run()
+                if self.dead:
+                    break
+        else:
+            raise KvmError(f"{self.name}: the vCPUs did not finish in {max_rounds} rounds")
+        return [self.dead or e or RunExit("HLT") for e in last]
+
+    def console_text(self) -> str:
+        return self.console.decode("utf-8", "replace")
+
+    # ---- teardown -----------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """KVM_DESTROY_VM: vCPUs go, then (SEV) WBINVD so no guest-tagged line outlives the
+        pages, DEACTIVATE, DECOMMISSION, the ASID to the reclaim set; memory back to the host."""
+        if self.destroyed:
+            return
+        machine = self.kernel.core.machine
+        for vcpu in self.vcpus:
+            machine.forget_vmcb(vcpu.vmcb_addr)  # model plumbing: the vCPU's context ends
+            self.kernel.free_pages(vcpu.vmcb_va)
+        if self.sev:
+            self.kernel.wbinvd_on_all_cpus()  # sev_vm_destroy: CLFLUSH cannot do this
+            if self.handle:
+                status = self.kvm.sev_cmd(Command.DEACTIVATE, handle=self.handle)
+                if status not in (Status.SUCCESS, Status.INACTIVE):
+                    raise KvmError("DEACTIVATE", status)
+                status = self.kvm.sev_cmd(Command.DECOMMISSION, handle=self.handle)
+                if status != Status.SUCCESS:
+                    raise KvmError("DECOMMISSION", status)
+            self.kvm.asids.free(self.asid)
+        for key in [k for k, v in self.kvm._last_vmcb.items() if k[1] == self.asid]:
+            del self.kvm._last_vmcb[key]
+        self.kernel.free_pages(self.hva, self.memory_size // PAGE_4K)
+        for pa in self._npt_frames:
+            self.kernel.free_pages(self.kernel.va(pa))
+        self.destroyed = True
+
+
+def _runnable(last: RunExit | None) -> bool:
+    return last is None or last.reason == "HLT"
+
+
+@dataclass
+class Vcpu:
+    vm: Vm
+    index: int
+    regs: dict[str, int] = field(default_factory=dict)
+    exits: int = 0
+
+    def __post_init__(self) -> None:
+        kernel = self.vm.kernel
+        self.vmcb_va = kernel.alloc_pages(1)
+        self.vmcb_addr = kernel.pa(self.vmcb_va) | kernel.me_mask  # __sme_set(vmcb page)
+        self.core_index = self.index % len(kernel.core.machine.cores)
+        self.asid = self.vm.asid  # what pre_run puts into the VMCB (svm->asid)
+        self._last_core: int | None = None
+        self.set_vmcb(
+            intercept_misc1=INTERCEPT_CPUID
+            | INTERCEPT_HLT
+            | INTERCEPT_IOIO_PROT
+            | INTERCEPT_MSR_PROT
+            | INTERCEPT_SHUTDOWN,
+            intercept_misc2=INTERCEPT_VMRUN | INTERCEPT_VMMCALL,
+            asid=self.vm.asid,
+            nested_ctl=NP_ENABLE | (SEV_ENABLE if self.vm.sev else 0),
+            ncr3=self.vm.npt.cr3(),
+            cr0=CR0_PE | CR0_ET,  # MODEL: entered in protected mode, paging off
+            rip=0,
+            g_pat=DEFAULT_GUEST_PAT,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Vcpu {self.vm.name}#{self.index} core {self.core_index}>"
+
+    # ---- the VMCB, in host memory ------------------------------------------------------------
+    def vmcb(self) -> Any:
+        return VMCB.parse(self.vm.kernel.read(self.vmcb_va, VMCB.size))
+
+    def set_vmcb(self, **values: int) -> None:
+        kernel = self.vm.kernel
+        for name, value in values.items():
+            f = VMCB.field(name)
+            kernel.write(self.vmcb_va + f.offset, value.to_bytes(f.size, "little"))
+
+    # ---- KVM_RUN -----------------------------------------------------------------------------
+    def run(self) -> RunExit:
+        """Enter the guest until an exit the VMM must see."""
+        vm = self.vm
+        while True:
+            if vm.dead is not None:
+                return vm.dead
+            core = vm.kvm.cpu(self.core_index)
+            self._pre_run(core)
+            exit_ = core.vmrun(self.vmcb_addr, self.regs)
+            self.exits += 1
+            result = self._handle(exit_)
+            if result is not None:
+                return result
+
+    def _pre_run(self, core: Core) -> None:
+        """pre_sev_run / pre_svm_run: all vCPUs of an SEV guest share its ASID, so the TLB
+        of that ASID on this core is flushed when another VMCB ran it last or this VMCB
+        last ran on another core."""
+        key = (core.index, self.asid)
+        flush = self.vm.kvm._last_vmcb.get(key) != self.vmcb_addr or self._last_core != core.index
+        self.vm.kvm._last_vmcb[key] = self.vmcb_addr
+        self._last_core = core.index
+        self.set_vmcb(
+            asid=self.asid,
+            tlb_control=TLB_CONTROL_FLUSH_ASID if flush else TLB_CONTROL_DO_NOTHING,
+        )
+
+    def _handle(self, e: Exit) -> RunExit | None:
+        vm = self.vm
+        if e.code == EXIT_NPF:
+            gpa = e.info2
+            if gpa < vm.memory_size:
+                vm.map_gpa(gpa)
+                return None
+            # No memslot: MMIO. KVM cannot decode an SEV guest's encrypted instruction.
+            vm.dead = RunExit(
+                "INTERNAL_ERROR", f"emulation failure: access to GPA {gpa:#x} (no memory there)", e
+            )
+            return vm.dead
+        if e.code == EXIT_CPUID:
+            leaf, subleaf = self.regs.get("rax", 0), self.regs.get("rcx", 0)
+            values = self.cpuid(leaf & 0xFFFF_FFFF, subleaf & 0xFFFF_FFFF)
+            self.regs.update(zip(("rax", "rbx", "rcx", "rdx"), values, strict=True))
+            return None
+        if e.code == EXIT_MSR:
+            self._msr(write=bool(e.info1))
+            return None
+        if e.code == EXIT_IOIO:
+            self._ioio(e.info1)
+            return None
+        if e.code == EXIT_VMMCALL:
+            self._hypercall()
+            return None
+        if e.code == EXIT_HLT:
+            return RunExit("DONE" if e.detail.get("finished") else "HLT", "", e)
+        if e.code == EXIT_SHUTDOWN:
+            vm.dead = RunExit("SHUTDOWN", e.detail.get("reason", "triple fault"), e)
+            return vm.dead
+        if e.code == EXIT_INVALID:
+            vm.dead = RunExit("FAIL_ENTRY", "VMRUN refused the VMCB (VMEXIT_INVALID)", e)
+            return vm.dead
+        vm.dead = RunExit("INTERNAL_ERROR", f"unhandled exit {e.name}", e)
+        return vm.dead
+
+    # ---- emulation ---------------------------------------------------------------------------
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """The CPUID a VMM like QEMU configures for its guest (KVM_SET_CPUID2)."""
+        host = self.vm.kernel.core.cpuid
+        if leaf == 0x4000_0000:
+            ebx, ecx, edx = (crypto.from_le(KVM_SIGNATURE[i : i + 4]) for i in (0, 4, 8))
+            return (0x4000_0001, ebx, ecx, edx)
+        if 0x4000_0001 <= leaf <= 0x4000_00FF:
+            return (0, 0, 0, 0)
+        if leaf == 0x1:
+            eax, ebx, ecx, edx = host(leaf, subleaf)
+            ebx = (ebx & 0x00FF_FFFF) | self.index << 24  # initial APIC id
+            return (eax, ebx, ecx | LEAF1_ECX_HYPERVISOR, edx)
+        if leaf == 0x8000_001F:
+            if not self.vm.sev:
+                return (0, 0, 0, 0)
+            # QEMU (target/i386/cpu.c): SEV only, the C-bit and the reduction it was given.
+            return (1 << 1, self.vm.kvm.cbit | self.vm.kvm.reduced_phys_bits << 6, 0, 0)
+        if leaf == 0x8000_000A:
+            return (0, 0, 0, 0)  # no nested SVM for the guest
+        return host(leaf, subleaf)
+
+    def _msr(self, write: bool) -> None:
+        index = self.regs.get("rcx", 0)
+        if index == MSR_APIC_BASE and not write:
+            value = 0xFEE0_0000 | 1 << 11 | (1 << 8 if self.index == 0 else 0)
+            self.regs.update(rax=value & 0xFFFF_FFFF, rdx=value >> 32)
+            return
+        # Anything else: #GP into the guest, as KVM does without ignore_msrs.
+        self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_TYPE_EXCEPTION | GP_VECTOR)
+
+    def _ioio(self, info1: int) -> None:
+        port = info1 >> IOIO_PORT_SHIFT & 0xFFFF
+        if info1 & IOIO_TYPE_IN:
+            self.regs["rax"] = 0x20 if port == COM1_LSR else 0xFF
+        elif port == COM1:
+            self.vm.console.append(self.regs.get("rax", 0) & 0xFF)
+
+    def _hypercall(self) -> None:
+        nr = self.regs.get("rax", 0)
+        args = tuple(self.regs.get(r, 0) for r in ("rbx", "rcx", "rdx", "rsi"))
+        self.vm.hypercalls.append((nr, args))
+        if nr == KVM_HC_MAP_GPA_RANGE:
+            gpa, npages, attrs = args[0], args[1], args[2]
+            if not attrs & KVM_MAP_GPA_RANGE_ENCRYPTED:
+                self.vm.shared_ranges.append((gpa, npages))
+            else:
+                self.vm.shared_ranges = [r for r in self.vm.shared_ranges if r[0] != gpa]
+            self.regs["rax"] = 0
+        else:
+            self.regs["rax"] = -KVM_ENOSYS & 0xFFFF_FFFF_FFFF_FFFF
