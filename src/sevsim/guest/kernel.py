@@ -44,7 +44,7 @@ from sevsim.soc.paging import (
     PAGE_2M,
     PAGE_4K,
 )
-from sevsim.soc.svm import register_program
+from sevsim.soc.svm import GuestProgram, register_program
 
 PROGRAM_NAME = "sevsim-guest-kernel"
 GUEST_ENTRY = 0x1000  # GPA of the code image; the vCPUs start here (RIP)
@@ -285,12 +285,13 @@ def cmdline(memory: int, smp: int = 1, **options: object) -> str:
     return " ".join(words)
 
 
-def image(command_line: str) -> list[tuple[int, bytes]]:
+def image(command_line: str, program: GuestProgram | None = None) -> list[tuple[int, bytes]]:
     """The launch image a VMM loads and (for SEV) has measured: the code and boot params."""
     params = command_line.encode("ascii") + b"\0"
     if len(params) > PAGE_4K:
         raise ValueError("command line too long")
-    return [(GUEST_ENTRY, PROGRAM.code), (BOOT_PARAMS, params.ljust(PAGE_4K, b"\0"))]
+    code = (program or PROGRAM).code
+    return [(GUEST_ENTRY, code), (BOOT_PARAMS, params.ljust(PAGE_4K, b"\0"))]
 
 
 def main(vcpu: GuestVcpu) -> GuestReport:

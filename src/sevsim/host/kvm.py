@@ -440,6 +440,7 @@ class Vcpu:
     index: int
     regs: dict[str, int] = field(default_factory=dict)
     exits: int = 0
+    npfs: list[tuple[int, int]] = field(default_factory=list)  # (GPA, error code) per #NPF
 
     def __post_init__(self) -> None:
         kernel = self.vm.kernel
@@ -508,6 +509,7 @@ class Vcpu:
         vm = self.vm
         if e.code == EXIT_NPF:
             gpa = e.info2
+            self.npfs.append((gpa, e.info1))
             if gpa < vm.memory_size:
                 vm.map_gpa(gpa)
                 return None
