@@ -79,6 +79,29 @@ def test_demo_passes_every_check(capsys):
     secret = views["secret"]
     assert bytes.fromhex(secret["cpu_reads"]).startswith(b"TOP SECRET")
     assert b"TOP SECRET" not in bytes.fromhex(secret["dram_holds"])
+    # The SEV part: the guest reads its secret, the hypervisor and DRAM do not.
+    alpha = views["alpha's secret"]
+    guest_reads = bytes.fromhex(alpha["cpu_reads"])
+    assert guest_reads.startswith(b"alpha secret ")
+    assert bytes.fromhex(alpha["host_reads"]) != guest_reads
+    assert bytes.fromhex(alpha["dram_holds"]) != guest_reads
+    plain = views["plain's secret"]
+    assert bytes.fromhex(plain["host_reads"]) == bytes.fromhex(plain["cpu_reads"])
+    tables = [t for s in data["steps"] for t in s["tables"]]
+    moments = [r["moment"] for t in tables for r in t["rows"] if r["moment"]]
+    assert any("WBINVD_REQUIRED" in m for m in moments)
+    reused = [r for r in tables[-1]["rows"] if r["guest"] == "gamma"]
+    assert reused and reused[0]["ASID"] == next(
+        r["ASID"] for r in tables[0]["rows"] if r["guest"] == "alpha"
+    )
+
+
+def test_demo_parts(capsys):
+    code, out, _ = run(["demo", "--sev", "--seed", "7", "--json"], capsys)
+    titles = [s["title"] for s in json.loads(out)["steps"]]
+    assert code == 0 and len(titles) == 4 and "ASIDs" in titles[2]
+    code, _, err = run(["demo", "--sev", "--tsme"], capsys)
+    assert code == 2 and "at most one" in err
 
 
 def test_demo_renders_for_people():
@@ -90,6 +113,7 @@ def test_demo_renders_for_people():
     )
     assert out.returncode == 0, out.stderr
     assert "checks passed" in out.stdout and "TSME" in out.stdout
+    assert "hypervisor" in out.stdout and "[cpu0]" in out.stdout
     assert "Traceback" not in out.stderr
 
 

@@ -143,6 +143,11 @@ class MachineProfile:
         return bool(self.sev_eax >> 10 & 1)
 
     @property
+    def sev_es(self) -> bool:
+        """EAX[3]: SEV-ES. ASIDs below EDX are then SEV-ES ASIDs."""
+        return bool(self.sev_eax >> 3 & 1)
+
+    @property
     def vm_page_flush(self) -> bool:
         return bool(self.sev_eax >> 2 & 1)
 

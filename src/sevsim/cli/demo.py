@@ -6,6 +6,7 @@ import json
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -17,22 +18,35 @@ from sevsim.demo import DemoResult, run_demo
 @click.command()
 @profile_option()
 @click.option(
+    "--sev",
+    "sev_only",
+    is_flag=True,
+    help="Only the SEV part: guests, what the hypervisor sees, ASID swap, ASID recycling.",
+)
+@click.option(
     "--tsme",
     is_flag=True,
     help="Only the Transparent SME part of the story (a BIOS option: everything encrypted).",
 )
 @seed_option
 @json_option
-def demo(profile_name: str, tsme: bool, seed, as_json: bool) -> int:
-    """Boot a machine, enable SME, and show what the CPU and a DRAM dump see.
+def demo(profile_name: str, sev_only: bool, tsme: bool, seed, as_json: bool) -> int:
+    """Boot a machine and show, step by step, what SME, SEV and TSME protect.
 
-    Power on, boot Linux with mem_encrypt=on (its kernel is encrypted in place), write a
-    secret through a C=1 mapping and a public string through a C=0 mapping, flush the
-    caches, and compare what the CPU reads with what DRAM holds; then reboot with TSME and
-    do it again. Every claim is checked: the exit code is 0 only if all checks pass.
+    SME: power on, boot Linux with mem_encrypt=on (its kernel is encrypted in place), let
+    the guest owner authenticate the platform, write a secret through a C=1 mapping and a
+    public string through a C=0 mapping, and compare what the CPU reads with what DRAM
+    holds. SEV: start two SEV guests and an ordinary VM, compare what each guest, the
+    hypervisor and DRAM see of the same secret, swap the guests' ASIDs (crash, not
+    disclosure), and watch ASIDs being recycled (DEACTIVATE, WBINVD, DF_FLUSH, reuse).
+    TSME: reboot with TSME and look again. Every claim is checked: the exit code is 0
+    only if all checks pass.
     """
+    if sev_only and tsme:
+        raise click.UsageError("--sev and --tsme each pick one part; give at most one")
     profile = build_profile(profile_name, seed)
-    result = run_demo(profile, sme=not tsme)
+    only = sev_only or tsme
+    result = run_demo(profile, sme=not only, sev=sev_only or not only, tsme=tsme or not only)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -53,7 +67,7 @@ def _render(result: DemoResult) -> None:
             facts.add_column(style="bold")
             facts.add_column()
             for k, v in step.facts:
-                facts.add_row(k, v)
+                facts.add_row(escape(k), escape(v))  # console lines hold "[cpu0]"
             body.add_row(facts)
         for v in step.views:
             view = Table(
@@ -61,10 +75,26 @@ def _render(result: DemoResult) -> None:
                 title_justify="left",
                 title_style="bold",
             )
-            view.add_column("what the CPU reads")
+            cells = [v.cpu_reads, v.dram_holds]
+            if v.host_reads is None:
+                w, r = width, rows
+                view.add_column("what the CPU reads")
+            else:  # guest memory: three views side by side
+                w, r = (16, 2) if console.width >= 225 else (8, 4)
+                view.add_column("what the guest reads")
+                view.add_column("what the hypervisor reads")
+                cells.insert(1, v.host_reads)
             view.add_column("what DRAM holds (cold-boot dump)")
-            view.add_row(hexdump(v.cpu_reads, width, rows), hexdump(v.dram_holds, width, rows))
+            view.add_row(*(hexdump(c, w, r) for c in cells))
             body.add_row(view)
+        for t in step.tables:
+            table = Table(title=t.title, title_justify="left", title_style="bold")
+            for column in t.columns:
+                table.add_column(column)
+            for i, row in enumerate(t.rows):
+                last_of_moment = i + 1 == len(t.rows) or t.rows[i + 1][0] != ""
+                table.add_row(*(escape(c) for c in row), end_section=last_of_moment)
+            body.add_row(table)
         for c in step.checks:
             mark = "[green]✔[/green]" if c.ok else "[red]✘[/red]"
             body.add_row(f"{mark} {c.what}")

@@ -29,7 +29,7 @@ class PspHardware:
         self.dram_size = machine.dram.size
         self.max_asid = profile.max_asid
         self.min_sev_asid = profile.min_sev_asid
-        self.sev_es = bool(profile.sev_eax >> 3 & 1)
+        self.sev_es = profile.sev_es
         self.vek_bytes = profile.engine_key_bits // 8
         self.cores = profile.cores
         self.ccx_count = profile.ccx_count

@@ -1,8 +1,4 @@
-"""The main job, ``sevsim demo``: the whole story, step by step, with every claim checked.
-
-Each step says what happens, shows what the CPU sees next to what DRAM holds (the view of a
-physical attacker with a cold-boot dump), and checks that the machine behaved as the
-architecture says. The CLI renders the steps; this module only runs them.
+"""The SME and TSME parts of the demo, and the guest owner authenticating the platform.
 
 The host kernel acts through its core. The physical view reads DRAM directly, as a cold-boot
 attacker or a bus probe can; it is the only place here that looks below the memory
@@ -12,12 +8,11 @@ controller, and it only reads.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any
 
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.certs.chain import SevChain, builtin_root, verify_chain
 from sevsim.certs.sev import SevCert
+from sevsim.demo.steps import Step, View
 from sevsim.host import HostKernel
 from sevsim.host.sev import SevDevice
 from sevsim.owner.trust import choose_root
@@ -28,70 +23,6 @@ from sevsim.system import HostSystem
 
 SECRET = b"TOP SECRET: the launch code is 0451-SEVSIM. Only the CPU may read this line."
 PUBLIC = b"PUBLIC: this page is shared (C=0); anyone with a DRAM dump can read it."
-
-
-@dataclass
-class Check:
-    what: str
-    ok: bool
-
-
-@dataclass
-class View:
-    """One buffer, as the CPU reads it and as DRAM stores it."""
-
-    label: str
-    mapping: str
-    physical_address: int
-    cpu_reads: bytes
-    dram_holds: bytes
-
-
-@dataclass
-class Step:
-    title: str
-    explanation: str
-    facts: list[tuple[str, str]] = field(default_factory=list)
-    views: list[View] = field(default_factory=list)
-    checks: list[Check] = field(default_factory=list)
-
-    def check(self, what: str, ok: bool) -> bool:
-        self.checks.append(Check(what, bool(ok)))
-        return bool(ok)
-
-
-@dataclass
-class DemoResult:
-    profile: str
-    steps: list[Step]
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for s in self.steps for c in s.checks)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "profile": self.profile,
-            "ok": self.ok,
-            "steps": [
-                {
-                    "title": s.title,
-                    "facts": dict(s.facts),
-                    "views": [
-                        {
-                            "label": v.label,
-                            "mapping": v.mapping,
-                            "physical_address": f"{v.physical_address:#x}",
-                            "cpu_reads": v.cpu_reads.hex(),
-                            "dram_holds": v.dram_holds.hex(),
-                        }
-                        for v in s.views
-                    ],
-                    "checks": [{"what": c.what, "ok": c.ok} for c in s.checks],
-                }
-                for s in self.steps
-            ],
-        }
 
 
 def _write_secret_and_public(kernel: HostKernel) -> tuple[int, int]:
@@ -111,15 +42,7 @@ def _view(
     return View(label, mapping, pa, kernel.read(va, n), dump.read(pa, n))
 
 
-def run_demo(profile: MachineProfile, sme: bool = True, tsme: bool = True) -> DemoResult:
-    """The SME story (without TSME), then the same with TSME; either may be left out."""
-    steps = _sme_story(profile.with_(tsme=False)) if sme else []
-    if tsme:
-        steps += _tsme_story(profile.with_(tsme=True))
-    return DemoResult(profile.name, steps)
-
-
-def _sme_story(profile: MachineProfile) -> list[Step]:
+def sme_story(profile: MachineProfile) -> list[Step]:
     steps = []
     machine = Machine(profile)
     core = machine.cores[0]
@@ -284,7 +207,7 @@ def _authenticate_step(system: HostSystem, probed: bool) -> Step:
     return s
 
 
-def _tsme_story(profile: MachineProfile) -> list[Step]:
+def tsme_story(profile: MachineProfile) -> list[Step]:
     machine = Machine(profile)
     core = machine.cores[0]
     dump = ColdBootDump(machine)

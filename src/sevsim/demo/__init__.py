@@ -1,0 +1,74 @@
+"""The main job, ``sevsim demo``: the whole story, step by step, with every claim checked.
+
+Each step says what happens, shows what the CPU sees next to what DRAM holds (the view of a
+physical attacker with a cold-boot dump) and, for guests, what the hypervisor reads; and it
+checks that the machine behaved as the architecture says. The CLI renders the steps; this
+package only runs them: ``sme`` (SME, TSME, the platform's identity) and ``sev`` (guests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sevsim.demo.sev import sev_story
+from sevsim.demo.sme import sme_story, tsme_story
+from sevsim.demo.steps import Check, Step, Table, View
+from sevsim.profiles import MachineProfile
+
+__all__ = ["Check", "DemoResult", "Step", "Table", "View", "run_demo"]
+
+
+@dataclass
+class DemoResult:
+    profile: str
+    steps: list[Step]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for s in self.steps for c in s.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "ok": self.ok,
+            "steps": [
+                {
+                    "title": s.title,
+                    "facts": dict(s.facts),
+                    "views": [
+                        {
+                            "label": v.label,
+                            "mapping": v.mapping,
+                            "physical_address": f"{v.physical_address:#x}",
+                            "cpu_reads": v.cpu_reads.hex(),
+                            "dram_holds": v.dram_holds.hex(),
+                        }
+                        | ({} if v.host_reads is None else {"host_reads": v.host_reads.hex()})
+                        for v in s.views
+                    ],
+                    "tables": [
+                        {"title": t.title, "rows": [_row(t, r) for r in t.rows]} for t in s.tables
+                    ],
+                    "checks": [{"what": c.what, "ok": c.ok} for c in s.checks],
+                }
+                for s in self.steps
+            ],
+        }
+
+
+def run_demo(
+    profile: MachineProfile, sme: bool = True, sev: bool = True, tsme: bool = True
+) -> DemoResult:
+    """The SME story (without TSME), the SEV story, then SME again with TSME; any of the
+    three may be left out."""
+    steps = sme_story(profile.with_(tsme=False)) if sme else []
+    if sev:
+        steps += sev_story(profile.with_(tsme=False))
+    if tsme:
+        steps += tsme_story(profile.with_(tsme=True))
+    return DemoResult(profile.name, steps)
+
+
+def _row(table: Table, row: list[str]) -> dict[str, str]:
+    return dict(zip(table.columns, row, strict=True))
