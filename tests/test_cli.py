@@ -127,6 +127,8 @@ def test_bench_quick_json(capsys):
         "bulk_encrypt_gbps",
         "load_ratio",
         "loads_per_s",
+        "guest_load_ratio",
+        "guest_loads_per_s",
         "sparse_rss_mib",
         "touched_mib",
     ):

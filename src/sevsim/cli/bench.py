@@ -50,6 +50,8 @@ def bench(quick: bool, as_json: bool) -> int:
         ("load_ratio", "{:.3f}"),
         ("loads_per_s", "{:,.0f}"),
         ("baseline_loads_per_s", "{:,.0f}"),
+        ("guest_load_ratio", "{:.3f}"),
+        ("guest_loads_per_s", "{:,.0f}"),
         ("sparse_rss_mib", "{:.1f} MiB"),
         ("touched_mib", "{:.0f} MiB"),
     ):
