@@ -137,6 +137,14 @@ def test_launch_start_allocates_the_lowest_free_handle_and_makes_the_platform_wo
     assert platform_state(mb) == (PlatformState.INIT, 0)  # the last guest went
 
 
+def test_a_working_platform_keeps_its_pek_but_may_rotate_its_pdh(mb):
+    launch_start(mb)
+    assert cmd(mb, Command.PEK_GEN) == Status.INVALID_PLATFORM_STATE
+    assert cmd(mb, Command.PEK_CERT_IMPORT) == Status.INVALID_PLATFORM_STATE
+    assert cmd(mb, Command.PDH_GEN) == Status.SUCCESS
+    assert platform_state(mb) == (PlatformState.WORKING, 1)
+
+
 def test_guest_status_of_an_unknown_handle_succeeds_with_state_zero(mb):
     for handle in (0, 7, 1025, 0xFFFFFFFF):
         assert guest_status(mb, handle).state == 0

@@ -139,7 +139,7 @@ def test_init_needs_smee():
     ("command", "state_needed"),
     [
         (Command.PEK_GEN, {PlatformState.INIT}),
-        (Command.PDH_GEN, {PlatformState.INIT}),  # WORKING needs a guest: a later issue
+        (Command.PDH_GEN, {PlatformState.INIT}),  # WORKING: tests/test_guest_firmware.py
         (Command.PLATFORM_RESET, {PlatformState.UNINIT}),
     ],
 )

@@ -80,7 +80,9 @@ def _render(result: DemoResult) -> None:
                 w, r = width, rows
                 view.add_column("what the CPU reads")
             else:  # guest memory: three views side by side
-                w, r = (16, 2) if console.width >= 225 else (8, 4)
+                w, r = (
+                    (16, 2) if console.width >= 225 else (8, 4) if console.width >= 125 else (4, 8)
+                )
                 view.add_column("what the guest reads")
                 view.add_column("what the hypervisor reads")
                 cells.insert(1, v.host_reads)
