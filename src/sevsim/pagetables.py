@@ -205,6 +205,16 @@ class PageTables:
             table = e & ENTRY_ADDR_MASK & ~self.me_mask
         return None
 
+    def leaf_4k(self, va: int) -> Leaf:
+        """The 4 KiB leaf mapping va, splitting large pages on the way (Linux's CPA does
+        this before it changes one page's attributes)."""
+        leaf = self.leaf(va)
+        while leaf is not None and leaf.level > 1:
+            leaf = self.split(va)
+        if leaf is None:
+            raise ValueError(f"{va:#x} is not mapped")
+        return leaf
+
     def split(self, va: int) -> Leaf:
         """Split the large page holding va into 512 smaller ones with the same attributes
         (including the C-bit); returns the new, smaller leaf for va."""

@@ -189,11 +189,7 @@ class GuestKernel:
                 for line in range(page, page + PAGE_4K, 64):
                     vcpu.clflush(line)
         for page in pages:
-            leaf = self.tables.leaf(page)
-            while leaf is not None and leaf.level > 1:
-                leaf = self.tables.split(page)
-            if leaf is None:
-                raise ValueError(f"{page:#x} is not mapped")
+            leaf = self.tables.leaf_4k(page)
             entry = leaf.entry & ~self.me_mask | (self.me_mask if encrypt else 0)
             self.tables.write_entry(leaf.entry_pa, entry)
         for page in pages:

@@ -363,11 +363,7 @@ class HostKernel:
         # 3. One CPA pass: split large pages as needed, clear PRESENT and flip the C-bit.
         entries = []
         for page in pages:
-            leaf = self.tables.leaf(page)
-            while leaf is not None and leaf.level > 1:
-                leaf = self.tables.split(page)
-            if leaf is None:
-                raise ValueError(f"{page:#x} is not mapped")
+            leaf = self.tables.leaf_4k(page)
             entry = (leaf.entry & ~P) & ~self.me_mask | (self.me_mask if enc else 0)
             self.tables.write_entry(leaf.entry_pa, entry)
             entries.append((leaf.entry_pa, entry))

@@ -521,16 +521,21 @@ class SevFirmware:
             guest.asid = asid
         guest.ccxs |= ccxs
         if guest.state in (GuestState.RUNNING, GuestState.SUPDATE):
-            self._hw.enable_asid(asid, guest.ccxs)
-            guest.activation = Activation.ACTIVE
-            self._asid_in_use[asid] |= guest.ccxs
-            self._asid_allocated[asid] &= ~guest.ccxs
-            self._asid_clean[asid] &= ~guest.ccxs
+            self._enable(guest)
         else:
             guest.activation = Activation.PENDING
             self._asid_allocated[asid] |= ccxs
             self._asid_clean[asid] &= ~ccxs
         return Status.SUCCESS
+
+    def _enable(self, guest: Guest) -> None:
+        """The guest runs: its ASID is valid on its CCXs, and in use there."""
+        asid, ccxs = guest.asid, guest.ccxs
+        self._hw.enable_asid(asid, ccxs)
+        guest.activation = Activation.ACTIVE
+        self._asid_in_use[asid] |= ccxs
+        self._asid_allocated[asid] &= ~ccxs
+        self._asid_clean[asid] &= ~ccxs
 
     def _deactivate(self, buf) -> Status:
         self._require_working()
@@ -684,12 +689,7 @@ class SevFirmware:
     def _launch_finish(self, buf) -> Status:
         guest = self._launch_guest(buf.handle, GuestState.LSECRET)
         if guest.activation == Activation.PENDING:
-            asid, ccxs = guest.asid, guest.ccxs
-            self._hw.enable_asid(asid, ccxs)
-            guest.activation = Activation.ACTIVE
-            self._asid_in_use[asid] |= ccxs
-            self._asid_allocated[asid] &= ~ccxs
-            self._asid_clean[asid] &= ~ccxs
+            self._enable(guest)
         guest.close_channel()
         guest.transition(Command.LAUNCH_FINISH)
         return Status.SUCCESS
