@@ -428,10 +428,6 @@ class Core:
         (as KVM does) and which a non-ES guest's intercepted instructions use."""
         return vmrun(self, vmcb_addr, regs)
 
-    @property
-    def in_guest(self) -> bool:
-        return self._guest is not None
-
     # ---- cache control ---------------------------------------------------------------------
     def clflush(self, va: int) -> None:
         """CLFLUSH: write back and drop the line of va in the domain of va's mapping."""
