@@ -438,7 +438,13 @@ def test_destroy_tears_down_in_kvm_order(milan):
     assert all(
         (v.vmcb_addr & ~host.machine.cbit_mask) not in host.machine._guest_threads for v in vm.vcpus
     )
-    assert handle
+    assert guest_status_state(kvm, handle) == 0  # the handle is free again
+
+
+def guest_status_state(kvm: Kvm, handle: int) -> int:
+    status, out = kvm.sev_cmd_out(Command.GUEST_STATUS, handle=handle)
+    assert status == Status.SUCCESS
+    return out.state
 
 
 def test_guest_sev_status_msr_is_read_only(milan):
