@@ -188,6 +188,17 @@ LAUNCH_START = Layout(
     (0x18, "Q", "session_paddr"),
     (0x20, "I", "session_len"),
 )
+# The session blob the guest owner sends with LAUNCH_START (sev-api.md §5.1).
+SESSION = Layout(
+    "SESSION",
+    0x80,
+    "sev-api.md §5.1",
+    (0x00, "16s", "nonce"),
+    (0x10, "32s", "wrap_tk"),
+    (0x30, "16s", "wrap_iv"),
+    (0x40, "32s", "wrap_mac"),
+    (0x60, "32s", "policy_mac"),
+)
 LAUNCH_UPDATE = Layout(
     "LAUNCH_UPDATE", 0x18, SPEC, (0x00, "I", "handle"), (0x08, "Q", "paddr"), (0x10, "I", "len")
 )
@@ -211,6 +222,16 @@ TRANSPORT = Layout(
     (0x28, "Q", "trans_paddr"),
     (0x30, "I", "trans_len"),
 )
+# The header of a LAUNCH_SECRET (and migration) packet (sev-api.md §5.5).
+PACKET_HEADER = Layout(
+    "PACKET_HEADER",
+    52,
+    "sev-api.md §5.5",
+    (0x00, "I", "flags"),
+    (0x04, "16s", "iv"),
+    (0x14, "32s", "mac"),
+)
+PACKET_FLAG_COMPRESSED = 1 << 0
 LAUNCH_FINISH = _handle_only("LAUNCH_FINISH")
 ATTESTATION = Layout(
     "ATTESTATION",
@@ -221,6 +242,20 @@ ATTESTATION = Layout(
     (0x10, "16s", "mnonce"),
     (0x20, "I", "len"),
 )
+# The legacy attestation report (0xD0 bytes); the PEK signs bytes [0x00, 0x34).
+ATTESTATION_REPORT = Layout(
+    "ATTESTATION_REPORT",
+    0xD0,
+    "sev-api.md §5.7",
+    (0x00, "16s", "mnonce"),
+    (0x10, "32s", "launch_digest"),
+    (0x30, "I", "policy"),
+    (0x34, "I", "sig_usage"),
+    (0x38, "I", "sig_algo"),
+    (0x40, "72s", "sig_r"),
+    (0x88, "72s", "sig_s"),
+)
+ATTESTATION_SIGNED_SIZE = 0x34
 SEND_START = Layout(
     "SEND_START",
     0x48,

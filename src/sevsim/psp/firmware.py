@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
+import numpy as np
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevsim import crypto
@@ -29,6 +31,7 @@ from sevsim.api.commands import Command
 from sevsim.api.status import PlatformState, Status
 from sevsim.certs.sev import (
     CERT_SIZE,
+    EC_FIELD,
     Algo,
     CertError,
     SevCert,
@@ -53,9 +56,11 @@ from sevsim.soc.rng import EntropySource
 log = logging.getLogger(__name__)
 
 CHAIN_SIZE = 3 * CERT_SIZE  # PEK || OCA || CEK
-SESSION_SIZE = 128  # nonce 16 | wrap_tk 32 | wrap_iv 16 | wrap_mac 32 | policy_mac 32
 MEASUREMENT_SIZE = 48  # MEASURE 32 | MNONCE 16
 CTX_MEASURE = 0x04  # SEV_CHANNEL_CTX_MEASURE
+CTX_SECRET = 0x01  # SEV_CHANNEL_CTX_SECRET
+SCRATCH_SIZE = 0x5000  # SEV_SCRATCH_BUF_LEN: the largest secret a packet may carry
+SCRATCH_CHUNK = 1 << 20  # MODEL: bulk copies go through a 1 MiB work buffer
 APIC_ID_SIZE = 4
 TMR_SIZE = 1 << 20
 TMR_ALIGN = 1 << 20
@@ -128,8 +133,13 @@ class SevFirmware:
             Command.LAUNCH_START: (self._launch_start, Buffer.IN_OUT),
             Command.LAUNCH_UPDATE_DATA: (self._launch_update_data, Buffer.IN),
             Command.LAUNCH_MEASURE: (self._launch_measure, Buffer.IN_OUT_ERROR),
+            Command.LAUNCH_SECRET: (self._launch_secret, Buffer.IN),
             Command.LAUNCH_FINISH: (self._launch_finish, Buffer.IN),
+            Command.ATTESTATION: (self._attestation, Buffer.IN_OUT_ERROR),
+            Command.DBG_DECRYPT: (self._dbg_decrypt, Buffer.IN),
+            Command.DBG_ENCRYPT: (self._dbg_encrypt, Buffer.IN),
         }
+        self._scratch = np.empty(SCRATCH_CHUNK, dtype=np.uint8)  # the firmware's work buffer
         self._guests: dict[int, Guest] = {}  # handle -> guest context
 
     def __repr__(self) -> str:
@@ -587,9 +597,9 @@ class SevFirmware:
     # ---- launch (sev-api.md §5) ---------------------------------------------------------------
     def _open_channel(self, buf) -> tuple[bytes, bytes]:
         """The trusted channel with the guest owner: (TEK, TIK) from the session blob."""
-        if buf.session_len != SESSION_SIZE:
+        if buf.session_len != cmd.SESSION.size:
             raise FirmwareError(Status.INVALID_LENGTH)
-        session = self._mem.read(buf.session_paddr, SESSION_SIZE)
+        session = cmd.SESSION.parse(self._mem.read(buf.session_paddr, cmd.SESSION.size))
         if buf.dh_cert_len != CERT_SIZE:
             raise FirmwareError(Status.INVALID_LENGTH)
         godh = SevCert.parse(self._mem.read(buf.dh_cert_paddr, CERT_SIZE))
@@ -600,17 +610,16 @@ class SevFirmware:
             z = crypto.ecdh_z(pdh_key, godh.public_key())
         except (CertError, ValueError):
             raise FirmwareError(Status.INVALID_CERTIFICATE) from None
-        nonce, wrap_tk, wrap_iv = session[0:16], session[16:48], session[48:64]
-        wrap_mac, policy_mac = session[64:96], session[96:128]
-        master = crypto.kdf(z, b"sev-master-secret", nonce, 128)
+        master = crypto.kdf(z, b"sev-master-secret", session.nonce, 128)
         kek = crypto.kdf(master, b"sev-kek", b"", 128)
         kik = crypto.kdf(master, b"sev-kik", b"", 128)
-        if not crypto.equal(crypto.hmac_sha256(kik, wrap_tk), wrap_mac):
+        if not crypto.equal(crypto.hmac_sha256(kik, session.wrap_tk), session.wrap_mac):
             raise FirmwareError(Status.BAD_MEASUREMENT)
-        keys = crypto.aes128_ctr(kek, wrap_iv, wrap_tk)
+        keys = crypto.aes128_ctr(kek, session.wrap_iv, session.wrap_tk)
         tek, tik = keys[:16], keys[16:]
         # sev_guest_verify_policy: MAC, minimum API version, reserved bits.
-        if not crypto.equal(crypto.hmac_sha256(tik, crypto.le(buf.policy, 4)), policy_mac):
+        policy_mac = crypto.hmac_sha256(tik, crypto.le(buf.policy, 4))
+        if not crypto.equal(policy_mac, session.policy_mac):
             raise FirmwareError(Status.BAD_MEASUREMENT)
         if sev_policy.api_min(buf.policy) > self.api_version[:2]:
             raise FirmwareError(Status.POLICY_FAILURE)
@@ -661,9 +670,12 @@ class SevFirmware:
             return Status.INVALID_LENGTH
         # Read with rd_sz_wbinvd: the host's cached lines of the plaintext are written back
         # and dropped, then the page is rewritten under the VEK in place.
-        plaintext = self._mem.read(buf.paddr, buf.len, flush=True)
-        guest.digest.update(plaintext)
-        self._mem.write_guest(buf.paddr, plaintext, guest.asid)
+        scratch = self._scratch
+        for off in range(0, buf.len, len(scratch)):
+            chunk = scratch[: min(len(scratch), buf.len - off)]
+            self._mem.read_into(buf.paddr + off, chunk, flush=True)
+            guest.digest.update(chunk)
+            self._mem.write_guest_from(buf.paddr + off, chunk, guest.asid)
         return Status.SUCCESS
 
     def _launch_measure(self, buf) -> Status:
@@ -686,12 +698,112 @@ class SevFirmware:
         guest.transition(Command.LAUNCH_MEASURE)
         return Status.SUCCESS
 
+    def _launch_secret(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if buf.guest_paddr % 16:
+            return Status.INVALID_ADDRESS
+        if (
+            buf.hdr_len != cmd.PACKET_HEADER.size
+            or buf.guest_len % 16
+            or buf.guest_len == 0
+            or buf.guest_len > SCRATCH_SIZE
+            or buf.guest_len != buf.trans_len
+        ):
+            return Status.INVALID_LENGTH
+        if guest.state != GuestState.LSECRET:
+            return Status.INVALID_GUEST_STATE
+        if guest.inactive:
+            return Status.INACTIVE
+        header = cmd.PACKET_HEADER.parse(self._mem.read(buf.hdr_paddr, cmd.PACKET_HEADER.size))
+        # Write back and drop whatever the caches hold of the target, in both host domains
+        # (rd_sz_wbinvd and two dummy reads, AMD-ASPFW), before it is rewritten.
+        cbit = self._hw.cbit_mask
+        self._mem.read(buf.guest_paddr | cbit, buf.trans_len, flush=True)
+        self._mem.read(buf.guest_paddr & ~cbit, buf.trans_len, flush=True)
+        ciphertext = self._mem.read(buf.trans_paddr, buf.trans_len)
+        expected = crypto.hmac_sha256(
+            guest.tik,
+            bytes([CTX_SECRET])
+            + crypto.le(header.flags, 4)
+            + header.iv
+            + crypto.le(buf.guest_len, 4)
+            + crypto.le(buf.trans_len, 4)
+            + ciphertext
+            + guest.measurement,
+        )
+        if not crypto.equal(expected, header.mac):
+            return Status.BAD_MEASUREMENT
+        if header.flags & cmd.PACKET_FLAG_COMPRESSED:
+            return Status.UNSUPPORTED
+        secret = crypto.aes128_ctr(guest.tek, header.iv, ciphertext)
+        self._mem.write_guest(buf.guest_paddr, secret, guest.asid)
+        return Status.SUCCESS
+
     def _launch_finish(self, buf) -> Status:
         guest = self._launch_guest(buf.handle, GuestState.LSECRET)
         if guest.activation == Activation.PENDING:
             self._enable(guest)
         guest.close_channel()
         guest.transition(Command.LAUNCH_FINISH)
+        return Status.SUCCESS
+
+    # ---- debugging and attestation -------------------------------------------------------------
+    def _dbg_decrypt(self, buf) -> Status:
+        return self._dbg(buf, decrypt=True)
+
+    def _dbg_encrypt(self, buf) -> Status:
+        return self._dbg(buf, decrypt=False)
+
+    def _dbg(self, buf, decrypt: bool) -> Status:
+        """DBG_DECRYPT / DBG_ENCRYPT (sev-api.md §7.4): only for guests whose owner allowed it."""
+        self._require_working()
+        if buf.src_paddr % 16 or buf.dst_paddr % 16:
+            return Status.INVALID_ADDRESS
+        if buf.len % 16:
+            return Status.INVALID_LENGTH
+        guest = self._guest(buf.handle)
+        if guest.policy & sev_policy.PolicyFlag.NODBG:
+            return Status.POLICY_FAILURE
+        if guest.inactive:
+            return Status.INACTIVE
+        if not buf.len:
+            return Status.SUCCESS
+        if decrypt:
+            data = self._mem.read_guest(buf.src_paddr, buf.len, guest.asid)
+            self._mem.write(buf.dst_paddr, data)
+        else:
+            data = self._mem.read(buf.src_paddr, buf.len)
+            self._mem.write_guest(buf.dst_paddr, data, guest.asid)
+        return Status.SUCCESS
+
+    def _attestation(self, buf) -> Status:
+        """The legacy SEV attestation report (sev-api.md §5.7), signed by the PEK."""
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if guest.state not in (
+            GuestState.LSECRET,
+            GuestState.RUNNING,
+            GuestState.SUPDATE,
+            GuestState.SENT,
+        ):
+            return Status.INVALID_GUEST_STATE
+        if buf.len < cmd.ATTESTATION_REPORT.size:
+            buf.len = cmd.ATTESTATION_REPORT.size
+            return Status.INVALID_LENGTH
+        report = cmd.ATTESTATION_REPORT.new(
+            mnonce=buf.mnonce,
+            launch_digest=guest.launch_digest,
+            policy=guest.policy,
+            sig_usage=Usage.PEK,
+            sig_algo=Algo.ECDSA_SHA256,
+        )
+        signed = cmd.ATTESTATION_REPORT.build(report)[: cmd.ATTESTATION_SIGNED_SIZE]
+        pek = crypto.p384_private_from_scalar(self._require_identity().persistent.pek_key)
+        r, s_ = crypto.ecdsa_sign(pek, signed, hashes.SHA256())
+        report.sig_r, report.sig_s = crypto.le(r, EC_FIELD), crypto.le(s_, EC_FIELD)
+        self._mem.write(buf.paddr, cmd.ATTESTATION_REPORT.build(report))
+        buf.len = cmd.ATTESTATION_REPORT.size
         return Status.SUCCESS
 
     # ---- inspection for tests and debugging (no secrets) ---------------------------------------

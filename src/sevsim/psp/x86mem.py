@@ -10,6 +10,8 @@ guest's key slot. Accesses go through the coherent fabric port (``soc.fabric``).
 
 from __future__ import annotations
 
+import numpy as np
+
 from sevsim.api.status import Status
 
 
@@ -62,3 +64,16 @@ class X86Memory:
     def write_guest(self, addr: int, data: bytes, asid: int) -> None:
         pa = self.check(addr, len(data))
         self._hw.memory.write(pa, data, self._hw.key_slot(True, asid))
+
+    def read_into(self, addr: int, out: np.ndarray, flush: bool = False) -> None:
+        """Bulk ``read`` into a uint8 array (16-byte aligned range)."""
+        pa = self.check(addr, len(out))
+        self._hw.memory.read_into(pa, out, self._plain_slot(addr), invalidate=flush)
+
+    def read_guest_into(self, addr: int, out: np.ndarray, asid: int) -> None:
+        pa = self.check(addr, len(out))
+        self._hw.memory.read_into(pa, out, self._hw.key_slot(True, asid))
+
+    def write_guest_from(self, addr: int, src: np.ndarray, asid: int) -> None:
+        pa = self.check(addr, len(src))
+        self._hw.memory.write_from(pa, src, self._hw.key_slot(True, asid))

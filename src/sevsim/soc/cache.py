@@ -28,7 +28,7 @@ domain (processor self-snoop).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import IntEnum
 
 import numpy as np
@@ -256,7 +256,11 @@ class Cache:
         write back the same domain's dirty lines of the range (and drop them for a write);
         with HwEnforcedCacheCoh, write back and drop the other domains' lines too."""
         slots_of_line = self._slots_of_line
-        for line_pa in _lines_of(pa, n):
+        lines: Iterable[int] = _lines_of(pa, n)
+        if len(lines) > len(slots_of_line):  # a big range: look only at what is cached
+            first, end = lines.start, lines.stop
+            lines = sorted(line for line in slots_of_line if first <= line < end)
+        for line_pa in lines:
             if line_pa not in slots_of_line:
                 continue
             if self.coherent:

@@ -28,9 +28,9 @@ class FabricPort:
         self._cache.snoop(pa, len(data), slot, invalidate=True)
         self._memctl.write(pa, data, slot)
 
-    def read_into(self, pa: int, out: np.ndarray, slot: int) -> None:
+    def read_into(self, pa: int, out: np.ndarray, slot: int, invalidate: bool = False) -> None:
         """Bulk form of ``read`` (16-byte aligned range)."""
-        self._cache.snoop(pa, len(out), slot, invalidate=False)
+        self._cache.snoop(pa, len(out), slot, invalidate=invalidate)
         self._memctl.read_into(pa, out, slot)
 
     def write_from(self, pa: int, src: np.ndarray, slot: int) -> None:

@@ -1,0 +1,34 @@
+"""A LAUNCH_SECRET packet from the guest owner (sev-api.md §5.5; sevctl ``secret build``;
+QEMU's sev-inject-launch-secret takes the header and the payload in base64).
+
+The payload is AES-128-CTR(TEK, IV, secret); the header is flags ‖ IV ‖ MAC with
+MAC = HMAC-SHA256(TIK, 0x01 ‖ LE32 flags ‖ IV ‖ LE32 len ‖ LE32 len ‖ payload ‖ MEASURE),
+which binds the packet to the launch whose measurement the owner verified.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sevsim import crypto
+from sevsim.api import commands as cmd
+
+CTX_SECRET = 0x01
+
+
+def build_packet(
+    tek: bytes, tik: bytes, measure: bytes, secret: bytes, iv: bytes | None = None, flags: int = 0
+) -> tuple[bytes, bytes]:
+    """(52-byte header, payload). The secret must be a non-empty multiple of 16 bytes, as
+    the firmware requires (a secrets table is padded to that)."""
+    if not secret or len(secret) % 16:
+        raise ValueError(f"a secret is a non-empty multiple of 16 bytes, not {len(secret)}")
+    if len(measure) != 32:
+        raise ValueError("MEASURE is the first 32 bytes of the launch measurement")
+    iv = os.urandom(16) if iv is None else iv
+    payload = crypto.aes128_ctr(tek, iv, secret)
+    n = crypto.le(len(secret), 4)
+    mac = crypto.hmac_sha256(
+        tik, bytes([CTX_SECRET]) + crypto.le(flags, 4) + iv + n + n + payload + measure
+    )
+    return cmd.PACKET_HEADER.build(flags=flags, iv=iv, mac=mac), payload
