@@ -59,6 +59,7 @@ from sevsim.soc.svm import (
     INTERCEPT_VMMCALL,
     INTERCEPT_VMRUN,
     IOIO_PORT_SHIFT,
+    IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
     NP_ENABLE,
     SEV_ENABLE,
@@ -220,6 +221,37 @@ class Kvm:
         return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}")
 
 
+@dataclass
+class MemSlot:
+    """A range of guest-physical memory backed by host pages (KVM_SET_USER_MEMORY_REGION).
+
+    Pages are populated on first use, like anonymous memory: zeroed through the host's
+    mapping the first time the guest faults on them or the VMM reads or partly writes
+    them (a page the VMM writes whole needs no zeroing)."""
+
+    gpa: int
+    size: int
+    hva: int
+    populated: set[int] = field(default_factory=set)  # page indexes
+
+    def __contains__(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.gpa + self.size
+
+
+class SerialPort:
+    """A 16550 UART as far as a console needs: bytes out of the data port, "idle" in LSR."""
+
+    def __init__(self, sink: bytearray) -> None:
+        self.sink = sink
+
+    def io_out(self, port: int, value: int, size: int) -> None:
+        if port == COM1:
+            self.sink.append(value & 0xFF)
+
+    def io_in(self, port: int, size: int) -> int:
+        return 0x60 if port == COM1_LSR else 0  # LSR: transmitter empty and idle
+
+
 class Vm:
     def __init__(self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str) -> None:
         if memory <= 0 or memory % PAGE_4K:
@@ -238,9 +270,11 @@ class Vm:
         self.shared_ranges: list[tuple[int, int]] = []  # (gpa, npages) the guest made shared
         self.dead: RunExit | None = None
         self.destroyed = False
-        npages = memory // PAGE_4K
-        self.hva = self.kernel.alloc_pages(npages)  # zeroed, like anonymous memory
-        self.hpa = self.kernel.pa(self.hva)
+        self.slots: list[MemSlot] = []
+        self.add_memory(0, memory)
+        # Devices the VMM puts on I/O ports (KVM_EXIT_IO goes to them); the console is COM1.
+        serial = SerialPort(self.console)
+        self.io_ports: dict[int, Any] = dict.fromkeys(range(COM1, COM1 + 8), serial)
         self._npt_frames: list[int] = []
         me_mask = self.kernel.me_mask
         self.npt = PageTables(
@@ -262,27 +296,63 @@ class Vm:
         self._npt_frames.append(pa)
         return pa
 
-    # ---- the hypervisor's view of guest memory (its own mapping, ASID 0) ------------------
-    def _hva_of(self, gpa: int, n: int) -> int:
-        if gpa < 0 or gpa + n > self.memory_size:
+    # ---- guest memory: slots of host pages, seen through the host's own mapping -----------
+    def add_memory(self, gpa: int, size: int) -> MemSlot:
+        """A new memslot of ``size`` bytes at ``gpa`` (physically contiguous host pages)."""
+        if gpa % PAGE_4K or size <= 0 or size % PAGE_4K:
+            raise ValueError("memslots are whole 4 KiB pages")
+        if any(gpa < s.gpa + s.size and s.gpa < gpa + size for s in self.slots):
+            raise ValueError(f"memslot at {gpa:#x} overlaps another")
+        slot = MemSlot(gpa, size, self.kernel.alloc_pages(size // PAGE_4K, zero=False))
+        self.slots.append(slot)
+        return slot
+
+    def slot_of(self, gpa: int, n: int = 1) -> MemSlot | None:
+        for slot in self.slots:
+            if gpa in slot:
+                return slot if gpa + n <= slot.gpa + slot.size else None
+        return None
+
+    def _hva_of(self, gpa: int, n: int, whole_write: bool = False) -> int:
+        """The host address of [gpa, gpa+n), populating its pages (zeroing those that are
+        not about to be overwritten whole)."""
+        slot = self.slot_of(gpa, max(n, 1))
+        if slot is None:
             raise ValueError(f"GPA range {gpa:#x}+{n:#x} is outside guest memory")
-        return self.hva + gpa
+        first = (gpa - slot.gpa) // PAGE_4K
+        last = (gpa - slot.gpa + max(n, 1) - 1) // PAGE_4K
+        for index in range(first, last + 1):
+            if index in slot.populated:
+                continue
+            page_gpa = slot.gpa + index * PAGE_4K
+            covered = whole_write and gpa <= page_gpa and page_gpa + PAGE_4K <= gpa + n
+            if not covered:
+                self.kernel.write(slot.hva + index * PAGE_4K, bytes(PAGE_4K))
+            slot.populated.add(index)
+        return slot.hva + (gpa - slot.gpa)
 
     def read(self, gpa: int, n: int) -> bytes:
         return self.kernel.read(self._hva_of(gpa, n), n)
 
     def write(self, gpa: int, data: bytes) -> None:
-        self.kernel.write(self._hva_of(gpa, len(data)), data)
+        self.kernel.write(self._hva_of(gpa, len(data), whole_write=True), data)
 
     def spa(self, gpa: int) -> int:
-        """The system-physical address backing a GPA (guest memory is contiguous here)."""
-        self._hva_of(gpa, 1)
-        return self.hpa + gpa
+        """The system-physical address backing a GPA."""
+        slot = self.slot_of(gpa)
+        if slot is None:
+            raise ValueError(f"GPA {gpa:#x} is outside guest memory")
+        return self.kernel.pa(slot.hva) + gpa - slot.gpa
 
-    def map_gpa(self, gpa: int) -> None:
-        """Fill the nested page table for one 4 KiB guest page (the #NPF handler)."""
+    def map_gpa(self, gpa: int) -> bool:
+        """The #NPF handler: back one 4 KiB guest page and map it in the nested page table.
+        False when no memslot holds the GPA (MMIO, for a VMM to emulate)."""
         page = gpa & ~0xFFF
-        self.npt.map(page, self.hpa + page, PAGE_4K, NPT_LEAF, encrypted=self.kernel.sme_active)
+        if self.slot_of(page) is None:
+            return False
+        self._hva_of(page, PAGE_4K)
+        self.npt.map(page, self.spa(page), PAGE_4K, NPT_LEAF, encrypted=self.kernel.sme_active)
+        return True
 
     # ---- SEV launch (KVM_SEV_* ioctls) -------------------------------------------------------
     def sev_launch_start(
@@ -320,22 +390,18 @@ class Vm:
     def sev_launch_update_data(self, gpa: int, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA: flush the pages (unless the part keeps the caches
         coherent across keys), then LAUNCH_UPDATE_DATA page by page."""
-        self._hva_of(gpa, length)
-        end = gpa + length
-        while gpa < end:
-            n = min(end, (gpa | 0xFFF) + 1) - gpa
-            if not self.kvm.sme_coherent:
-                for line in range(self.hva + (gpa & ~63), self.hva + gpa + n, 64):
-                    self.kernel.core.clflush(line)
-            status = self.kvm.sev_cmd(
-                Command.LAUNCH_UPDATE_DATA,
-                handle=self.handle,
-                paddr=(self.hpa + gpa) | self.kernel.me_mask,
-                len=n,
-            )
-            if status != Status.SUCCESS:
-                raise KvmError(f"LAUNCH_UPDATE_DATA at GPA {gpa:#x}", status)
-            gpa += n
+        hva = self._hva_of(gpa, length)  # pinned: contiguous host pages, one command
+        if not self.kvm.sme_coherent:
+            for line in range(hva & ~63, hva + length, 64):
+                self.kernel.core.clflush(line)
+        status = self.kvm.sev_cmd(
+            Command.LAUNCH_UPDATE_DATA,
+            handle=self.handle,
+            paddr=self.spa(gpa) | self.kernel.me_mask,
+            len=length,
+        )
+        if status != Status.SUCCESS:
+            raise KvmError(f"LAUNCH_UPDATE_DATA at GPA {gpa:#x}", status)
 
     def sev_launch_measure(self) -> bytes:
         """KVM_SEV_LAUNCH_MEASURE: MEASURE(32) || MNONCE(16)."""
@@ -424,7 +490,8 @@ class Vm:
             self.kvm.asids.free(self.asid)
         for key in [k for k, v in self.kvm._last_vmcb.items() if k[1] == self.asid]:
             del self.kvm._last_vmcb[key]
-        self.kernel.free_pages(self.hva, self.memory_size // PAGE_4K)
+        for slot in self.slots:
+            self.kernel.free_pages(slot.hva, slot.size // PAGE_4K)
         for pa in self._npt_frames:
             self.kernel.free_pages(self.kernel.va(pa))
         self.destroyed = True
@@ -510,8 +577,7 @@ class Vcpu:
         if e.code == EXIT_NPF:
             gpa = e.info2
             self.npfs.append((gpa, e.info1))
-            if gpa < vm.memory_size:
-                vm.map_gpa(gpa)
+            if vm.map_gpa(gpa):
                 return None
             # No memslot: MMIO. KVM cannot decode an SEV guest's encrypted instruction.
             vm.dead = RunExit(
@@ -575,11 +641,15 @@ class Vcpu:
         self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_TYPE_EXCEPTION | GP_VECTOR)
 
     def _ioio(self, info1: int) -> None:
+        """KVM_EXIT_IO: the device on the port handles it; no device reads all ones."""
         port = info1 >> IOIO_PORT_SHIFT & 0xFFFF
+        size = next(n for n, bit in IOIO_SIZE_BITS.items() if info1 & bit)
+        device = self.vm.io_ports.get(port)
         if info1 & IOIO_TYPE_IN:
-            self.regs["rax"] = 0x20 if port == COM1_LSR else 0xFF
-        elif port == COM1:
-            self.vm.console.append(self.regs.get("rax", 0) & 0xFF)
+            value = device.io_in(port, size) if device else (1 << 8 * size) - 1
+            self.regs["rax"] = value
+        elif device:
+            device.io_out(port, self.regs.get("rax", 0), size)
 
     def _hypercall(self) -> None:
         nr = self.regs.get("rax", 0)

@@ -62,7 +62,7 @@ from sevsim.soc.svm import (
     INTERCEPT_VMMCALL,
     INTERCEPT_WBINVD,
     IOIO_PORT_SHIFT,
-    IOIO_SZ8,
+    IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
     NP_ENABLE,
     NPF_FINAL_GPA,
@@ -346,20 +346,28 @@ class GuestVcpu:
         self._trap(Exit(EXIT_VMMCALL, detail={"nr": nr, "args": args}))
         return self.regs.get("rax", 0)
 
-    def outb(self, port: int, value: int) -> None:
-        """OUT to an I/O port (a serial console, say): the hypervisor sees the byte."""
+    def out(self, port: int, value: int, size: int = 1) -> None:
+        """OUT of 1, 2 or 4 bytes to an I/O port: the hypervisor sees the value."""
         if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
             raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
-        self.regs["rax"] = value & 0xFF
-        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SZ8
-        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port, "value": value & 0xFF}))
+        value &= (1 << 8 * size) - 1
+        self.regs["rax"] = value
+        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SIZE_BITS[size]
+        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port, "value": value}))
+
+    def in_(self, port: int, size: int = 1) -> int:
+        """IN of 1, 2 or 4 bytes from an I/O port, as the hypervisor answers it."""
+        if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
+            raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
+        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SIZE_BITS[size] | IOIO_TYPE_IN
+        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port}))
+        return self.regs.get("rax", 0) & ((1 << 8 * size) - 1)
+
+    def outb(self, port: int, value: int) -> None:
+        self.out(port, value, 1)
 
     def inb(self, port: int) -> int:
-        if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
-            raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
-        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SZ8 | IOIO_TYPE_IN
-        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port}))
-        return self.regs.get("rax", 0) & 0xFF
+        return self.in_(port, 1)
 
     def rdrand64(self) -> int:
         """RDRAND: the core's random-number generator (not intercepted)."""

@@ -127,10 +127,13 @@ EXIT_NAMES = {
     EXIT_INVALID: "INVALID",
 }
 
-# IOIO EXITINFO1 (APM vol. 2 §15.10.2): bit 0 direction (1 = IN), bit 4 8-bit operand,
-# bits 31:16 the port.
+# IOIO EXITINFO1 (APM vol. 2 §15.10.2): bit 0 direction (1 = IN), bits 4/5/6 an 8/16/32-bit
+# operand, bits 31:16 the port.
 IOIO_TYPE_IN = 1 << 0
 IOIO_SZ8 = 1 << 4
+IOIO_SZ16 = 1 << 5
+IOIO_SZ32 = 1 << 6
+IOIO_SIZE_BITS = {1: IOIO_SZ8, 2: IOIO_SZ16, 4: IOIO_SZ32}
 IOIO_PORT_SHIFT = 16
 
 # #NPF EXITINFO1 bits above the page-fault error code (hardware.md §8.5)
