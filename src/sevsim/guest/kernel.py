@@ -97,17 +97,20 @@ class GuestReport:
 
 
 class GuestKernel:
-    def __init__(self, vcpu: GuestVcpu) -> None:
+    def __init__(
+        self, vcpu: GuestVcpu, params: dict[str, str] | None = None, data_base: int = DATA_BASE
+    ) -> None:
+        """``params``: the configuration, when it does not come from the boot-params page."""
         self.vcpu = vcpu
         self.cpu = vcpu.cpuid(1)[1] >> 24  # initial APIC id
-        self.params = parse_cmdline(self._read_cmdline())
+        self.params = parse_cmdline(self._read_cmdline()) if params is None else params
         self.memory_size = int(self.params.get("mem", 4 << 20))
         self.me_mask = 0
         self.sev_status = 0
         self.coherent = False
         self.tables: PageTables | None = None
         self._next_pgt = PGT_BASE
-        self._next_data = DATA_BASE
+        self._next_data = data_base
 
     def _read_cmdline(self) -> str:
         raw = self.vcpu.read(BOOT_PARAMS, PAGE_4K)
@@ -152,14 +155,16 @@ class GuestKernel:
         pa, self._next_data = self._next_data, self._next_data + PAGE_4K
         return pa
 
-    def setup_paging(self) -> None:
-        """Identity-map guest memory (C-bit on everything when SEV is active), enter long mode."""
+    def setup_paging(self, extra: tuple[tuple[int, int], ...] = ()) -> None:
+        """Identity-map guest memory and the ``extra`` (base, size) ranges (C-bit on
+        everything when SEV is active), and enter long mode."""
         vcpu = self.vcpu
         tables = PageTables(
             VcpuWindow(vcpu), self._pgt_page, me_mask=self.me_mask, encrypted_tables=True
         )
         size = -(-self.memory_size // PAGE_2M) * PAGE_2M
-        tables.map_range(0, 0, size, PAGE_KERNEL_EXEC, encrypted=self.sev_active)
+        for base, length in ((0, size), *extra):
+            tables.map_range(base, base, length, PAGE_KERNEL_EXEC, encrypted=self.sev_active)
         self.enter_long_mode(tables.cr3())
         self.tables = tables
 

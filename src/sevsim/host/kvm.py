@@ -420,6 +420,76 @@ class Vm:
         finally:
             kernel.free_pages(va)
 
+    def _kernel_buffer(self, data: bytes) -> tuple[int, int]:
+        """Copy ioctl data into a kernel buffer (psp_copy_user_blob): (va, pages)."""
+        pages = max(1, -(-len(data) // PAGE_4K))
+        va = self.kernel.alloc_pages(pages)
+        self.kernel.write(va, data)
+        return va, pages
+
+    def sev_launch_secret(self, header: bytes, payload: bytes, gpa: int) -> None:
+        """KVM_SEV_LAUNCH_SECRET: the packet goes to the firmware from kernel buffers; the
+        target is the guest page's host address with the C-bit (sev_me_mask)."""
+        hva = self._hva_of(gpa, len(payload))  # pins (populates) the guest pages
+        if not self.kvm.sme_coherent:
+            for line in range(hva & ~63, hva + len(payload), 64):
+                self.kernel.core.clflush(line)
+        buffers = [self._kernel_buffer(header), self._kernel_buffer(payload)]
+        psp_pa = self.kvm.sev.psp_pa
+        try:
+            status = self.kvm.sev_cmd(
+                Command.LAUNCH_SECRET,
+                handle=self.handle,
+                hdr_paddr=psp_pa(buffers[0][0]),
+                hdr_len=len(header),
+                guest_paddr=self.spa(gpa) | self.kernel.me_mask,
+                guest_len=len(payload),
+                trans_paddr=psp_pa(buffers[1][0]),
+                trans_len=len(payload),
+            )
+        finally:
+            for va, pages in buffers:
+                self.kernel.free_pages(va, pages)
+        if status != Status.SUCCESS:
+            raise KvmError("LAUNCH_SECRET", status)
+
+    def sev_attestation_report(self, mnonce: bytes) -> bytes:
+        """KVM_SEV_GET_ATTESTATION_REPORT: the PEK-signed report (0xD0 bytes)."""
+        va = self.kernel.alloc_pages(1)
+        try:
+            status, _ = self.kvm.sev_cmd_out(
+                Command.ATTESTATION,
+                handle=self.handle,
+                paddr=self.kvm.sev.psp_pa(va),
+                mnonce=mnonce,
+                len=cmd.ATTESTATION_REPORT.size,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError("ATTESTATION", status)
+            return self.kernel.read(va, cmd.ATTESTATION_REPORT.size)
+        finally:
+            self.kernel.free_pages(va)
+
+    def sev_dbg_decrypt(self, gpa: int, length: int) -> bytes:
+        """KVM_SEV_DBG_DECRYPT (what a debugger attached to the VMM uses): in 16-byte
+        granules, through a kernel bounce page."""
+        start, end = gpa & ~15, (gpa + length + 15) & ~15
+        va = self.kernel.alloc_pages(max(1, -(-(end - start) // PAGE_4K)))
+        try:
+            self._hva_of(start, end - start)
+            status = self.kvm.sev_cmd(
+                Command.DBG_DECRYPT,
+                handle=self.handle,
+                src_paddr=self.spa(start) | self.kernel.me_mask,
+                dst_paddr=self.kvm.sev.psp_pa(va),
+                len=end - start,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError("DBG_DECRYPT", status)
+            return self.kernel.read(va + gpa - start, length)
+        finally:
+            self.kernel.free_pages(va, max(1, -(-(end - start) // PAGE_4K)))
+
     def sev_launch_finish(self) -> None:
         status = self.kvm.sev_cmd(Command.LAUNCH_FINISH, handle=self.handle)
         if status != Status.SUCCESS:

@@ -1,0 +1,370 @@
+"""A VMM in the manner of QEMU: one SEV guest, its firmware, fw_cfg, a console, and the
+launch sequence QEMU drives (Linux target/i386/sev.c and hw/i386 in QEMU, read for facts).
+
+The sequence, as QEMU runs it with ``-S``: LAUNCH_START (with the owner's GODH and session
+files, base64) and ACTIVATE; the firmware image mapped to end at 4 GiB and encrypted and
+measured whole with LAUNCH_UPDATE_DATA; with ``--kernel``, the SEV hashes table written
+into the area the firmware's footer table names and measured too; LAUNCH_MEASURE; then
+the VM waits, paused, while the owner checks the measurement and injects secrets;
+``cont`` does LAUNCH_FINISH and runs the vCPUs.
+
+Everything here is host software: it sees the guest's memory only through its own
+mappings, and the guest's secrets never pass through it in the clear.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sevsim.api import fwcfg, guidtable, ovmf
+from sevsim.host.kvm import COM1, Kvm, KvmError, RunExit, SerialPort, Vm
+from sevsim.system import HostSystem
+
+MIN_MEMORY = 16 << 20
+SEV_STATES = {
+    0: "uninit",
+    1: "launch-update",
+    2: "launch-secret",
+    3: "running",
+    4: "send-update",
+    5: "receive-update",
+}
+
+
+class VmmError(RuntimeError):
+    """A VM could not be set up or a request could not be carried out."""
+
+
+@dataclass
+class VmConfig:
+    firmware: Path
+    memory: int = 512 << 20
+    smp: int = 1
+    policy: int = 0x1  # QEMU's default: no debugging
+    dh_cert_file: Path | None = None
+    session_file: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    console: Path | None = None
+
+
+class FwCfgDevice:
+    """QEMU's fw_cfg on its I/O ports: the traditional interface and DMA. DMA descriptors
+    and buffers are read and written through the VMM's mapping of guest memory, so an SEV
+    guest must put them in pages it has shared."""
+
+    def __init__(self, vm: Vm, items: dict[int, bytes]) -> None:
+        self.vm = vm
+        self.items = items
+        self.selected = 0
+        self.offset = 0
+        self.dma_high = 0
+
+    def _select(self, key: int) -> None:
+        self.selected, self.offset = key, 0
+
+    def _read(self, n: int) -> bytes:
+        data = self.items.get(self.selected, b"")[self.offset : self.offset + n]
+        self.offset += n
+        return data.ljust(n, b"\0")
+
+    def io_out(self, port: int, value: int, size: int) -> None:
+        if port == fwcfg.PORT_SELECTOR:
+            self._select(value & 0xFFFF)
+        elif port == fwcfg.PORT_DMA_HIGH:
+            self.dma_high = int.from_bytes(value.to_bytes(4, "little"), "big")
+        elif port == fwcfg.PORT_DMA_LOW:
+            low = int.from_bytes(value.to_bytes(4, "little"), "big")
+            self._dma(self.dma_high << 32 | low)
+
+    def io_in(self, port: int, size: int) -> int:
+        if port == fwcfg.PORT_DATA:
+            return self._read(1)[0]
+        return (1 << 8 * size) - 1
+
+    def _dma(self, address: int) -> None:
+        vm = self.vm
+        try:
+            control, length, target = fwcfg.DMA_DESCRIPTOR.unpack(vm.read(address, 16))
+            if control & fwcfg.DMA_SELECT:
+                self._select(control >> 16)
+            if control & fwcfg.DMA_READ:
+                vm.write(target, self._read(length))
+            elif control & fwcfg.DMA_SKIP:
+                self.offset += length
+            result = 0
+        except ValueError:  # a descriptor or buffer outside guest memory
+            result = fwcfg.DMA_ERROR
+        try:
+            vm.write(address, result.to_bytes(4, "big"))
+        except ValueError:
+            pass
+
+
+class ConsoleFile(SerialPort):
+    """The serial console, also written line by line to a log file."""
+
+    def __init__(self, sink: bytearray, path: Path | None) -> None:
+        super().__init__(sink)
+        self.file = None if path is None else open(path, "ab", buffering=0)  # noqa: SIM115
+
+    def io_out(self, port: int, value: int, size: int) -> None:
+        super().io_out(port, value, size)
+        if port == COM1 and self.file is not None and value & 0xFF == ord("\n"):
+            line = self.sink[self.sink.rfind(b"\n", 0, len(self.sink) - 1) + 1 :]
+            self.file.write(bytes(line))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@dataclass
+class Vmm:
+    system: HostSystem
+    config: VmConfig
+    status: str = "prelaunch"  # QMP's RunState: prelaunch, running, paused, shutdown
+    measurement: bytes = b""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    exits: list[RunExit] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.lock = threading.RLock()  # one actor on the machine at a time
+        self._runner: threading.Thread | None = None
+        self._running = threading.Event()  # clear while paused
+        self.firmware = Path(self.config.firmware).read_bytes()
+        self.table = ovmf.parse_table(self.firmware)
+        self.kvm = Kvm(self.system.kernel, self.system.sev)
+        self.vm: Vm | None = None
+        self.console: ConsoleFile | None = None
+
+    # ---- start, paused (QEMU -S) ---------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.memory < MIN_MEMORY or cfg.memory % 4096:
+            raise VmmError(f"--memory must be a multiple of 4 KiB of at least {MIN_MEMORY >> 20}M")
+        if not self.firmware or len(self.firmware) % 4096:
+            raise VmmError("the firmware image must be a non-empty multiple of 4 KiB")
+        if len(self.firmware) > 16 << 20:
+            raise VmmError("a flash image larger than 16 MiB does not fit below 4 GiB here")
+        if (cfg.dh_cert_file is None) != (cfg.session_file is None):
+            raise VmmError("dh-cert-file and session-file go together")
+        entry = ovmf.reset_address(self.table)
+        if entry is None:
+            raise VmmError("the firmware has no SEV reset block: no entry point for the vCPUs")
+        try:
+            vm = self.vm = self.kvm.create_vm(cfg.memory, vcpus=cfg.smp, sev=True, name="vm")
+        except KvmError as exc:
+            raise VmmError(f"cannot create the SEV guest: {exc}") from None
+        flash = ovmf.flash_base(len(self.firmware))
+        vm.add_memory(flash, len(self.firmware))
+        vm.write(flash, self.firmware)
+        self.console = ConsoleFile(vm.console, cfg.console)
+        for port in range(COM1, COM1 + 8):
+            vm.io_ports[port] = self.console
+        device = FwCfgDevice(vm, self._fw_cfg_items())
+        for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
+            vm.io_ports[port] = device
+        for vcpu in vm.vcpus:
+            vcpu.set_vmcb(rip=entry)
+        godh = session = None
+        if cfg.dh_cert_file is not None:
+            godh = _read_base64(cfg.dh_cert_file, "dh-cert-file")
+            session = _read_base64(cfg.session_file, "session-file")
+        try:
+            vm.sev_launch_start(cfg.policy, godh, session)
+            vm.sev_launch_update_data(flash, len(self.firmware))
+            if cfg.kernel is not None:
+                self._measure_kernel_hashes(vm)
+            self.measurement = vm.sev_launch_measure()
+        except KvmError as exc:
+            raise VmmError(f"sev_launch: {exc}") from None
+
+    def _fw_cfg_items(self) -> dict[int, bytes]:
+        cfg = self.config
+        kernel = Path(cfg.kernel).read_bytes() if cfg.kernel else b""
+        initrd = Path(cfg.initrd).read_bytes() if cfg.initrd else b""
+        cmdline = (cfg.append or "").encode() + b"\0" if cfg.kernel else b""
+        return {
+            fwcfg.SIGNATURE: b"QEMU",
+            fwcfg.ID: (fwcfg.FEATURE_TRADITIONAL | fwcfg.FEATURE_DMA).to_bytes(4, "little"),
+            fwcfg.RAM_SIZE: cfg.memory.to_bytes(8, "little"),
+            fwcfg.NB_CPUS: cfg.smp.to_bytes(2, "little"),
+            fwcfg.KERNEL_SIZE: len(kernel).to_bytes(4, "little"),
+            fwcfg.KERNEL_DATA: kernel,
+            fwcfg.INITRD_SIZE: len(initrd).to_bytes(4, "little"),
+            fwcfg.INITRD_DATA: initrd,
+            fwcfg.CMDLINE_SIZE: len(cmdline).to_bytes(4, "little"),
+            fwcfg.CMDLINE_DATA: cmdline,
+        }
+
+    def _measure_kernel_hashes(self, vm: Vm) -> None:
+        """QEMU's kernel-hashes: the padded SEV hashes table, written into the firmware's
+        hashes area and measured with LAUNCH_UPDATE_DATA."""
+        area = ovmf.area(self.table, ovmf.SEV_HASH_TABLE_RV_GUID)
+        if area is None:
+            raise VmmError("SEV: kernel specified but the guest firmware has no hashes table GUID")
+        cfg = self.config
+        table = guidtable.sev_hashes_table(
+            Path(cfg.kernel).read_bytes(),
+            Path(cfg.initrd).read_bytes() if cfg.initrd else b"",
+            cfg.append or "",
+        )
+        if len(table) > area[1]:
+            raise VmmError("SEV: the hashes table does not fit the firmware's hashes area")
+        vm.write(area[0], table)
+        vm.sev_launch_update_data(area[0], len(table))
+
+    # ---- what QMP asks ---------------------------------------------------------------------
+    def guest_state(self) -> str:
+        with self.lock:
+            status = self.vm.sev_guest_status() if self.vm and self.vm.handle else None
+        return SEV_STATES.get(status.state if status else 0, "uninit")
+
+    def query_sev(self) -> dict[str, Any]:
+        major, minor, build = self.system.sev.api_version or (0, 0, 0)
+        return {
+            "enabled": True,
+            "api-major": major,
+            "api-minor": minor,
+            "build-id": build,
+            "policy": self.config.policy,
+            "state": self.guest_state(),
+            "handle": self.vm.handle if self.vm else 0,
+            "sev-type": "sev",
+        }
+
+    def query_launch_measure(self) -> dict[str, str]:
+        if not self.measurement:
+            raise VmmError("SEV launch measurement is not available")
+        return {"data": base64.b64encode(self.measurement).decode()}
+
+    def query_capabilities(self) -> dict[str, Any]:
+        with self.lock:
+            result = self.system.sev.pdh_cert_export()
+            chip = self.system.sev.get_id2()
+        if not result.ok or not chip.ok:
+            raise VmmError(f"SEV: could not read the platform's certificates: {result.explain()}")
+        ebx = self.system.kernel.core.cpuid(0x8000_001F)[1]
+        return {
+            "pdh": base64.b64encode(result.data["pdh"]).decode(),
+            "cert-chain": base64.b64encode(result.data["chain"]).decode(),
+            "cpu0-id": base64.b64encode(chip.data["id"]).decode(),
+            "cbitpos": ebx & 0x3F,
+            "reduced-phys-bits": ebx >> 6 & 0x3F,
+        }
+
+    def inject_secret(self, header_b64: str, secret_b64: str, gpa: int | None) -> None:
+        header = _decode("packet-header", header_b64)
+        payload = _decode("secret", secret_b64)
+        if self.guest_state() != "launch-secret":
+            raise VmmError("SEV: Not in correct state")
+        if gpa is None:
+            area = ovmf.area(self.table, ovmf.SEV_SECRET_GUID)
+            if area is None:
+                raise VmmError("SEV: no secret area found in OVMF, gpa must be specified.")
+            gpa = area[0]
+        with self.lock:
+            try:
+                self.vm.sev_launch_secret(header, payload, gpa)
+            except (KvmError, ValueError) as exc:
+                raise VmmError(f"SEV: failed to inject secret: {exc}") from None
+
+    def attestation_report(self, mnonce_b64: str) -> dict[str, str]:
+        mnonce = _decode("mnonce", mnonce_b64)
+        if len(mnonce) != 16:
+            raise VmmError("SEV: mnonce must be 16 bytes")
+        with self.lock:
+            try:
+                report = self.vm.sev_attestation_report(mnonce)
+            except KvmError as exc:
+                raise VmmError(f"SEV: failed to get the attestation report: {exc}") from None
+        return {"data": base64.b64encode(report).decode()}
+
+    # ---- run state -------------------------------------------------------------------------
+    def cont(self) -> None:
+        with self.lock:
+            if self.status == "shutdown":
+                raise VmmError("the guest has shut down")
+            if self.status == "prelaunch":
+                try:
+                    self.vm.sev_launch_finish()  # QEMU: when the VM first runs
+                except KvmError as exc:
+                    raise VmmError(f"sev_launch_finish: {exc}") from None
+            if self.status == "running":
+                return
+            self.status = "running"
+            self._running.set()
+        self._emit("RESUME", {})
+        if self._runner is None:
+            self._runner = threading.Thread(target=self._run_vcpus, name="vcpus", daemon=True)
+            self._runner.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.status == "running":
+                self.status = "paused"
+                self._running.clear()
+        self._emit("STOP", {})
+
+    def _run_vcpus(self) -> None:
+        vm = self.vm
+        done: set[int] = set()
+        while len(done) < len(vm.vcpus):
+            for vcpu in vm.vcpus:
+                if vcpu.index in done:
+                    continue
+                self._running.wait()
+                with self.lock:
+                    if self.status == "shutdown":
+                        return
+                    exit_ = vcpu.run()
+                if exit_.reason != "HLT":
+                    done.add(vcpu.index)
+                    self.exits.append(exit_)
+                if vm.dead is not None:
+                    with self.lock:
+                        self.status = "shutdown"
+                    self._emit("SHUTDOWN", {"guest": True, "reason": "guest-reset"})
+                    return
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every vCPU has finished or the guest died (True), or the timeout."""
+        if self._runner is None:
+            return False
+        self._runner.join(timeout)
+        return not self._runner.is_alive()
+
+    def quit(self) -> None:
+        with self.lock:
+            self.status = "shutdown"
+            self._running.set()  # let a paused runner see the shutdown
+            if self.vm is not None and not self.vm.destroyed:
+                self.vm.destroy()
+            if self.console is not None:
+                self.console.close()
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        self.events.append({"event": event, "data": data})
+
+    def console_text(self) -> str:
+        return self.vm.console_text() if self.vm else ""
+
+
+def _decode(what: str, text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise VmmError(f"{what}: not valid base64") from None
+
+
+def _read_base64(path: Path, what: str) -> bytes:
+    try:
+        return _decode(what, Path(path).read_text().strip())
+    except OSError as exc:
+        raise VmmError(f"{what}: {exc}") from None
