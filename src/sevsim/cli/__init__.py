@@ -17,6 +17,7 @@ from sevsim.cli.info import info
 from sevsim.cli.owner import owner
 from sevsim.cli.platform import platform
 from sevsim.cli.verify import verify_chain_cmd
+from sevsim.cli.vm import vm
 
 
 @click.group(
@@ -37,6 +38,7 @@ cli.add_command(bench)
 cli.add_command(platform)
 cli.add_command(owner)
 cli.add_command(verify_chain_cmd)
+cli.add_command(vm)
 
 
 def main(argv: list[str] | None = None) -> None:

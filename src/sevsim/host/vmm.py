@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class ConsoleFile(SerialPort):
 
     def __init__(self, sink: bytearray, path: Path | None) -> None:
         super().__init__(sink)
-        self.file = None if path is None else open(path, "ab", buffering=0)  # noqa: SIM115
+        self.file = None if path is None else open(path, "wb", buffering=0)  # noqa: SIM115
 
     def io_out(self, port: int, value: int, size: int) -> None:
         super().io_out(port, value, size)
@@ -132,6 +133,7 @@ class Vmm:
     measurement: bytes = b""
     events: list[dict[str, Any]] = field(default_factory=list)
     exits: list[RunExit] = field(default_factory=list)
+    on_event: Callable[[str, dict[str, Any]], None] | None = None  # e.g. the QMP server
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()  # one actor on the machine at a time
@@ -351,6 +353,8 @@ class Vmm:
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         self.events.append({"event": event, "data": data})
+        if self.on_event is not None:
+            self.on_event(event, data)
 
     def console_text(self) -> str:
         return self.vm.console_text() if self.vm else ""

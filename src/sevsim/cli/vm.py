@@ -1,0 +1,234 @@
+"""``sevsim vm``: run an SEV guest the way QEMU does, and make its firmware image."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sevsim.certs.sev import CertError
+from sevsim.cli.options import json_option
+from sevsim.cli.platform import _platform_options
+from sevsim.fsutil import LockBusy, atomic_write
+from sevsim.guest import firmware as guest_firmware
+from sevsim.host.qmp import QmpClient, QmpError, QmpServer, socket_path
+from sevsim.host.vmm import VmConfig, Vmm, VmmError
+from sevsim.paths import default_state_dir
+from sevsim.profiles import get_profile
+from sevsim.soc.machine import PlatformMismatch
+from sevsim.system import HostSystem, PlatformError
+
+SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str, what: str) -> int:
+    """QEMU-style sizes: 512M, 2G, 65536 (bytes; a bare number of 1..65535 means MiB, as
+    QEMU's -m does)."""
+    value = text.strip().upper()
+    try:
+        if value and value[-1] in SIZE_SUFFIXES:
+            return int(value[:-1]) * SIZE_SUFFIXES[value[-1]]
+        number = int(value)
+    except ValueError:
+        raise click.UsageError(f"{what}: not a size: {text!r} (e.g. 512M, 2G)") from None
+    return number << 20 if number < 1 << 16 else number
+
+
+@click.group()
+def vm() -> None:
+    """Run an SEV guest like QEMU (launch, QMP, measured boot) and build its firmware."""
+
+
+@vm.command("firmware")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--size", default="2M", show_default=True, help="Image size (a 4 KiB multiple).")
+@json_option
+def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
+    """Write the model's guest firmware image (OVMF's role): a firmware-sized volume, the
+    model firmware's code, and an OVMF footer table with its entry point, secret area
+    and kernel-hashes area. Give it to `vm run --bios` and to `owner measure --firmware`."""
+    try:
+        image = guest_firmware.build_image(parse_size(size, "--size"))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    atomic_write(out, image, 0o644)
+    if as_json:
+        click.echo(json.dumps({"firmware": str(out), "size": len(image)}))
+    else:
+        click.echo(f"Guest firmware ({len(image)} bytes) written to {out}.")
+
+
+@vm.command("run")
+@_platform_options
+@click.option(
+    "--bios",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The firmware image (e.g. from 'sevsim vm firmware'); mapped to end at 4 GiB.",
+)
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--append", help="The kernel command line.")
+@click.option("--memory", "-m", default="512M", show_default=True, help="Guest RAM.")
+@click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64), help="vCPUs.")
+@click.option(
+    "--sev-policy", default="0x1", show_default=True, help="The guest policy (decimal or 0x...)."
+)
+@click.option(
+    "--dh-cert-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The owner's GODH certificate, base64 (NAME_godh.b64 from 'owner session').",
+)
+@click.option(
+    "--session-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The owner's session blob, base64 (NAME_session.b64).",
+)
+@click.option(
+    "--qmp",
+    help="A QMP server on unix:PATH. The guest then starts paused after LAUNCH_MEASURE, as "
+    "QEMU with -S: query the measurement, inject secrets, then 'cont'. Without --qmp it "
+    "runs at once and the command returns when the guest has finished.",
+)
+@click.option(
+    "--console",
+    "console_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Log the guest's serial console here [default: <state>/vm-console.log].",
+)
+@click.option("--daemonize", is_flag=True, help="Detach once the VM is ready (needs --qmp).")
+@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path))
+def run_cmd(**opts: Any) -> None:
+    """Launch an SEV guest on the platform in the state directory, the way QEMU does: the
+    guest is created with LAUNCH_START (with the owner's session when given), the firmware
+    — and with --kernel the SEV hashes table — encrypted and measured, then it waits for
+    'cont' on QMP."""
+    if opts["daemonize"] and not opts["qmp"]:
+        raise click.UsageError("--daemonize needs --qmp: a detached VM must be reachable")
+    try:
+        qmp_path = socket_path(opts["qmp"]) if opts["qmp"] else None
+        policy = int(opts["sev_policy"], 0)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    profile = get_profile(opts["profile_name"])
+    state = opts["state"] or default_state_dir(profile.name)
+    config = VmConfig(
+        firmware=opts["bios"],
+        memory=parse_size(opts["memory"], "--memory"),
+        smp=opts["smp"],
+        policy=policy,
+        dh_cert_file=opts["dh_cert_file"],
+        session_file=opts["session_file"],
+        kernel=opts["kernel"],
+        initrd=opts["initrd"],
+        append=opts["append"],
+        console=opts["console_path"] or Path(state) / "vm-console.log",
+    )
+    if (config.initrd or config.append is not None) and not config.kernel:
+        raise click.UsageError("--initrd and --append go with --kernel")
+    try:
+        system = HostSystem.start(profile, state_dir=state, nv_file=opts["nv_file"])
+    except (PlatformError, LockBusy, PlatformMismatch, CertError) as exc:
+        raise click.ClickException(str(exc)) from None
+    vmm = Vmm(system, config)
+    try:
+        vmm.start()
+    except VmmError as exc:
+        vmm.quit()
+        system.close()
+        raise click.ClickException(str(exc)) from None
+    if qmp_path is None:
+        _run_to_completion(vmm, system, opts["as_json"])
+        return
+    if opts["daemonize"]:
+        _daemonize(opts["pidfile"])
+    elif opts["pidfile"]:
+        atomic_write(opts["pidfile"], f"{os.getpid()}\n".encode(), 0o644)
+    server = QmpServer(vmm, qmp_path)
+    if opts["daemonize"]:
+        _signal_ready()
+    else:
+        click.echo(f"SEV guest paused after LAUNCH_MEASURE; QMP on {qmp_path}", err=True)
+    signal.signal(signal.SIGTERM, lambda *_: server.done.set())
+    try:
+        server.serve_forever()
+    finally:
+        vmm.quit()
+        system.close()
+        if opts["pidfile"]:
+            Path(opts["pidfile"]).unlink(missing_ok=True)
+
+
+def _run_to_completion(vmm: Vmm, system: HostSystem, as_json: bool) -> None:
+    try:
+        vmm.cont()
+        vmm.wait_idle()
+        exits = [{"reason": e.reason, "detail": e.detail} for e in vmm.exits]
+        text = vmm.console_text()
+        measurement = vmm.query_launch_measure()["data"]
+    finally:
+        vmm.quit()
+        system.close()
+    if as_json:
+        click.echo(json.dumps({"measurement": measurement, "exits": exits, "console": text}))
+    else:
+        click.echo(f"launch measurement: {measurement}")
+        click.echo(text, nl=False)
+        for e in exits:
+            if e["reason"] != "DONE":
+                click.echo(f"vCPU stopped: {e['reason']} {e['detail']}")
+
+
+@vm.command("qmp")
+@click.argument("socket_spec", metavar="SOCKET")
+@click.argument("command")
+@click.argument("arguments", required=False)
+def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
+    """Send one QMP command to a running VM and print its return value as JSON, e.g.
+    `sevsim vm qmp unix:qmp.sock query-sev-launch-measure` or
+    `sevsim vm qmp qmp.sock sev-inject-launch-secret '{"packet-header": ..., "secret": ...}'`."""
+    try:
+        args = json.loads(arguments) if arguments else {}
+        if not isinstance(args, dict):
+            raise ValueError("ARGUMENTS must be a JSON object")
+        client = QmpClient(socket_path(socket_spec))
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        click.echo(json.dumps(client.execute(command, **args), indent=2))
+    except QmpError as exc:
+        raise click.ClickException(f"{exc.error_class}: {exc}") from None
+    finally:
+        client.close()
+
+
+# ---- --daemonize: the parent returns once the child is ready, as QEMU's does -------------
+_ready_fd: int | None = None
+
+
+def _daemonize(pidfile: Path | None) -> None:
+    global _ready_fd
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        ok = os.read(read_fd, 1) == b"1"
+        os._exit(0 if ok else 1)
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    _ready_fd = write_fd
+    if pidfile:
+        atomic_write(pidfile, f"{os.getpid()}\n".encode(), 0o644)
+
+
+def _signal_ready() -> None:
+    if _ready_fd is not None:
+        os.write(_ready_fd, b"1")
+        os.close(_ready_fd)
