@@ -1,0 +1,207 @@
+"""Launch attestation across processes, as it happens for real: a platform, a VM daemon
+driven over QMP, and a guest owner who only ever handles files and base64 strings."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sevsim.guest.firmware import ready_tag
+from sevsim.host.qmp import QmpClient, QmpError
+
+SECRET = b"correct horse battery staple"
+SECRET_GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"
+
+
+def sevsim(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sevsim", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sevsim {' '.join(args)} failed: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    yield tmp_path
+    pidfile = tmp_path / "vm.pid"
+    if pidfile.exists():  # a daemon left behind by a failed test
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_launch_attestation_end_to_end(workdir):
+    d = workdir
+    state = str(d / "platform")
+    sevsim("vm", "firmware", "OVMF.fd", cwd=d)  # 2 MiB
+    assert (d / "OVMF.fd").stat().st_size == 2 << 20
+    sevsim("platform", "export", "--state", state, "chain.cert", cwd=d)
+    sevsim("owner", "session", "--name", "vm", "chain.cert", "0x1", cwd=d)
+    run = sevsim(
+        "vm",
+        "run",
+        "--state",
+        state,
+        "--bios",
+        "OVMF.fd",
+        "--memory",
+        "64M",
+        "--smp",
+        "2",
+        "--sev-policy",
+        "0x1",
+        "--dh-cert-file",
+        "vm_godh.b64",
+        "--session-file",
+        "vm_session.b64",
+        "--qmp",
+        f"unix:{d / 'qmp.sock'}",
+        "--console",
+        "console.log",
+        "--daemonize",
+        "--pidfile",
+        "vm.pid",
+        cwd=d,
+    )
+    assert run.returncode == 0  # the parent returned once the VM was ready
+    pid = int((d / "vm.pid").read_text())
+    client = QmpClient(d / "qmp.sock")
+    try:
+        info = client.execute("query-sev")
+        assert info["state"] == "launch-secret"
+        assert client.execute("query-status")["status"] == "prelaunch"
+        blob = client.execute("query-sev-launch-measure")["data"]
+        check = sevsim(
+            "owner",
+            "measure",
+            "--firmware",
+            "OVMF.fd",
+            "--policy",
+            "0x1",
+            "--api-major",
+            str(info["api-major"]),
+            "--api-minor",
+            str(info["api-minor"]),
+            "--build-id",
+            str(info["build-id"]),
+            "--tik",
+            "vm_tik.bin",
+            "--measurement",
+            blob,
+            "--json",
+            cwd=d,
+        )
+        assert json.loads(check.stdout)["match"] is True
+        (d / "secret.txt").write_bytes(SECRET)
+        sevsim(
+            "owner",
+            "secret",
+            "--measurement",
+            blob,
+            "--tik",
+            "vm_tik.bin",
+            "--tek",
+            "vm_tek.bin",
+            "--secret",
+            "secret.txt",
+            "--guid",
+            SECRET_GUID,
+            "--out-header",
+            "header.b64",
+            "--out-payload",
+            "payload.b64",
+            cwd=d,
+        )
+        header = (d / "header.b64").read_text()
+        payload = (d / "payload.b64").read_text()
+        bad = bytearray(base64.b64decode(header))
+        bad[30] ^= 1
+        with pytest.raises(QmpError, match="BAD_MEASUREMENT"):
+            client.execute(
+                "sev-inject-launch-secret",
+                **{"packet-header": base64.b64encode(bytes(bad)).decode(), "secret": payload},
+            )
+        client.execute("sev-inject-launch-secret", **{"packet-header": header, "secret": payload})
+        client.execute("cont")
+        log = _wait_for(d / "console.log", "firmware done")
+        assert f"secret {SECRET_GUID}" in log
+        assert ready_tag(SECRET) in log  # the guest holds the owner's secret
+        assert SECRET.decode() not in log
+        assert client.execute("query-sev")["state"] == "running"
+        client.execute("quit")
+    finally:
+        client.close()
+    _wait_gone(pid)
+    # The owner's TEK and TIK appear nowhere but in their own files.
+    keys = [(d / "vm_tek.bin").read_bytes(), (d / "vm_tik.bin").read_bytes()]
+    traffic = "".join(client.received).encode()
+    for key in keys:
+        assert key not in traffic and base64.b64encode(key) not in traffic
+        for path in d.rglob("*"):
+            if path.is_file() and path.name not in ("vm_tek.bin", "vm_tik.bin"):
+                assert key not in path.read_bytes(), path
+
+
+def test_a_wrong_policy_stops_the_launch(workdir):
+    d = workdir
+    state = str(d / "platform")
+    sevsim("vm", "firmware", "fw.fd", "--size", "64K", cwd=d)
+    sevsim("platform", "export", "--state", state, "chain.cert", cwd=d)
+    sevsim("owner", "session", "--name", "vm", "chain.cert", "0x1", cwd=d)
+    run = sevsim(
+        "vm",
+        "run",
+        "--state",
+        state,
+        "--bios",
+        "fw.fd",
+        "-m",
+        "32M",
+        "--sev-policy",
+        "0x3",
+        "--dh-cert-file",
+        "vm_godh.b64",
+        "--session-file",
+        "vm_session.b64",
+        cwd=d,
+        check=False,
+    )
+    assert run.returncode == 1
+    assert "LAUNCH_START" in run.stderr and "BAD_MEASUREMENT" in run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+
+
+def _wait_for(path: Path, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in (content := path.read_text()):
+            return content
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never said {text!r}")
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the VM process {pid} did not exit after quit")
