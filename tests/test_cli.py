@@ -129,6 +129,7 @@ def test_bench_quick_json(capsys):
         "loads_per_s",
         "guest_load_ratio",
         "guest_loads_per_s",
+        "launch_ratio",
         "sparse_rss_mib",
         "touched_mib",
     ):

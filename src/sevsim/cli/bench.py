@@ -52,6 +52,8 @@ def bench(quick: bool, as_json: bool) -> int:
         ("baseline_loads_per_s", "{:,.0f}"),
         ("guest_load_ratio", "{:.3f}"),
         ("guest_loads_per_s", "{:,.0f}"),
+        ("launch_ratio", "{:.3f}"),
+        ("launch_gbps", "{:.2f} GB/s"),
         ("sparse_rss_mib", "{:.1f} MiB"),
         ("touched_mib", "{:.0f} MiB"),
     ):
