@@ -101,7 +101,12 @@ def test_demo_parts(capsys):
     titles = [s["title"] for s in json.loads(out)["steps"]]
     assert code == 0 and len(titles) == 4 and "ASIDs" in titles[2]
     code, _, err = run(["demo", "--sev", "--tsme"], capsys)
-    assert code == 2 and "at most one" in err
+    assert code == 2 and "one at most" in err
+    code, out, _ = run(["demo", "--attest", "--seed", "7", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["ok"] and len(data["steps"]) == 4
+    console = data["steps"][3]["facts"]["guest console"]
+    assert "HMAC(secret" in console
 
 
 def test_demo_renders_for_people():

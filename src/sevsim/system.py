@@ -8,6 +8,7 @@ of the platform's generation for a full chain.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sevsim.api.status import Status
 from sevsim.certs.chain import SevChain, decode_platform_certs
 from sevsim.certs.sev import SevCert
 from sevsim.host import HostKernel
+from sevsim.host.kvm import Kvm
 from sevsim.host.sev import IoctlResult, SevDevice
 from sevsim.paths import data_dir as default_data_dir
 from sevsim.profiles import MachineProfile
@@ -78,6 +80,11 @@ class HostSystem:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @functools.cached_property
+    def kvm(self) -> Kvm:
+        """The host's hypervisor (one per host: it owns the ASID allocator)."""
+        return Kvm(self.kernel, self.sev)
 
     @property
     def kds(self) -> KeyDistributionService:

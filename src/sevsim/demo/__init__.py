@@ -3,7 +3,8 @@
 Each step says what happens, shows what the CPU sees next to what DRAM holds (the view of a
 physical attacker with a cold-boot dump) and, for guests, what the hypervisor reads; and it
 checks that the machine behaved as the architecture says. The CLI renders the steps; this
-package only runs them: ``sme`` (SME, TSME, the platform's identity) and ``sev`` (guests).
+package only runs them: ``sme`` (SME, TSME, the platform's identity), ``attest`` (launch
+attestation with a remote owner) and ``sev`` (guests side by side).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sevsim.demo.attest import attest_story
 from sevsim.demo.sev import sev_story
 from sevsim.demo.sme import sme_story, tsme_story
 from sevsim.demo.steps import Check, Step, Table, View
@@ -58,11 +60,17 @@ class DemoResult:
 
 
 def run_demo(
-    profile: MachineProfile, sme: bool = True, sev: bool = True, tsme: bool = True
+    profile: MachineProfile,
+    sme: bool = True,
+    attest: bool = True,
+    sev: bool = True,
+    tsme: bool = True,
 ) -> DemoResult:
-    """The SME story (without TSME), the SEV story, then SME again with TSME; any of the
-    three may be left out."""
+    """The SME story (without TSME), launch attestation, SEV guests side by side, then SME
+    again with TSME; any of them may be left out."""
     steps = sme_story(profile.with_(tsme=False)) if sme else []
+    if attest:
+        steps += attest_story(profile.with_(tsme=False))
     if sev:
         steps += sev_story(profile.with_(tsme=False))
     if tsme:

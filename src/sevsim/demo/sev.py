@@ -16,7 +16,7 @@ from sevsim.api.status import Status
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.demo.steps import Step, Table, View
 from sevsim.guest import kernel as guest_kernel
-from sevsim.host.kvm import Kvm, RunExit, Vm
+from sevsim.host.kvm import RunExit, Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
 
@@ -37,7 +37,7 @@ class _Story:
     def __init__(self, system: HostSystem) -> None:
         self.system = system
         self.machine = system.machine
-        self.kvm = Kvm(system.kernel, system.sev)
+        self.kvm = system.kvm
         self.dump = ColdBootDump(self.machine)
         self.vms: dict[str, Vm] = {}
         self.key_of: dict[int, str] = {}  # ASID -> whose VEK the slot holds (narration)

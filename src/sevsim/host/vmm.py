@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
-from sevsim.host.kvm import COM1, Kvm, KvmError, RunExit, SerialPort, Vm
+from sevsim.host.kvm import COM1, KvmError, RunExit, SerialPort, Vm
 from sevsim.system import HostSystem
 
 MIN_MEMORY = 16 << 20
@@ -141,7 +141,7 @@ class Vmm:
         self._running = threading.Event()  # clear while paused
         self.firmware = Path(self.config.firmware).read_bytes()
         self.table = ovmf.parse_table(self.firmware)
-        self.kvm = Kvm(self.system.kernel, self.system.sev)
+        self.kvm = self.system.kvm
         self.vm: Vm | None = None
         self.console: ConsoleFile | None = None
 
