@@ -35,6 +35,15 @@ def sevsim(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
+def prepare(d: Path, firmware: str, *firmware_args: str) -> str:
+    """The firmware image, the platform's chain, and the owner's session for policy 0x1."""
+    state = str(d / "platform")
+    sevsim("vm", "firmware", firmware, *firmware_args, cwd=d)
+    sevsim("platform", "export", "--state", state, "chain.cert", cwd=d)
+    sevsim("owner", "session", "--name", "vm", "chain.cert", "0x1", cwd=d)
+    return state
+
+
 @pytest.fixture
 def workdir(tmp_path):
     yield tmp_path
@@ -48,11 +57,8 @@ def workdir(tmp_path):
 
 def test_launch_attestation_end_to_end(workdir):
     d = workdir
-    state = str(d / "platform")
-    sevsim("vm", "firmware", "OVMF.fd", cwd=d)  # 2 MiB
+    state = prepare(d, "OVMF.fd")  # 2 MiB
     assert (d / "OVMF.fd").stat().st_size == 2 << 20
-    sevsim("platform", "export", "--state", state, "chain.cert", cwd=d)
-    sevsim("owner", "session", "--name", "vm", "chain.cert", "0x1", cwd=d)
     run = sevsim(
         "vm",
         "run",
@@ -160,10 +166,7 @@ def test_launch_attestation_end_to_end(workdir):
 
 def test_a_wrong_policy_stops_the_launch(workdir):
     d = workdir
-    state = str(d / "platform")
-    sevsim("vm", "firmware", "fw.fd", "--size", "64K", cwd=d)
-    sevsim("platform", "export", "--state", state, "chain.cert", cwd=d)
-    sevsim("owner", "session", "--name", "vm", "chain.cert", "0x1", cwd=d)
+    state = prepare(d, "fw.fd", "--size", "64K")
     run = sevsim(
         "vm",
         "run",

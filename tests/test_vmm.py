@@ -190,20 +190,25 @@ def test_attestation_report_over_qmp(host, tmp_path):
 
 
 # ---- the QMP protocol --------------------------------------------------------------------------
+def serve(host, directory: Path) -> tuple[QmpServer, threading.Thread, QmpClient]:
+    """A VM launched from the owner files in ``directory``, its QMP server, a client."""
+    vmm = Vmm(host, config(directory))
+    vmm.start()
+    server = QmpServer(vmm, directory / "qmp.sock")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread, QmpClient(directory / "qmp.sock")
+
+
 @pytest.fixture
 def qmp(host, tmp_path):
     owner = owner_files(host, tmp_path, 0x1)
-    vmm = Vmm(host, config(tmp_path))
-    vmm.start()
-    server = QmpServer(vmm, tmp_path / "qmp.sock")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client = QmpClient(tmp_path / "qmp.sock")
+    server, thread, client = serve(host, tmp_path)
     yield client, owner, server
     client.close()
     server.done.set()
     thread.join(5)
-    vmm.quit()
+    server.vmm.quit()
 
 
 def test_qmp_greeting_and_sev_queries(qmp):
@@ -300,12 +305,8 @@ def test_no_launch_key_reaches_host_memory_qmp_or_logs(host, tmp_path):
         0x1, godh.raw, session.session_blob(z, nonce, iv, tek, tik, 1), tek, tik
     )
     owner.write(tmp_path, "vm")
-    vmm = Vmm(host, config(tmp_path))
-    vmm.start()
-    server = QmpServer(vmm, tmp_path / "qmp.sock")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client = QmpClient(tmp_path / "qmp.sock")
+    server, thread, client = serve(host, tmp_path)
+    vmm = server.vmm
     measured = base64.b64decode(client.execute("query-sev-launch-measure")["data"])
     header, payload = packet(owner, measured, b"the owner's secret")
     client.execute("sev-inject-launch-secret", **{"packet-header": header, "secret": payload})
