@@ -24,6 +24,11 @@ FUSES_FILE = "fuses.bin"
 class ChipFuses:
     generation: str
     cuk: bytes = field(repr=False)
+    # The AMD root the firmware trusts when it checks another platform's chain (SEND_START):
+    # its key id and public-key hash. MODEL: simulated chips are fused with the simulator's
+    # root of their generation, so they accept simulated platforms and refuse real ones.
+    ark_key_id: bytes = b""
+    ark_hash: bytes = b""
 
     def __repr__(self) -> str:
         return f"<ChipFuses {self.generation} (chip-unique key not shown)>"
@@ -44,6 +49,8 @@ def manufacture(
             atomic_write(Path(state_dir) / FUSES_FILE, cuk)
     fuses = ChipFuses(generation, cuk)
     if kds is not None:
+        ark = kds.root(generation).ark
+        fuses = ChipFuses(generation, cuk, ark.key_id, ark.public_key_hash())
         cek = SevCert.create(
             Usage.CEK,
             Algo.ECDSA_SHA256,

@@ -25,6 +25,9 @@ KERNEL_DATA = 0x11
 INITRD_DATA = 0x12
 CMDLINE_SIZE = 0x14  # u32, the terminating NUL included
 CMDLINE_DATA = 0x15  # the command line with its NUL
+FILE_DIR = 0x19  # be32 count, then per file: be32 size, be16 select, be16 0, name[56]
+FILE_FIRST = 0x20  # named files (QEMU -fw_cfg name=...) take keys from here
+FILE_ENTRY = struct.Struct(">IHH56s")
 
 FEATURE_TRADITIONAL = 1 << 0
 FEATURE_DMA = 1 << 1
@@ -36,3 +39,26 @@ DMA_READ = 1 << 1
 DMA_SKIP = 1 << 2
 DMA_SELECT = 1 << 3
 DMA_WRITE = 1 << 4
+
+
+def file_directory(files: dict[str, bytes]) -> tuple[bytes, dict[int, bytes]]:
+    """The FILE_DIR item and the items of named files, keys in order from FILE_FIRST."""
+    directory = len(files).to_bytes(4, "big")
+    items = {}
+    for i, (name, data) in enumerate(sorted(files.items())):
+        if len(name.encode()) > 55:
+            raise ValueError(f"fw_cfg file name too long: {name!r}")
+        key = FILE_FIRST + i
+        directory += FILE_ENTRY.pack(len(data), key, 0, name.encode())
+        items[key] = data
+    return directory, items
+
+
+def parse_file_directory(directory: bytes) -> dict[str, tuple[int, int]]:
+    """name -> (key, size)."""
+    count = int.from_bytes(directory[:4], "big")
+    out = {}
+    for i in range(count):
+        size, key, _, name = FILE_ENTRY.unpack_from(directory, 4 + i * FILE_ENTRY.size)
+        out[name.rstrip(b"\0").decode("utf-8", "replace")] = (key, size)
+    return out

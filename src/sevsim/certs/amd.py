@@ -8,6 +8,8 @@ SHA-384 for 4096-bit keys; PSS salt = hash length.
 
 from __future__ import annotations
 
+import hashlib
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -136,6 +138,11 @@ class AmdCert:
         algo = Algo.RSA_SHA256 if self.bits == 2048 else Algo.RSA_SHA384
         usage = Usage.ASK if self.usage == Usage.ASK else Usage.ARK
         return SigningKey(usage, algo, self.public_key())
+
+    def public_key_hash(self) -> bytes:
+        """SHA-384 of the header, exponent and modulus: what a chip's fuses hold of its ARK
+        (AMD-ASPFW amd_cert_public_key_hash)."""
+        return hashlib.sha384(self.signed_bytes).digest()
 
     def check_signed_by(self, parent: AmdCert) -> str | None:
         """None if ``parent`` (the ARK; the ARK itself for the ARK) signed this certificate."""

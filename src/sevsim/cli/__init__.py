@@ -17,7 +17,7 @@ from sevsim.cli.info import info
 from sevsim.cli.owner import owner
 from sevsim.cli.platform import platform
 from sevsim.cli.verify import verify_chain_cmd
-from sevsim.cli.vm import vm
+from sevsim.cli.vm import migrate_cmd, vm
 
 
 @click.group(
@@ -39,6 +39,7 @@ cli.add_command(platform)
 cli.add_command(owner)
 cli.add_command(verify_chain_cmd)
 cli.add_command(vm)
+cli.add_command(migrate_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

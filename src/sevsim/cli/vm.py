@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from sevsim.cli.options import json_option
 from sevsim.cli.platform import _platform_options
 from sevsim.fsutil import LockBusy, atomic_write
 from sevsim.guest import firmware as guest_firmware
+from sevsim.host.migration import MigrationError, TargetChain
 from sevsim.host.qmp import QmpClient, QmpError, QmpServer, socket_path
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.paths import default_state_dir
@@ -66,9 +71,25 @@ def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
 @_platform_options
 @click.option(
     "--bios",
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The firmware image (e.g. from 'sevsim vm firmware'); mapped to end at 4 GiB.",
+)
+@click.option(
+    "--incoming",
+    help="Wait for a migration on tcp:HOST:PORT instead of launching: the guest, its "
+    "memory and its state all arrive in the stream (no firmware, no owner session).",
+)
+@click.option(
+    "--restore",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Start the guest from a snapshot file ('vm snapshot') made for this platform.",
+)
+@click.option(
+    "--fw-cfg",
+    "fw_cfg",
+    multiple=True,
+    help="A fw_cfg file for the firmware, as QEMU's -fw_cfg: name=NAME,string=TEXT or "
+    "name=NAME,file=PATH (e.g. name=opt/sevsim/workload,string=count).",
 )
 @click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -109,6 +130,13 @@ def run_cmd(**opts: Any) -> None:
     'cont' on QMP."""
     if opts["daemonize"] and not opts["qmp"]:
         raise click.UsageError("--daemonize needs --qmp: a detached VM must be reachable")
+    sources = [k for k in ("bios", "incoming", "restore") if opts[k]]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --bios, --incoming and --restore")
+    if not opts["bios"] and any(
+        opts[k] for k in ("kernel", "dh_cert_file", "session_file", "fw_cfg")
+    ):
+        raise click.UsageError("an incoming or restored guest takes everything from its stream")
     try:
         qmp_path = socket_path(opts["qmp"]) if opts["qmp"] else None
         policy = int(opts["sev_policy"], 0)
@@ -127,6 +155,7 @@ def run_cmd(**opts: Any) -> None:
         initrd=opts["initrd"],
         append=opts["append"],
         console=opts["console_path"] or Path(state) / "vm-console.log",
+        fw_cfg_files=dict(_fw_cfg_file(spec) for spec in opts["fw_cfg"]),
     )
     if (config.initrd or config.append is not None) and not config.kernel:
         raise click.UsageError("--initrd and --append go with --kernel")
@@ -135,13 +164,22 @@ def run_cmd(**opts: Any) -> None:
     except (PlatformError, LockBusy, PlatformMismatch, CertError) as exc:
         raise click.ClickException(str(exc)) from None
     vmm = Vmm(system, config)
+    incoming = None
     try:
-        vmm.start()
+        if opts["incoming"]:
+            incoming = vmm.listen_incoming(_tcp(opts["incoming"]))
+        elif opts["restore"]:
+            vmm.restore(opts["restore"])
+        else:
+            vmm.start()
     except VmmError as exc:
         vmm.quit()
         system.close()
         raise click.ClickException(str(exc)) from None
     if qmp_path is None:
+        if incoming is not None:
+            click.echo(f"waiting for a migration on {opts['incoming']}", err=True)
+            vmm.serve_incoming(incoming)
         _run_to_completion(vmm, system, opts["as_json"])
         return
     if opts["daemonize"]:
@@ -149,10 +187,17 @@ def run_cmd(**opts: Any) -> None:
     elif opts["pidfile"]:
         atomic_write(opts["pidfile"], f"{os.getpid()}\n".encode(), 0o644)
     server = QmpServer(vmm, qmp_path)
+    if incoming is not None:
+        threading.Thread(target=vmm.serve_incoming, args=(incoming,), daemon=True).start()
+    if opts["restore"]:
+        vmm.cont()
     if opts["daemonize"]:
         _signal_ready()
     else:
-        click.echo(f"SEV guest paused after LAUNCH_MEASURE; QMP on {qmp_path}", err=True)
+        what = {"inmigrate": "waiting for a migration", "running": "running"}.get(
+            vmm.status, "paused after LAUNCH_MEASURE"
+        )
+        click.echo(f"SEV guest {what}; QMP on {qmp_path}", err=True)
     signal.signal(signal.SIGTERM, lambda *_: server.done.set())
     try:
         server.serve_forever()
@@ -163,20 +208,41 @@ def run_cmd(**opts: Any) -> None:
             Path(opts["pidfile"]).unlink(missing_ok=True)
 
 
+def _tcp(spec: str) -> str:
+    if not spec.startswith("tcp:"):
+        raise click.UsageError(f"{spec!r}: migrations come over tcp:HOST:PORT")
+    return spec[len("tcp:") :]
+
+
+def _fw_cfg_file(spec: str) -> tuple[str, bytes]:
+    """QEMU's -fw_cfg [name=]NAME,string=TEXT|file=PATH."""
+    fields = dict(part.split("=", 1) if "=" in part else ("name", part) for part in spec.split(","))
+    name = fields.get("name")
+    if not name or ("string" in fields) == ("file" in fields):
+        raise click.UsageError(f"--fw-cfg {spec!r}: name=NAME with string=TEXT or file=PATH")
+    if "string" in fields:
+        return name, fields["string"].encode()
+    try:
+        return name, Path(fields["file"]).read_bytes()
+    except OSError as exc:
+        raise click.UsageError(f"--fw-cfg: {exc}") from None
+
+
 def _run_to_completion(vmm: Vmm, system: HostSystem, as_json: bool) -> None:
     try:
         vmm.cont()
         vmm.wait_idle()
         exits = [{"reason": e.reason, "detail": e.detail} for e in vmm.exits]
         text = vmm.console_text()
-        measurement = vmm.query_launch_measure()["data"]
+        measurement = vmm.query_launch_measure()["data"] if vmm.measurement else ""
     finally:
         vmm.quit()
         system.close()
     if as_json:
         click.echo(json.dumps({"measurement": measurement, "exits": exits, "console": text}))
     else:
-        click.echo(f"launch measurement: {measurement}")
+        if measurement:
+            click.echo(f"launch measurement: {measurement}")
         click.echo(text, nl=False)
         for e in exits:
             if e["reason"] != "DONE":
@@ -232,3 +298,88 @@ def _signal_ready() -> None:
     if _ready_fd is not None:
         os.write(_ready_fd, b"1")
         os.close(_ready_fd)
+
+
+# ---- migration and snapshots, driven over QMP -------------------------------------------------
+def _qmp_migrate(socket_spec: str, chain_file: Path, uri: str, what: str, as_json: bool) -> None:
+    """Set the target's certificates, start the migration, follow query-migrate."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    try:
+        target = TargetChain.from_chain(chain_file.read_bytes())
+        client = QmpClient(socket_path(socket_spec))
+    except (MigrationError, ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    try:
+        client.execute(
+            "migrate-set-parameters",
+            **{
+                "sev-pdh": b64(target.pdh),
+                "sev-plat-cert": b64(target.plat_certs),
+                "sev-amd-cert": b64(target.amd_certs),
+            },
+        )
+        client.execute("migrate", uri=uri)
+        with Progress(
+            TextColumn(what), BarColumn(), DownloadColumn(), disable=as_json, transient=True
+        ) as bar:
+            task = bar.add_task(what, total=None)
+            while True:
+                info = client.execute("query-migrate")
+                if "ram" in info:
+                    bar.update(
+                        task, total=info["ram"]["total"], completed=info["ram"]["transferred"]
+                    )
+                if info["status"] in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+    except QmpError as exc:
+        raise click.ClickException(f"{exc.error_class}: {exc}") from None
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(info))
+    elif info["status"] == "completed":
+        moved = info.get("ram", {}).get("total", 0)
+        click.echo(f"{what}: completed ({moved >> 10} KiB of guest memory).")
+    else:
+        click.echo(f"{what}: {info['status']}: {info.get('error-desc', '')}", err=True)
+    sys.exit(0 if info["status"] == "completed" else 1)
+
+
+@click.command("migrate")
+@click.option("--from", "source", required=True, help="The source VM's QMP socket.")
+@click.option(
+    "--to", "destination", required=True, help="tcp:HOST:PORT of a VM run with --incoming."
+)
+@click.option(
+    "--target-chain",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The destination platform's chain ('platform export --full' there).",
+)
+@json_option
+def migrate_cmd(source: str, destination: str, target_chain: Path, as_json: bool) -> None:
+    """Migrate a running SEV guest to another platform. The source's firmware checks the
+    destination's chain as the guest policy demands (SEV: up to AMD's root; DOMAIN: the
+    same OCA; NOSEND: never), wraps new transport keys for it, and sends every page
+    encrypted. On any failure the guest keeps running where it was, untouched."""
+    _tcp(destination)
+    _qmp_migrate(source, target_chain, destination, "migration", as_json)
+
+
+@vm.command("snapshot")
+@click.option("--qmp", "socket_spec", required=True, help="The VM's QMP socket.")
+@click.option(
+    "--target-chain",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The chain of the platform that will restore it (this one, or another).",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def snapshot_cmd(socket_spec: str, target_chain: Path, out: Path, as_json: bool) -> None:
+    """Save a running SEV guest to a file (the migration stream, encrypted for the target
+    platform); the guest carries on. Restore it with 'vm run --restore FILE'."""
+    _qmp_migrate(socket_spec, target_chain, f"file:{out.resolve()}", "snapshot", as_json)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from sevsim.api import fwcfg, guidtable, ovmf
 from sevsim.guest.kernel import GuestKernel
 from sevsim.soc.nested import GuestVcpu
-from sevsim.soc.paging import PAGE_4K
+from sevsim.soc.paging import CR0_PG, PAGE_4K
 from sevsim.soc.svm import register_program
 
 DEFAULT_SIZE = 2 << 20
@@ -76,6 +76,12 @@ def _area(area: tuple[int, int]) -> bytes:
     return area[0].to_bytes(4, "little") + area[1].to_bytes(4, "little")
 
 
+WORKLOAD_FILE = "opt/sevsim/workload"  # QEMU-style: -fw_cfg name=opt/sevsim/workload,string=…
+RESUME_BLOCK = MEMFD_END - PAGE_4K  # private: what a restored vCPU needs to carry on
+RESUME_MAGIC = b"SEVSIMRB"
+HEARTBEAT = 4096  # increments between HLTs
+
+
 @dataclass
 class FirmwareReport:
     """What the firmware knows (its own view)."""
@@ -86,6 +92,7 @@ class FirmwareReport:
     hashes: dict[str, str] = field(default_factory=dict)  # item -> "ok" / "MISMATCH" / ...
     booted: bool = False
     secrets: list[tuple[str, bytes]] = field(default_factory=list)  # (GUID, data)
+    count: int = 0
 
 
 class FwCfg:
@@ -123,6 +130,10 @@ class FwCfg:
 
 
 def firmware_main(vcpu: GuestVcpu) -> FirmwareReport:
+    if vcpu.cr0 & CR0_PG:
+        # Entered with paging on: this vCPU's state was restored (migration, snapshot);
+        # everything the firmware needs is in its memory.
+        return _resume(vcpu)
     cfg = FwCfg(vcpu)
     memory = cfg.read_int(fwcfg.RAM_SIZE, 8)
     kernel = GuestKernel(vcpu, params={"mem": str(memory)}, data_base=MEMFD_END)
@@ -146,7 +157,70 @@ def firmware_main(vcpu: GuestVcpu) -> FirmwareReport:
     report.booted = _check_kernel_hashes(kernel, cfg, table, report)
     _read_secrets(kernel, table, report)
     kernel.printk("firmware done" + ("" if report.booted else "; the kernel was NOT booted"))
+    workload = _named_file(cfg, WORKLOAD_FILE)
+    if report.booted and workload is not None:
+        _start_counting(kernel, workload.decode("ascii", "replace").strip(), report)
     return report
+
+
+# ---- a workload that lives in memory: it survives migration and snapshots ------------------
+def _named_file(cfg: FwCfg, name: str) -> bytes | None:
+    """A fw_cfg named file (QEMU's -fw_cfg name=...), read by DMA."""
+    count = int.from_bytes(cfg.read_dma(fwcfg.FILE_DIR, 4), "big")
+    directory = cfg.read_dma(fwcfg.FILE_DIR, 4 + count * fwcfg.FILE_ENTRY.size)
+    entry = fwcfg.parse_file_directory(directory).get(name)
+    return None if entry is None else cfg.read_dma(entry[0], entry[1])
+
+
+def _start_counting(kernel: GuestKernel, workload: str, report: FirmwareReport) -> None:
+    """``count`` (forever) or ``count:N``: a counter in private memory, its value published
+    in a shared status page, a HLT every HEARTBEAT increments to let the host in."""
+    kind, _, limit = workload.partition(":")
+    if kind != "count" or (limit and not limit.isdigit()):
+        kernel.printk(f"unknown workload {workload!r}")
+        return
+    counter, status = kernel.alloc_page(), kernel.alloc_page()
+    kernel.vcpu.store(counter, 8, 0)
+    kernel.set_memory_decrypted(status, 1)
+    block = RESUME_MAGIC + b"".join(
+        v.to_bytes(8, "little") for v in (counter, status, int(limit or 0))
+    )
+    kernel.vcpu.write(RESUME_BLOCK, block)
+    kernel.printk(f"counting in private memory at {counter:#x}; status in shared page {status:#x}")
+    report.count = _count(kernel, counter, status, int(limit or 0))
+
+
+def _resume(vcpu: GuestVcpu) -> FirmwareReport:
+    kernel = GuestKernel(vcpu, params={"mem": "0"})
+    report = FirmwareReport(cpu=kernel.cpu)
+    kernel.detect_sev()
+    report.sev = kernel.sev_active
+    block = vcpu.read(RESUME_BLOCK, len(RESUME_MAGIC) + 24)
+    if not block.startswith(RESUME_MAGIC):
+        kernel.printk("resumed, but there is no resume block: halting")
+        return report
+    counter, status, limit = (
+        int.from_bytes(block[i : i + 8], "little") for i in range(len(RESUME_MAGIC), len(block), 8)
+    )
+    value = vcpu.load(counter, 8)
+    kernel.printk(f"resumed with the count at {value} (SEV {'on' if report.sev else 'off'})")
+    report.count = _count(kernel, counter, status, limit)
+    return report
+
+
+def _count(kernel: GuestKernel, counter: int, status: int, limit: int) -> int:
+    vcpu = kernel.vcpu
+    load, store = vcpu.load, vcpu.store
+    while True:
+        value = load(counter, 8) + 1
+        store(counter, 8, value)
+        if value % HEARTBEAT == 0 or value == limit:
+            vcpu.write(status, f"count {value}".encode().ljust(32, b"\0"))
+            if value % (HEARTBEAT * 16) == 0 or value == limit:
+                kernel.printk(f"count {value}")
+            if value == limit:
+                return value
+            vcpu.hlt()  # the host may run something else, stop us, or migrate us
 
 
 def _check_kernel_hashes(kernel: GuestKernel, cfg: FwCfg, table, report) -> bool:

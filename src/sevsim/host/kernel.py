@@ -323,6 +323,14 @@ class HostKernel:
     def read(self, va: int, n: int) -> bytes:
         return self.core.read(va, n)
 
+    def read_stream(self, va: int, n: int) -> bytes:
+        """A bulk copy out with non-temporal loads (no cache lines allocated)."""
+        return self.core.read_stream(va, n)
+
+    def write_stream(self, va: int, data: bytes) -> None:
+        """A bulk copy in with non-temporal stores (straight to DRAM, no dirty lines)."""
+        self.core.write_stream(va, data)
+
     def wbinvd_on_all_cpus(self) -> None:
         """Linux wbinvd_on_all_cpus(): the kernel runs WBINVD on every core."""
         for core in self.core.machine.cores:

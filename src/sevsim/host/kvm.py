@@ -326,8 +326,8 @@ class Vm:
                 continue
             page_gpa = slot.gpa + index * PAGE_4K
             covered = whole_write and gpa <= page_gpa and page_gpa + PAGE_4K <= gpa + n
-            if not covered:
-                self.kernel.write(slot.hva + index * PAGE_4K, bytes(PAGE_4K))
+            if not covered:  # clear_page; MODEL: with streaming stores
+                self.kernel.write_stream(slot.hva + index * PAGE_4K, bytes(PAGE_4K))
             slot.populated.add(index)
         return slot.hva + (gpa - slot.gpa)
 
@@ -336,6 +336,14 @@ class Vm:
 
     def write(self, gpa: int, data: bytes) -> None:
         self.kernel.write(self._hva_of(gpa, len(data), whole_write=True), data)
+
+    def read_stream(self, gpa: int, n: int) -> bytes:
+        """A bulk copy out of guest memory with non-temporal loads."""
+        return self.kernel.read_stream(self._hva_of(gpa, n), n)
+
+    def write_stream(self, gpa: int, data: bytes) -> None:
+        """A bulk copy into guest memory with non-temporal stores."""
+        self.kernel.write_stream(self._hva_of(gpa, len(data), whole_write=True), data)
 
     def spa(self, gpa: int) -> int:
         """The system-physical address backing a GPA."""
@@ -490,6 +498,131 @@ class Vm:
         finally:
             self.kernel.free_pages(va, max(1, -(-(end - start) // PAGE_4K)))
 
+    # ---- SEV migration (KVM_SEV_SEND_* / KVM_SEV_RECEIVE_*) -------------------------------------
+    def sev_send_start(self, pdh: bytes, plat_certs: bytes, amd_certs: bytes) -> tuple[bytes, int]:
+        """KVM_SEV_SEND_START: (the session blob for the receiver, the guest's policy)."""
+        buffers = [self._kernel_buffer(x) for x in (pdh, plat_certs, amd_certs or b"\0")]
+        session_va, session_pages = self._kernel_buffer(bytes(cmd.SESSION.size))
+        psp_pa = self.kvm.sev.psp_pa
+        try:
+            status, out = self.kvm.sev_cmd_out(
+                Command.SEND_START,
+                handle=self.handle,
+                pdh_paddr=psp_pa(buffers[0][0]),
+                pdh_len=len(pdh),
+                plat_certs_paddr=psp_pa(buffers[1][0]),
+                plat_certs_len=len(plat_certs),
+                amd_certs_paddr=psp_pa(buffers[2][0]),
+                amd_certs_len=len(amd_certs),
+                session_paddr=psp_pa(session_va),
+                session_len=cmd.SESSION.size,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError("SEND_START", status)
+            return self.kernel.read(session_va, cmd.SESSION.size), out.policy
+        finally:
+            for va, pages in [*buffers, (session_va, session_pages)]:
+                self.kernel.free_pages(va, pages)
+
+    def sev_send_update_data(self, gpa: int, length: int) -> tuple[bytes, bytes]:
+        """KVM_SEV_SEND_UPDATE_DATA: one packet (header, ciphertext) of guest memory."""
+        self._hva_of(gpa, length)
+        hdr_va = self._transfer_buffer(0, cmd.PACKET_HEADER.size)
+        trans_va = self._transfer_buffer(1, length)
+        psp_pa = self.kvm.sev.psp_pa
+        status = self.kvm.sev_cmd(
+            Command.SEND_UPDATE_DATA,
+            handle=self.handle,
+            hdr_paddr=psp_pa(hdr_va),
+            hdr_len=cmd.PACKET_HEADER.size,
+            guest_paddr=self.spa(gpa) | self.kernel.me_mask,
+            guest_len=length,
+            trans_paddr=psp_pa(trans_va),
+            trans_len=length,
+        )
+        if status != Status.SUCCESS:
+            raise KvmError(f"SEND_UPDATE_DATA at GPA {gpa:#x}", status)
+        header = self.kernel.read_stream(hdr_va, cmd.PACKET_HEADER.size)
+        return header, self.kernel.read_stream(trans_va, length)
+
+    def sev_send_finish(self) -> None:
+        status = self.kvm.sev_cmd(Command.SEND_FINISH, handle=self.handle)
+        if status != Status.SUCCESS:
+            raise KvmError("SEND_FINISH", status)
+
+    def sev_send_cancel(self) -> None:
+        status = self.kvm.sev_cmd(Command.SEND_CANCEL, handle=self.handle)
+        if status != Status.SUCCESS:
+            raise KvmError("SEND_CANCEL", status)
+
+    def sev_receive_start(self, pdh: bytes, session: bytes, policy: int) -> int:
+        """KVM_SEV_RECEIVE_START with the sending platform's PDH, then ACTIVATE."""
+        if not self.sev:
+            raise KvmError("not an SEV guest", err=errno.ENOTTY)
+        buffers = [self._kernel_buffer(pdh), self._kernel_buffer(session)]
+        psp_pa = self.kvm.sev.psp_pa
+        try:
+            status, out = self.kvm.sev_cmd_out(
+                Command.RECEIVE_START,
+                handle=0,
+                policy=policy,
+                pdh_paddr=psp_pa(buffers[0][0]),
+                pdh_len=len(pdh),
+                session_paddr=psp_pa(buffers[1][0]),
+                session_len=len(session),
+            )
+        finally:
+            for va, pages in buffers:
+                self.kernel.free_pages(va, pages)
+        if status != Status.SUCCESS:
+            raise KvmError("RECEIVE_START", status)
+        self.handle, self.policy = out.handle, policy
+        status = self.kvm.sev_cmd(Command.ACTIVATE, handle=self.handle, asid=self.asid)
+        if status != Status.SUCCESS:
+            self.kvm.sev_cmd(Command.DECOMMISSION, handle=self.handle)
+            self.handle = 0
+            raise KvmError(f"ACTIVATE of ASID {self.asid}", status)
+        return self.handle
+
+    def sev_receive_update_data(self, header: bytes, data: bytes, gpa: int) -> None:
+        """KVM_SEV_RECEIVE_UPDATE_DATA: one packet into guest memory at ``gpa``."""
+        self._hva_of(gpa, len(data), whole_write=True)  # pinned; the firmware fills it
+        hdr_va = self._transfer_buffer(0, len(header))
+        trans_va = self._transfer_buffer(1, len(data))
+        self.kernel.write_stream(hdr_va, header)
+        self.kernel.write_stream(trans_va, data)
+        psp_pa = self.kvm.sev.psp_pa
+        status = self.kvm.sev_cmd(
+            Command.RECEIVE_UPDATE_DATA,
+            handle=self.handle,
+            hdr_paddr=psp_pa(hdr_va),
+            hdr_len=len(header),
+            guest_paddr=self.spa(gpa) | self.kernel.me_mask,
+            guest_len=len(data),
+            trans_paddr=psp_pa(trans_va),
+            trans_len=len(data),
+        )
+        if status != Status.SUCCESS:
+            raise KvmError(f"RECEIVE_UPDATE_DATA at GPA {gpa:#x}", status)
+
+    def sev_receive_finish(self) -> None:
+        status = self.kvm.sev_cmd(Command.RECEIVE_FINISH, handle=self.handle)
+        if status != Status.SUCCESS:
+            raise KvmError("RECEIVE_FINISH", status)
+
+    def _transfer_buffer(self, index: int, length: int) -> int:
+        """Kernel buffers reused across packets (KVM allocates one per ioctl; reusing them
+        changes nothing the firmware or the guest can see)."""
+        pages = max(1, -(-length // PAGE_4K))
+        buffers = self.__dict__.setdefault("_transfer", {})
+        va, have = buffers.get(index, (0, 0))
+        if have < pages:
+            if va:
+                self.kernel.free_pages(va, have)
+            va = self.kernel.alloc_pages(pages)
+            buffers[index] = (va, pages)
+        return va
+
     def sev_launch_finish(self) -> None:
         status = self.kvm.sev_cmd(Command.LAUNCH_FINISH, handle=self.handle)
         if status != Status.SUCCESS:
@@ -562,6 +695,8 @@ class Vm:
             del self.kvm._last_vmcb[key]
         for slot in self.slots:
             self.kernel.free_pages(slot.hva, slot.size // PAGE_4K)
+        for va, pages in self.__dict__.get("_transfer", {}).values():
+            self.kernel.free_pages(va, pages)
         for pa in self._npt_frames:
             self.kernel.free_pages(self.kernel.va(pa))
         self.destroyed = True

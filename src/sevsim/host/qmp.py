@@ -27,6 +27,8 @@ ARGUMENTS = {  # what each command accepts; any other argument is an error, as i
     "qmp_capabilities": {"enable"},
     "query-sev-attestation-report": {"mnonce"},
     "sev-inject-launch-secret": {"packet-header", "secret", "gpa"},
+    "migrate-set-parameters": {"sev-pdh", "sev-plat-cert", "sev-amd-cert"},
+    "migrate": {"uri"},
 }
 
 
@@ -80,6 +82,16 @@ class QmpServer:
                 )
                 or {}
             ),
+            "migrate-set-parameters": lambda a: (
+                vmm.set_migration_parameters(
+                    _arg(a, "sev-pdh", str),
+                    _arg(a, "sev-plat-cert", str),
+                    _arg(a, "sev-amd-cert", str, required=False) or "",
+                )
+                or {}
+            ),
+            "migrate": lambda a: vmm.migrate(_arg(a, "uri", str)) or {},
+            "query-migrate": lambda a: vmm.query_migrate(),
             "cont": lambda a: vmm.cont() or {},
             "stop": lambda a: vmm.stop() or {},
             "quit": self._quit,

@@ -15,17 +15,21 @@ mappings, and the guest's secrets never pass through it in the clear.
 from __future__ import annotations
 
 import base64
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
+from sevsim.host import migration
 from sevsim.host.kvm import COM1, KvmError, RunExit, SerialPort, Vm
 from sevsim.system import HostSystem
 
 MIN_MEMORY = 16 << 20
+TIMER_TICK = 0.001  # how long a halted vCPU waits for its next timer interrupt
 SEV_STATES = {
     0: "uninit",
     1: "launch-update",
@@ -42,7 +46,7 @@ class VmmError(RuntimeError):
 
 @dataclass
 class VmConfig:
-    firmware: Path
+    firmware: Path | None
     memory: int = 512 << 20
     smp: int = 1
     policy: int = 0x1  # QEMU's default: no debugging
@@ -52,6 +56,7 @@ class VmConfig:
     initrd: Path | None = None
     append: str | None = None
     console: Path | None = None
+    fw_cfg_files: dict[str, bytes] = field(default_factory=dict)  # QEMU's -fw_cfg name=…
 
 
 class FwCfgDevice:
@@ -134,12 +139,15 @@ class Vmm:
     events: list[dict[str, Any]] = field(default_factory=list)
     exits: list[RunExit] = field(default_factory=list)
     on_event: Callable[[str, dict[str, Any]], None] | None = None  # e.g. the QMP server
+    migration: dict[str, Any] = field(default_factory=dict)
+    target: migration.TargetChain | None = None
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()  # one actor on the machine at a time
         self._runner: threading.Thread | None = None
         self._running = threading.Event()  # clear while paused
-        self.firmware = Path(self.config.firmware).read_bytes()
+        self._parked = threading.Event()  # set while the runner waits outside the guest
+        self.firmware = Path(self.config.firmware).read_bytes() if self.config.firmware else b""
         self.table = ovmf.parse_table(self.firmware)
         self.kvm = self.system.kvm
         self.vm: Vm | None = None
@@ -159,19 +167,10 @@ class Vmm:
         entry = ovmf.reset_address(self.table)
         if entry is None:
             raise VmmError("the firmware has no SEV reset block: no entry point for the vCPUs")
-        try:
-            vm = self.vm = self.kvm.create_vm(cfg.memory, vcpus=cfg.smp, sev=True, name="vm")
-        except KvmError as exc:
-            raise VmmError(f"cannot create the SEV guest: {exc}") from None
+        vm = self._create(cfg.memory, cfg.smp)
         flash = ovmf.flash_base(len(self.firmware))
         vm.add_memory(flash, len(self.firmware))
         vm.write(flash, self.firmware)
-        self.console = ConsoleFile(vm.console, cfg.console)
-        for port in range(COM1, COM1 + 8):
-            vm.io_ports[port] = self.console
-        device = FwCfgDevice(vm, self._fw_cfg_items())
-        for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
-            vm.io_ports[port] = device
         for vcpu in vm.vcpus:
             vcpu.set_vmcb(rip=entry)
         godh = session = None
@@ -187,12 +186,55 @@ class Vmm:
         except KvmError as exc:
             raise VmmError(f"sev_launch: {exc}") from None
 
+    def _create(self, memory: int, smp: int) -> Vm:
+        """The SEV guest with its RAM, its console and fw_cfg."""
+        try:
+            vm = self.vm = self.kvm.create_vm(memory, vcpus=smp, sev=True, name="vm")
+        except KvmError as exc:
+            raise VmmError(f"cannot create the SEV guest: {exc}") from None
+        self.console = ConsoleFile(vm.console, self.config.console)
+        for port in range(COM1, COM1 + 8):
+            vm.io_ports[port] = self.console
+        device = FwCfgDevice(vm, self._fw_cfg_items())
+        for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
+            vm.io_ports[port] = device
+        return vm
+
+    def create_incoming(self, memory: int, smp: int, slots: list[tuple[int, int]]) -> None:
+        """An empty SEV guest shaped like the one a migration stream describes."""
+        if memory != self.config.memory:
+            raise migration.MigrationError(
+                f"the incoming guest has {memory >> 20} MiB of RAM; this VM was given "
+                f"{self.config.memory >> 20} MiB (--memory must match)"
+            )
+        self.config.smp = smp
+        try:
+            vm = self._create(memory, smp)
+            for gpa, size in slots:
+                if gpa != 0:
+                    vm.add_memory(gpa, size)
+        except (VmmError, ValueError) as exc:
+            self.discard()
+            raise migration.MigrationError(str(exc)) from None
+
+    def discard(self) -> None:
+        """Tear down the guest (a failed incoming migration): DEACTIVATE, DECOMMISSION."""
+        with self.lock:
+            if self.vm is not None and not self.vm.destroyed:
+                self.vm.destroy()
+            self.vm = None
+            if self.console is not None:
+                self.console.close()
+                self.console = None
+
     def _fw_cfg_items(self) -> dict[int, bytes]:
         cfg = self.config
         kernel = Path(cfg.kernel).read_bytes() if cfg.kernel else b""
         initrd = Path(cfg.initrd).read_bytes() if cfg.initrd else b""
         cmdline = (cfg.append or "").encode() + b"\0" if cfg.kernel else b""
-        return {
+        directory, files = fwcfg.file_directory(cfg.fw_cfg_files)
+        return files | {
+            fwcfg.FILE_DIR: directory,
             fwcfg.SIGNATURE: b"QEMU",
             fwcfg.ID: (fwcfg.FEATURE_TRADITIONAL | fwcfg.FEATURE_DMA).to_bytes(4, "little"),
             fwcfg.RAM_SIZE: cfg.memory.to_bytes(8, "little"),
@@ -318,15 +360,20 @@ class Vmm:
         vm = self.vm
         done: set[int] = set()
         while len(done) < len(vm.vcpus):
+            halted = True
             for vcpu in vm.vcpus:
                 if vcpu.index in done:
                     continue
-                self._running.wait()
+                if not self._running.is_set():
+                    self._parked.set()  # a migration (or 'stop') waits for this
+                    self._running.wait()
+                    self._parked.clear()
                 with self.lock:
                     if self.status == "shutdown":
                         return
                     exit_ = vcpu.run()
                 if exit_.reason != "HLT":
+                    halted = False
                     done.add(vcpu.index)
                     self.exits.append(exit_)
                 if vm.dead is not None:
@@ -334,6 +381,18 @@ class Vmm:
                         self.status = "shutdown"
                     self._emit("SHUTDOWN", {"guest": True, "reason": "guest-reset"})
                     return
+            if halted:
+                time.sleep(TIMER_TICK)  # every vCPU waits in HLT: until the next timer tick
+        self._parked.set()
+
+    def pause_vcpus(self, timeout: float = 30.0) -> None:
+        """Stop the vCPUs at their next exit and wait until none is inside the guest."""
+        self._running.clear()
+        if self._runner is not None and self._runner.is_alive():
+            self._parked.wait(timeout)
+
+    def resume_vcpus(self) -> None:
+        self._running.set()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Until every vCPU has finished or the guest died (True), or the timeout."""
@@ -350,6 +409,153 @@ class Vmm:
                 self.vm.destroy()
             if self.console is not None:
                 self.console.close()
+
+    # ---- migration and snapshots (docs/migration.md) ----------------------------------------
+    def set_migration_parameters(self, pdh: str, plat_cert: str, amd_cert: str = "") -> None:
+        """QMP migrate-set-parameters: the receiving platform's certificates (base64)."""
+        try:
+            self.target = migration.TargetChain.from_base64(pdh, plat_cert, amd_cert)
+        except migration.MigrationError as exc:
+            raise VmmError(str(exc)) from None
+
+    def migrate(self, uri: str, wait: bool = False) -> None:
+        """QMP migrate: ``tcp:HOST:PORT`` to another platform, ``file:PATH`` for a snapshot.
+        Runs in the background; query_migrate reports it."""
+        if self.target is None:
+            raise VmmError("SEV: set the target's sev-pdh and sev-plat-cert first")
+        if self.status not in ("running", "paused"):
+            raise VmmError(f"cannot migrate a guest in state {self.status}")
+        if self.migration.get("status") in ("setup", "active"):
+            raise VmmError("a migration is already in progress")
+        kind, _, where = uri.partition(":")
+        if kind not in ("tcp", "file") or not where:
+            raise VmmError(f"unsupported migration URI {uri!r} (tcp:HOST:PORT or file:PATH)")
+        self.migration = {"status": "setup", "transferred": 0, "total": 0}
+        worker = threading.Thread(target=self._migrate, args=(kind, where), daemon=True)
+        worker.start()
+        if wait:
+            worker.join()
+
+    def _progress(self, done: int, total: int) -> None:
+        self.migration.update(status="active", transferred=done, total=total)
+
+    def _migrate(self, kind: str, where: str) -> None:
+        before = self.status
+        self.pause_vcpus()
+        self.status = "finish-migrate"
+        self._emit("MIGRATION", {"status": "setup"})
+        try:
+            with self.lock:
+                if kind == "file":
+                    migration.snapshot(self, Path(where), self.target, self._progress)
+                else:
+                    self._migrate_tcp(where)
+        except Exception as exc:  # noqa: BLE001 - every failure ends the same way
+            with self.lock:
+                if self.vm.sev_guest_status().state == migration.SUPDATE:
+                    self.vm.sev_send_cancel()  # the guest stays, RUNNING, intact
+            self.migration.update(status="failed", error=str(exc))
+            self.status = before
+            if before == "running":
+                self.resume_vcpus()
+            self._emit("MIGRATION", {"status": "failed"})
+            return
+        self.migration["status"] = "completed"
+        self._emit("MIGRATION", {"status": "completed"})
+        if kind == "file":  # a snapshot: the guest carries on
+            self.status = before
+            if before == "running":
+                self.resume_vcpus()
+        else:
+            self.status = "postmigrate"
+
+    def _migrate_tcp(self, where: str) -> None:
+        host, _, port = where.rpartition(":")
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=60)
+        except (OSError, ValueError) as exc:
+            raise migration.MigrationError(f"cannot connect to {where}: {exc}") from None
+        with sock, sock.makefile("rwb", buffering=1 << 20) as stream:
+            migration.send(self, stream, self.target, self._progress)
+            reply = stream.readline().decode("utf-8", "replace").strip()
+            if reply != "READY":
+                raise migration.MigrationError(f"the destination refused: {reply or 'EOF'}")
+            self.vm.sev_send_finish()
+            stream.write(b"COMMIT\n")
+            stream.flush()
+
+    def query_migrate(self) -> dict[str, Any]:
+        m = self.migration
+        out: dict[str, Any] = {"status": m.get("status", "none")}
+        if "total" in m:
+            total, done = m["total"], m["transferred"]
+            out["ram"] = {"transferred": done, "total": total, "remaining": max(0, total - done)}
+        if "error" in m:
+            out["error-desc"] = m["error"]
+        return out
+
+    def listen_incoming(self, where: str) -> socket.socket:
+        """Bind ``HOST:PORT`` for an incoming migration (before the VMM says it is ready)."""
+        host, _, port = where.rpartition(":")
+        try:
+            server = socket.create_server((host, int(port)))
+        except (OSError, ValueError) as exc:
+            raise VmmError(f"cannot listen on {where}: {exc}") from None
+        self.status = "inmigrate"
+        return server
+
+    def serve_incoming(self, server: socket.socket) -> None:
+        """Accept senders until one commits; a failed attempt is discarded and the next
+        may come. Then the guest runs."""
+        with server:
+            while self.status == "inmigrate":
+                server.settimeout(0.5)
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with conn, conn.makefile("rwb", buffering=1 << 20) as stream:
+                    conn.settimeout(60)
+                    if self._receive_one(stream):
+                        return
+
+    def _receive_one(self, stream) -> bool:
+        try:
+            with self.lock:
+                migration.receive(self, stream)
+        except (migration.MigrationError, OSError) as exc:
+            self.migration = {"status": "failed", "error": str(exc)}
+            try:
+                stream.write(f"ERROR {exc}\n".encode())
+                stream.flush()
+            except OSError:
+                pass
+            return False
+        try:
+            stream.write(b"READY\n")
+            stream.flush()
+            reply = stream.readline().strip()
+        except OSError:
+            reply = b""
+        if reply != b"COMMIT":
+            self.migration = {"status": "failed", "error": "the sender did not commit"}
+            self.discard()
+            return False
+        self.migration = {"status": "completed"}
+        self.status = "paused"
+        self.cont()
+        return True
+
+    def restore(self, path: Path) -> None:
+        """Receive a snapshot file; the guest is left paused."""
+        try:
+            with open(path, "rb") as stream, self.lock:
+                migration.receive(self, stream)
+        except OSError as exc:
+            raise VmmError(f"cannot read the snapshot: {exc}") from None
+        except migration.MigrationError as exc:
+            raise VmmError(f"the snapshot was refused: {exc}") from None
+        self.status = "paused"
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         self.events.append({"event": event, "data": data})

@@ -12,9 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 from sevsim import crypto
-from sevsim.api import guidtable
+from sevsim.api import channel, guidtable
 
-CTX_MEASURE = 0x04
 MEASUREMENT_SIZE = 48  # MEASURE ‖ MNONCE
 
 
@@ -41,7 +40,7 @@ def measurement(
     digest: bytes,
     mnonce: bytes,
 ) -> bytes:
-    data = bytes([CTX_MEASURE, api_major, api_minor, build]) + crypto.le(policy, 4)
+    data = bytes([channel.CTX_MEASURE, api_major, api_minor, build]) + crypto.le(policy, 4)
     return crypto.hmac_sha256(tik, data + digest + mnonce)
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 from sevsim import crypto
+from sevsim.api import channel
 from sevsim.api import commands as cmd
-
-CTX_SECRET = 0x01
 
 
 def build_packet(
@@ -27,8 +26,6 @@ def build_packet(
         raise ValueError("MEASURE is the first 32 bytes of the launch measurement")
     iv = os.urandom(16) if iv is None else iv
     payload = crypto.aes128_ctr(tek, iv, secret)
-    n = crypto.le(len(secret), 4)
-    mac = crypto.hmac_sha256(
-        tik, bytes([CTX_SECRET]) + crypto.le(flags, 4) + iv + n + n + payload + measure
-    )
+    n = len(secret)
+    mac = channel.packet_mac(tik, channel.CTX_SECRET, flags, iv, n, n, payload, measure)
     return cmd.PACKET_HEADER.build(flags=flags, iv=iv, mac=mac), payload

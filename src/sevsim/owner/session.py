@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevsim import crypto
-from sevsim.api import commands as cmd
+from sevsim.api import channel
 from sevsim.api.status import Status
 from sevsim.certs.sev import Algo, CertError, SevCert, Usage, sanity_check
 from sevsim.fsutil import atomic_write
@@ -33,17 +33,7 @@ def session_blob(
 ) -> bytes:
     """The 128-byte session blob for a shared secret Z (a pure function: the KATs of
     sev-api.md §9.1 call it with Z = 16 zero bytes)."""
-    master = crypto.kdf(z, b"sev-master-secret", nonce, 128)
-    kek = crypto.kdf(master, b"sev-kek", b"", 128)
-    kik = crypto.kdf(master, b"sev-kik", b"", 128)
-    wrap_tk = crypto.aes128_ctr(kek, wrap_iv, tek + tik)
-    return cmd.SESSION.build(
-        nonce=nonce,
-        wrap_tk=wrap_tk,
-        wrap_iv=wrap_iv,
-        wrap_mac=crypto.hmac_sha256(kik, wrap_tk),
-        policy_mac=crypto.hmac_sha256(tik, crypto.le(policy, 4)),
-    )
+    return channel.wrap(z, nonce, wrap_iv, tek, tik, policy)
 
 
 @dataclass

@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevsim import crypto
+from sevsim.api import channel
 from sevsim.api import commands as cmd
 from sevsim.api import policy as sev_policy
 from sevsim.api.commands import Command
 from sevsim.api.status import PlatformState, Status
+from sevsim.certs.amd import AmdCert
 from sevsim.certs.sev import (
     CERT_SIZE,
     EC_FIELD,
@@ -57,8 +59,7 @@ log = logging.getLogger(__name__)
 
 CHAIN_SIZE = 3 * CERT_SIZE  # PEK || OCA || CEK
 MEASUREMENT_SIZE = 48  # MEASURE 32 | MNONCE 16
-CTX_MEASURE = 0x04  # SEV_CHANNEL_CTX_MEASURE
-CTX_SECRET = 0x01  # SEV_CHANNEL_CTX_SECRET
+AMD_CHAIN_MAX = 2 * (0x40 + 3 * 512)  # ASK ‖ ARK, RSA-4096 at most
 SCRATCH_SIZE = 0x5000  # SEV_SCRATCH_BUF_LEN: the largest secret a packet may carry
 SCRATCH_CHUNK = 1 << 20  # MODEL: bulk copies go through a 1 MiB work buffer
 APIC_ID_SIZE = 4
@@ -138,6 +139,13 @@ class SevFirmware:
             Command.ATTESTATION: (self._attestation, Buffer.IN_OUT_ERROR),
             Command.DBG_DECRYPT: (self._dbg_decrypt, Buffer.IN),
             Command.DBG_ENCRYPT: (self._dbg_encrypt, Buffer.IN),
+            Command.SEND_START: (self._send_start, Buffer.IN_OUT_ERROR),
+            Command.SEND_UPDATE_DATA: (self._send_update_data, Buffer.IN_OUT_ERROR),
+            Command.SEND_FINISH: (self._send_finish, Buffer.IN),
+            Command.SEND_CANCEL: (self._send_cancel, Buffer.IN),
+            Command.RECEIVE_START: (self._receive_start, Buffer.IN_OUT),
+            Command.RECEIVE_UPDATE_DATA: (self._receive_update_data, Buffer.IN),
+            Command.RECEIVE_FINISH: (self._receive_finish, Buffer.IN),
         }
         self._scratch = np.empty(SCRATCH_CHUNK, dtype=np.uint8)  # the firmware's work buffer
         self._guests: dict[int, Guest] = {}  # handle -> guest context
@@ -595,31 +603,21 @@ class SevFirmware:
         return Status.SUCCESS
 
     # ---- launch (sev-api.md §5) ---------------------------------------------------------------
-    def _open_channel(self, buf) -> tuple[bytes, bytes]:
-        """The trusted channel with the guest owner: (TEK, TIK) from the session blob."""
+    def _open_channel(self, buf, peer_paddr: int, peer_len: int) -> tuple[bytes, bytes]:
+        """The server side of the trusted channel (LAUNCH_START with a GODH certificate,
+        RECEIVE_START): (TEK, TIK) from the session blob, after the policy checks."""
         if buf.session_len != cmd.SESSION.size:
             raise FirmwareError(Status.INVALID_LENGTH)
-        session = cmd.SESSION.parse(self._mem.read(buf.session_paddr, cmd.SESSION.size))
-        if buf.dh_cert_len != CERT_SIZE:
+        blob = self._mem.read(buf.session_paddr, cmd.SESSION.size)
+        if peer_len != CERT_SIZE:
             raise FirmwareError(Status.INVALID_LENGTH)
-        godh = SevCert.parse(self._mem.read(buf.dh_cert_paddr, CERT_SIZE))
-        if sanity_check(godh, Usage.PDH, Algo.ECDH_SHA256) != Status.SUCCESS:
-            raise FirmwareError(Status.INVALID_CERTIFICATE)
-        pdh_key = crypto.p384_private_from_scalar(self._require_identity().persistent.pdh_key)
+        z = self._ecdh(SevCert.parse(self._mem.read(peer_paddr, CERT_SIZE)))
         try:
-            z = crypto.ecdh_z(pdh_key, godh.public_key())
-        except (CertError, ValueError):
-            raise FirmwareError(Status.INVALID_CERTIFICATE) from None
-        master = crypto.kdf(z, b"sev-master-secret", session.nonce, 128)
-        kek = crypto.kdf(master, b"sev-kek", b"", 128)
-        kik = crypto.kdf(master, b"sev-kik", b"", 128)
-        if not crypto.equal(crypto.hmac_sha256(kik, session.wrap_tk), session.wrap_mac):
-            raise FirmwareError(Status.BAD_MEASUREMENT)
-        keys = crypto.aes128_ctr(kek, session.wrap_iv, session.wrap_tk)
-        tek, tik = keys[:16], keys[16:]
+            tek, tik, policy_mac = channel.unwrap(z, blob)
+        except channel.ChannelError:
+            raise FirmwareError(Status.BAD_MEASUREMENT) from None
         # sev_guest_verify_policy: MAC, minimum API version, reserved bits.
-        policy_mac = crypto.hmac_sha256(tik, crypto.le(buf.policy, 4))
-        if not crypto.equal(policy_mac, session.policy_mac):
+        if not crypto.equal(channel.policy_mac(tik, buf.policy), policy_mac):
             raise FirmwareError(Status.BAD_MEASUREMENT)
         if sev_policy.api_min(buf.policy) > self.api_version[:2]:
             raise FirmwareError(Status.POLICY_FAILURE)
@@ -627,12 +625,27 @@ class SevFirmware:
             raise FirmwareError(Status.POLICY_FAILURE)
         return tek, tik
 
+    def _ecdh(self, peer: SevCert) -> bytes:
+        """Z with a peer's PDH-format certificate (its signatures are not checked here)."""
+        if sanity_check(peer, Usage.PDH, Algo.ECDH_SHA256) != Status.SUCCESS:
+            raise FirmwareError(Status.INVALID_CERTIFICATE)
+        pdh_key = crypto.p384_private_from_scalar(self._require_identity().persistent.pdh_key)
+        try:
+            return crypto.ecdh_z(pdh_key, peer.public_key())
+        except (CertError, ValueError):
+            raise FirmwareError(Status.INVALID_CERTIFICATE) from None
+
     def _launch_start(self, buf) -> Status:
         if self.state not in (PlatformState.INIT, PlatformState.WORKING):
             return Status.INVALID_PLATFORM_STATE
         tek = tik = bytes(16)  # no DH certificate: no channel, zero keys, policy unchecked
         if buf.dh_cert_paddr:
-            tek, tik = self._open_channel(buf)
+            tek, tik = self._open_channel(buf, buf.dh_cert_paddr, buf.dh_cert_len)
+        return self._new_guest(buf, tek, tik, GuestState.LUPDATE)
+
+    def _new_guest(self, buf, tek: bytes, tik: bytes, state: GuestState) -> Status:
+        """The rest of LAUNCH_START and RECEIVE_START: the VEK (fresh, or shared with the
+        guest ``buf.handle`` names), a handle, the ES check; the platform is WORKING."""
         if buf.handle == 0:
             vek = self._trng.random_bytes(self._hw.vek_bytes, "vek")
         else:
@@ -646,7 +659,7 @@ class SevFirmware:
         if buf.policy & sev_policy.PolicyFlag.ES and not self.config_flags & cmd.CONFIG_FLAG_ES:
             return Status.UNSUPPORTED
         guest = Guest(handle, buf.policy, vek, tek=tek, tik=tik)
-        guest.state = GuestState.LUPDATE
+        guest.state = state
         self._guests[handle] = guest
         self.state = PlatformState.WORKING
         self.guest_count += 1
@@ -688,7 +701,7 @@ class SevFirmware:
         major, minor, build = self.api_version
         measure = crypto.hmac_sha256(
             guest.tik,
-            bytes([CTX_MEASURE, major, minor, build])
+            bytes([channel.CTX_MEASURE, major, minor, build])
             + crypto.le(guest.policy, 4)
             + launch_digest
             + mnonce,
@@ -722,15 +735,15 @@ class SevFirmware:
         self._mem.read(buf.guest_paddr | cbit, buf.trans_len, flush=True)
         self._mem.read(buf.guest_paddr & ~cbit, buf.trans_len, flush=True)
         ciphertext = self._mem.read(buf.trans_paddr, buf.trans_len)
-        expected = crypto.hmac_sha256(
+        expected = channel.packet_mac(
             guest.tik,
-            bytes([CTX_SECRET])
-            + crypto.le(header.flags, 4)
-            + header.iv
-            + crypto.le(buf.guest_len, 4)
-            + crypto.le(buf.trans_len, 4)
-            + ciphertext
-            + guest.measurement,
+            channel.CTX_SECRET,
+            header.flags,
+            header.iv,
+            buf.guest_len,
+            buf.trans_len,
+            ciphertext,
+            guest.measurement,
         )
         if not crypto.equal(expected, header.mac):
             return Status.BAD_MEASUREMENT
@@ -746,6 +759,188 @@ class SevFirmware:
             self._enable(guest)
         guest.close_channel()
         guest.transition(Command.LAUNCH_FINISH)
+        return Status.SUCCESS
+
+    # ---- migration (sev-api.md §6; AMD-ASPFW sev_mcmd_send_*, sev_mcmd_receive_*) ---------
+    def _send_start(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if buf.session_len != cmd.SESSION.size:
+            buf.session_len = cmd.SESSION.size
+            return Status.INVALID_LENGTH
+        if guest.state != GuestState.RUNNING:
+            return Status.INVALID_GUEST_STATE
+        if guest.policy & sev_policy.PolicyFlag.NOSEND:
+            return Status.POLICY_FAILURE
+        chain: tuple[SevCert, SevCert, SevCert] | None = None  # PEK, OCA, CEK
+        if guest.policy & sev_policy.PolicyFlag.SEV:
+            chain, pdh = self._validate_platform(buf)
+            pek = chain[0]
+            if pek.api_version < sev_policy.api_min(guest.policy):
+                return Status.POLICY_FAILURE
+        if guest.policy & sev_policy.PolicyFlag.DOMAIN:
+            if chain is None:
+                chain, pdh = self._receiver_certs(buf)
+            pek, oca, _ = chain
+            oca_key = oca.signing_key()
+            for cert, key in ((oca, oca_key), (pek, oca_key), (pdh, pek.signing_key())):
+                status = firmware_validate(cert, key)
+                if status != Status.SUCCESS:
+                    return status
+            if oca.raw != bytes.fromhex(self._require_identity().persistent.oca_cert):
+                return Status.POLICY_FAILURE
+        if chain is None:
+            if buf.pdh_len != CERT_SIZE:
+                return Status.INVALID_LENGTH
+            pdh = SevCert.parse(self._mem.read(buf.pdh_paddr, CERT_SIZE))
+        # The client side of the channel: new transport keys wrapped for the receiver.
+        z = self._ecdh(pdh)
+        tek, tik = self._trng.random_bytes(16, "tek"), self._trng.random_bytes(16, "tik")
+        nonce, wrap_iv = self._trng.random_bytes(16, "nonce"), self._trng.random_bytes(16, "iv")
+        self._mem.write(buf.session_paddr, channel.wrap(z, nonce, wrap_iv, tek, tik, guest.policy))
+        buf.policy = guest.policy
+        guest.transition(Command.SEND_START)
+        guest.tek, guest.tik = tek, tik
+        return Status.SUCCESS
+
+    def _receiver_certs(self, buf) -> tuple[tuple[SevCert, SevCert, SevCert], SevCert]:
+        if buf.plat_certs_len != CHAIN_SIZE or buf.pdh_len != CERT_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH)
+        raw = self._mem.read(buf.plat_certs_paddr, CHAIN_SIZE)
+        certs = tuple(
+            SevCert.parse(raw[i : i + CERT_SIZE]) for i in range(0, CHAIN_SIZE, CERT_SIZE)
+        )
+        pdh = SevCert.parse(self._mem.read(buf.pdh_paddr, CERT_SIZE))
+        return certs, pdh  # type: ignore[return-value]
+
+    def _validate_platform(self, buf) -> tuple[tuple[SevCert, SevCert, SevCert], SevCert]:
+        """The receiver's ARK -> ASK -> CEK -> PEK -> PDH, the ARK being the fused root."""
+        if buf.plat_certs_len != CHAIN_SIZE or buf.pdh_len != CERT_SIZE:
+            raise FirmwareError(Status.INVALID_LENGTH)
+        if not 0 < buf.amd_certs_len <= AMD_CHAIN_MAX:
+            raise FirmwareError(Status.INVALID_LENGTH)
+        chain, pdh = self._receiver_certs(buf)
+        amd = self._mem.read(buf.amd_certs_paddr, buf.amd_certs_len)
+        try:
+            ask_len = AmdCert.size_of(amd)
+            ask, ark = AmdCert.parse(amd[:ask_len]), AmdCert.parse(amd[ask_len:])
+        except CertError:
+            raise FirmwareError(Status.INVALID_CERTIFICATE) from None
+        fuses = self._fuses
+        if (
+            ark.check_signed_by(ark) is not None
+            or ark.usage != Usage.ARK
+            or ark.key_id != fuses.ark_key_id
+            or ark.public_key_hash() != fuses.ark_hash
+            or ask.check_signed_by(ark) is not None
+            or ask.usage != Usage.ASK
+        ):
+            raise FirmwareError(Status.INVALID_CERTIFICATE)
+        pek, _oca, cek = chain
+        for cert, key in (
+            (cek, ask.signing_key()),
+            (pek, cek.signing_key()),
+            (pdh, pek.signing_key()),
+        ):
+            status = firmware_validate(cert, key)
+            if status != Status.SUCCESS:
+                raise FirmwareError(status)
+        return chain, pdh
+
+    def _send_update_data(self, buf) -> Status:
+        self._require_working()
+        if buf.hdr_len < cmd.PACKET_HEADER.size:
+            buf.hdr_len = cmd.PACKET_HEADER.size
+            return Status.INVALID_LENGTH
+        guest = self._guest(buf.handle)
+        if guest.state != GuestState.SUPDATE:
+            return Status.INVALID_GUEST_STATE
+        if not guest.asid or not self._asid_in_use[guest.asid]:
+            return Status.INACTIVE
+        if (
+            buf.guest_len == 0
+            or buf.guest_len > SCRATCH_SIZE
+            or buf.guest_len % 16
+            or buf.trans_len < buf.guest_len
+        ):
+            return Status.INVALID_LENGTH
+        if buf.guest_paddr % 16:
+            return Status.INVALID_ADDRESS
+        # Guest memory is under the VEK; the C-bit of the address does not matter here.
+        plaintext = self._mem.read_guest(buf.guest_paddr, buf.guest_len, guest.asid)
+        iv = self._trng.random_bytes(16, "packet-iv")
+        ciphertext = crypto.aes128_ctr(guest.tek, iv, plaintext)
+        n = buf.guest_len
+        mac = channel.packet_mac(guest.tik, channel.CTX_DATA, 0, iv, n, n, ciphertext)
+        self._mem.write(buf.trans_paddr, ciphertext)
+        self._mem.write(buf.hdr_paddr, cmd.PACKET_HEADER.build(flags=0, iv=iv, mac=mac))
+        buf.hdr_len = cmd.PACKET_HEADER.size
+        return Status.SUCCESS
+
+    def _send_finish(self, buf) -> Status:
+        return self._send_end(buf, Command.SEND_FINISH)
+
+    def _send_cancel(self, buf) -> Status:
+        return self._send_end(buf, Command.SEND_CANCEL)
+
+    def _send_end(self, buf, command: Command) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if guest.state != GuestState.SUPDATE:
+            return Status.INVALID_GUEST_STATE
+        guest.close_channel()
+        guest.transition(command)
+        return Status.SUCCESS
+
+    def _receive_start(self, buf) -> Status:
+        if self.state not in (PlatformState.INIT, PlatformState.WORKING):
+            return Status.INVALID_PLATFORM_STATE
+        if buf.session_len != cmd.SESSION.size or buf.pdh_len != CERT_SIZE:
+            return Status.INVALID_LENGTH
+        tek, tik = self._open_channel(buf, buf.pdh_paddr, buf.pdh_len)  # the sender's PDH
+        return self._new_guest(buf, tek, tik, GuestState.RUPDATE)
+
+    def _receive_update_data(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if guest.state != GuestState.RUPDATE:
+            return Status.INVALID_GUEST_STATE
+        if guest.inactive:
+            return Status.INACTIVE
+        if (
+            buf.trans_len == 0
+            or buf.trans_len > SCRATCH_SIZE
+            or buf.guest_len != buf.trans_len
+            or buf.trans_len % 16
+            or buf.hdr_len < cmd.PACKET_HEADER.size
+        ):
+            return Status.INVALID_LENGTH
+        if buf.guest_paddr % 16:
+            return Status.INVALID_ADDRESS
+        header = cmd.PACKET_HEADER.parse(self._mem.read(buf.hdr_paddr, cmd.PACKET_HEADER.size))
+        if header.flags & cmd.PACKET_FLAG_COMPRESSED:
+            return Status.UNSUPPORTED
+        ciphertext = self._mem.read(buf.trans_paddr, buf.trans_len)
+        n = buf.trans_len
+        expected = channel.packet_mac(
+            guest.tik, channel.CTX_DATA, header.flags, header.iv, n, n, ciphertext
+        )
+        if not crypto.equal(expected, header.mac):
+            return Status.BAD_MEASUREMENT
+        plaintext = crypto.aes128_ctr(guest.tek, header.iv, ciphertext)
+        self._mem.write_guest(buf.guest_paddr, plaintext, guest.asid)
+        return Status.SUCCESS
+
+    def _receive_finish(self, buf) -> Status:
+        self._require_working()
+        guest = self._guest(buf.handle)
+        if guest.state != GuestState.RUPDATE:
+            return Status.INVALID_GUEST_STATE
+        if guest.activation == Activation.PENDING:
+            self._enable(guest)
+        guest.close_channel()
+        guest.launch_digest = bytes(32)  # a received guest was never measured here
+        guest.transition(Command.RECEIVE_FINISH)
         return Status.SUCCESS
 
     # ---- debugging and attestation -------------------------------------------------------------

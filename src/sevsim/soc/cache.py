@@ -28,7 +28,7 @@ domain (processor self-snoop).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from enum import IntEnum
 
 import numpy as np
@@ -74,6 +74,7 @@ class Cache:
         self._count = 0
         self._sets: dict[int, list[int]] = {}
         self._slots_of_line: dict[int, list[int]] = {}  # line PA -> domains holding it
+        self._lines_in_page: dict[int, int] = {}  # page PA -> cached lines (all domains)
         self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
 
     def __repr__(self) -> str:
@@ -116,6 +117,8 @@ class Cache:
         self._pages.setdefault(key & ~0xFFF, {})[(line_pa >> 6) & 63] = line
         self._count += 1
         self._slots_of_line.setdefault(line_pa, []).append(slot)
+        page_pa = line_pa & ~0xFFF
+        self._lines_in_page[page_pa] = self._lines_in_page.get(page_pa, 0) + 1
         return line
 
     def _evict(self, key: int) -> None:
@@ -133,6 +136,11 @@ class Cache:
             self._memctl.write_line(line_pa, slot, bytes(line))
             self.stats["writebacks"] += 1
         self._sets[(line_pa >> 6) & self._set_mask].remove(key)
+        page_pa = line_pa & ~0xFFF
+        if self._lines_in_page[page_pa] == 1:
+            del self._lines_in_page[page_pa]
+        else:
+            self._lines_in_page[page_pa] -= 1
         slots = self._slots_of_line[line_pa]
         slots.remove(slot)
         if not slots:
@@ -221,6 +229,7 @@ class Cache:
             self._pages.clear()
             self._sets.clear()
             self._slots_of_line.clear()
+            self._lines_in_page.clear()
             self._count = 0
         return written
 
@@ -256,11 +265,13 @@ class Cache:
         write back the same domain's dirty lines of the range (and drop them for a write);
         with HwEnforcedCacheCoh, write back and drop the other domains' lines too."""
         slots_of_line = self._slots_of_line
-        lines: Iterable[int] = _lines_of(pa, n)
-        if len(lines) > len(slots_of_line):  # a big range: look only at what is cached
-            first, end = lines.start, lines.stop
-            lines = sorted(line for line in slots_of_line if first <= line < end)
-        for line_pa in lines:
+        lines_in_page = self._lines_in_page
+        cached: list[int] = []
+        for page_pa in range(pa & ~0xFFF, pa + n, 4096):  # skip pages with nothing cached
+            if page_pa in lines_in_page:
+                lo, hi = max(pa, page_pa), min(pa + n, page_pa + 4096)
+                cached.extend(_lines_of(lo, hi - lo))
+        for line_pa in cached:
             if line_pa not in slots_of_line:
                 continue
             if self.coherent:

@@ -68,6 +68,7 @@ class Core:
         self._profile = machine.profile
         self._memctl = machine.memctl
         self._cache = machine.cache
+        self._fabric = machine.fabric
         self._dirty = machine.cache._dirty  # shared with the cache; never rebound there
         self._tables = HostTables(self)
         self._guest: GuestMode | None = None  # set between VMRUN and #VMEXIT
@@ -415,6 +416,20 @@ class Core:
             self._cache.write(pa, data[pos : pos + length], slot, memtype)
             pos += length
 
+    # Streaming (non-temporal) copies, as bulk-copy routines use them (MOVNTDQ and friends):
+    # coherent with the lines of the same encryption domain, but they neither allocate
+    # lines nor leave dirty ones (the data goes to DRAM at once). Other domains' lines are
+    # left alone unless the part keeps domains coherent (hardware.md §4.1).
+    def read_stream(self, va: int, n: int) -> bytes:
+        runs = _physical_runs(self._pieces(va, n, Access.READ))
+        return b"".join(self._fabric.read(pa, length, slot) for pa, slot, length in runs)
+
+    def write_stream(self, va: int, data: bytes) -> None:
+        pos = 0
+        for pa, slot, length in _physical_runs(self._pieces(va, len(data), Access.WRITE)):
+            self._fabric.write(pa, data[pos : pos + length], slot)
+            pos += length
+
     def copy(self, dst_va: int, src_va: int, n: int, chunk: int = 4096) -> None:
         """REP MOVSB: copy n bytes, a page at a time."""
         for off in range(0, n, chunk):
@@ -445,3 +460,14 @@ class Core:
         written = self._cache.wbinvd(invalidate=False)
         self.machine._wbinvd_done[self.index] = True
         return written
+
+
+def _physical_runs(pieces: list[tuple[int, int, MemType, int]]) -> list[tuple[int, int, int]]:
+    """Merge the pieces of an access that are physically contiguous in one domain."""
+    runs: list[tuple[int, int, int]] = []
+    for pa, slot, _, length in pieces:
+        if runs and runs[-1][1] == slot and runs[-1][0] + runs[-1][2] == pa:
+            runs[-1] = (runs[-1][0], slot, runs[-1][2] + length)
+        else:
+            runs.append((pa, slot, length))
+    return runs

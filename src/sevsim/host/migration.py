@@ -1,0 +1,292 @@
+"""Moving a running SEV guest to another platform, or into a snapshot file (sev-api.md §6).
+
+**The stream** (documented in docs/migration.md) is a magic line and then framed records,
+``u8 type ‖ u32 length (LE) ‖ payload``:
+
+======  =====  ==============================================================================
+type    name   payload
+======  =====  ==============================================================================
+1       SETUP  JSON: memory, vCPUs, policy, memslots, the sender's PDH and the SEND_START
+               session blob (base64)
+2       PAGE   ``u64 GPA ‖ 52-byte packet header ‖ ciphertext``: private guest memory, as
+               SEND_UPDATE_DATA made it (up to 20 KiB, the firmware's limit)
+3       PLAIN  ``u64 GPA ‖ data``: a page the guest shares with the host, as the host reads it
+4       VCPU   JSON: one vCPU's registers (the VMCB save area and the GPRs KVM keeps)
+5       END    SHA-256 of every byte before this record
+======  =====  ==============================================================================
+
+Only the packets are protected by the firmware (their MACs, under the TIK). The END digest
+catches truncation and corruption in transit or on disk; it is not keyed, so it does not
+stop a malicious host from reordering or dropping records — SEV does not protect the
+guest's memory layout (SEV-SNP does).
+
+**Over TCP** the receiver answers after END: ``READY`` once RECEIVE_FINISH succeeded, or
+``ERROR reason``. Only on READY does the sender issue SEND_FINISH and answer ``COMMIT``;
+the receiver runs the guest only on COMMIT. Any failure before that — a broken connection,
+a packet the receiving firmware rejects, a refused chain, no free ASID — ends with
+SEND_CANCEL on the sender, whose guest carries on with its memory untouched, and with the
+receiver discarding what it got (DEACTIVATE, DECOMMISSION). The one window this cannot
+close is a connection lost between the sender's COMMIT and its arrival: the sender has
+finished and the receiver never starts (never both running; in that case, neither).
+
+**A snapshot** is the same stream in a file, written atomically; the sender then issues
+SEND_CANCEL and its guest keeps running. Restoring receives the file exactly as a
+connection, and commits only after the END digest has been checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sevsim.api import commands as cmd
+from sevsim.certs.chain import decode_chain
+from sevsim.certs.sev import CERT_SIZE, CertError
+
+MAGIC = b"SEVSIM-MIGRATION 1\n"
+FRAME = struct.Struct("<BI")
+GPA = struct.Struct("<Q")
+PACKET_PAGES = 5  # 20 KiB: the most one SEND_UPDATE_DATA carries (SEV_SCRATCH_BUF_LEN)
+PAGE = 4096
+MAX_RECORD = 1 << 20
+SUPDATE = 4  # the guest state between SEND_START and SEND_FINISH / SEND_CANCEL
+VCPU_FIELDS = ("rip", "rsp", "rax", "rflags", "cr0", "cr2", "cr3", "cr4", "efer", "cpl", "g_pat")
+
+Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
+
+
+class Record(IntEnum):
+    SETUP = 1
+    PAGE = 2
+    PLAIN = 3
+    VCPU = 4
+    END = 5
+
+
+class MigrationError(RuntimeError):
+    """A migration or snapshot failed; the message says where and why."""
+
+
+@dataclass
+class TargetChain:
+    """What the sender needs of the receiving platform (QEMU's sev-pdh, sev-plat-cert and
+    sev-amd-cert migration parameters)."""
+
+    pdh: bytes
+    plat_certs: bytes  # PEK ‖ OCA ‖ CEK
+    amd_certs: bytes  # ASK ‖ ARK (may be empty when the policy does not ask for them)
+
+    @classmethod
+    def from_chain(cls, data: bytes) -> TargetChain:
+        """From a chain export (PDH, PEK, OCA, CEK [, ASK, ARK])."""
+        try:
+            chain = decode_chain(data)
+        except CertError as exc:
+            raise MigrationError(f"target chain: {exc}") from None
+        amd = chain.ask.raw + chain.ark.raw if chain.ask and chain.ark else b""
+        return cls(chain.pdh.raw, chain.pek.raw + chain.oca.raw + chain.cek.raw, amd)
+
+    @classmethod
+    def from_base64(cls, pdh: str, plat: str, amd: str) -> TargetChain:
+        try:
+            parts = [base64.b64decode(x, validate=True) for x in (pdh, plat, amd)]
+        except (ValueError, TypeError):
+            raise MigrationError("the migration parameters must be base64") from None
+        if len(parts[0]) != CERT_SIZE or len(parts[1]) != 3 * CERT_SIZE:
+            raise MigrationError("sev-pdh is one SEV certificate, sev-plat-cert three")
+        return cls(*parts)
+
+
+# ---- the stream -----------------------------------------------------------------------------
+class StreamWriter:
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self._put(MAGIC)
+
+    def _put(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.out.write(data)
+
+    def record(self, kind: Record, payload: bytes) -> None:
+        self._put(FRAME.pack(kind, len(payload)))
+        self._put(payload)
+
+    def end(self) -> None:
+        self.record(Record.END, self.digest.digest())
+        self.out.flush()
+
+
+class StreamReader:
+    def __init__(self, inp: BinaryIO) -> None:
+        self.inp = inp
+        self.digest = hashlib.sha256()
+        if self._take(len(MAGIC)) != MAGIC:
+            raise MigrationError("not a sevsim migration stream (bad magic)")
+        self.digest.update(MAGIC)
+
+    def _take(self, n: int) -> bytes:
+        data = self.inp.read(n)
+        if data is None or len(data) < n:
+            raise MigrationError("the stream ended early (connection lost or file truncated)")
+        return data
+
+    def record(self) -> tuple[Record, bytes]:
+        head = self._take(FRAME.size)
+        kind, length = FRAME.unpack(head)
+        if length > MAX_RECORD:
+            raise MigrationError(f"a record of {length} bytes: the stream is damaged")
+        expected = self.digest.copy()  # what END must carry (the digest before END)
+        payload = self._take(length)
+        try:
+            record = Record(kind)
+        except ValueError:
+            raise MigrationError(f"unknown record type {kind}: the stream is damaged") from None
+        if record == Record.END:
+            if payload != expected.digest():
+                raise MigrationError("the stream's digest does not match: it was altered")
+        else:
+            self.digest.update(head)
+            self.digest.update(payload)
+        return record, payload
+
+
+# ---- the sending side -------------------------------------------------------------------------
+def send(vmm, out: BinaryIO, target: TargetChain, progress: Progress | None = None) -> None:
+    """SEND_START and the whole guest into ``out``. The caller then does SEND_FINISH (the
+    receiver committed) or SEND_CANCEL (anything else, and snapshots)."""
+    vm = vmm.vm
+    system = vmm.system
+    pdh = system.sev.pdh_cert_export()
+    if not pdh.ok:
+        raise MigrationError(f"could not export this platform's PDH: {pdh.explain()}")
+    session, policy = vm.sev_send_start(target.pdh, target.plat_certs, target.amd_certs)
+    shared = _shared_pages(vm)
+    pages = [(s, i) for s in vm.slots for i in sorted(s.populated)]
+    total, sent = len(pages) * PAGE, 0
+    writer = StreamWriter(out)
+    setup = {
+        "memory": vmm.config.memory,
+        "smp": len(vm.vcpus),
+        "policy": policy,
+        "slots": [[s.gpa, s.size] for s in vm.slots],
+        "pdh": base64.b64encode(pdh.data["pdh"]).decode(),
+        "session": base64.b64encode(session).decode(),
+    }
+    writer.record(Record.SETUP, json.dumps(setup).encode())
+    run: list[int] = []  # GPAs of contiguous private pages, sent as one packet
+
+    def flush_run() -> None:
+        nonlocal sent
+        if run:
+            header, data = vm.sev_send_update_data(run[0], len(run) * PAGE)
+            writer.record(Record.PAGE, GPA.pack(run[0]) + header + data)
+            sent += len(run) * PAGE
+            run.clear()
+            if progress:
+                progress(sent, total)
+
+    for slot, index in pages:
+        gpa = slot.gpa + index * PAGE
+        if gpa in shared:
+            flush_run()
+            writer.record(Record.PLAIN, GPA.pack(gpa) + vm.read_stream(gpa, PAGE))
+            sent += PAGE
+            continue
+        if run and (gpa != run[-1] + PAGE or len(run) == PACKET_PAGES):
+            flush_run()
+        run.append(gpa)
+    flush_run()
+    for vcpu in vm.vcpus:
+        state = vcpu.vmcb()
+        record = {"index": vcpu.index, "regs": vcpu.regs}
+        record |= {name: getattr(state, name) for name in VCPU_FIELDS}
+        writer.record(Record.VCPU, json.dumps(record).encode())
+    writer.end()
+    if progress:
+        progress(total, total)
+
+
+def _shared_pages(vm) -> set[int]:
+    pages = set()
+    for gpa, npages in vm.shared_ranges:
+        pages.update(range(gpa & ~(PAGE - 1), (gpa & ~(PAGE - 1)) + npages * PAGE, PAGE))
+    return pages
+
+
+def snapshot(vmm, path: Path, target: TargetChain, progress: Progress | None = None) -> None:
+    """The guest into a file, written atomically; the guest then carries on (SEND_CANCEL)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            send(vmm, out, target, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if vmm.vm.sev_guest_status().state == SUPDATE:
+            vmm.vm.sev_send_cancel()
+
+
+# ---- the receiving side -------------------------------------------------------------------------
+def receive(vmm, inp: BinaryIO) -> None:
+    """Read a stream into a new guest on ``vmm`` (created by it, left in RUNNING firmware
+    state, vCPUs not started). On any error the guest is discarded and MigrationError
+    says why."""
+    reader = StreamReader(inp)
+    kind, payload = reader.record()
+    if kind != Record.SETUP:
+        raise MigrationError("the stream does not start with its setup")
+    try:
+        setup = json.loads(payload)
+        session = base64.b64decode(setup["session"])
+        sender_pdh = base64.b64decode(setup["pdh"])
+        memory, smp, policy = int(setup["memory"]), int(setup["smp"]), int(setup["policy"])
+        slots = [(int(a), int(b)) for a, b in setup["slots"]]
+    except (ValueError, KeyError, TypeError):
+        raise MigrationError("the stream's setup record is damaged") from None
+    vmm.create_incoming(memory, smp, slots)
+    vm = vmm.vm
+    try:
+        vm.sev_receive_start(sender_pdh, session, policy)
+        vmm.config.policy = policy
+        header_size = cmd.PACKET_HEADER.size
+        while True:
+            kind, payload = reader.record()
+            if kind == Record.PAGE:
+                (gpa,) = GPA.unpack_from(payload)
+                header = payload[GPA.size : GPA.size + header_size]
+                vm.sev_receive_update_data(header, payload[GPA.size + header_size :], gpa)
+            elif kind == Record.PLAIN:
+                (gpa,) = GPA.unpack_from(payload)
+                vm.write_stream(gpa, payload[GPA.size :])
+            elif kind == Record.VCPU:
+                _restore_vcpu(vm, json.loads(payload))
+            elif kind == Record.END:
+                break
+            else:
+                raise MigrationError(f"unexpected {kind.name} record")
+        vm.sev_receive_finish()
+    except Exception as exc:
+        vmm.discard()
+        if isinstance(exc, MigrationError):
+            raise
+        raise MigrationError(f"the receiving side failed: {exc}") from None
+
+
+def _restore_vcpu(vm, record: dict[str, Any]) -> None:
+    vcpu = vm.vcpus[int(record["index"])]
+    vcpu.set_vmcb(**{name: int(record[name]) for name in VCPU_FIELDS})
+    vcpu.regs.clear()
+    vcpu.regs.update({k: int(v) for k, v in record["regs"].items()})
