@@ -262,6 +262,7 @@ def receive(vmm, inp: BinaryIO) -> None:
         vm.sev_receive_start(sender_pdh, session, policy)
         vmm.config.policy = policy
         header_size = cmd.PACKET_HEADER.size
+        vcpus: list[bytes] = []
         while True:
             kind, payload = reader.record()
             if kind == Record.PAGE:
@@ -272,11 +273,17 @@ def receive(vmm, inp: BinaryIO) -> None:
                 (gpa,) = GPA.unpack_from(payload)
                 vm.write_stream(gpa, payload[GPA.size :])
             elif kind == Record.VCPU:
-                _restore_vcpu(vm, json.loads(payload))
+                vcpus.append(payload)
             elif kind == Record.END:
                 break
             else:
                 raise MigrationError(f"unexpected {kind.name} record")
+        # The registers only now, with the whole stream checked against its digest.
+        for payload in vcpus:
+            try:
+                _restore_vcpu(vm, json.loads(payload))
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise MigrationError("the stream is damaged: a bad vCPU record") from None
         vm.sev_receive_finish()
     except Exception as exc:
         vmm.discard()
