@@ -234,8 +234,12 @@ class Proxy:
                 break
             upstream.sendall(data)
             seen += len(data)
-        conn.close()
-        upstream.close()
+        for sock in (conn, upstream):  # shutdown: a FIN now, even with a reader waiting
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
     @staticmethod
     def _back(upstream: socket.socket, conn: socket.socket) -> None:
