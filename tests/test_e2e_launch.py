@@ -6,10 +6,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -47,8 +50,7 @@ def prepare(d: Path, firmware: str, *firmware_args: str) -> str:
 @pytest.fixture
 def workdir(tmp_path):
     yield tmp_path
-    pidfile = tmp_path / "vm.pid"
-    if pidfile.exists():  # a daemon left behind by a failed test
+    for pidfile in tmp_path.glob("*.pid"):  # daemons left behind by a failed test
         try:
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
@@ -208,3 +210,82 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"the VM process {pid} did not exit after quit")
+
+
+def _counts(path: Path) -> list[int]:
+    text = path.read_text() if path.exists() else ""
+    text = text[: text.rfind("\n") + 1]
+    return [int(n) for n in re.findall(r"count (?:at )?(\d+)", text)]
+
+
+def _wait_counts(path: Path, minimum: int = 1, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(found := _counts(path)) >= minimum:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"{path} shows no counting")
+
+
+def test_migration_and_snapshot_between_two_platform_processes(workdir):
+    """Platform A runs a counting guest; it migrates to platform B (another process, over
+    loopback TCP); B snapshots it for itself and a third process restores the snapshot."""
+    d = workdir
+    sevsim("vm", "firmware", "fw.fd", "--size", "64K", cwd=d)
+    sevsim("platform", "export", "--state", "B", "--full", "b.cert", cwd=d)
+    common = ["--memory", "32M", "--sev-policy", "0", "--daemonize"]
+    sevsim(
+        "vm", "run", "--state", "A", "--bios", "fw.fd", *common,
+        "--fw-cfg", "name=opt/sevsim/workload,string=count",
+        "--qmp", f"unix:{d / 'a.sock'}", "--console", "a.log", "--pidfile", "a.pid", cwd=d,
+    )  # fmt: skip
+    pids = [int((d / "a.pid").read_text())]
+    with closing(QmpClient(d / "a.sock")) as a:  # one QMP client at a time, as in QEMU
+        a.execute("cont")
+    _wait_counts(d / "a.log")
+    with socket.socket() as probe:  # a free port for B
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sevsim(
+        "vm", "run", "--state", "B", "--incoming", f"tcp:127.0.0.1:{port}", *common,
+        "--qmp", f"unix:{d / 'b.sock'}", "--console", "b.log", "--pidfile", "b.pid", cwd=d,
+    )  # fmt: skip
+    pids.append(int((d / "b.pid").read_text()))
+    moved = sevsim(
+        "migrate", "--from", str(d / "a.sock"), "--to", f"tcp:127.0.0.1:{port}",
+        "--target-chain", "b.cert", "--json", cwd=d,
+    )  # fmt: skip
+    assert json.loads(moved.stdout)["status"] == "completed"
+    last_on_a = _counts(d / "a.log")[-1]
+    on_b = _wait_counts(d / "b.log", minimum=2)
+    assert on_b[0] >= last_on_a and on_b[-1] > on_b[0]  # resumed, and counting on B
+    with closing(QmpClient(d / "a.sock")) as a:
+        assert a.execute("query-status")["status"] == "postmigrate"
+        a.execute("quit")
+    # A snapshot of the guest on B, for B; B keeps running it.
+    snap = sevsim(
+        "vm", "snapshot", "--qmp", str(d / "b.sock"), "--target-chain", "b.cert",
+        "--out", "guest.snap", "--json", cwd=d,
+    )  # fmt: skip
+    assert json.loads(snap.stdout)["status"] == "completed"
+    with closing(QmpClient(d / "b.sock")) as b:
+        assert b.execute("query-status")["status"] == "running"
+        b.execute("quit")
+    for pid in pids:
+        _wait_gone(pid)
+    # A tampered snapshot is refused; the real one restores and counts on.
+    data = bytearray((d / "guest.snap").read_bytes())
+    data[len(data) // 2] ^= 1
+    (d / "bad.snap").write_bytes(bytes(data))
+    bad = sevsim("vm", "run", "--state", "B", "--restore", "bad.snap", "-m", "32M", cwd=d,
+                 check=False)  # fmt: skip
+    assert bad.returncode == 1 and "refused" in bad.stderr and "Traceback" not in bad.stderr
+    sevsim(
+        "vm", "run", "--state", "B", "--restore", "guest.snap", *common,
+        "--qmp", f"unix:{d / 'c.sock'}", "--console", "c.log", "--pidfile", "c.pid", cwd=d,
+    )  # fmt: skip
+    restored = _wait_counts(d / "c.log", minimum=2)
+    assert restored[0] >= on_b[0]
+    with closing(QmpClient(d / "c.sock")) as c:
+        c.execute("quit")
+    _wait_gone(int((d / "c.pid").read_text()))
