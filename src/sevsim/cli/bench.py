@@ -54,6 +54,9 @@ def bench(quick: bool, as_json: bool) -> int:
         ("guest_loads_per_s", "{:,.0f}"),
         ("launch_ratio", "{:.3f}"),
         ("launch_gbps", "{:.2f} GB/s"),
+        ("migrate_ratio", "{:.3f}"),
+        ("migrate_mbps", "{:.1f} MB/s"),
+        ("migrate_rss_growth_ratio", "{:.2f}"),
         ("sparse_rss_mib", "{:.1f} MiB"),
         ("touched_mib", "{:.0f} MiB"),
     ):

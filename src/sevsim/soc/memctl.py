@@ -45,6 +45,9 @@ class KeySlotPort:
         return "<KeySlotPort (write-only)>"
 
 
+BULK_MIN = 1024  # below this, the per-line path beats the vectorised one's set-up cost
+
+
 class MemoryController:
     def __init__(
         self,
@@ -138,7 +141,7 @@ class MemoryController:
     def read(self, pa: int, n: int, slot: int) -> bytes:
         """Read n bytes at pa, decrypted with the slot's key. Any alignment."""
         self.dram.check(pa, n)
-        if pa % 16 == 0 and n % 16 == 0:
+        if pa % 16 == 0 and n % 16 == 0 and n >= BULK_MIN:
             out = np.empty(n, dtype=np.uint8)
             self.read_into(pa, out, slot)
             return out.tobytes()
@@ -152,7 +155,7 @@ class MemoryController:
         read-modify-written, as the controller does for a write smaller than a block."""
         n = len(data)
         self.dram.check(pa, n)
-        if pa % 16 == 0 and n % 16 == 0:
+        if pa % 16 == 0 and n % 16 == 0 and n >= BULK_MIN:
             self.write_from(pa, np.frombuffer(data, dtype=np.uint8), slot)
             return
         start = pa & ~(LINE_SIZE - 1)
