@@ -49,7 +49,7 @@ def manufacture(
             atomic_write(Path(state_dir) / FUSES_FILE, cuk)
     fuses = ChipFuses(generation, cuk)
     if kds is not None:
-        ark = kds.root(generation).ark
+        ark = kds.ark(generation)
         fuses = ChipFuses(generation, cuk, ark.key_id, ark.public_key_hash())
         cek = SevCert.create(
             Usage.CEK,

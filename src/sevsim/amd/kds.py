@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sevsim.amd.root import SimulatedRoot, load_or_create
+from sevsim.amd.root import SimulatedRoot, load_or_create, published_root
+from sevsim.certs.amd import AmdCert
 from sevsim.certs.sev import Algo, SevCert, Usage
 from sevsim.fsutil import atomic_write
 
 
 class UnknownChip(LookupError):
     pass
+
+
+_ARK_CACHE: dict[tuple[str, str], AmdCert] = {}  # the roots do not change while we run
 
 
 class KeyDistributionService:
@@ -39,6 +43,14 @@ class KeyDistributionService:
 
     def root(self, generation: str) -> SimulatedRoot:
         return load_or_create(generation, self.data_dir)
+
+    def ark(self, generation: str) -> AmdCert:
+        """The ARK of a generation (made on first use); public certificates only."""
+        key = (generation, str(self.data_dir))
+        if key not in _ARK_CACHE:
+            published = published_root(generation, self.data_dir)
+            _ARK_CACHE[key] = (published or self.root(generation).ca_root).ark
+        return _ARK_CACHE[key]
 
     def generation_of(self, chip_id: bytes) -> str:
         return self._record(chip_id)["generation"]

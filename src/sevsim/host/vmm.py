@@ -454,20 +454,21 @@ class Vmm:
             with self.lock:
                 if self.vm.sev_guest_status().state == migration.SUPDATE:
                     self.vm.sev_send_cancel()  # the guest stays, RUNNING, intact
-            self.migration.update(status="failed", error=str(exc))
+            # The run state first: whoever sees "failed" must find the guest running.
             self.status = before
             if before == "running":
                 self.resume_vcpus()
+            self.migration.update(status="failed", error=str(exc))
             self._emit("MIGRATION", {"status": "failed"})
             return
-        self.migration["status"] = "completed"
-        self._emit("MIGRATION", {"status": "completed"})
         if kind == "file":  # a snapshot: the guest carries on
             self.status = before
             if before == "running":
                 self.resume_vcpus()
         else:
             self.status = "postmigrate"
+        self.migration["status"] = "completed"
+        self._emit("MIGRATION", {"status": "completed"})
 
     def _migrate_tcp(self, where: str) -> None:
         host, _, port = where.rpartition(":")
