@@ -271,12 +271,14 @@ def test_a_broken_connection_at_any_point_leaves_the_source_running(two, tmp_pat
     src = source(a, tmp_path)
     dst, port = destination(b, tmp_path)
     offsets = _stream_offsets(src, target)
+    resume_block = dbg(src, 0x00FF_F000, 64)
     for cut in (10, offsets["first_page"] + 100, offsets["total"] // 2, offsets["total"] - 10):
         proxy = Proxy(port, cut=cut)
         result = migrate(src, proxy.port, target)
         assert result["status"] == "failed", cut
         still_counting(src)
         wait_for(lambda: guest_count(dst) == 0)  # the destination kept nothing
+        assert dbg(src, 0x00FF_F000, 64) == resume_block  # private memory as it was
     assert migrate(src, port, target)["status"] == "completed"  # and can still receive
     src.quit()
     dst.quit()
