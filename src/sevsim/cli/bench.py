@@ -17,11 +17,14 @@ from sevsim.cli.options import json_option
 @click.option("--quick", is_flag=True, help="Smaller sizes and fewer rounds (a smoke test).")
 @json_option
 def bench(quick: bool, as_json: bool) -> int:
-    """Measure bulk encryption, CPU loads and sparse memory against same-run baselines.
+    """Measure the model's speed and memory against baselines taken in the same run.
 
-    Ratios compare the model with raw AES-128-ECB (bulk), with a bare struct.unpack_from
-    loop (loads), and RSS growth with the memory actually touched (sparse DRAM). Each is
-    the median of several rounds. Takes about half a minute (a few seconds with --quick).
+    Ratios compare the model with raw AES-128-ECB (bulk encryption), with a bare
+    struct.unpack_from loop (loads on the host and inside an SEV guest), with raw ECB plus
+    SHA-256 (LAUNCH_UPDATE_DATA + LAUNCH_MEASURE), with the raw crypto two firmwares do
+    (migrating a 256 MiB guest over loopback), and RSS growth with the memory actually
+    used. Each is the median of several rounds. Takes about half a minute (a few
+    seconds with --quick). See docs/performance.md.
     """
     console = Console(stderr=True)
     with Progress(

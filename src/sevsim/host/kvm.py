@@ -388,12 +388,16 @@ class Vm:
         if status != Status.SUCCESS:
             raise KvmError("LAUNCH_START", status)
         self.handle, self.policy = out.handle, policy
+        self._bind_asid()
+        return self.handle
+
+    def _bind_asid(self) -> None:
+        """sev_bind_asid: ACTIVATE the new guest on the VM's ASID (or give the handle up)."""
         status = self.kvm.sev_cmd(Command.ACTIVATE, handle=self.handle, asid=self.asid)
         if status != Status.SUCCESS:
             self.kvm.sev_cmd(Command.DECOMMISSION, handle=self.handle)
             self.handle = 0
             raise KvmError(f"ACTIVATE of ASID {self.asid}", status)
-        return self.handle
 
     def sev_launch_update_data(self, gpa: int, length: int) -> None:
         """KVM_SEV_LAUNCH_UPDATE_DATA: flush the pages (unless the part keeps the caches
@@ -577,11 +581,7 @@ class Vm:
         if status != Status.SUCCESS:
             raise KvmError("RECEIVE_START", status)
         self.handle, self.policy = out.handle, policy
-        status = self.kvm.sev_cmd(Command.ACTIVATE, handle=self.handle, asid=self.asid)
-        if status != Status.SUCCESS:
-            self.kvm.sev_cmd(Command.DECOMMISSION, handle=self.handle)
-            self.handle = 0
-            raise KvmError(f"ACTIVATE of ASID {self.asid}", status)
+        self._bind_asid()
         return self.handle
 
     def sev_receive_update_data(self, header: bytes, data: bytes, gpa: int) -> None:
