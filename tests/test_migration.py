@@ -223,17 +223,20 @@ class Proxy:
         upstream = socket.create_connection(("127.0.0.1", self.target))
         threading.Thread(target=self._back, args=(upstream, conn), daemon=True).start()
         seen = 0
-        while True:
-            data = bytearray(conn.recv(65536))
-            if not data:
-                break
-            if self.flip is not None and seen <= self.flip < seen + len(data):
-                data[self.flip - seen] ^= 0x01
-            if self.cut is not None and seen + len(data) >= self.cut:
-                upstream.sendall(data[: self.cut - seen])
-                break
-            upstream.sendall(data)
-            seen += len(data)
+        try:
+            while True:
+                data = bytearray(conn.recv(65536))
+                if not data:
+                    break
+                if self.flip is not None and seen <= self.flip < seen + len(data):
+                    data[self.flip - seen] ^= 0x01
+                if self.cut is not None and seen + len(data) >= self.cut:
+                    upstream.sendall(data[: self.cut - seen])
+                    break
+                upstream.sendall(data)
+                seen += len(data)
+        except OSError:
+            pass  # the receiver hung up: so does the path
         for sock in (conn, upstream):  # shutdown: a FIN now, even with a reader waiting
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -230,7 +230,10 @@ def test_data_is_forced_private_outside_long_mode_and_pae(milan):
 # ---- #NPF ------------------------------------------------------------------------------------
 def test_nested_page_faults_report_the_gpa_without_the_c_bit(milan):
     host, kvm = milan
-    vm, rep = run_guest(kvm, "npf")
+    vm = start(kvm, "npf")
+    vm.huge_pages = False  # one fault per 4 KiB page
+    assert [e.reason for e in vm.run()] == ["DONE"]
+    rep = report(vm)
     npfs = vm.vcpus[0].npfs
     assert npfs, "every page is mapped on demand"
     cbit = 1 << host.machine.profile.cbit
@@ -242,6 +245,18 @@ def test_nested_page_faults_report_the_gpa_without_the_c_bit(milan):
     assert gk.BOOT_PARAMS in final
     assert not tables or tables <= set(range(gk.PGT_BASE, gk.DATA_BASE, 4096))
     assert all(code & 1 == 0 for _, code in npfs)  # not-present faults
+    vm.destroy()
+
+
+def test_memory_backed_by_huge_pages_is_mapped_2m_at_a_time(milan):
+    host, kvm = milan
+    vm, rep = run_guest(kvm, "huge")
+    faults = {gpa & ~0x1F_FFFF for gpa, _ in vm.vcpus[0].npfs}
+    assert len(vm.vcpus[0].npfs) == len(faults)  # one #NPF per 2 MiB frame
+    leaf = vm.npt.leaf(rep.secret_gpa)
+    assert leaf.size == 2 << 20
+    frame = leaf.entry & 0x000F_FFFF_FFE0_0000 & ~host.kernel.me_mask
+    assert frame == vm.spa(rep.secret_gpa) & ~0x1F_FFFF
     vm.destroy()
 
 

@@ -300,17 +300,20 @@ class HostKernel:
         self._next_free += PAGE_4K
         return pa
 
-    def alloc_pages(self, npages: int = 1, zero: bool = True) -> int:
-        """Physically contiguous pages; returns their direct-map address."""
+    def alloc_pages(self, npages: int = 1, zero: bool = True, align: int = PAGE_4K) -> int:
+        """Physically contiguous pages, ``align``-aligned (e.g. 2 MiB for memory that is to
+        be mapped with huge pages); returns their direct-map address."""
         if self.tables is None:
             raise RuntimeError("the kernel has not booted")
-        if self._free and npages == 1:
+        if self._free and npages == 1 and align == PAGE_4K:
             pa = self._free.pop()
         else:
-            if self._next_free + npages * PAGE_4K > self._dram_size:
+            start = _align(self._next_free, align)
+            if start + npages * PAGE_4K > self._dram_size:
                 raise MemoryError("out of physical memory")
-            pa = self._next_free
-            self._next_free += npages * PAGE_4K
+            self._free.extend(range(self._next_free, start, PAGE_4K))  # the alignment gap
+            pa = start
+            self._next_free = start + npages * PAGE_4K
         va = self.va(pa)
         if zero:
             self.core.write(va, bytes(npages * PAGE_4K))

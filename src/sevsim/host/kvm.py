@@ -39,7 +39,7 @@ from sevsim.pagetables import LinearWindow, PageTables
 from sevsim.soc import msr
 from sevsim.soc.core import Core
 from sevsim.soc.cpuid import LEAF1_ECX_HYPERVISOR
-from sevsim.soc.paging import CR0_PE, PAGE_4K, RW, US, A, D, P
+from sevsim.soc.paging import CR0_PE, PAGE_2M, PAGE_4K, RW, US, A, D, P
 from sevsim.soc.svm import (
     EVENTINJ_TYPE_EXCEPTION,
     EVENTINJ_VALID,
@@ -271,6 +271,7 @@ class Vm:
         self.dead: RunExit | None = None
         self.destroyed = False
         self.slots: list[MemSlot] = []
+        self.huge_pages = True  # map 2 MiB frames with one NPT entry where possible
         self.add_memory(0, memory)
         # Devices the VMM puts on I/O ports (KVM_EXIT_IO goes to them); the console is COM1.
         serial = SerialPort(self.console)
@@ -303,7 +304,9 @@ class Vm:
             raise ValueError("memslots are whole 4 KiB pages")
         if any(gpa < s.gpa + s.size and s.gpa < gpa + size for s in self.slots):
             raise ValueError(f"memslot at {gpa:#x} overlaps another")
-        slot = MemSlot(gpa, size, self.kernel.alloc_pages(size // PAGE_4K, zero=False))
+        # 2 MiB-aligned backing, as QEMU asks for (MADV_HUGEPAGE): lets #NPF map huge pages.
+        hva = self.kernel.alloc_pages(size // PAGE_4K, zero=False, align=PAGE_2M)
+        slot = MemSlot(gpa, size, hva)
         self.slots.append(slot)
         return slot
 
@@ -321,15 +324,27 @@ class Vm:
             raise ValueError(f"GPA range {gpa:#x}+{n:#x} is outside guest memory")
         first = (gpa - slot.gpa) // PAGE_4K
         last = (gpa - slot.gpa + max(n, 1) - 1) // PAGE_4K
+        populated = slot.populated
+        if first in populated and last in populated and last - first < 2:
+            return slot.hva + (gpa - slot.gpa)
+        run: list[int] = []  # consecutive pages to clear in one go
         for index in range(first, last + 1):
-            if index in slot.populated:
+            if index in populated:
                 continue
             page_gpa = slot.gpa + index * PAGE_4K
             covered = whole_write and gpa <= page_gpa and page_gpa + PAGE_4K <= gpa + n
             if not covered:  # clear_page; MODEL: with streaming stores
-                self.kernel.write_stream(slot.hva + index * PAGE_4K, bytes(PAGE_4K))
-            slot.populated.add(index)
+                if run and run[-1] + 1 != index:
+                    self._clear_pages(slot, run)
+                    run = []
+                run.append(index)
+            populated.add(index)
+        if run:
+            self._clear_pages(slot, run)
         return slot.hva + (gpa - slot.gpa)
+
+    def _clear_pages(self, slot: MemSlot, run: list[int]) -> None:
+        self.kernel.write_stream(slot.hva + run[0] * PAGE_4K, bytes(len(run) * PAGE_4K))
 
     def read(self, gpa: int, n: int) -> bytes:
         return self.kernel.read(self._hva_of(gpa, n), n)
@@ -353,13 +368,21 @@ class Vm:
         return self.kernel.pa(slot.hva) + gpa - slot.gpa
 
     def map_gpa(self, gpa: int) -> bool:
-        """The #NPF handler: back one 4 KiB guest page and map it in the nested page table.
-        False when no memslot holds the GPA (MMIO, for a VMM to emulate)."""
+        """The #NPF handler: back the faulting guest page and map it in the nested page
+        table — with one 2 MiB page when its whole 2 MiB frame is in one memslot (host huge
+        page, as KVM maps THP-backed memory), else with a 4 KiB page. False when no memslot
+        holds the GPA (MMIO, for a VMM to emulate)."""
+        encrypted = self.kernel.sme_active
+        huge = gpa & ~(PAGE_2M - 1)
+        if self.huge_pages and self.slot_of(huge, PAGE_2M) is not None:
+            self._hva_of(huge, PAGE_2M)
+            self.npt.map(huge, self.spa(huge), PAGE_2M, NPT_LEAF, encrypted=encrypted)
+            return True
         page = gpa & ~0xFFF
         if self.slot_of(page) is None:
             return False
         self._hva_of(page, PAGE_4K)
-        self.npt.map(page, self.spa(page), PAGE_4K, NPT_LEAF, encrypted=self.kernel.sme_active)
+        self.npt.map(page, self.spa(page), PAGE_4K, NPT_LEAF, encrypted=encrypted)
         return True
 
     # ---- SEV launch (KVM_SEV_* ioctls) -------------------------------------------------------

@@ -15,6 +15,7 @@ mappings, and the guest's secrets never pass through it in the clear.
 from __future__ import annotations
 
 import base64
+import select
 import socket
 import threading
 import time
@@ -477,7 +478,15 @@ class Vmm:
         except (OSError, ValueError) as exc:
             raise migration.MigrationError(f"cannot connect to {where}: {exc}") from None
         with sock, sock.makefile("rwb", buffering=1 << 20) as stream:
-            migration.send(self, stream, self.target, self._progress)
+
+            def progress(done: int, total: int) -> None:
+                self._progress(done, total)
+                # The destination speaks before the end only to refuse: stop sending then.
+                if select.select([sock], [], [], 0)[0]:
+                    reply = stream.readline().decode("utf-8", "replace").strip()
+                    raise migration.MigrationError(f"the destination refused: {reply or 'EOF'}")
+
+            migration.send(self, stream, self.target, progress)
             reply = stream.readline().decode("utf-8", "replace").strip()
             if reply != "READY":
                 raise migration.MigrationError(f"the destination refused: {reply or 'EOF'}")
@@ -529,6 +538,10 @@ class Vmm:
             try:
                 stream.write(f"ERROR {exc}\n".encode())
                 stream.flush()
+                # Read on until the sender hangs up, so the refusal reaches it (closing with
+                # unread data would reset the connection and could lose the line).
+                while stream.read1(1 << 16):
+                    pass
             except OSError:
                 pass
             return False
