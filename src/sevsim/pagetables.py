@@ -215,6 +215,17 @@ class PageTables:
             raise ValueError(f"{va:#x} is not mapped")
         return leaf
 
+    def leaf_within(self, va: int, end: int) -> Leaf:
+        """The leaf mapping va, split until its page starts at va and ends by ``end``: a
+        large page whose whole range changes keeps its size (Linux's CPA,
+        try_preserve_large_page)."""
+        leaf = self.leaf(va)
+        while leaf is not None and leaf.level > 1 and (va % leaf.size or va + leaf.size > end):
+            leaf = self.split(va)
+        if leaf is None:
+            raise ValueError(f"{va:#x} is not mapped")
+        return leaf
+
     def split(self, va: int) -> Leaf:
         """Split the large page holding va into 512 smaller ones with the same attributes
         (including the C-bit); returns the new, smaller leaf for va."""

@@ -188,17 +188,20 @@ class GuestKernel:
             return
         assert self.tables is not None
         vcpu = self.vcpu
-        pages = range(va, va + npages * PAGE_4K, PAGE_4K)
+        end = va + npages * PAGE_4K
         if not self.coherent:  # write the old-key lines out before the key changes
-            for page in pages:
-                for line in range(page, page + PAGE_4K, 64):
-                    vcpu.clflush(line)
-        for page in pages:
-            leaf = self.tables.leaf_4k(page)
+            vcpu.clflush_range(va, end - va)
+        pos = va
+        while pos < end:  # large pages that are converted whole stay large
+            leaf = self.tables.leaf_within(pos, end)
             entry = leaf.entry & ~self.me_mask | (self.me_mask if encrypt else 0)
             self.tables.write_entry(leaf.entry_pa, entry)
-        for page in pages:
-            vcpu.invlpg(page)
+            pos += leaf.size
+        if npages > 32:
+            vcpu.write_cr3(vcpu.cr3)  # a full flush (CR4.PGE is off: nothing is global)
+        else:
+            for page in range(va, end, PAGE_4K):
+                vcpu.invlpg(page)
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if encrypt else KVM_MAP_GPA_RANGE_DECRYPTED
         vcpu.vmmcall(KVM_HC_MAP_GPA_RANGE, va, npages, attrs)  # identity map: va == gpa
 

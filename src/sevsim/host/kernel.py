@@ -204,7 +204,7 @@ class HostKernel:
             return SmeDecision(
                 False, 0, "SME: disabled by the BIOS (SYSCFG[23] MemEncryptionModEn clear)"
             )
-        option = _cmdline_option(self.cmdline, "mem_encrypt")
+        option = cmdline_option(self.cmdline, "mem_encrypt")
         if option == "on":
             return SmeDecision(
                 True, me_mask, f"AMD Memory Encryption Features active: SME (C-bit {ebx & 0x3F})"
@@ -360,24 +360,25 @@ class HostKernel:
         if va % PAGE_4K:
             raise ValueError(f"misaligned address {va:#x}")
         core = self.core
-        pages = range(va, va + npages * PAGE_4K, PAGE_4K)
+        end = va + npages * PAGE_4K
+        pages = range(va, end, PAGE_4K)
         # 1. Other mappings of these pages: the model kernel has none besides the direct
         #    map (no highmem kmaps, no vmalloc aliases), so there is nothing to unmap.
         # 2. Without HwEnforcedCacheCoh, write the old-domain lines out through the old
         #    mapping before the attribute changes.
         coherent = bool(core.cpuid(0x8000_001F)[0] >> 10 & 1)
         if not coherent and not skip_cache_flush:
-            for page in pages:
-                for line in range(page, page + PAGE_4K, 64):
-                    core.clflush(line)
+            core.clflush_range(va, end - va)
             self._flush_tlb(pages)
-        # 3. One CPA pass: split large pages as needed, clear PRESENT and flip the C-bit.
+        # 3. One CPA pass: split large pages that are only partly converted, clear PRESENT
+        #    and flip the C-bit.
         entries = []
-        for page in pages:
-            leaf = self.tables.leaf_4k(page)
+        while va < end:
+            leaf = self.tables.leaf_within(va, end)
             entry = (leaf.entry & ~P) & ~self.me_mask | (self.me_mask if enc else 0)
             self.tables.write_entry(leaf.entry_pa, entry)
             entries.append((leaf.entry_pa, entry))
+            va += leaf.size
         # 4. Flush the TLB.
         self._flush_tlb(pages)
         # 5. enc_status_change_finish: nothing to tell anyone on an SME host.
@@ -388,7 +389,11 @@ class HostKernel:
 
     def _flush_tlb(self, pages: range) -> None:
         if len(pages) > 32:
-            self.core.write_cr3(self.core.cr3)  # flush_tlb_kernel_range falls back to a full flush
+            # flush_tlb_kernel_range falls back to a full flush: the direct map is global,
+            # so that is __flush_tlb_all's CR4.PGE toggle, not a CR3 reload.
+            cr4 = self.core.cr4
+            self.core.write_cr4(cr4 & ~CR4_PGE)
+            self.core.write_cr4(cr4)
         else:
             for page in pages:
                 self.core.invlpg(page)
@@ -398,7 +403,7 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-def _cmdline_option(cmdline: str, name: str) -> str | None:
+def cmdline_option(cmdline: str, name: str) -> str | None:
     value = None
     for word in cmdline.split():
         key, _, arg = word.partition("=")

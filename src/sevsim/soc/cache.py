@@ -205,6 +205,13 @@ class Cache:
             self._drop_other_domains(line_pa, slot)
         self._flush_line(line_pa, slot)
 
+    def clflush_range(self, pa: int, n: int, slot: int) -> None:
+        """CLFLUSH of every line of [pa, pa+n) (one physical page at most), skipping the
+        lines that are not cached at all."""
+        if (pa & ~0xFFF) in self._lines_in_page:
+            for line_pa in _lines_of(pa, n):
+                self.clflush(line_pa, slot)
+
     def flush_page(self, page_pa: int, slot: int) -> int:
         """VM_PAGE_FLUSH: write back and invalidate one page's lines of one domain.
         Returns how many lines were flushed."""

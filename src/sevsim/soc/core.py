@@ -449,6 +449,13 @@ class Core:
         t = self.translate(va, Access.READ)
         self._cache.clflush(t.page_pa | (va & 0xFFF), self._slot(t, Access.READ))
 
+    def clflush_range(self, va: int, n: int) -> None:
+        """Linux's clflush_cache_range: CLFLUSH every line of [va, va+n)."""
+        for page_va in range(va & ~0xFFF, va + n, 4096):
+            t = self.translate(page_va, Access.READ)
+            lo, hi = max(va, page_va), min(va + n, page_va + 4096)
+            self._cache.clflush_range(t.page_pa | (lo & 0xFFF), hi - lo, self._slot(t, Access.READ))
+
     def wbinvd(self) -> int:
         """WBINVD: write back and invalidate every line; returns lines written back. Sets
         this core's WBINVD-done flag, which the SEV firmware checks at DF_FLUSH."""

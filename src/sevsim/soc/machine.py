@@ -23,6 +23,7 @@ from sevsim.soc.core import Core
 from sevsim.soc.dram import DRAM
 from sevsim.soc.engine import EngineMode
 from sevsim.soc.fabric import FabricPort
+from sevsim.soc.iommu import Iommu
 from sevsim.soc.memctl import MemoryController
 from sevsim.soc.rng import EntropySource
 
@@ -49,6 +50,7 @@ class Machine:
         # Coherence between encryption domains is CPUID 8000_001F EAX[10] (HwEnforcedCacheCoh).
         self.cache = Cache(profile.cache, self.memctl, coherent=profile.sme_coherent)
         self.fabric = FabricPort(self.cache, self.memctl)
+        self.iommu = Iommu(self)  # off until host software programs and enables it
         self.syscfg = profile.syscfg_bios | (msr.SYSCFG_MEM_ENCRYPT if profile.smee else 0)
         self.hwcr = msr.HWCR_SMMLOCK if profile.smmlock else 0
         self._wbinvd_done = [False] * profile.cores

@@ -282,6 +282,29 @@ class GuestVcpu:
             except NestedPageFault as fault:
                 self._npf(fault)
 
+    def clflush_range(self, va: int, n: int) -> None:
+        while True:
+            try:
+                return self._core.clflush_range(va, n)
+            except NestedPageFault as fault:
+                self._npf(fault)
+
+    def read_stream(self, va: int, n: int) -> bytes:
+        """A bulk copy out with non-temporal loads (no cache lines allocated)."""
+        while True:
+            try:
+                return self._core.read_stream(va, n)
+            except NestedPageFault as fault:
+                self._npf(fault)
+
+    def write_stream(self, va: int, data: bytes) -> None:
+        """A bulk copy in with non-temporal stores; nothing is written if a page faults."""
+        while True:
+            try:
+                return self._core.write_stream(va, data)
+            except NestedPageFault as fault:
+                self._npf(fault)
+
     def invlpg(self, va: int) -> None:
         self._core.invlpg(va)
 
