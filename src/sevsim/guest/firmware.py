@@ -28,7 +28,8 @@ import hmac
 from dataclasses import dataclass, field
 
 from sevsim.api import fwcfg, guidtable, ovmf
-from sevsim.guest.kernel import GuestKernel
+from sevsim.guest import disk
+from sevsim.guest.kernel import GuestKernel, parse_cmdline
 from sevsim.soc.nested import GuestVcpu
 from sevsim.soc.paging import CR0_PG, PAGE_4K
 from sevsim.soc.svm import register_program
@@ -93,6 +94,7 @@ class FirmwareReport:
     booted: bool = False
     secrets: list[tuple[str, bytes]] = field(default_factory=list)  # (GUID, data)
     count: int = 0
+    disk: dict = field(default_factory=dict)  # the disk workload's own account (guest/disk.py)
 
 
 class FwCfg:
@@ -157,9 +159,17 @@ def firmware_main(vcpu: GuestVcpu) -> FirmwareReport:
     report.booted = _check_kernel_hashes(kernel, cfg, table, report)
     _read_secrets(kernel, table, report)
     kernel.printk("firmware done" + ("" if report.booted else "; the kernel was NOT booted"))
+    cmdline_size = cfg.read_int(fwcfg.CMDLINE_SIZE, 4)
+    if report.booted and cmdline_size:  # the verified command line configures the kernel
+        text = cfg.read_dma(fwcfg.CMDLINE_DATA, cmdline_size).split(b"\0", 1)[0]
+        kernel.params.update(parse_cmdline(text.decode("ascii", "replace")))
     workload = _named_file(cfg, WORKLOAD_FILE)
     if report.booted and workload is not None:
-        _start_counting(kernel, workload.decode("ascii", "replace").strip(), report)
+        text = workload.decode("ascii", "replace").strip()
+        if text.startswith("disk"):
+            report.disk = disk.run(kernel, text, report.secrets)
+        else:
+            _start_counting(kernel, text, report)
     return report
 
 

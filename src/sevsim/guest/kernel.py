@@ -150,10 +150,19 @@ class GuestKernel:
         return pa
 
     def alloc_page(self) -> int:
-        if self._next_data + PAGE_4K > self.memory_size:
-            raise MemoryError("guest out of memory")
-        pa, self._next_data = self._next_data, self._next_data + PAGE_4K
-        return pa
+        return self.alloc_pages(1)
+
+    def alloc_pages(self, npages: int, align: int = PAGE_4K) -> int:
+        """Contiguous guest-physical pages (identity-mapped: the address is also the VA)."""
+        start = -(-self._next_data // align) * align
+        if start + npages * PAGE_4K > self.memory_size:
+            raise MemoryError(f"guest out of memory ({npages} pages wanted)")
+        self._next_data = start + npages * PAGE_4K
+        return start
+
+    @property
+    def free_memory(self) -> int:
+        return self.memory_size - self._next_data
 
     def setup_paging(self, extra: tuple[tuple[int, int], ...] = ()) -> None:
         """Identity-map guest memory and the ``extra`` (base, size) ranges (C-bit on

@@ -27,6 +27,7 @@ from typing import Any
 from sevsim.api import fwcfg, guidtable, ovmf
 from sevsim.host import migration
 from sevsim.host.kvm import COM1, KvmError, RunExit, SerialPort, Vm
+from sevsim.host.virtio_blk import DiskError, VirtioBlkDevice
 from sevsim.system import HostSystem
 
 MIN_MEMORY = 16 << 20
@@ -58,6 +59,8 @@ class VmConfig:
     append: str | None = None
     console: Path | None = None
     fw_cfg_files: dict[str, bytes] = field(default_factory=dict)  # QEMU's -fw_cfg name=…
+    disk: Path | None = None  # a raw image for a virtio block device
+    disk_access_platform: bool = True  # offer VIRTIO_F_ACCESS_PLATFORM (QEMU iommu_platform)
 
 
 class FwCfgDevice:
@@ -153,6 +156,7 @@ class Vmm:
         self.kvm = self.system.kvm
         self.vm: Vm | None = None
         self.console: ConsoleFile | None = None
+        self.disk: VirtioBlkDevice | None = None
 
     # ---- start, paused (QEMU -S) ---------------------------------------------------------
     def start(self) -> None:
@@ -199,6 +203,14 @@ class Vmm:
         device = FwCfgDevice(vm, self._fw_cfg_items())
         for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
             vm.io_ports[port] = device
+        if self.config.disk is not None:
+            try:
+                self.disk = VirtioBlkDevice(vm, self.config.disk, self.config.disk_access_platform)
+            except DiskError as exc:
+                vm.destroy()
+                self.vm = None
+                raise VmmError(str(exc)) from None
+            self.disk.attach()
         return vm
 
     def create_incoming(self, memory: int, smp: int, slots: list[tuple[int, int]]) -> None:
@@ -227,6 +239,12 @@ class Vmm:
             if self.console is not None:
                 self.console.close()
                 self.console = None
+            self._close_disk()
+
+    def _close_disk(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
 
     def _fw_cfg_items(self) -> dict[int, bytes]:
         cfg = self.config
@@ -410,6 +428,7 @@ class Vmm:
                 self.vm.destroy()
             if self.console is not None:
                 self.console.close()
+            self._close_disk()
 
     # ---- migration and snapshots (docs/migration.md) ----------------------------------------
     def set_migration_parameters(self, pdh: str, plat_cert: str, amd_cert: str = "") -> None:

@@ -349,7 +349,8 @@ class Core:
         pos, end = va, va + n
         while pos < end:
             t = self.translate(pos, access)
-            length = min(end, (pos | 0xFFF) + 1) - pos
+            # The rest of a large page is contiguous and has the same attributes.
+            length = min(end, t.page_base + t.page_size) - pos
             pieces.append((t.page_pa | (pos & 0xFFF), self._slot(t, access), t.memtype, length))
             pos += length
         return pieces
@@ -451,10 +452,17 @@ class Core:
 
     def clflush_range(self, va: int, n: int) -> None:
         """Linux's clflush_cache_range: CLFLUSH every line of [va, va+n)."""
-        for page_va in range(va & ~0xFFF, va + n, 4096):
-            t = self.translate(page_va, Access.READ)
-            lo, hi = max(va, page_va), min(va + n, page_va + 4096)
-            self._cache.clflush_range(t.page_pa | (lo & 0xFFF), hi - lo, self._slot(t, Access.READ))
+        pos, end = va, va + n
+        while pos < end:
+            t = self.translate(pos, Access.READ)
+            slot = self._slot(t, Access.READ)
+            pa = t.page_pa | (pos & 0xFFF)
+            stop = min(end, t.page_base + t.page_size)  # a large page is contiguous
+            while pos < stop:
+                length = min(stop, (pos | 0xFFF) + 1) - pos
+                self._cache.clflush_range(pa, length, slot)
+                pos += length
+                pa += length
 
     def wbinvd(self) -> int:
         """WBINVD: write back and invalidate every line; returns lines written back. Sets

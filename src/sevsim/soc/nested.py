@@ -181,12 +181,16 @@ class GuestMode:
         if cfg.mode == PagingMode.NONE:
             gpa_page, guest_c, forced = va & 0xFFFF_F000, False, True
             writable, user, nx, dirty, global_ = True, True, False, True, False
+            guest_size = 1 << 30  # no guest paging: only the nested page limits the size
         else:
             gt = walk(va, access, cpl, cfg, self.tables)
             gpa_page, guest_c = gt.page_pa, gt.c_bit
             forced = cfg.mode == PagingMode.LEGACY
             writable, user, nx, dirty, global_ = gt.writable, gt.user, gt.nx, gt.dirty, gt.global_
+            guest_size = gt.page_size
         ht = self.npt(gpa_page | (va & 0xFFF), access, table=False)
+        # What the TLB may cache: the smaller of the two page sizes (a contiguous block).
+        size = min(guest_size, ht.page_size)
         return Translation(
             page_pa=ht.page_pa,
             c_bit=guest_c,
@@ -196,8 +200,8 @@ class GuestMode:
             nx=nx or ht.nx,
             dirty=dirty and ht.dirty,
             global_=global_,
-            page_size=4096,
-            page_base=va & ~0xFFF,
+            page_size=size,
+            page_base=va & ~(size - 1),
             slot=self._key(guest_c or forced, ht.c_bit),
             fetch_slot=self._key(True, ht.c_bit),
         )

@@ -1,0 +1,254 @@
+"""A virtio block device in the VMM, backed by a raw disk image file (QEMU's
+``-drive file=PATH,format=raw,if=virtio``).
+
+The device is VMM software: it reaches the guest's rings and buffers only through the
+VMM's mapping of guest memory (``Vm.read``/``write``), with the host's key. So it can
+serve an SEV guest only from pages the guest has shared; a descriptor that points at a
+private page gets ciphertext-garbage out and puts garbage in, which is why an SEV guest
+bounces every buffer through its swiotlb pool (``VIRTIO_F_ACCESS_PLATFORM``).
+
+Whatever the guest writes lands in the file as it is: the disk is outside SEV's
+protection unless the guest encrypts what it writes.
+
+Requests are handled when the driver notifies the queue (a port write: a VM exit), before
+the guest runs again; completion is the used ring (the model has no interrupts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sevsim.api import virtio as v
+from sevsim.host.kvm import Vm
+
+QUEUE_NUM_MAX = 256
+SIZE_MAX = 1 << 20  # largest data descriptor the device takes
+SEG_MAX = 126
+SERIAL = b"sevsim-disk"
+
+
+class DiskError(OSError):
+    pass
+
+
+@dataclass
+class BlkStats:
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class VirtioBlkDevice:
+    def __init__(self, vm: Vm, path: Path, access_platform: bool = True) -> None:
+        self.vm = vm
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            raise DiskError(f"cannot open the disk image {path}: {exc.strerror}") from None
+        size = os.fstat(self._fd).st_size
+        if size == 0 or size % v.SECTOR_SIZE:
+            os.close(self._fd)
+            raise DiskError(f"{path}: a disk image is a non-zero multiple of 512 bytes")
+        self.capacity = size // v.SECTOR_SIZE
+        self.features = (
+            v.F_VERSION_1 | v.BLK_F_SIZE_MAX | v.BLK_F_SEG_MAX | v.BLK_F_BLK_SIZE | v.BLK_F_FLUSH
+        )
+        if access_platform:
+            self.features |= v.F_ACCESS_PLATFORM
+        self.stats = BlkStats()
+        self.reset()
+
+    def reset(self) -> None:
+        self.status = 0
+        self.driver_features = 0
+        self._device_sel = 0
+        self._driver_sel = 0
+        self.queue_num = 0
+        self.queue_ready = 0
+        self.desc = self.avail = self.used = 0
+        self._last_avail = 0
+        self._used_idx = 0
+        self.interrupt_status = 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def attach(self) -> None:
+        """Put the device on the VM's I/O ports."""
+        for port in range(v.PORT_BASE, v.PORT_BASE + v.PORT_COUNT):
+            self.vm.io_ports[port] = self
+
+    # ---- registers ------------------------------------------------------------------------
+    def _config(self) -> bytes:
+        config = bytearray(v.BLK_CONFIG.pack(self.capacity, SIZE_MAX, SEG_MAX)).ljust(24, b"\0")
+        config[v.BLK_CONFIG_BLK_SIZE : v.BLK_CONFIG_BLK_SIZE + 4] = v.SECTOR_SIZE.to_bytes(
+            4, "little"
+        )
+        return bytes(config)
+
+    def io_in(self, port: int, size: int) -> int:
+        reg = port - v.PORT_BASE
+        if reg >= v.CONFIG:
+            off = reg - v.CONFIG
+            return int.from_bytes(self._config()[off : off + size].ljust(size, b"\0"), "little")
+        values = {
+            v.MAGIC_VALUE: v.MAGIC,
+            v.VERSION: v.TRANSPORT_VERSION,
+            v.DEVICE_ID: v.ID_BLOCK,
+            v.VENDOR_ID: v.VENDOR_QEMU,
+            v.DEVICE_FEATURES: self.features >> (32 * self._device_sel) & 0xFFFF_FFFF,
+            v.QUEUE_NUM_MAX: QUEUE_NUM_MAX,
+            v.QUEUE_READY: self.queue_ready,
+            v.INTERRUPT_STATUS: self.interrupt_status,
+            v.STATUS: self.status,
+            v.CONFIG_GENERATION: 0,
+        }
+        return values.get(reg, 0)
+
+    def io_out(self, port: int, value: int, size: int) -> None:
+        reg = port - v.PORT_BASE
+        value &= 0xFFFF_FFFF
+        if reg == v.DEVICE_FEATURES_SEL:
+            self._device_sel = value & 1
+        elif reg == v.DRIVER_FEATURES_SEL:
+            self._driver_sel = value & 1
+        elif reg == v.DRIVER_FEATURES:
+            shift = 32 * self._driver_sel
+            self.driver_features = self.driver_features & ~(0xFFFF_FFFF << shift) | value << shift
+        elif reg == v.STATUS:
+            self._set_status(value)
+        elif reg == v.QUEUE_SEL:
+            pass  # one queue
+        elif reg == v.QUEUE_NUM:
+            self.queue_num = value if 0 < value <= QUEUE_NUM_MAX else 0
+        elif reg in (v.QUEUE_DESC_LOW, v.QUEUE_DRIVER_LOW, v.QUEUE_DEVICE_LOW):
+            name = {v.QUEUE_DESC_LOW: "desc", v.QUEUE_DRIVER_LOW: "avail"}.get(reg, "used")
+            setattr(self, name, getattr(self, name) & ~0xFFFF_FFFF | value)
+        elif reg in (v.QUEUE_DESC_HIGH, v.QUEUE_DRIVER_HIGH, v.QUEUE_DEVICE_HIGH):
+            name = {v.QUEUE_DESC_HIGH: "desc", v.QUEUE_DRIVER_HIGH: "avail"}.get(reg, "used")
+            setattr(self, name, getattr(self, name) & 0xFFFF_FFFF | value << 32)
+        elif reg == v.QUEUE_READY:
+            self.queue_ready = value & 1
+        elif reg == v.INTERRUPT_ACK:
+            self.interrupt_status &= ~value
+        elif reg == v.QUEUE_NOTIFY:
+            self._notify()
+
+    def _set_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        if value & v.S_FEATURES_OK and not self.status & v.S_FEATURES_OK:
+            # Refuse features the device did not offer, and a driver without VERSION_1.
+            if self.driver_features & ~self.features or not self.driver_features & v.F_VERSION_1:
+                value &= ~v.S_FEATURES_OK
+        self.status = value
+
+    # ---- the queue ----------------------------------------------------------------------------
+    def _notify(self) -> None:
+        if not (self.status & v.S_DRIVER_OK and self.queue_ready and self.queue_num):
+            return
+        vm, num = self.vm, self.queue_num
+        try:
+            _, avail_idx = v.RING_HEADER.unpack(vm.read(self.avail, 4))
+            while self._last_avail != avail_idx:
+                slot = 4 + 2 * (self._last_avail % num)
+                head = int.from_bytes(vm.read(self.avail + slot, 2), "little")
+                written = self._request(head)
+                self._push_used(head, written)
+                self._last_avail = (self._last_avail + 1) & 0xFFFF
+        except (ValueError, DiskError) as exc:  # a ring outside guest memory: broken device
+            self.stats.errors.append(str(exc))
+            self.status |= v.S_NEEDS_RESET
+        self.interrupt_status |= 1
+
+    def _push_used(self, head: int, written: int) -> None:
+        entry = self.used + 4 + v.USED_ELEM.size * (self._used_idx % self.queue_num)
+        self.vm.write(entry, v.USED_ELEM.pack(head, written))
+        self._used_idx = (self._used_idx + 1) & 0xFFFF
+        self.vm.write(self.used + 2, self._used_idx.to_bytes(2, "little"))  # after the entry
+
+    def _chain(self, head: int) -> list[tuple[int, int, int]]:
+        chain, index = [], head
+        for _ in range(self.queue_num):
+            addr, length, flags, nxt = v.DESC.unpack(self.vm.read(self.desc + 16 * index, 16))
+            chain.append((addr, length, flags))
+            if not flags & v.DESC_F_NEXT:
+                return chain
+            index = nxt % self.queue_num
+        raise DiskError(f"descriptor chain from {head} loops")
+
+    def _request(self, head: int) -> int:
+        """Carry out one request; returns the bytes written into guest buffers."""
+        vm = self.vm
+        chain = self._chain(head)
+        if len(chain) < 2 or chain[0][2] & v.DESC_F_WRITE or chain[0][1] < v.BLK_REQ.size:
+            raise DiskError("malformed virtio-blk request")
+        status_addr, status_len, status_flags = chain[-1]
+        if not status_flags & v.DESC_F_WRITE or status_len < 1:
+            raise DiskError("virtio-blk request without a status byte")
+        kind, _, sector = v.BLK_REQ.unpack(vm.read(chain[0][0], v.BLK_REQ.size))
+        data = chain[1:-1]
+        written = 0
+        status = v.BLK_S_OK
+        try:
+            if kind == v.BLK_T_IN:
+                written = self._read(sector, data)
+            elif kind == v.BLK_T_OUT:
+                self._write(sector, data)
+            elif kind == v.BLK_T_FLUSH:
+                os.fsync(self._fd)
+                self.stats.flushes += 1
+            elif kind == v.BLK_T_GET_ID:
+                for addr, length, _ in data:
+                    vm.write(addr, SERIAL.ljust(v.BLK_ID_BYTES, b"\0")[:length])
+                    written += min(length, v.BLK_ID_BYTES)
+            else:
+                status = v.BLK_S_UNSUPP
+        except (OSError, ValueError) as exc:
+            self.stats.errors.append(f"request at sector {sector}: {exc}")
+            status = v.BLK_S_IOERR
+        vm.write(status_addr, bytes([status]))
+        return written + 1
+
+    def _check(self, sector: int, n: int) -> int:
+        if n % v.SECTOR_SIZE or sector + n // v.SECTOR_SIZE > self.capacity:
+            raise DiskError(f"{n} bytes at sector {sector} are beyond the disk")
+        return sector * v.SECTOR_SIZE
+
+    def _read(self, sector: int, data: list[tuple[int, int, int]]) -> int:
+        total = sum(length for _, length, _ in data)
+        offset = self._check(sector, total)
+        content = os.pread(self._fd, total, offset)
+        pos = 0
+        for addr, length, flags in data:
+            if not flags & v.DESC_F_WRITE:
+                raise DiskError("a read request with a read-only buffer")
+            self.vm.write_stream(addr, content[pos : pos + length])
+            pos += length
+        self.stats.reads += 1
+        self.stats.bytes_read += total
+        return total
+
+    def _write(self, sector: int, data: list[tuple[int, int, int]]) -> None:
+        content = b"".join(self.vm.read_stream(addr, length) for addr, length, _ in data)
+        offset = self._check(sector, len(content))
+        os.pwrite(self._fd, content, offset)
+        self.stats.writes += 1
+        self.stats.bytes_written += len(content)
+
+
+def create_image(path: Path, size: int) -> None:
+    """A sparse raw disk image (``qemu-img create -f raw``)."""
+    if size <= 0 or size % v.SECTOR_SIZE:
+        raise DiskError("a disk image is a non-zero multiple of 512 bytes")
+    with open(path, "xb") as f:
+        f.truncate(size)

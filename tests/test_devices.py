@@ -1,0 +1,209 @@
+"""Devices and SEV guests: the guest's bounce pool, its virtio disk on a real file, disk
+encryption with a key from the launch secret, and DMA aimed at private memory."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from sevsim.api import guidtable
+from sevsim.api import virtio as v
+from sevsim.certs.sev import SevCert
+from sevsim.guest import disk as guest_disk
+from sevsim.guest import firmware as guest_firmware
+from sevsim.guest import kernel as gk
+from sevsim.host.virtio_blk import DiskError, create_image
+from sevsim.host.vmm import VmConfig, Vmm, VmmError
+from sevsim.owner import secret, session
+from sevsim.profiles import get_profile
+from sevsim.soc.dma import BusMaster
+from sevsim.soc.svm import register_program
+from sevsim.system import HostSystem
+
+FIRMWARE = guest_firmware.build_image(64 << 10)
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    system = HostSystem.start(
+        get_profile("milan").with_(seed=21, dram_size=2 << 30), tmp_path_factory.mktemp("s")
+    )
+    yield system
+    system.close()
+
+
+def expected_data(size: int, seed: int) -> bytes:
+    """The workload's data, from its documented recipe (guest/disk.py)."""
+    line = f"sevsim guest disk, seed {seed}: written by the guest through its bounce buffers\n"
+    return line.encode().ljust(512, b"\0") + random.Random(seed).randbytes(size - 512)
+
+
+def boot(
+    host,
+    tmp_path,
+    workload: str,
+    disk_size: int = 32 * MiB,
+    key: bytes | None = None,
+    memory: int = 192 * MiB,
+    append: str | None = None,
+    **changes,
+):
+    """Launch the firmware guest with a disk and a workload; returns (vmm, report, disk)."""
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(FIRMWARE)
+    image = tmp_path / "disk.img"
+    if not image.exists():
+        create_image(image, disk_size)
+    pdh = SevCert.parse(host.sev.pdh_cert_export().data["pdh"])
+    owner = session.start(pdh, 0x1)
+    owner.write(tmp_path, "vm")
+    kernel = None
+    if append is not None:
+        kernel = tmp_path / "vmlinuz"
+        kernel.write_bytes(b"a kernel")
+    cfg = VmConfig(
+        firmware=fw,
+        memory=memory,
+        dh_cert_file=tmp_path / "vm_godh.b64",
+        session_file=tmp_path / "vm_session.b64",
+        console=tmp_path / "console.log",
+        fw_cfg_files={"opt/sevsim/workload": workload.encode()},
+        disk=image,
+        kernel=kernel,
+        append=append,
+        **changes,
+    )
+    vmm = Vmm(host, cfg)
+    vmm.start()
+    if key is not None:
+        table = guidtable.secrets_table([(guest_disk.DISK_KEY_GUID, key)])
+        header, payload = secret.build_packet(owner.tek, owner.tik, vmm.measurement[:32], table)
+        vmm.inject_secret(
+            base64.b64encode(header).decode(), base64.b64encode(payload).decode(), None
+        )
+    vmm.cont()
+    assert vmm.wait_idle(120), vmm.console_text()
+    report = host.machine.observe_guest(vmm.vm.vcpus[0].vmcb_addr)
+    return vmm, report, image
+
+
+def test_a_16_mib_file_round_trips_through_the_bounce_pool(host, tmp_path):
+    vmm, report, image = boot(host, tmp_path, "disk:16:7")
+    d = report.disk
+    assert d["ok"] and d["match"], vmm.console_text()
+    want = expected_data(16 * MiB, 7)
+    assert d["sha256"] == hashlib.sha256(want).hexdigest()
+    # I/O is outside SEV's protection: the file holds exactly what the guest wrote.
+    content = image.read_bytes()
+    assert content[: 16 * MiB] == want
+    assert content[16 * MiB :] == bytes(16 * MiB)  # and nothing else
+    # The Linux pool size for 192 MiB: 6 % is below the 64 MiB floor.
+    assert d["swiotlb"]["size"] == 64 * MiB
+    log = vmm.console_text()
+    assert "software IO TLB: mapped" in log and "(64MB)" in log
+    assert "[vda] 65536 512-byte logical blocks" in log
+    assert vmm.disk.stats.bytes_written == vmm.disk.stats.bytes_read == 16 * MiB
+    # Every buffer the device was given lay in the shared pool: after the run the pool's
+    # plaintext (host view) holds the last chunk the guest read back.
+    pool = d["swiotlb"]["gpa"]
+    assert vmm.vm.shared_ranges and any(
+        gpa <= pool < gpa + n * 4096 for gpa, n in vmm.vm.shared_ranges
+    )
+    vmm.quit()
+
+
+def test_a_guest_that_encrypts_its_disk_leaves_only_ciphertext(host, tmp_path):
+    key = bytes(range(64))
+    vmm, report, image = boot(host, tmp_path, "disk:2:9", key=key)
+    d = report.disk
+    assert d["ok"] and d["encrypted"], vmm.console_text()
+    want = expected_data(2 * MiB, 9)
+    content = image.read_bytes()[: 2 * MiB]
+    assert b"sevsim guest disk" not in content
+    # The file is AES-XTS of the data, block by block, computed here independently.
+    for block in (0, 1, 255):
+        tweak = (block * 8).to_bytes(16, "little")
+        enc = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor()
+        plain = want[block * 4096 : (block + 1) * 4096]
+        assert content[block * 4096 : (block + 1) * 4096] == enc.update(plain) + enc.finalize()
+    assert key.hex() not in vmm.console_text()
+    vmm.quit()
+
+
+def test_an_exhausted_pool_fails_the_io_cleanly(host, tmp_path):
+    # One 256 KiB segment: the header takes a slot, so a full-size data buffer never fits.
+    vmm, report, image = boot(host, tmp_path, "disk:1:3", append="swiotlb=128")
+    d = report.disk
+    assert not d["ok"]
+    assert "swiotlb buffer is full (sz: 262144 bytes), total 128 (slots)" in d["error"]
+    assert "swiotlb buffer is full" in vmm.console_text()
+    assert image.read_bytes() == bytes(32 * MiB)  # nothing half-written
+    assert vmm.disk.stats.writes == 0
+    vmm.quit()
+
+
+def test_an_sev_guest_refuses_a_device_without_access_platform(host, tmp_path):
+    vmm, report, _ = boot(host, tmp_path, "disk:1", disk_access_platform=False)
+    assert "device must provide VIRTIO_F_ACCESS_PLATFORM" in vmm.console_text()
+    assert not report.disk["ok"]
+    assert vmm.disk.status & v.S_FAILED
+    vmm.quit()
+
+
+def test_the_vmm_reports_a_bad_disk_image(host, tmp_path):
+    (tmp_path / "odd.img").write_bytes(b"x" * 1000)
+    cfg = VmConfig(firmware=None, memory=32 * MiB, disk=tmp_path / "odd.img")
+    vmm = Vmm(host, cfg)
+    with pytest.raises(VmmError, match="multiple of 512"):
+        vmm._create(32 * MiB, 1)
+    with pytest.raises(DiskError, match="multiple of 512"):
+        create_image(tmp_path / "new.img", 1000)
+
+
+# ---- DMA aimed at private memory ------------------------------------------------------------
+PATTERN = b"the guest's private record, 64 bytes, never to be seen by a device"[:64]
+
+
+def _private_dma_program(vcpu):
+    kernel = gk.GuestKernel(vcpu)
+    kernel.detect_sev()
+    kernel.setup_paging()
+    page = kernel.alloc_page()
+    vcpu.write(page, PATTERN)
+    vcpu.hlt()  # the host's device does its DMA now
+    first = vcpu.read(page, 64)
+    vcpu.hlt()
+    return page, first, vcpu.read(page, 64)
+
+
+PRIVATE_DMA = register_program("test-private-dma", _private_dma_program)
+
+
+def test_dma_into_private_guest_memory_is_garbage_both_ways(host):
+    kvm = host.kvm
+    vm = kvm.create_vm(4 * MiB, sev=True, name="dma")
+    vm.launch(gk.image(gk.cmdline(4 * MiB), PRIVATE_DMA), gk.GUEST_ENTRY)
+    vcpu = vm.vcpus[0]
+    assert vcpu.run().reason == "HLT"
+    page = gk.DATA_BASE  # the guest's first data page
+    spa = vm.spa(page)
+    device = BusMaster(host.machine, 0x0400)
+    cbit = host.kernel.me_mask
+    # Out of the guest: a device gets ciphertext, with or without the C-bit.
+    assert device.read(spa, 64) != PATTERN
+    assert device.read(spa | cbit, 64) != PATTERN
+    # Into the guest: the guest decrypts whatever a device writes with its own key.
+    device.write(spa | cbit, PATTERN)
+    assert vcpu.run().reason == "HLT"
+    device.write(spa, PATTERN)
+    assert vcpu.run().reason == "DONE"
+    got_page, after_keyed, after_plain = host.machine.observe_guest(vcpu.vmcb_addr)
+    assert got_page == page
+    assert after_keyed != PATTERN and after_plain != PATTERN
+    assert after_keyed != after_plain  # two different kinds of garbage
+    vm.destroy()
