@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import random
 
 import pytest
@@ -207,3 +208,37 @@ def test_dma_into_private_guest_memory_is_garbage_both_ways(host):
     assert after_keyed != PATTERN and after_plain != PATTERN
     assert after_keyed != after_plain  # two different kinds of garbage
     vm.destroy()
+
+
+# ---- the command line -------------------------------------------------------------------------
+def test_vm_run_with_a_disk_from_the_command_line(tmp_path, capsys):
+    from sevsim.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exc:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return exc.value.code, out, err
+
+    image = tmp_path / "vda.img"
+    state = str(tmp_path / "state")
+    assert run("vm", "disk", str(image), "--size", "16M", "--json")[0] == 0
+    assert image.stat().st_size == 16 * MiB and image.stat().st_blocks == 0  # sparse
+    code, _, err = run("vm", "disk", str(image), "--size", "16M")
+    assert code == 1 and "exists" in err and err.count("\n") == 1
+    code, _, err = run("vm", "disk", str(tmp_path / "odd.img"), "--size", "1000")
+    assert code == 1 and "multiple of 512" in err
+    (tmp_path / "fw.fd").write_bytes(FIRMWARE)
+    common = ["vm", "run", "--state", state, "--bios", str(tmp_path / "fw.fd")]
+    common += ["--memory", "160M", "--disk", str(image), "--json"]
+    common += ["--fw-cfg", "name=opt/sevsim/workload,string=disk:2:4"]
+    code, out, _ = run(*common)
+    assert code == 0
+    result = json.loads(out)
+    assert "matches what was written" in result["console"]
+    assert result["disk"]["bytes_written"] == result["disk"]["bytes_read"] == 2 * MiB
+    assert image.read_bytes()[: 2 * MiB] == expected_data(2 * MiB, 4)
+    code, out, _ = run(*common, "--no-access-platform")
+    assert "device must provide VIRTIO_F_ACCESS_PLATFORM" in json.loads(out)["console"]
+    code, _, err = run(*common[:-5], "--disk", str(tmp_path / "missing.img"))
+    assert code == 1 and "cannot open the disk image" in err and "Traceback" not in err
