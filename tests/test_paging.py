@@ -298,6 +298,23 @@ def test_large_page_invlpg_drops_the_whole_page():
     assert core.translate(va + 0x1000).page_pa == 2 * PAGE_2M + 0x1000
 
 
+def test_one_large_page_entry_serves_every_4k_page_it_covers():
+    m = make_machine("milan")
+    core, pt = long_mode(m)
+    va = 0x0000_0040_0000_0000
+    pt.map(va, PAGE_2M, PAGE_2M, FLAGS)
+    Phys(m).write(PAGE_2M + 0x7_3000, b"first")
+    Phys(m).write(2 * PAGE_2M + 0x7_3000, b"moved")
+    core.read(va, 1)  # one walk fills a 2 MiB entry
+    leaf = pt.leaf(va)
+    pt.write_entry(leaf.entry_pa, (leaf.entry & ~PAGE_2M) | 2 * PAGE_2M)
+    # Another 4 KiB page of the same large page: a TLB hit on the stale entry, no walk.
+    assert core.read(va + 0x7_3000, 5) == b"first"
+    assert core.translate(va + 0x1F_F000).page_pa == PAGE_2M + 0x1F_F000
+    core.invlpg(va + 0x10_0000)
+    assert core.read(va + 0x7_3000, 5) == b"moved"
+
+
 def test_non_canonical_address_is_a_general_protection_fault():
     m = make_machine("milan")
     core, _ = long_mode(m)

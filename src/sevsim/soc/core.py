@@ -22,6 +22,7 @@ on changes.
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sevsim.soc import msr
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 _UNPACK = {n: struct.Struct(f).unpack_from for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 _PACK = {n: struct.Struct(f).pack_into for n, f in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q"))}
 _MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
+# TLB keys of large-page entries: a tag above any VPN, then the VPN of the page's base.
+_LARGE_TAG = {1 << 21: 1 << 60, 1 << 22: 1 << 61, 1 << 30: 1 << 62}  # 2M, 4M (32-bit), 1G
 _U64 = _UNPACK[8]
 _EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_NXE | (1 << 12)  # SCE, LME, NXE, SVME
 _SYSCFG_WRITABLE = sum(1 << b for b in (18, 19, 20, 21, 22, 24, 25))  # not 23: the BIOS's
@@ -296,6 +299,8 @@ class Core:
         va = self._canonical(va)
         vpn = va >> 12
         t = self._tlb.get(vpn)
+        if t is None:
+            t = self._large_entry(va)
         if t is None or not self._allowed(t, access):
             if self._guest is not None:
                 t = self._guest.translate(va, access, self._cfg, self._cpl)
@@ -319,6 +324,10 @@ class Core:
                     self.cr2 = fault.address
                     raise
             self._tlb[vpn] = t
+            if t.page_size > 4096:
+                # A large-page entry serves every 4 KiB page it covers, as on hardware.
+                base_pa = t.page_pa - ((va & ~0xFFF) - t.page_base)
+                self._tlb[_LARGE_TAG[t.page_size] | t.page_base >> 12] = replace(t, page_pa=base_pa)
         if t.memtype == MemType.WB:
             slot = t.slot if t.slot >= 0 else self.key_slot(t.c_bit)
             lines = self._cache.page_lines(slot, t.page_pa)
@@ -327,6 +336,17 @@ class Core:
             if self._allowed(t, Access.WRITE):
                 self._fast_w[vpn] = (lines, (slot << DOMAIN_SHIFT) | t.page_pa)
         return t
+
+    def _large_entry(self, va: int) -> Translation | None:
+        """A 2 MiB or 1 GiB TLB entry covering va, as the 4 KiB page's translation."""
+        for size, tag in _LARGE_TAG.items():
+            base = va & ~(size - 1)
+            t = self._tlb.get(tag | base >> 12)
+            if t is not None:
+                t = replace(t, page_pa=t.page_pa + ((va & ~0xFFF) - base))
+                self._tlb[va >> 12] = t
+                return t
+        return None
 
     def _slot(self, t: Translation, access: Access) -> int:
         if t.slot < 0:
