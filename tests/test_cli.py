@@ -109,6 +109,23 @@ def test_demo_parts(capsys):
     assert "HMAC(secret" in console
 
 
+def test_demo_io_part(capsys):
+    code, out, _ = run(["demo", "--io", "--seed", "7", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["ok"] and len(data["steps"]) == 3
+    views = {v["label"]: v for s in data["steps"] for v in s["views"]}
+    buffer = views["the guest's data buffer"]
+    assert bytes.fromhex(buffer["cpu_reads"]).startswith(b"sevsim guest disk, seed")
+    assert b"sevsim" not in bytes.fromhex(buffer["host_reads"])
+    # The hypervisor reads the bounce buffer in the clear; DRAM holds it under the host key.
+    bounce = views["a bounce buffer, as the hypervisor finds it in the pool"]
+    assert bytes.fromhex(bounce["cpu_reads"]).startswith(b"sevsim guest disk, seed")
+    assert b"sevsim" not in bytes.fromhex(bounce["dram_holds"])
+    dma = views["the guest's page after the device wrote to it"]
+    assert bytes.fromhex(dma["dram_holds"]).startswith(b"written by a device")
+    assert bytes.fromhex(dma["cpu_reads"]) != bytes.fromhex(dma["dram_holds"])
+
+
 def test_demo_renders_for_people():
     out = subprocess.run(
         [sys.executable, "-m", "sevsim", "demo", "--profile", "rome", "--seed", "1"],

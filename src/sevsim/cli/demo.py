@@ -30,6 +30,13 @@ from sevsim.demo import DemoResult, run_demo
     help="Only the SEV part: guests, what the hypervisor sees, ASID swap, ASID recycling.",
 )
 @click.option(
+    "--io",
+    "io_only",
+    is_flag=True,
+    help="Only I/O: an SEV guest's disk through bounce buffers, in the clear and encrypted, "
+    "and a device's DMA at a private page.",
+)
+@click.option(
     "--tsme",
     is_flag=True,
     help="Only the Transparent SME part of the story (a BIOS option: everything encrypted).",
@@ -37,7 +44,13 @@ from sevsim.demo import DemoResult, run_demo
 @seed_option
 @json_option
 def demo(
-    profile_name: str, attest_only: bool, sev_only: bool, tsme: bool, seed, as_json: bool
+    profile_name: str,
+    attest_only: bool,
+    sev_only: bool,
+    io_only: bool,
+    tsme: bool,
+    seed,
+    as_json: bool,
 ) -> int:
     """Boot a machine and show, step by step, what SME, SEV and TSME protect.
 
@@ -49,18 +62,23 @@ def demo(
     then uses. SEV: start two SEV guests and an ordinary VM, compare what each guest, the
     hypervisor and DRAM see of the same secret, swap the guests' ASIDs (crash, not
     disclosure), and watch ASIDs being recycled (DEACTIVATE, WBINVD, DF_FLUSH, reuse).
-    TSME: reboot with TSME and look again. Every claim is checked: the exit code is 0
-    only if all checks pass.
+    I/O: an SEV guest writes its disk (a real file) through swiotlb bounce buffers — the
+    host reads the pool and the file — then again encrypted with a key sent as a launch
+    secret; and a device's DMA at a private page meets ciphertext. TSME: reboot with TSME
+    and look again. Every claim is checked: the exit code is 0 only if all checks pass.
     """
-    if attest_only + sev_only + tsme > 1:
-        raise click.UsageError("--attest, --sev and --tsme each pick one part; give one at most")
+    if attest_only + sev_only + io_only + tsme > 1:
+        raise click.UsageError(
+            "--attest, --sev, --io and --tsme each pick one part; give one at most"
+        )
     profile = build_profile(profile_name, seed)
-    every = not (attest_only or sev_only or tsme)
+    every = not (attest_only or sev_only or io_only or tsme)
     result = run_demo(
         profile,
         sme=every,
         attest=attest_only or every,
         sev=sev_only or every,
+        io=io_only or every,
         tsme=tsme or every,
     )
     if as_json:

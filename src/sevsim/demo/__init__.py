@@ -4,7 +4,8 @@ Each step says what happens, shows what the CPU sees next to what DRAM holds (th
 physical attacker with a cold-boot dump) and, for guests, what the hypervisor reads; and it
 checks that the machine behaved as the architecture says. The CLI renders the steps; this
 package only runs them: ``sme`` (SME, TSME, the platform's identity), ``attest`` (launch
-attestation with a remote owner) and ``sev`` (guests side by side).
+attestation with a remote owner), ``sev`` (guests side by side) and ``io`` (an SEV guest's
+disk, its bounce buffers, DMA).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sevsim.demo.attest import attest_story
+from sevsim.demo.io import io_story
 from sevsim.demo.sev import sev_story
 from sevsim.demo.sme import sme_story, tsme_story
 from sevsim.demo.steps import Check, Step, Table, View
@@ -64,15 +66,18 @@ def run_demo(
     sme: bool = True,
     attest: bool = True,
     sev: bool = True,
+    io: bool = True,
     tsme: bool = True,
 ) -> DemoResult:
-    """The SME story (without TSME), launch attestation, SEV guests side by side, then SME
-    again with TSME; any of them may be left out."""
+    """The SME story (without TSME), launch attestation, SEV guests side by side, an SEV
+    guest's disk and DMA, then SME again with TSME; any of them may be left out."""
     steps = sme_story(profile.with_(tsme=False)) if sme else []
     if attest:
         steps += attest_story(profile.with_(tsme=False))
     if sev:
         steps += sev_story(profile.with_(tsme=False))
+    if io:
+        steps += io_story(profile.with_(tsme=False))
     if tsme:
         steps += tsme_story(profile.with_(tsme=True))
     return DemoResult(profile.name, steps)

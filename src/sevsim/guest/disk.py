@@ -89,6 +89,7 @@ def run(kernel: GuestKernel, workload: str, secrets: list[tuple[str, bytes]]) ->
         source = kernel.alloc_pages(npages)
         _fill(kernel, source, disk_pattern(size, seed), key)
         report["source_gpa"] = source
+        report["source_head"] = kernel.vcpu.read(source, 64)  # the guest's own view
         start = time.perf_counter()
         blk.write(0, source, size)
         report["write_seconds"] = time.perf_counter() - start

@@ -12,7 +12,9 @@ It does what a Linux SEV guest does at boot, in miniature:
    cache lines, split the large page, clear the C-bit in the PTE, flush the TLB entry,
    and tell the hypervisor with the KVM_HC_MAP_GPA_RANGE hypercall.
 4. **Run workloads** chosen on its command line: keep a secret in private memory,
-   compute on it, publish a result in a shared page; or a timed load loop (benchmark).
+   compute on it, publish a result in a shared page (``workload=dma``: then wait in HLT
+   while the host has a device DMA at it, and read it again); or a timed load loop
+   (benchmark).
 
 Secondary vCPUs (APs) wait with HLT until the boot vCPU has published its page tables in
 a private mailbox page, then join in long mode, read the secret and report its digest —
@@ -94,6 +96,7 @@ class GuestReport:
     published: bytes = b""
     ap_digests: list[str] = field(default_factory=list)
     loads: dict[str, Any] = field(default_factory=dict)
+    after_dma: bytes = b""  # workload=dma: the secret page as read back after the HLT
 
 
 class GuestKernel:
@@ -329,6 +332,11 @@ def main(vcpu: GuestVcpu) -> GuestReport:
         report.loads = kernel.load_loop(int(count), int(rounds))
         return report
     kernel.keep_secret(report)
+    if workload == "dma":
+        # Wait in HLT while the host lets a device DMA at the secret's page, then look again.
+        kernel.vcpu.hlt()
+        report.after_dma = kernel.vcpu.read(report.secret_gpa, 64)
+        kernel.printk("read the secret's page again after the device's DMA")
     kernel.wake_aps(report)
     kernel.printk("done")
     return report

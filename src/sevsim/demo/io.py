@@ -1,0 +1,246 @@
+"""The I/O part of the demo: an SEV guest's disk, its bounce buffers, and DMA.
+
+The guest is the model firmware with its ``disk`` workload, run by the QEMU-like VMM with
+a virtio disk on a real (temporary) file. The hypervisor's view is what the VMM reads
+through its own mapping of guest memory; the physical view is a DRAM dump; the device is
+a bus master that reaches memory only by DMA. The owner, who injects the disk key, keeps
+it in its own directory. The guests' own views come from the guest programs (observer's
+window, as in the SEV part).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sevsim.api import guidtable
+from sevsim.attacks.physical import ColdBootDump
+from sevsim.demo.steps import Step, View
+from sevsim.guest import disk as guest_disk
+from sevsim.guest import firmware as guest_firmware
+from sevsim.guest import kernel as guest_kernel
+from sevsim.host.virtio_blk import create_image
+from sevsim.host.vmm import VmConfig, Vmm
+from sevsim.owner import secret, session
+from sevsim.profiles import MachineProfile
+from sevsim.soc.dma import BusMaster
+from sevsim.system import HostSystem
+
+MiB = 1 << 20
+DISK_MIB = 4
+SEED = 2024
+GUEST_MEMORY = 160 * MiB
+DEVICE_ID = 0x0300  # 00:00.0 on bus 3: a NIC, say
+DEVICE_DATA = b"written by a device's DMA straight into the guest's page.".ljust(64, b".")
+
+
+def io_story(profile: MachineProfile) -> list[Step]:
+    system = HostSystem.start(profile)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sevsim-io-") as tmp:
+            work = Path(tmp)
+            (work / "OVMF.fd").write_bytes(guest_firmware.build_image(64 << 10))
+            return [
+                _disk_step(system, work, encrypted=False),
+                _disk_step(system, work, encrypted=True),
+                _dma_step(system),
+            ]
+    finally:
+        system.close()
+
+
+def _run_disk_guest(system: HostSystem, work: Path, key: bytes | None) -> tuple[Vmm, Any, Path]:
+    image = work / ("vdb.img" if key else "vda.img")
+    create_image(image, 2 * DISK_MIB * MiB)
+    owner = session.start(system.export_chain().pdh, 0x1)
+    files = owner.write(work, "owner")
+    vmm = Vmm(
+        system,
+        VmConfig(
+            firmware=work / "OVMF.fd",
+            memory=GUEST_MEMORY,
+            dh_cert_file=files["godh"],
+            session_file=files["session"],
+            console=work / "console.log",
+            fw_cfg_files={"opt/sevsim/workload": f"disk:{DISK_MIB}:{SEED}:write".encode()},
+            disk=image,
+        ),
+    )
+    vmm.start()
+    if key is not None:  # the owner's disk key, as a launch secret (after checking the launch)
+        blob = base64.b64decode(vmm.query_launch_measure()["data"])
+        table = guidtable.secrets_table([(guest_disk.DISK_KEY_GUID, key)])
+        header, payload = secret.build_packet(owner.tek, owner.tik, blob[:32], table)
+        vmm.inject_secret(
+            base64.b64encode(header).decode(), base64.b64encode(payload).decode(), None
+        )
+    vmm.cont()
+    vmm.wait_idle(120)
+    report = system.machine.observe_guest(vmm.vm.vcpus[0].vmcb_addr).disk
+    return vmm, report, image
+
+
+def _disk_step(system: HostSystem, work: Path, encrypted: bool) -> Step:
+    key = os.urandom(64) if encrypted else None
+    vmm, report, image = _run_disk_guest(system, work, key)
+    data = guest_disk.disk_pattern(DISK_MIB * MiB, SEED)
+    marker = data[:24]  # "sevsim guest disk, seed "
+    try:
+        vm = vmm.vm
+        system.kernel.wbinvd_on_all_cpus()  # make DRAM current before the dump is read
+        dump = ColdBootDump(system.machine)
+        pool = report.get("swiotlb", {})
+        pool_view = vm.read_stream(pool["gpa"], pool["size"]) if pool else b""
+        found = pool_view.find(marker)
+        on_disk = image.read_bytes()
+        console = vmm.console_text().rstrip()
+        stats = vmm.disk.stats
+        if not encrypted:
+            s = Step(
+                "An SEV guest writes its disk through bounce buffers",
+                "No device can use the guest's key, so an SEV guest does every DMA through "
+                "pages it shares with the host: at boot its kernel sets aside a swiotlb pool "
+                "(6 % of memory, at least 64 MiB), clears the C-bit on it and tells the "
+                "hypervisor. For each request the virtio-blk driver copies the private buffer "
+                "into a pool slot (a bounce buffer), puts the slot's address in the ring, "
+                "and notifies the device — a VM exit. The VMM's device reads the slot "
+                "through its own mapping and writes the file. The guest's private buffer "
+                "stays ciphertext to the hypervisor; the bounce buffer and the disk file are "
+                "plaintext: SEV does not protect I/O.",
+                facts=[
+                    ("swiotlb pool", f"GPA {pool['gpa']:#x}, {pool['size'] >> 20} MiB, shared"),
+                    ("disk", f"{image.name}, {len(on_disk) >> 20} MiB raw file, sparse"),
+                    ("device", f"{stats.writes} write requests, {stats.bytes_written} bytes"),
+                    ("guest console", console),
+                ],
+            )
+            src = report["source_gpa"]
+            s.views.append(
+                View(
+                    "the guest's data buffer",
+                    "guest C=1, private",
+                    vm.spa(src),
+                    report["source_head"],
+                    dump.read(vm.spa(src), 64),
+                    host_reads=vm.read(src, 64),
+                )
+            )
+            if found >= 0:
+                gpa = pool["gpa"] + found
+                s.views.append(
+                    View(
+                        "a bounce buffer, as the hypervisor finds it in the pool",
+                        "guest C=0, shared; the host's mapping has its SME C-bit",
+                        vm.spa(gpa),
+                        pool_view[found : found + 64],
+                        dump.read(vm.spa(gpa), 64),
+                    )
+                )
+            s.check("the guest wrote its data and the device took every byte", report.get("ok"))
+            s.check(
+                "the disk file holds exactly what the guest wrote",
+                on_disk[: len(data)] == data,
+            )
+            s.check("the hypervisor finds the guest's data in the shared pool", found >= 0)
+            s.check(
+                "the guest's private buffer is ciphertext to the hypervisor",
+                vm.read(report["source_gpa"], 64) != data[:64],
+            )
+            s.check(
+                "a DRAM dump shows the pool only under the host's SME key",
+                not dump.find(marker),
+            )
+        else:
+            s = Step(
+                "A guest that encrypts its disk leaves only ciphertext outside",
+                "The owner checks the launch measurement, then sends a 64-byte key as a "
+                "launch secret (LAUNCH_SECRET: the host relays it but cannot open it). The "
+                "guest encrypts every 4 KiB block with AES-256-XTS before it leaves private "
+                "memory — dm-crypt's aes-xts-plain64, the sector number as the tweak — so "
+                "the bounce buffers, the device and the disk file see only ciphertext. "
+                "The owner, who holds the key, can read the disk; the host cannot.",
+                facts=[
+                    ("disk", f"{image.name}: {stats.bytes_written} bytes written"),
+                    ("first bytes on disk", on_disk[:32].hex()),
+                    ("guest console", console),
+                ],
+            )
+            assert key is not None
+            s.check("the guest wrote its disk encrypted", report.get("ok") and report["encrypted"])
+            s.check("the disk file holds none of the plaintext", marker not in on_disk)
+            s.check("the hypervisor finds nothing readable in the pool", found < 0)
+            s.check(
+                "the owner's key decrypts the disk to what the guest wrote",
+                guest_disk.xts(key, on_disk[:8192], 0, encrypt=False) == data[:8192],
+            )
+            s.check("the key appears nowhere on the console", key.hex() not in console)
+    finally:
+        vmm.quit()
+        image.unlink()
+    return s
+
+
+def _dma_step(system: HostSystem) -> Step:
+    kvm = system.kvm
+    vm = kvm.create_vm(4 * MiB, sev=True, name="dma")
+    line = guest_kernel.cmdline(4 * MiB, secret="dma", workload="dma")
+    vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+    try:
+        first = vm.vcpus[0].run()  # the guest keeps its secret, then waits in HLT
+        # The guest kernel keeps its secret in its first data page: the host knows the
+        # layout of the kernel it boots, not the secret.
+        gpa = guest_kernel.DATA_BASE
+        spa = vm.spa(gpa)
+        system.kernel.wbinvd_on_all_cpus()
+        dump = ColdBootDump(system.machine)
+        device = BusMaster(system.machine, DEVICE_ID)
+        cbit = system.kernel.me_mask
+        before = dump.read(spa, 64)
+        read_plain = device.read(spa, 64)
+        read_cbit = device.read(spa | cbit, 64)
+        device.write(spa, DEVICE_DATA)  # no C-bit: the bytes land in DRAM as they are
+        dram_after = dump.read(spa, 64)
+        rest = vm.run()
+        report = system.machine.observe_guest(vm.vcpus[0].vmcb_addr)
+        s = Step(
+            "A device's DMA aimed at a guest's private page",
+            "A DMA carries no ASID, so the memory controller applies the host's rules: "
+            "with the C-bit the host key, without it none. A device that reads a guest's "
+            "private page gets ciphertext either way, and what it writes there the guest "
+            "decrypts with its own key into garbage. That is why the guest bounces.",
+            facts=[
+                ("device", f"{device.name}, 64-bit DMA, no IOMMU translation"),
+                ("guest page", f"GPA {gpa:#x}, system physical {spa:#x}"),
+                ("DMA read, no C-bit", read_plain[:32].hex()),
+                ("DMA read, with the C-bit", read_cbit[:32].hex()),
+                ("DRAM before the write", before[:32].hex()),
+            ],
+        )
+        s.views.append(
+            View(
+                "the guest's page after the device wrote to it",
+                f"guest C=1, ASID {vm.asid}",
+                spa,
+                report.after_dma,
+                dram_after,
+                host_reads=vm.read(gpa, 64),
+            )
+        )
+        s.check("the guest waited in HLT for the device", first.reason == "HLT")
+        s.check("the secret was in the page the device hit", report.secret_gpa == gpa)
+        s.check(
+            "the device reads ciphertext, with or without the C-bit",
+            report.secret[:16] not in read_plain + read_cbit and read_plain == before,
+        )
+        s.check("DRAM holds the device's bytes as written", dram_after == DEVICE_DATA)
+        s.check(
+            "the guest reads garbage, not the device's bytes",
+            report.after_dma and report.after_dma != DEVICE_DATA,
+        )
+        s.check("the guest then ran to completion", [e.reason for e in rest] == ["DONE"])
+    finally:
+        vm.destroy()
+    return s
