@@ -284,8 +284,9 @@ def test_migration_and_snapshot_between_two_platform_processes(workdir):
         "vm", "run", "--state", "B", "--restore", "guest.snap", *common,
         "--qmp", f"unix:{d / 'c.sock'}", "--console", "c.log", "--pidfile", "c.pid", cwd=d,
     )  # fmt: skip
+    pid_c = int((d / "c.pid").read_text())  # before quit: the VM removes its pidfile
     restored = _wait_counts(d / "c.log", minimum=2)
     assert restored[0] >= on_b[0]
     with closing(QmpClient(d / "c.sock")) as c:
         c.execute("quit")
-    _wait_gone(int((d / "c.pid").read_text()))
+    _wait_gone(pid_c)

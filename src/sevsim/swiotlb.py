@@ -50,6 +50,8 @@ class BounceCopy(Protocol):
 
     def write(self, va: int, data: bytes) -> None: ...
 
+    def copy(self, dst_va: int, src_va: int, n: int) -> None: ...
+
 
 def nslabs_option(text: str) -> int:
     """The ``swiotlb=<slabs>[,force]`` boot option: slots, rounded up to whole segments."""
@@ -134,13 +136,13 @@ class Swiotlb:
         """swiotlb_tbl_map_single: slots for ``size`` bytes, the buffer copied in."""
         index = self._find_slots(size)
         tlb_pa = self.pool_pa + index * IO_TLB_SIZE
-        self._copy.write(self._va(tlb_pa), self._copy.read(orig_va, size))
+        self._copy.copy(self._va(tlb_pa), orig_va, size)
         return Bounce(orig_va, tlb_pa, size, direction)
 
     def sync_for_cpu(self, bounce: Bounce) -> None:
         """What the device wrote, into the original buffer."""
         if bounce.direction != DmaDirection.TO_DEVICE:
-            self._copy.write(bounce.orig_va, self._copy.read(self._va(bounce.tlb_pa), bounce.size))
+            self._copy.copy(bounce.orig_va, self._va(bounce.tlb_pa), bounce.size)
 
     def unmap(self, bounce: Bounce) -> None:
         """swiotlb_tbl_unmap_single: copy back what the device may have written; free."""

@@ -29,6 +29,8 @@ from sevsim.swiotlb import (
     sev_guest_pool_size,
 )
 
+ZERO_STEP = 4 << 20
+
 
 class VcpuCopy:
     """The guest's bulk memcpy (streaming loads and stores through its own mappings)."""
@@ -41,6 +43,9 @@ class VcpuCopy:
 
     def write(self, va: int, data: bytes) -> None:
         self.vcpu.write_stream(va, data)
+
+    def copy(self, dst_va: int, src_va: int, n: int) -> None:
+        self.vcpu.copy_stream(dst_va, src_va, n)
 
 
 @dataclass
@@ -77,7 +82,9 @@ class GuestDma:
                 nslabs = -(-(nslabs // 2) // IO_TLB_SEGSIZE) * IO_TLB_SEGSIZE
         npages = nslabs * IO_TLB_SIZE // PAGE_4K
         pool = kernel.alloc_pages(npages, align=PAGE_2M)  # MODEL: aligned, keeps 2 MiB pages
-        kernel.set_memory_decrypted(pool, npages)  # swiotlb_update_mem_attributes
+        kernel.set_memory_decrypted(pool, npages)  # swiotlb_update_mem_attributes, which
+        for off in range(0, npages * PAGE_4K, ZERO_STEP):  # then clears the pool (Linux 5.x)
+            kernel.vcpu.write_stream(pool + off, bytes(min(ZERO_STEP, npages * PAGE_4K - off)))
         self.swiotlb = Swiotlb(pool, pool, nslabs, VcpuCopy(kernel))
         kernel.printk(
             f"software IO TLB: mapped [mem {pool:#018x}-{pool + npages * PAGE_4K - 1:#018x}] "

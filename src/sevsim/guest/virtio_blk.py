@@ -5,12 +5,15 @@ coherent (shared, in SEV) memory, DRIVER_OK. In an SEV guest the driver insists 
 ``VIRTIO_F_ACCESS_PLATFORM`` (Linux's virtio_features_ok refuses the device otherwise),
 because only then do buffers go through the DMA API and its bounce pool.
 
-I/O: a request is three descriptors — the header, one data buffer, the status byte — each
-mapped with ``dma_map_single``, so in an SEV guest all three are bounced. Requests are
-at most ``dma_max_mapping_size`` (256 KiB with swiotlb) and ``size_max``; up to a queue's
-worth go out before one notify. When the pool has no room, the driver completes what it
-has in flight and tries again; a request that cannot be mapped even with nothing in
-flight fails with the pool's message, before anything reaches the device.
+I/O: a request is a descriptor chain — the header, one to ``seg_max`` data segments, the
+status byte — each mapped with ``dma_map_single``, so in an SEV guest all of them are
+bounced. A segment is at most ``dma_max_mapping_size`` (256 KiB with swiotlb) and
+``size_max``; a request at most 1280 KiB (the block layer's default ``max_sectors_kb``)
+and five segments (MODEL: without indirect descriptors a chain takes that many ring
+entries). Up to a queue's worth goes out before one notify. When the pool has no room,
+the driver completes what it has in flight and tries again; a request that cannot be
+mapped even with nothing in flight fails with the pool's message, before anything
+reaches the device.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from sevsim.soc.paging import PAGE_4K
 from sevsim.swiotlb import DmaDirection, SwiotlbFull
 
 QUEUE_SIZE = 128
+MAX_SECTORS_BYTES = 1280 << 10  # Linux's BLK_DEF_MAX_SECTORS_CAP: max_sectors_kb 1280
+MAX_SEGMENTS = 5  # data descriptors per request (MODEL, see above)
 WANTED = v.F_VERSION_1 | v.F_ACCESS_PLATFORM | v.BLK_F_SIZE_MAX | v.BLK_F_SEG_MAX | v.BLK_F_FLUSH
 REQ_AREA = 32  # private bytes per request: 16-byte header, status byte, padding
 
@@ -47,6 +52,7 @@ class VirtioBlk:
         self.port = port
         self.capacity = 0
         self.features = 0
+        self.max_segment = 0
         self.max_request = 0
         self.requests = 0
         self.notifies = 0
@@ -91,9 +97,11 @@ class VirtioBlk:
             raise self._fail("the device refused the features")
         self._setup_queue()
         config = bytes(b for off in range(0, v.BLK_CONFIG.size, 4) for b in self._config32(off))
-        self.capacity, size_max, _ = v.BLK_CONFIG.unpack(config)
+        self.capacity, size_max, seg_max = v.BLK_CONFIG.unpack(config)
         limit = size_max if self.features & v.BLK_F_SIZE_MAX else 1 << 30
-        self.max_request = min(limit, self.dma.max_mapping_size) & ~(v.SECTOR_SIZE - 1)
+        self.max_segment = min(limit, self.dma.max_mapping_size) & ~(v.SECTOR_SIZE - 1)
+        segments = min(MAX_SEGMENTS, seg_max if self.features & v.BLK_F_SEG_MAX else 1)
+        self.max_request = min(MAX_SECTORS_BYTES, max(1, segments) * self.max_segment)
         self._w(v.STATUS, v.S_ACKNOWLEDGE | v.S_DRIVER | v.S_FEATURES_OK | v.S_DRIVER_OK)
         size = self.capacity * v.SECTOR_SIZE
         self.kernel.printk(
@@ -107,7 +115,7 @@ class VirtioBlk:
     def _setup_queue(self) -> None:
         self._w(v.QUEUE_SEL, 0)
         num = min(QUEUE_SIZE, self._r(v.QUEUE_NUM_MAX))
-        if num < 3:
+        if num < 2 + MAX_SEGMENTS:
             raise self._fail("the device's queue is too small")
         desc_len, avail_len, used_len = v.ring_layout(num)
         pages = -(-(desc_len + avail_len) // PAGE_4K) + -(-used_len // PAGE_4K)
@@ -127,7 +135,8 @@ class VirtioBlk:
         self._w(v.QUEUE_READY, 1)
         self._avail_idx = 0
         self._last_used = 0
-        self._slots = num // 3
+        self._per_slot = 2 + MAX_SEGMENTS  # descriptors of one request's chain
+        self._slots = num // self._per_slot
         self._free = list(range(self._slots))
         self._in_flight: dict[int, _Request] = {}
         self._req_area = self.kernel.alloc_pages(-(-self._slots * REQ_AREA // PAGE_4K))  # private
@@ -178,8 +187,9 @@ class VirtioBlk:
         try:
             maps.append(self.dma.map_single(area, v.BLK_REQ.size, DmaDirection.TO_DEVICE))
             direction = DmaDirection.FROM_DEVICE if kind == v.BLK_T_IN else DmaDirection.TO_DEVICE
-            if length:
-                maps.append(self.dma.map_single(va, length, direction))
+            for pos in range(0, length, self.max_segment):
+                size = min(self.max_segment, length - pos)
+                maps.append(self.dma.map_single(va + pos, size, direction))
             status_va = area + v.BLK_REQ.size
             maps.append(self.dma.map_single(status_va, 1, DmaDirection.FROM_DEVICE))
         except SwiotlbFull:
@@ -187,18 +197,19 @@ class VirtioBlk:
                 self.dma.unmap_single(m)
             raise
         self._free.pop()
+        head = self._per_slot * slot
         chain = b""
         for i, m in enumerate(maps):
             last = i == len(maps) - 1
             flags = 0 if last else v.DESC_F_NEXT
-            if last or (kind == v.BLK_T_IN and i == 1):
+            if last or (kind == v.BLK_T_IN and i > 0):
                 flags |= v.DESC_F_WRITE
-            chain += v.DESC.pack(m.dma_addr, m.size, flags, 3 * slot + i + 1)
-        vcpu.write(self.desc + 16 * 3 * slot, chain)
-        vcpu.store(self.avail + 4 + 2 * (self._avail_idx % self.num), 2, 3 * slot)
+            chain += v.DESC.pack(m.dma_addr, m.size, flags, head + i + 1)
+        vcpu.write(self.desc + 16 * head, chain)
+        vcpu.store(self.avail + 4 + 2 * (self._avail_idx % self.num), 2, head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         vcpu.store(self.avail + 2, 2, self._avail_idx)  # publish after the entry
-        self._in_flight[3 * slot] = _Request(slot, maps, status_va)
+        self._in_flight[head] = _Request(slot, maps, status_va)
         self.requests += 1
 
     def _complete(self) -> list[str]:

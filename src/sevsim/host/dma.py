@@ -76,6 +76,9 @@ class KernelCopy:
     def write(self, va: int, data: bytes) -> None:
         self.kernel.write(va, data)
 
+    def copy(self, dst_va: int, src_va: int, n: int) -> None:
+        self.kernel.write(dst_va, self.kernel.read(src_va, n))
+
 
 class HostDma:
     def __init__(self, kernel: HostKernel, iommu: AmdIommuDriver | None = None) -> None:

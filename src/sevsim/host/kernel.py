@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sevsim.pagetables import PAGE_KERNEL, LinearWindow, PageTables
 from sevsim.soc import msr
 from sevsim.soc.core import Core
@@ -329,6 +331,10 @@ class HostKernel:
     def read_stream(self, va: int, n: int) -> bytes:
         """A bulk copy out with non-temporal loads (no cache lines allocated)."""
         return self.core.read_stream(va, n)
+
+    def read_stream_into(self, va: int, out: np.ndarray) -> None:
+        """``read_stream`` into a uint8 buffer of the caller's."""
+        self.core.read_stream_into(va, out)
 
     def write_stream(self, va: int, data: bytes) -> None:
         """A bulk copy in with non-temporal stores (straight to DRAM, no dirty lines)."""

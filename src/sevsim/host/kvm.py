@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from sevsim import crypto
 from sevsim.api import commands as cmd
 from sevsim.api.commands import Command
@@ -355,6 +357,10 @@ class Vm:
     def read_stream(self, gpa: int, n: int) -> bytes:
         """A bulk copy out of guest memory with non-temporal loads."""
         return self.kernel.read_stream(self._hva_of(gpa, n), n)
+
+    def read_stream_into(self, gpa: int, out: np.ndarray) -> None:
+        """``read_stream`` into a uint8 buffer of the caller's (no intermediate copy)."""
+        self.kernel.read_stream_into(self._hva_of(gpa, len(out)), out)
 
     def write_stream(self, gpa: int, data: bytes) -> None:
         """A bulk copy into guest memory with non-temporal stores."""

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from sevsim.api import virtio as v
 from sevsim.host.kvm import Vm
 
@@ -62,6 +64,7 @@ class VirtioBlkDevice:
         if access_platform:
             self.features |= v.F_ACCESS_PLATFORM
         self.stats = BlkStats()
+        self._buffer = np.empty(0, dtype=np.uint8)  # the device's own DMA buffer, reused
         self.reset()
 
     def reset(self) -> None:
@@ -158,11 +161,15 @@ class VirtioBlkDevice:
             return
         vm, num = self.vm, self.queue_num
         try:
-            _, avail_idx = v.RING_HEADER.unpack(vm.read(self.avail, 4))
+            # The avail ring and the descriptor table, each read once per notify: the driver
+            # does not touch a chain it has made available until the device returns it.
+            avail = vm.read(self.avail, 4 + 2 * num)
+            table = vm.read(self.desc, 16 * num)
+            _, avail_idx = v.RING_HEADER.unpack(avail[:4])
             while self._last_avail != avail_idx:
                 slot = 4 + 2 * (self._last_avail % num)
-                head = int.from_bytes(vm.read(self.avail + slot, 2), "little")
-                written = self._request(head)
+                head = int.from_bytes(avail[slot : slot + 2], "little")
+                written = self._request(head, table)
                 self._push_used(head, written)
                 self._last_avail = (self._last_avail + 1) & 0xFFFF
         except (ValueError, DiskError) as exc:  # a ring outside guest memory: broken device
@@ -176,20 +183,20 @@ class VirtioBlkDevice:
         self._used_idx = (self._used_idx + 1) & 0xFFFF
         self.vm.write(self.used + 2, self._used_idx.to_bytes(2, "little"))  # after the entry
 
-    def _chain(self, head: int) -> list[tuple[int, int, int]]:
+    def _chain(self, head: int, table: bytes) -> list[tuple[int, int, int]]:
         chain, index = [], head
         for _ in range(self.queue_num):
-            addr, length, flags, nxt = v.DESC.unpack(self.vm.read(self.desc + 16 * index, 16))
+            addr, length, flags, nxt = v.DESC.unpack_from(table, 16 * index)
             chain.append((addr, length, flags))
             if not flags & v.DESC_F_NEXT:
                 return chain
             index = nxt % self.queue_num
         raise DiskError(f"descriptor chain from {head} loops")
 
-    def _request(self, head: int) -> int:
+    def _request(self, head: int, table: bytes) -> int:
         """Carry out one request; returns the bytes written into guest buffers."""
         vm = self.vm
-        chain = self._chain(head)
+        chain = self._chain(head % self.queue_num, table)
         if len(chain) < 2 or chain[0][2] & v.DESC_F_WRITE or chain[0][1] < v.BLK_REQ.size:
             raise DiskError("malformed virtio-blk request")
         status_addr, status_len, status_flags = chain[-1]
@@ -239,11 +246,17 @@ class VirtioBlkDevice:
         return total
 
     def _write(self, sector: int, data: list[tuple[int, int, int]]) -> None:
-        content = b"".join(self.vm.read_stream(addr, length) for addr, length, _ in data)
-        offset = self._check(sector, len(content))
-        os.pwrite(self._fd, content, offset)
+        total = sum(length for _, length, _ in data)
+        offset = self._check(sector, total)
+        if len(self._buffer) < total:
+            self._buffer = np.empty(total, dtype=np.uint8)
+        buffer, pos = self._buffer[:total], 0
+        for addr, length, _ in data:
+            self.vm.read_stream_into(addr, buffer[pos : pos + length])
+            pos += length
+        os.pwrite(self._fd, buffer, offset)
         self.stats.writes += 1
-        self.stats.bytes_written += len(content)
+        self.stats.bytes_written += total
 
 
 def create_image(path: Path, size: int) -> None:

@@ -25,6 +25,8 @@ import struct
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from sevsim.soc import msr
 from sevsim.soc.cache import DOMAIN_SHIFT, MemType
 from sevsim.soc.cpuid import Regs, host_cpuid
@@ -445,11 +447,42 @@ class Core:
         runs = _physical_runs(self._pieces(va, n, Access.READ))
         return b"".join(self._fabric.read(pa, length, slot) for pa, slot, length in runs)
 
+    def read_stream_into(self, va: int, out: np.ndarray) -> None:
+        """``read_stream`` into a caller's uint8 buffer (a device's DMA buffer, say): the
+        16-byte aligned runs go straight from the engine into it."""
+        pos = 0
+        for pa, slot, length in _physical_runs(self._pieces(va, len(out), Access.READ)):
+            piece = out[pos : pos + length]
+            if (pa | length) % 16:
+                piece[:] = np.frombuffer(self._fabric.read(pa, length, slot), dtype=np.uint8)
+            else:
+                self._fabric.read_into(pa, piece, slot)
+            pos += length
+
     def write_stream(self, va: int, data: bytes) -> None:
         pos = 0
         for pa, slot, length in _physical_runs(self._pieces(va, len(data), Access.WRITE)):
             self._fabric.write(pa, data[pos : pos + length], slot)
             pos += length
+
+    def copy_stream(self, dst_va: int, src_va: int, n: int) -> None:
+        """A streaming memcpy (non-temporal loads and stores) from src_va to dst_va: both
+        ranges are translated first, so nothing moves if either faults."""
+        src = _physical_runs(self._pieces(src_va, n, Access.READ))
+        dst = _physical_runs(self._pieces(dst_va, n, Access.WRITE))
+        i = j = 0
+        s_off = d_off = 0
+        while i < len(src):
+            s_pa, s_slot, s_len = src[i]
+            d_pa, d_slot, d_len = dst[j]
+            length = min(s_len - s_off, d_len - d_off)
+            self._fabric.copy(d_pa + d_off, d_slot, s_pa + s_off, s_slot, length)
+            s_off += length
+            d_off += length
+            if s_off == s_len:
+                i, s_off = i + 1, 0
+            if d_off == d_len:
+                j, d_off = j + 1, 0
 
     def copy(self, dst_va: int, src_va: int, n: int, chunk: int = 4096) -> None:
         """REP MOVSB: copy n bytes, a page at a time."""

@@ -309,6 +309,14 @@ class GuestVcpu:
             except NestedPageFault as fault:
                 self._npf(fault)
 
+    def copy_stream(self, dst_va: int, src_va: int, n: int) -> None:
+        """A bulk memcpy with non-temporal loads and stores (no cache lines allocated)."""
+        while True:
+            try:
+                return self._core.copy_stream(dst_va, src_va, n)
+            except NestedPageFault as fault:
+                self._npf(fault)
+
     def invlpg(self, va: int) -> None:
         self._core.invlpg(va)
 
