@@ -24,7 +24,8 @@ def bench(quick: bool, as_json: bool) -> int:
     SHA-256 (LAUNCH_UPDATE_DATA + LAUNCH_MEASURE), with the raw crypto two firmwares do
     (migrating a 256 MiB guest over loopback), with a plain Python file write (an SEV
     guest's disk writes through bounce buffers), and RSS growth with the memory actually
-    used. Each is the median of several rounds. Takes about half a minute (a few
+    used. Each is the median of several rounds (the best round of each side for the disk
+    writes, where page-cache allocation is bimodal). Takes about half a minute (a few
     seconds with --quick). See docs/performance.md.
     """
     console = Console(stderr=True)

@@ -10,7 +10,7 @@ Deterministic, no integrity: the same key, address and plaintext always give the
 ciphertext, and a flipped ciphertext bit garbles exactly one block.
 
 Two paths, one formula: a bulk path over whole pages (numpy, one reusable ECB context per
-key slot, 128 KiB chunks so the tweak table and scratch buffers stay in the CPU cache) and
+key slot, 1 MiB chunks so the tweak table and scratch buffers stay in the L2 cache) and
 a line path for 64-byte cache fills and write-backs (512-bit Python integers, one ECB call
 per line). Tests check that both agree with a block-by-block reference.
 """
