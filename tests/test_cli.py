@@ -152,9 +152,12 @@ def test_bench_quick_json(capsys):
         "guest_load_ratio",
         "guest_loads_per_s",
         "launch_ratio",
+        "bounce_io_ratio",
         "sparse_rss_mib",
         "touched_mib",
     ):
         assert data[key] > 0
     assert data["touched_mib"] == 8
+    assert data["bounce_io_bytes"] == 8 << 20
+    assert len(data["bounce_io_rounds_ms"]["guest"]) == 3
     assert set(data["targets_met"]) == set(data["targets"])
