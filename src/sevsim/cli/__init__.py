@@ -11,6 +11,7 @@ import sys
 import click
 
 from sevsim import __version__
+from sevsim.cli.attack import attack_cmd
 from sevsim.cli.bench import bench
 from sevsim.cli.demo import demo
 from sevsim.cli.info import info
@@ -40,6 +41,7 @@ cli.add_command(owner)
 cli.add_command(verify_chain_cmd)
 cli.add_command(vm)
 cli.add_command(migrate_cmd)
+cli.add_command(attack_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

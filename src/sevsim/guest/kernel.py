@@ -13,8 +13,8 @@ It does what a Linux SEV guest does at boot, in miniature:
    and tell the hypervisor with the KVM_HC_MAP_GPA_RANGE hypercall.
 4. **Run workloads** chosen on its command line: keep a secret in private memory,
    compute on it, publish a result in a shared page (``workload=dma``: then wait in HLT
-   while the host has a device DMA at it, and read it again); or a timed load loop
-   (benchmark).
+   while the host has a device DMA at it, and read it again); a timed load loop
+   (benchmark); or the attack lab's victims (``balance``, ``flags``).
 
 Secondary vCPUs (APs) wait with HLT until the boot vCPU has published its page tables in
 a private mailbox page, then join in long mode, read the secret and report its digest —
@@ -97,6 +97,7 @@ class GuestReport:
     ap_digests: list[str] = field(default_factory=list)
     loads: dict[str, Any] = field(default_factory=dict)
     after_dma: bytes = b""  # workload=dma: the secret page as read back after the HLT
+    steps: list[bytes] = field(default_factory=list)  # workload=balance/flags: what it read
 
 
 class GuestKernel:
@@ -236,6 +237,33 @@ class GuestKernel:
         report.shared_gpa, report.published = shared, published
         self.printk(f"secret kept at GPA {gpa:#x}; result published in shared page {shared:#x}")
 
+    def balance(self, report: GuestReport) -> None:
+        """``workload=balance``: a private account balance, 100 then 40 after a payment,
+        with a HLT after each write (the host runs in between); then read it back."""
+        vcpu = self.vcpu
+        gpa = self.alloc_page()
+        for amount in (100, 40):
+            vcpu.write(gpa, f"balance: {amount:3d} EUR".encode().ljust(16))
+            vcpu.hlt()
+        report.secret_gpa = gpa
+        report.steps.append(vcpu.read(gpa, 16))
+        self.printk(f"balance read back: {report.steps[-1].decode(errors='replace').strip()}")
+
+    def flags(self, report: GuestReport) -> None:
+        """``workload=flags``: walk the 16 bits of a random private key, storing each bit's
+        branch flag in the same private variable, with a HLT after each store — a
+        key-dependent value the host can watch but not decrypt."""
+        vcpu = self.vcpu
+        key = vcpu.rdrand64() & 0xFFFF
+        gpa = self.alloc_page()
+        for i in range(16):
+            flag = b"flag: 1" if key >> (15 - i) & 1 else b"flag: 0"
+            vcpu.write(gpa, flag.ljust(16))
+            vcpu.hlt()
+            report.steps.append(vcpu.read(gpa, 16))
+        report.secret, report.secret_gpa = f"{key:016b}".encode(), gpa
+        self.printk("walked the key's bits")
+
     def wake_aps(self, report: GuestReport) -> None:
         """Publish the page tables and the secret's place to the APs; wait for their digests."""
         vcpu = self.vcpu
@@ -330,6 +358,9 @@ def main(vcpu: GuestVcpu) -> GuestReport:
     if workload.startswith("loads:"):
         _, count, rounds = workload.split(":")
         report.loads = kernel.load_loop(int(count), int(rounds))
+        return report
+    if workload in ("balance", "flags"):  # the attack lab's victims
+        getattr(kernel, workload)(report)
         return report
     kernel.keep_secret(report)
     if workload == "dma":

@@ -56,6 +56,7 @@ from sevsim.soc.paging import (
 
 MiB = 1 << 20
 PAGE_OFFSET = 0xFFFF_8880_0000_0000  # Linux's direct map base with 4-level paging
+VMALLOC_START = 0xFFFF_C900_0000_0000  # where memremap() puts its mappings
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # Linux's kernel text mapping
 KERNEL_PA = 16 * MiB  # CONFIG_PHYSICAL_START
 BOOT_PGT_PA = 1 * MiB  # the boot loader's identity-map tables
@@ -108,6 +109,7 @@ class HostKernel:
         self.tables: PageTables | None = None
         self._next_free = 0
         self._free: list[int] = []
+        self._vmalloc_next = VMALLOC_START
         self._dram_size = core.machine.dram.size  # the E820 map the firmware hands over
         self.report: BootReport | None = None
 
@@ -320,6 +322,22 @@ class HostKernel:
         if zero:
             self.core.write(va, bytes(npages * PAGE_4K))
         return va
+
+    def memremap(self, pa: int, n: int, decrypted: bool = False) -> int:
+        """Linux memremap(): a further kernel mapping of [pa, pa+n), in 4 KiB pages. With
+        ``decrypted`` (MEMREMAP_DEC) the entries lack the C-bit, so accesses move the bytes
+        as DRAM holds them: how a kernel reaches memory a guest or the firmware encrypted,
+        and what a hypervisor that wants raw ciphertext does."""
+        if self.tables is None:
+            raise RuntimeError("the kernel has not booted")
+        start = pa & ~(PAGE_4K - 1)
+        npages = -(-(pa + n - start) // PAGE_4K)
+        va = self._vmalloc_next
+        self._vmalloc_next += (npages + 1) * PAGE_4K  # a guard page after each mapping
+        encrypted = self.sme_active and not decrypted
+        for i in range(npages):
+            self.tables.map(va + i * PAGE_4K, start + i * PAGE_4K, PAGE_4K, PAGE_KERNEL, encrypted)
+        return va + (pa - start)
 
     def free_pages(self, va: int, npages: int = 1) -> None:
         pa = self.pa(va)

@@ -1,0 +1,114 @@
+"""The attack lab: each attack's outcome, and its mitigation where the model has one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sevsim.attacks import ATTACKS
+from sevsim.attacks.lab import RawGuestMemory, start_guest, victim_view
+from sevsim.cli import main
+from sevsim.guest import kernel as guest_kernel
+from sevsim.profiles import get_profile
+from sevsim.system import HostSystem
+
+
+def run(name: str, profile: str = "milan", **changes):
+    return ATTACKS[name].run(get_profile(profile).with_(seed=5, **changes))
+
+
+def test_host_read_gets_ciphertext_and_debug_only_with_the_owners_consent():
+    r = run("host-read")
+    debuggable, nodbg = r.figures["debuggable"], r.figures["nodbg"]
+    # Its own mapping and a raw one give the hypervisor ciphertext only.
+    for case in (debuggable, nodbg):
+        assert not case["mapping_reads_plaintext"] and not case["raw_reads_plaintext"]
+    # DBG_DECRYPT works when the policy allows it ...
+    assert debuggable["dbg_decrypt"] == "SUCCESS" and debuggable["secret_recovered"]
+    assert any("debuggable secret" in s for s in r.steps)
+    # ... and NODBG is the mitigation.
+    assert nodbg["dbg_decrypt"] == "POLICY_FAILURE" and not nodbg["secret_recovered"]
+    assert not r.succeeded
+
+
+def test_raw_guest_memory_is_the_dram_ciphertext():
+    with HostSystem.start(get_profile("milan").with_(seed=2)) as system:
+        vm = start_guest(system, "g")
+        vm.run()
+        secret = victim_view(system, vm).secret
+        raw = RawGuestMemory(system, vm, guest_kernel.DATA_BASE).read(0, len(secret))
+        spa = vm.spa(guest_kernel.DATA_BASE)
+        assert raw == system.machine.dram.read(spa, len(secret)) and raw != secret
+
+
+@pytest.mark.parametrize("profile", ["naples", "milan"])
+def test_cold_boot_reads_only_the_unencrypted_machine(profile):
+    r = run("cold-boot", profile)
+    found = r.figures["found"]
+    assert found["no encryption"] == {"host": True}
+    assert found["SME"] == {"host": False}
+    assert found["TSME"] == {"host": False}
+    assert found["SME + SEV guest"] == {"host": False, "guest": False}
+    assert not r.succeeded
+
+
+def test_wrong_asid_crashes_without_disclosure():
+    r = run("wrong-asid")
+    assert r.figures["crashed"] and set(r.figures["exits"].values()) == {"SHUTDOWN"}
+    assert not r.figures["secret_seen"] and not r.succeeded
+
+
+@pytest.mark.parametrize("engine", ["xe", "xex"])
+def test_replay_makes_the_guest_read_its_old_balance(engine):
+    r = run("replay", engine_mode=engine)
+    assert r.figures["ciphertext_changed_with_the_value"]
+    assert r.figures["guest_read"] == "balance: 100 EUR"
+    assert r.succeeded
+
+
+def test_the_balance_victim_reads_its_own_payment_when_left_alone():
+    """The control experiment: without the replay the guest reads 40."""
+    with HostSystem.start(get_profile("milan").with_(seed=4)) as system:
+        vm = start_guest(system, "victim", workload="balance")
+        vm.run()
+        assert victim_view(system, vm).steps == [b"balance:  40 EUR".ljust(16)]
+
+
+def test_ciphertext_side_channel_recovers_the_key_up_to_one_bit_of_guessing():
+    r = run("ciphertext-side-channel")
+    f = r.figures
+    assert f["observations"] == 16 and f["distinct_ciphertexts"] == 2
+    inverse = f["recovered"].translate(str.maketrans("01", "10"))
+    assert f["key"] in (f["recovered"], inverse) and f["bits_recovered"] == 16
+    assert r.succeeded
+
+
+def test_cache_alias_corrupts_only_without_the_flush_and_without_coherency():
+    naples = run("cache-alias", "naples")
+    assert naples.figures["corrupted_lines"] == {"without flush": 64, "with flush": 0}
+    assert naples.succeeded
+    milan = run("cache-alias", "milan")  # HwEnforcedCacheCoh
+    assert milan.figures["hw_enforced_cache_coherency"]
+    assert milan.figures["corrupted_lines"] == {"without flush": 0, "with flush": 0}
+    assert not milan.succeeded
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_attack_command_line(capsys):
+    code, out, _ = _cli(["attack", "--list"], capsys)
+    assert code == 0 and all(name in out for name in ATTACKS)
+    code, out, _ = _cli(["attack", "replay", "--seed", "1", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["attack"] == "replay" and data["succeeded"] is True
+    assert {"mitigated_by", "figures", "steps", "explanation"} <= set(data)
+    code, out, _ = _cli(["attack", "wrong-asid", "--profile", "rome"], capsys)
+    assert code == 0 and "Mitigated by" in out and "SHUTDOWN" in out
+    code, _, err = _cli(["attack", "bogus"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
