@@ -112,3 +112,35 @@ def test_attack_command_line(capsys):
     assert code == 0 and "Mitigated by" in out and "SHUTDOWN" in out
     code, _, err = _cli(["attack", "bogus"], capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("profile", ["milan", "naples"])
+def test_crossline_dumps_the_victims_real_page_tables(profile):
+    r = run("crossline", profile)
+    f = r.figures
+    # PML4 -> PDPT -> PD -> the 4 KiB table of the split first 2 MiB: every entry leaks and
+    # each leaked address is the one in the victim's own table (checked against its view).
+    assert f["table_pages_dumped"] == 4
+    assert f["table_entries_matching"] == 1 + 1 + 1 + 512
+    assert f["table_entries_wrong"] == 0 and f["table_entries_missed"] == 0
+    assert f["large_page_entries_not_leakable"] == 1  # the PD's 2 MiB leaf faults instead
+    assert f["vmruns"] == 512 * f["pages_dumped"]
+    assert r.succeeded
+
+
+def test_cipher_move_plants_the_chosen_block_with_xe_only():
+    xe = run("cipher-move", engine_mode="xe")
+    assert bytes.fromhex(xe.figures["guest_read"]) == b"role: admin".ljust(16)
+    assert xe.succeeded
+    # xex with this boot's random tweaks: the same move decrypts to garbage.
+    xex = run("cipher-move", engine_mode="xex")
+    read = bytes.fromhex(xex.figures["guest_read"])
+    assert read not in (b"role: admin".ljust(16), b"role: user".ljust(16))
+    assert not xex.succeeded
+
+
+def test_the_inbox_victim_keeps_its_setting_when_left_alone():
+    with HostSystem.start(get_profile("milan").with_(seed=4, engine_mode="xe")) as system:
+        vm = start_guest(system, "victim", workload="inbox")
+        vm.run()
+        assert victim_view(system, vm).steps == [b"role: user".ljust(16)]

@@ -11,6 +11,8 @@ ORDER = [
     "host-read",
     "cold-boot",
     "wrong-asid",
+    "crossline",
+    "cipher-move",
     "replay",
     "ciphertext-side-channel",
     "cache-alias",

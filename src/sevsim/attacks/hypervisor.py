@@ -3,10 +3,22 @@ and talks to the firmware through /dev/sev — but holds no guest key."""
 
 from __future__ import annotations
 
+import time
+
 from sevsim.attacks.lab import AttackResult, RawGuestMemory, attack, start_guest, victim_view
 from sevsim.guest import kernel as guest_kernel
-from sevsim.host.kvm import KvmError
+from sevsim.host.kvm import NPT_LEAF, KvmError
 from sevsim.profiles import MachineProfile
+from sevsim.soc.nested import EFER_SVME
+from sevsim.soc.paging import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
+from sevsim.soc.svm import (
+    EXIT_NPF,
+    NP_ENABLE,
+    NPF_GUEST_PAGE_TABLE,
+    SEV_ENABLE,
+    TLB_CONTROL_FLUSH_ASID,
+)
+from sevsim.soc.tweak import TweakFunction, xe_constants
 from sevsim.system import HostSystem
 
 POLICY_DEBUG = 0x0  # debugging allowed
@@ -172,3 +184,177 @@ def ciphertext_side_channel(profile: MachineProfile, r: AttackResult) -> None:
         }
         r.succeeded = key in (bits, inverse)
         vm.destroy()
+
+
+CHOSEN = b"role: admin".ljust(16)  # the block the attacker wants in the guest
+
+
+@attack(
+    "cipher-move",
+    "Moving ciphertext to plant chosen data (SEVurity)",
+    """Each 16-byte block is encrypted on its own under the guest's key and its address's
+    tweak T(pa); nothing binds a block to its place. The guest keeps a setting,
+    'role: user', in private memory, and copies messages the host delivers in a shared
+    page into a private buffer. With the xe engine (Zen 1: C = E(P ⊕ T(pa)), T fixed in
+    the silicon and reverse-engineered), the hypervisor delivers P = X ⊕ T(a) ⊕ T(b): the
+    guest encrypts it at a, and that ciphertext moved to the setting's address b decrypts
+    to X. With xex (C = E(P ⊕ T) ⊕ T, tweaks random at each boot) the same move gives
+    garbage: the attacker would first have to recover this boot's tweaks.""",
+    "xex with per-boot random tweaks (Zen 2 and later) stops the direct move; SEV-SNP's "
+    "RMP stops the host writing guest pages at all (not modelled)",
+)
+def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
+    # The attacker's knowledge of the engine: for xe the tweak constants this CPU model
+    # always uses (SEVurity published them); for xex nothing, so it assumes the same.
+    tweak = TweakFunction(xe_constants(profile.name, profile.maxphyaddr), profile.maxphyaddr)
+    with HostSystem.start(profile) as system:
+        vm = start_guest(system, "victim", workload="inbox")
+        vcpu = vm.vcpus[0]
+        buffer_gpa = guest_kernel.DATA_BASE  # the guest kernel's first data pages
+        setting_gpa = buffer_gpa + 4096
+        vcpu.run()  # setting written, shared page announced; the guest waits for a message
+        shared_gpa = vm.shared_ranges[-1][0]  # the guest told KVM (KVM_HC_MAP_GPA_RANGE)
+        a, b = vm.spa(buffer_gpa), vm.spa(setting_gpa)
+        delta = (tweak.block_int(a) ^ tweak.block_int(b)).to_bytes(16, "little")
+        message = bytes(x ^ d for x, d in zip(CHOSEN, delta, strict=True))
+        vm.write(shared_gpa, message.ljust(64, b"\0"))
+        r.step(
+            f"delivers a message whose first block is X ⊕ T({a:#x}) ⊕ T({b:#x}) = {message.hex()}"
+        )
+        vcpu.run()  # the guest copied it into its private buffer
+        raw_buffer = RawGuestMemory(system, vm, buffer_gpa)
+        raw_setting = RawGuestMemory(system, vm, setting_gpa)
+        moved = raw_buffer.read(0, 16)
+        before = raw_setting.read(0, 16)
+        raw_setting.write(0, moved)
+        r.step(f"moves the ciphertext {moved.hex()} from {a:#x} over the setting at {b:#x}")
+        vcpu.run()
+        read = victim_view(system, vm).steps[-1]
+        r.step(f"the guest reads its setting: {read!r}")
+        r.figures = {
+            "engine": profile.engine_mode,
+            "chosen": CHOSEN.decode().strip(),
+            "guest_read": read.hex(),
+            "planted": read == CHOSEN,
+            "setting_ciphertext_changed": before != moved,
+        }
+        r.succeeded = read == CHOSEN
+        vm.destroy()
+
+
+ATTACKER_CR3_GPA = 0x7FFF_F000  # far above the victim's memory: never a leaked GPA
+PAGE = 4096
+
+
+@attack(
+    "crossline",
+    "CrossLine variant 1: the page-table walk as a decryption oracle",
+    """The hypervisor builds a VMCB of its own with the victim's ASID and SEV enabled. In
+    that VM's nested page table only one page is mapped: the GPA of its CR3, pointing at a
+    victim page. It sets RIP so that the PML4 index picks one 8-byte slot and runs it. The
+    instruction fetch starts a page walk — always private, so the slot is decrypted with
+    the victim's key — and if the 8 bytes look like a present entry, the walk goes on to
+    the GPA they name, which is not mapped: #VMEXIT(NPF) with that GPA in EXITINFO2. One
+    VMRUN per slot; otherwise the VM faults and shuts down. Starting from the victim's CR3
+    (in its VMCB: SEV does not encrypt the save area) and following every leaked table
+    address, it dumps the victim's page tables and any other PTE-shaped data.""",
+    "SEV-ES hides the victim's CR3 and RIP (variant 1 still works through the victim's "
+    "VMSA); SEV-SNP's RMP check of ASID and GPA on every access stops it (not modelled)",
+)
+def crossline(profile: MachineProfile, r: AttackResult) -> None:
+    with HostSystem.start(profile) as system:
+        victim = start_guest(system, "victim")
+        victim.run()
+        truth = victim_view(system, victim).tables  # the victim's own view, for judging
+        victim_cr3 = victim.vcpus[0].vmcb().cr3
+        attacker = system.kvm.create_vm(PAGE * 1024, sev=False, name="attacker")
+        vcpu = attacker.vcpus[0]
+        core = system.kvm.cpu(vcpu.core_index)
+        encrypted = system.kernel.sme_active
+        r.step(
+            f"the victim's CR3 (from its VMCB) is {victim_cr3:#x}; the attacker's VMCB gets "
+            f"the victim's ASID {victim.asid} and CR3 = GPA {ATTACKER_CR3_GPA:#x}"
+        )
+        address_mask = ((1 << profile.maxphyaddr) - 1) & ~(PAGE - 1) & ~system.machine.cbit_mask
+        leaks: dict[int, dict[int, int]] = {}
+        queue = [victim_cr3 & address_mask]
+        vmruns = 0
+        start = time.perf_counter()
+        while queue and len(leaks) < MAX_PAGES:
+            gpa = queue.pop(0)
+            if gpa in leaks or gpa >= victim.memory_size:
+                continue
+            attacker.npt.map(ATTACKER_CR3_GPA, victim.spa(gpa), PAGE, NPT_LEAF, encrypted)
+            leaks[gpa] = {}
+            for slot in range(512):
+                vmruns += 1
+                leaked = _probe(core, vcpu, victim.asid, slot)
+                if leaked is not None:
+                    leaks[gpa][slot] = leaked
+                    queue.append(leaked)
+        elapsed = time.perf_counter() - start
+        right = wrong = missed = large = data_leaks = 0
+        for gpa, slots in leaks.items():
+            page = truth.get(gpa)
+            if page is None:  # not a page table: PTE-shaped data, leaked all the same
+                data_leaks += len(slots)
+                continue
+            for slot in range(512):
+                entry = int.from_bytes(page[slot * 8 : slot * 8 + 8], "little")
+                if slot in slots:
+                    right += entry & address_mask == slots[slot]
+                    wrong += entry & address_mask != slots[slot]
+                elif entry & 1 and entry & (1 << 7):
+                    large += 1  # a 2 MiB leaf: PS is reserved in a PML4E, so it faults
+                elif entry & 1:
+                    missed += 1
+        for gpa, slots in leaks.items():
+            kind = "page table" if gpa in truth else "data"
+            shown = ", ".join(f"[{s}]→{v:#x}" for s, v in list(slots.items())[:3])
+            more = f" (+{len(slots) - 3} more)" if len(slots) > 3 else ""
+            r.step(f"{kind} page at GPA {gpa:#x}: {len(slots)} entries leaked {shown}{more}")
+        total = sum(len(s) for s in leaks.values())
+        bits = profile.maxphyaddr - 12 - (1 if profile.cbit < profile.maxphyaddr else 0)
+        r.figures = {
+            "pages_dumped": len(leaks),
+            "table_pages_dumped": sum(gpa in truth for gpa in leaks),
+            "vmruns": vmruns,
+            "entries_leaked": total,
+            "table_entries_matching": right,
+            "table_entries_wrong": wrong,
+            "table_entries_missed": missed,
+            "large_page_entries_not_leakable": large,
+            "data_entries_leaked": data_leaks,
+            "address_bits_per_entry": bits,
+            "bytes_recovered_per_page": round(total * bits / 8 / max(1, len(leaks)), 1),
+            "model_ms_per_page": round(elapsed * 1000 / max(1, len(leaks)), 1),
+        }
+        r.succeeded = right > 0 and wrong == 0
+        attacker.destroy()
+        victim.destroy()
+
+
+MAX_PAGES = 16
+
+
+def _probe(core, vcpu, asid: int, slot: int) -> int | None:
+    """One VMRUN of the attacker VMCB with RIP picking PML4 slot ``slot``: the GPA the
+    victim's decrypted entry names, or None when the VM shut down instead."""
+    rip = slot << 39
+    if slot >= 256:  # canonical: bits 63:48 copy bit 47
+        rip |= 0xFFFF_0000_0000_0000
+    vcpu.set_vmcb(
+        asid=asid,
+        nested_ctl=NP_ENABLE | SEV_ENABLE,
+        tlb_control=TLB_CONTROL_FLUSH_ASID,
+        cr0=CR0_PE | CR0_PG,
+        cr3=ATTACKER_CR3_GPA,
+        cr4=CR4_PAE,
+        efer=EFER_LME | EFER_LMA | EFER_SVME,
+        rip=rip,
+        event_inj=0,
+    )
+    exit_ = core.vmrun(vcpu.vmcb_addr, {})
+    if exit_.code == EXIT_NPF and exit_.info1 & NPF_GUEST_PAGE_TABLE:
+        return exit_.info2 & ~(PAGE - 1)
+    return None

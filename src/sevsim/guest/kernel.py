@@ -14,7 +14,7 @@ It does what a Linux SEV guest does at boot, in miniature:
 4. **Run workloads** chosen on its command line: keep a secret in private memory,
    compute on it, publish a result in a shared page (``workload=dma``: then wait in HLT
    while the host has a device DMA at it, and read it again); a timed load loop
-   (benchmark); or the attack lab's victims (``balance``, ``flags``).
+   (benchmark); or the attack lab's victims (``balance``, ``flags``, ``inbox``).
 
 Secondary vCPUs (APs) wait with HLT until the boot vCPU has published its page tables in
 a private mailbox page, then join in long mode, read the secret and report its digest —
@@ -98,6 +98,7 @@ class GuestReport:
     loads: dict[str, Any] = field(default_factory=dict)
     after_dma: bytes = b""  # workload=dma: the secret page as read back after the HLT
     steps: list[bytes] = field(default_factory=list)  # workload=balance/flags: what it read
+    tables: dict[int, bytes] = field(default_factory=dict)  # its page-table pages, by GPA
 
 
 class GuestKernel:
@@ -264,6 +265,23 @@ class GuestKernel:
         report.secret, report.secret_gpa = f"{key:016b}".encode(), gpa
         self.printk("walked the key's bits")
 
+    def inbox(self, report: GuestReport) -> None:
+        """``workload=inbox``: a private setting (``role: user``) in its second data page; a
+        message the host delivers in a shared page is copied into a private buffer (its
+        first data page) — as a network driver copies a received packet out of its bounce
+        buffer; HLTs let the host deliver and then act; finally it reads the setting."""
+        vcpu = self.vcpu
+        buffer, setting = self.alloc_page(), self.alloc_page()
+        vcpu.write(setting, b"role: user".ljust(16))
+        shared = self.alloc_page()
+        self.set_memory_decrypted(shared, 1)
+        vcpu.hlt()  # the host delivers a message into the shared page
+        vcpu.write(buffer, vcpu.read(shared, 64))
+        vcpu.hlt()
+        report.secret_gpa, report.shared_gpa = setting, shared
+        report.steps.append(vcpu.read(setting, 16))
+        self.printk(f"setting: {report.steps[-1].decode(errors='replace').strip()}")
+
     def wake_aps(self, report: GuestReport) -> None:
         """Publish the page tables and the secret's place to the APs; wait for their digests."""
         vcpu = self.vcpu
@@ -359,10 +377,13 @@ def main(vcpu: GuestVcpu) -> GuestReport:
         _, count, rounds = workload.split(":")
         report.loads = kernel.load_loop(int(count), int(rounds))
         return report
-    if workload in ("balance", "flags"):  # the attack lab's victims
+    if workload in ("balance", "flags", "inbox"):  # the attack lab's victims
         getattr(kernel, workload)(report)
         return report
     kernel.keep_secret(report)
+    # Its own page tables as it reads them (the attack lab checks CrossLine against them).
+    for gpa in range(PGT_BASE, kernel._next_pgt, PAGE_4K):
+        report.tables[gpa] = vcpu.read(gpa, PAGE_4K)
     if workload == "dma":
         # Wait in HLT while the host lets a device DMA at the secret's page, then look again.
         kernel.vcpu.hlt()
