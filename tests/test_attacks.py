@@ -144,3 +144,16 @@ def test_the_inbox_victim_keeps_its_setting_when_left_alone():
         vm = start_guest(system, "victim", workload="inbox")
         vm.run()
         assert victim_view(system, vm).steps == [b"role: user".ljust(16)]
+
+
+def test_io_tamper_sees_and_alters_clear_io_and_only_tags_detect_it():
+    r = run("io-tamper")
+    clear, xts, tagged = r.figures["clear"], r.figures["xts"], r.figures["xts+hmac"]
+    assert all(case["tampered"] for case in (clear, xts, tagged))
+    assert clear["host_saw_plaintext"] and clear["guest_read_altered_data"]
+    assert not clear["detected"]
+    assert not xts["host_saw_plaintext"] and xts["guest_read_altered_data"]
+    assert not xts["detected"]  # XTS: garbage, silently
+    assert not tagged["host_saw_plaintext"] and tagged["detected"]  # the mitigation
+    assert "integrity check failed for 1 block(s), first at sector 8" in tagged["guest_error"]
+    assert r.succeeded

@@ -4,7 +4,7 @@
 them (``sevsim attack --list``); importing this package registers them all.
 """
 
-from sevsim.attacks import coherence, hypervisor, physical  # noqa: F401 - they register
+from sevsim.attacks import coherence, hypervisor, io, physical  # noqa: F401 - they register
 from sevsim.attacks.lab import ATTACKS, Attack, AttackResult
 
 ORDER = [
@@ -15,6 +15,7 @@ ORDER = [
     "cipher-move",
     "replay",
     "ciphertext-side-channel",
+    "io-tamper",
     "cache-alias",
 ]
 ATTACKS = {name: ATTACKS[name] for name in ORDER} | ATTACKS

@@ -1,15 +1,23 @@
 """The guest's disk workload: write data to its virtio disk through the bounce pool, read it
 back, compare — optionally encrypting the disk the way dm-crypt does.
 
-``disk:<MiB>[:<seed>[:write]]`` (the fw_cfg workload file): the guest makes ``<MiB>`` MiB
-of data in private memory — ``disk_pattern`` — writes it to its disk from sector 0 and,
-unless ``write`` is given, reads it back into other private memory and checks it.
+``disk:<MiB>[:<seed>[:write|:auth]]`` (the fw_cfg workload file): the guest makes
+``<MiB>`` MiB of data in private memory — ``disk_pattern`` — writes it to its disk from
+sector 0 and, unless ``write`` is given, reads it back into other private memory and
+checks it.
 
 **Disk encryption**: when the owner injected a 64-byte secret under ``DISK_KEY_GUID``
 (through LAUNCH_SECRET, so the host never sees it), the guest encrypts every 4 KiB block
 with AES-256-XTS before it leaves private memory, as dm-crypt's ``aes-xts-plain64`` with
 ``sector_size:4096``: the tweak is the 512-byte sector number of the block, little-endian,
 in 16 bytes. Then the disk file, the bounce pool and the device see only ciphertext.
+
+**Integrity** (``auth``, with the disk key): XTS hides the data but does not notice a
+change — a modified block just decrypts to garbage, an old one to old data. With ``auth``
+the guest also keeps an HMAC-SHA256 tag per 4 KiB block, over the block's number and its
+contents as written, in a tag area right after the data (as dm-integrity keeps tags in
+its own metadata), under a key derived from the disk key. On reading back it checks every
+block before using it and fails the read if one does not verify.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import time
 import uuid
 from typing import Any
 
+from cryptography.hazmat.primitives import constant_time, hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sevsim.api import virtio as v
@@ -52,22 +61,37 @@ def xts(key: bytes, data: bytes, first_sector: int, encrypt: bool) -> bytes:
     return bytes(out)
 
 
-def parse_workload(text: str) -> tuple[int, int, bool]:
+def parse_workload(text: str) -> tuple[int, int, str]:
+    """(size, seed, mode): mode is "", "write" (no read-back) or "auth" (integrity tags)."""
     parts = text.split(":")
-    if parts[0] != "disk" or len(parts) > 4 or len(parts) < 2 or not parts[1].isdigit():
-        raise ValueError(f"expected disk:<MiB>[:<seed>[:write]], not {text!r}")
+    usage = f"expected disk:<MiB>[:<seed>[:write|:auth]], not {text!r}"
+    if parts[0] != "disk" or not 2 <= len(parts) <= 4 or not parts[1].isdigit():
+        raise ValueError(usage)
     seed = int(parts[2]) if len(parts) > 2 and parts[2] else 1
-    write_only = len(parts) == 4 and parts[3] == "write"
-    if len(parts) == 4 and not write_only:
-        raise ValueError(f"expected disk:<MiB>[:<seed>[:write]], not {text!r}")
-    return int(parts[1]) << 20, seed, write_only
+    mode = parts[3] if len(parts) == 4 else ""
+    if mode not in ("", "write", "auth"):
+        raise ValueError(usage)
+    return int(parts[1]) << 20, seed, mode
+
+
+def tag(mac_key: bytes, block: int, data: bytes) -> bytes:
+    """The integrity tag of one 4 KiB block as written (its number binds it to its place)."""
+    mac = hmac.HMAC(mac_key, hashes.SHA256())
+    mac.update(block.to_bytes(8, "little") + data)
+    return mac.finalize()
+
+
+def mac_key_of(disk_key: bytes) -> bytes:
+    mac = hmac.HMAC(disk_key, hashes.SHA256())
+    mac.update(b"sevsim disk integrity")
+    return mac.finalize()
 
 
 def run(kernel: GuestKernel, workload: str, secrets: list[tuple[str, bytes]]) -> dict[str, Any]:
     """The workload; returns what the guest knows about it (also printed on its console)."""
     report: dict[str, Any] = {"workload": workload, "ok": False}
     try:
-        size, seed, write_only = parse_workload(workload)
+        size, seed, mode = parse_workload(workload)
     except ValueError as exc:
         kernel.printk(f"disk: {exc}")
         report["error"] = str(exc)
@@ -77,7 +101,11 @@ def run(kernel: GuestKernel, workload: str, secrets: list[tuple[str, bytes]]) ->
         kernel.printk(f"disk: the disk key must be 64 bytes (AES-256-XTS), not {len(key)}")
         report["error"] = "bad disk key"
         return report
-    report.update(size=size, seed=seed, encrypted=key is not None)
+    if mode == "auth" and key is None:
+        kernel.printk("disk: integrity tags need the disk key (a launch secret)")
+        report["error"] = "no disk key"
+        return report
+    report.update(size=size, seed=seed, encrypted=key is not None, authenticated=mode == "auth")
     try:
         dma = GuestDma(kernel)
         blk = VirtioBlk(kernel, dma)
@@ -93,16 +121,35 @@ def run(kernel: GuestKernel, workload: str, secrets: list[tuple[str, bytes]]) ->
         start = time.perf_counter()
         blk.write(0, source, size)
         report["write_seconds"] = time.perf_counter() - start
-        mode = "AES-XTS encrypted" if key else "in the clear"
+        if mode == "auth":
+            assert key is not None
+            tags = _tags(kernel, source, size, mac_key_of(key))
+            tag_area = kernel.alloc_pages(-(-len(tags) // PAGE_4K))
+            kernel.vcpu.write(tag_area, tags)
+            blk.write(size // v.SECTOR_SIZE, tag_area, _sectors(len(tags)))
+        how = "AES-XTS encrypted" if key else "in the clear"
+        if mode == "auth":
+            how += ", with integrity tags"
         kernel.printk(
-            f"disk: wrote {size >> 20} MiB to vda ({mode}) in {report['write_seconds']:.2f} s "
+            f"disk: wrote {size >> 20} MiB to vda ({how}) in {report['write_seconds']:.2f} s "
             f"with {blk.requests} requests, {blk.notifies} notifies"
         )
-        if not write_only:
+        if mode != "write":
             target = kernel.alloc_pages(npages)
             start = time.perf_counter()
             blk.read(0, target, size)
             report["read_seconds"] = time.perf_counter() - start
+            if mode == "auth":
+                assert key is not None
+                blk.read(size // v.SECTOR_SIZE, tag_area, _sectors(len(tags)))
+                stored = kernel.vcpu.read(tag_area, len(tags))
+                bad = _bad_blocks(stored, _tags(kernel, target, size, mac_key_of(key)))
+                report["bad_blocks"] = bad
+                if bad:
+                    raise VirtioBlkError(
+                        f"integrity check failed for {len(bad)} block(s), first at sector "
+                        f"{bad[0] * XTS_BLOCK // v.SECTOR_SIZE}: the data is refused"
+                    )
             digest = _digest(kernel, target, size, key)
             report["sha256"] = digest
             report["match"] = digest == hashlib.sha256(disk_pattern(size, seed)).hexdigest()
@@ -136,3 +183,27 @@ def _digest(kernel: GuestKernel, va: int, size: int, key: bytes | None) -> str:
             chunk = xts(key, chunk, off // v.SECTOR_SIZE, encrypt=False)
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def _tags(kernel: GuestKernel, va: int, size: int, mac_key: bytes) -> bytes:
+    """The tag of every 4 KiB block of [va, va+size) as it goes to (or came from) disk."""
+    out = bytearray()
+    for off in range(0, size, CHUNK):
+        chunk = kernel.vcpu.read_stream(va + off, min(CHUNK, size - off))
+        for pos in range(0, len(chunk), XTS_BLOCK):
+            out += tag(mac_key, (off + pos) // XTS_BLOCK, chunk[pos : pos + XTS_BLOCK])
+    return bytes(out)
+
+
+def _bad_blocks(stored: bytes, computed: bytes) -> list[int]:
+    size = hashes.SHA256.digest_size
+    return [
+        i // size
+        for i in range(0, len(computed), size)
+        if not constant_time.bytes_eq(stored[i : i + size], computed[i : i + size])
+    ]
+
+
+def _sectors(n: int) -> int:
+    """n bytes rounded up to whole sectors."""
+    return -(-n // v.SECTOR_SIZE) * v.SECTOR_SIZE
