@@ -87,6 +87,9 @@ class MachineProfile:
     cache: CacheGeometry
     engine_mode: EngineMode
     engine_key_bits: int = 128
+    # xe only: tweak constants that are zero, as SEVurity saw t8 = t9 = 0 on a Ryzen 1950X
+    # before a BIOS update — a weak tweak (MODEL; e.g. (8, 9) for the pictures).
+    xe_zero_tweak_bits: tuple[int, ...] = ()
     # Key slot of the host (SME/TSME) key in the memory controller. 1023 is Genoa's
     # (ASPFW sev_plat.h); other generations are UNCONFIRMED and use the same number.
     host_key_slot: int = 1023

@@ -206,7 +206,8 @@ CHOSEN = b"role: admin".ljust(16)  # the block the attacker wants in the guest
 def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
     # The attacker's knowledge of the engine: for xe the tweak constants this CPU model
     # always uses (SEVurity published them); for xex nothing, so it assumes the same.
-    tweak = TweakFunction(xe_constants(profile.name, profile.maxphyaddr), profile.maxphyaddr)
+    constants = xe_constants(profile.name, profile.maxphyaddr, profile.xe_zero_tweak_bits)
+    tweak = TweakFunction(constants, profile.maxphyaddr)
     with HostSystem.start(profile) as system:
         vm = start_guest(system, "victim", workload="inbox")
         vcpu = vm.vcpus[0]

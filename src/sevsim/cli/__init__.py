@@ -18,6 +18,7 @@ from sevsim.cli.info import info
 from sevsim.cli.owner import owner
 from sevsim.cli.platform import platform
 from sevsim.cli.verify import verify_chain_cmd
+from sevsim.cli.view import view_cmd
 from sevsim.cli.vm import migrate_cmd, vm
 
 
@@ -42,6 +43,7 @@ cli.add_command(verify_chain_cmd)
 cli.add_command(vm)
 cli.add_command(migrate_cmd)
 cli.add_command(attack_cmd)
+cli.add_command(view_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sevsim.guest.picture import padlock
 from sevsim.pagetables import PAGE_KERNEL_EXEC, PageTables
 from sevsim.soc import msr
 from sevsim.soc.faults import GeneralProtection
@@ -282,6 +283,16 @@ class GuestKernel:
         report.steps.append(vcpu.read(setting, 16))
         self.printk(f"setting: {report.steps[-1].decode(errors='replace').strip()}")
 
+    def picture(self, report: GuestReport) -> None:
+        """``workload=picture``: keep the padlock bitmap in 16 private pages and read it back
+        (the pictures show it in DRAM under each engine)."""
+        image = padlock()
+        va = self.alloc_pages(len(image) // PAGE_4K)
+        self.vcpu.write_stream(va, image)
+        report.secret_gpa = va
+        report.steps.append(self.vcpu.read_stream(va, len(image)))
+        self.printk(f"keeping a {len(image) >> 10} KiB picture at GPA {va:#x}")
+
     def wake_aps(self, report: GuestReport) -> None:
         """Publish the page tables and the secret's place to the APs; wait for their digests."""
         vcpu = self.vcpu
@@ -377,7 +388,7 @@ def main(vcpu: GuestVcpu) -> GuestReport:
         _, count, rounds = workload.split(":")
         report.loads = kernel.load_loop(int(count), int(rounds))
         return report
-    if workload in ("balance", "flags", "inbox"):  # the attack lab's victims
+    if workload in ("balance", "flags", "inbox", "picture"):  # attack lab and pictures
         getattr(kernel, workload)(report)
         return report
     kernel.keep_secret(report)

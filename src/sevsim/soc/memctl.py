@@ -65,7 +65,7 @@ class MemoryController:
         self.key_bytes = profile.engine_key_bits // 8
         mode = engine_mode or profile.engine_mode
         if mode == "xe":
-            constants = xe_constants(profile.name, profile.maxphyaddr)
+            constants = xe_constants(profile.name, profile.maxphyaddr, profile.xe_zero_tweak_bits)
         else:
             constants = random_constants(entropy, profile.maxphyaddr)
         self._engine = AesEngine(mode, TweakFunction(constants, profile.maxphyaddr))

@@ -34,11 +34,16 @@ CHUNK_SIZE = 1 << CHUNK_SHIFT
 _LINE_REPLICATE = sum(1 << (128 * i) for i in range(4))  # one 128-bit value -> 4 blocks
 
 
-def xe_constants(profile_name: str, phys_bits: int) -> dict[int, bytes]:
-    """Zen 1 style constants: published t4..t6, the rest fixed per profile, 4-byte periodic."""
+def xe_constants(
+    profile_name: str, phys_bits: int, zero_bits: tuple[int, ...] = ()
+) -> dict[int, bytes]:
+    """Zen 1 style constants: published t4..t6, the rest fixed per profile, 4-byte periodic;
+    ``zero_bits`` are zero (a weak tweak, as on early firmware)."""
     consts = {4: SEVURITY_T4, 5: SEVURITY_T5, 6: SEVURITY_T6}
     for bit in range(7, phys_bits):
         consts[bit] = fixed_bytes(4, f"{profile_name}/xe-tweak/t{bit}") * 4
+    for bit in zero_bits:
+        consts[bit] = bytes(16)
     return consts
 
 
