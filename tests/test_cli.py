@@ -126,6 +126,25 @@ def test_demo_io_part(capsys):
     assert bytes.fromhex(dma["cpu_reads"]) != bytes.fromhex(dma["dram_holds"])
 
 
+def test_demo_attacks_part_and_report(tmp_path, capsys):
+    code, out, err = run(
+        ["demo", "--attacks", "--seed", "3", "--json", "--report", str(tmp_path / "r")], capsys
+    )
+    data = json.loads(out)
+    assert code == 0 and data["ok"]
+    titles = [s["title"] for s in data["steps"]]
+    assert len(titles) == 10 and all(t.startswith("Attack: ") for t in titles)
+    assert "report written to" in err
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "![the classic picture](classic.png)" in report and "![key domains](keys.png)" in report
+    assert all(t in report for t in titles)
+    assert report.count("✔") == sum(len(s["checks"]) for s in data["steps"])
+    from PIL import Image
+
+    with Image.open(tmp_path / "r" / "classic.png") as img:
+        assert img.size == (5 * 256 + 4 * 8, 256 + 18)
+
+
 def test_demo_renders_for_people():
     out = subprocess.run(
         [sys.executable, "-m", "sevsim", "demo", "--profile", "rome", "--seed", "1"],

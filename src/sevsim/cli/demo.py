@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -13,6 +14,7 @@ from rich.table import Table
 from sevsim.cli.options import build_profile, json_option, profile_option, seed_option
 from sevsim.cli.render import hexdump
 from sevsim.demo import DemoResult, run_demo
+from sevsim.demo.report import write_report
 
 
 @click.command()
@@ -41,6 +43,18 @@ from sevsim.demo import DemoResult, run_demo
     is_flag=True,
     help="Only the Transparent SME part of the story (a BIOS option: everything encrypted).",
 )
+@click.option(
+    "--attacks",
+    "attacks_only",
+    is_flag=True,
+    help="Only the attacks: each of `sevsim attack --list`, staged, its outcome checked.",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write DIR/report.md with every step's figures and the pictures (PNG).",
+)
 @seed_option
 @json_option
 def demo(
@@ -49,6 +63,8 @@ def demo(
     sev_only: bool,
     io_only: bool,
     tsme: bool,
+    attacks_only: bool,
+    report_dir: Path | None,
     seed,
     as_json: bool,
 ) -> int:
@@ -65,14 +81,15 @@ def demo(
     I/O: an SEV guest writes its disk (a real file) through swiotlb bounce buffers — the
     host reads the pool and the file — then again encrypted with a key sent as a launch
     secret; and a device's DMA at a private page meets ciphertext. TSME: reboot with TSME
-    and look again. Every claim is checked: the exit code is 0 only if all checks pass.
+    and look again. Attacks: each attack of the lab, with what it recovered and what stops
+    it. Every claim is checked: the exit code is 0 only if all checks pass.
     """
-    if attest_only + sev_only + io_only + tsme > 1:
+    if attest_only + sev_only + io_only + tsme + attacks_only > 1:
         raise click.UsageError(
-            "--attest, --sev, --io and --tsme each pick one part; give one at most"
+            "--attest, --sev, --io, --tsme and --attacks each pick one part; give one at most"
         )
     profile = build_profile(profile_name, seed)
-    every = not (attest_only or sev_only or io_only or tsme)
+    every = not (attest_only or sev_only or io_only or tsme or attacks_only)
     result = run_demo(
         profile,
         sme=every,
@@ -80,7 +97,14 @@ def demo(
         sev=sev_only or every,
         io=io_only or every,
         tsme=tsme or every,
+        attacks=attacks_only or every,
     )
+    if report_dir is not None:
+        try:
+            path = write_report(result, profile, report_dir)
+        except OSError as exc:
+            raise click.ClickException(f"{report_dir}: {exc.strerror or exc}") from None
+        click.echo(f"report written to {path}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

@@ -4,8 +4,8 @@ Each step says what happens, shows what the CPU sees next to what DRAM holds (th
 physical attacker with a cold-boot dump) and, for guests, what the hypervisor reads; and it
 checks that the machine behaved as the architecture says. The CLI renders the steps; this
 package only runs them: ``sme`` (SME, TSME, the platform's identity), ``attest`` (launch
-attestation with a remote owner), ``sev`` (guests side by side) and ``io`` (an SEV guest's
-disk, its bounce buffers, DMA).
+attestation with a remote owner), ``sev`` (guests side by side), ``io`` (an SEV guest's
+disk, its bounce buffers, DMA) and ``attacks`` (the attack lab, staged and checked).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sevsim.demo.attacks import attack_story
 from sevsim.demo.attest import attest_story
 from sevsim.demo.io import io_story
 from sevsim.demo.sev import sev_story
@@ -68,9 +69,11 @@ def run_demo(
     sev: bool = True,
     io: bool = True,
     tsme: bool = True,
+    attacks: bool = True,
 ) -> DemoResult:
     """The SME story (without TSME), launch attestation, SEV guests side by side, an SEV
-    guest's disk and DMA, then SME again with TSME; any of them may be left out."""
+    guest's disk and DMA, SME again with TSME, then the attacks; any of them may be left
+    out."""
     steps = sme_story(profile.with_(tsme=False)) if sme else []
     if attest:
         steps += attest_story(profile.with_(tsme=False))
@@ -80,6 +83,8 @@ def run_demo(
         steps += io_story(profile.with_(tsme=False))
     if tsme:
         steps += tsme_story(profile.with_(tsme=True))
+    if attacks:
+        steps += attack_story(profile.with_(tsme=False))
     return DemoResult(profile.name, steps)
 
 
