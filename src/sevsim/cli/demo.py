@@ -32,6 +32,12 @@ from sevsim.demo.report import write_report
     help="Only the SEV part: guests, what the hypervisor sees, ASID swap, ASID recycling.",
 )
 @click.option(
+    "--migrate",
+    "migrate_only",
+    is_flag=True,
+    help="Only migration: a counting guest moves to another platform over TCP and goes on.",
+)
+@click.option(
     "--io",
     "io_only",
     is_flag=True,
@@ -61,6 +67,7 @@ def demo(
     profile_name: str,
     attest_only: bool,
     sev_only: bool,
+    migrate_only: bool,
     io_only: bool,
     tsme: bool,
     attacks_only: bool,
@@ -78,23 +85,27 @@ def demo(
     then uses. SEV: start two SEV guests and an ordinary VM, compare what each guest, the
     hypervisor and DRAM see of the same secret, swap the guests' ASIDs (crash, not
     disclosure), and watch ASIDs being recycled (DEACTIVATE, WBINVD, DF_FLUSH, reuse).
-    I/O: an SEV guest writes its disk (a real file) through swiotlb bounce buffers — the
-    host reads the pool and the file — then again encrypted with a key sent as a launch
-    secret; and a device's DMA at a private page meets ciphertext. TSME: reboot with TSME
-    and look again. Attacks: each attack of the lab, with what it recovered and what stops
-    it. Every claim is checked: the exit code is 0 only if all checks pass.
+    Migration: a counting guest moves to another platform and goes on. I/O: an SEV guest
+    writes its disk (a real file) through swiotlb bounce buffers — the host reads the pool
+    and the file — then again encrypted with a key sent as a launch secret; and a device's
+    DMA at a private page meets ciphertext. TSME: reboot with TSME and look again. Attacks:
+    each attack of the lab, with what it recovered and what stops it. Every claim is
+    checked: the exit code is 0 only if all checks pass.
     """
-    if attest_only + sev_only + io_only + tsme + attacks_only > 1:
+    parts = (attest_only, sev_only, migrate_only, io_only, tsme, attacks_only)
+    if sum(parts) > 1:
         raise click.UsageError(
-            "--attest, --sev, --io, --tsme and --attacks each pick one part; give one at most"
+            "--attest, --sev, --migrate, --io, --tsme and --attacks each pick one part; "
+            "give one at most"
         )
     profile = build_profile(profile_name, seed)
-    every = not (attest_only or sev_only or io_only or tsme or attacks_only)
+    every = not any(parts)
     result = run_demo(
         profile,
         sme=every,
         attest=attest_only or every,
         sev=sev_only or every,
+        migrate=migrate_only or every,
         io=io_only or every,
         tsme=tsme or every,
         attacks=attacks_only or every,

@@ -4,7 +4,8 @@ Each step says what happens, shows what the CPU sees next to what DRAM holds (th
 physical attacker with a cold-boot dump) and, for guests, what the hypervisor reads; and it
 checks that the machine behaved as the architecture says. The CLI renders the steps; this
 package only runs them: ``sme`` (SME, TSME, the platform's identity), ``attest`` (launch
-attestation with a remote owner), ``sev`` (guests side by side), ``io`` (an SEV guest's
+attestation with a remote owner), ``sev`` (guests side by side), ``migrate``
+(a guest moving to another platform), ``io`` (an SEV guest's
 disk, its bounce buffers, DMA) and ``attacks`` (the attack lab, staged and checked).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from sevsim.demo.attacks import attack_story
 from sevsim.demo.attest import attest_story
 from sevsim.demo.io import io_story
+from sevsim.demo.migrate import migrate_story
 from sevsim.demo.sev import sev_story
 from sevsim.demo.sme import sme_story, tsme_story
 from sevsim.demo.steps import Check, Step, Table, View
@@ -70,15 +72,18 @@ def run_demo(
     io: bool = True,
     tsme: bool = True,
     attacks: bool = True,
+    migrate: bool = True,
 ) -> DemoResult:
-    """The SME story (without TSME), launch attestation, SEV guests side by side, an SEV
-    guest's disk and DMA, SME again with TSME, then the attacks; any of them may be left
-    out."""
+    """The SME story (without TSME), launch attestation, SEV guests side by side, a
+    migration, an SEV guest's disk and DMA, SME again with TSME, then the attacks; any of
+    them may be left out."""
     steps = sme_story(profile.with_(tsme=False)) if sme else []
     if attest:
         steps += attest_story(profile.with_(tsme=False))
     if sev:
         steps += sev_story(profile.with_(tsme=False))
+    if migrate:
+        steps += migrate_story(profile.with_(tsme=False))
     if io:
         steps += io_story(profile.with_(tsme=False))
     if tsme:
