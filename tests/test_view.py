@@ -57,7 +57,7 @@ def _cli(args, capsys):
     return exc.value.code, out, err
 
 
-def test_view_command_draws_dram_host_and_keys(tmp_path, capsys):
+def test_view_command_draws_dram_cpu_and_keys(tmp_path, capsys):
     code, out, _ = _cli(
         ["view", "--what", "keys", "--seed", "3", "--json", "--out", str(tmp_path / "k.png")],
         capsys,
@@ -67,7 +67,7 @@ def test_view_command_draws_dram_host_and_keys(tmp_path, capsys):
     assert data["figures"]["guest shared (C=0)"] == 1  # beta's published page
     with Image.open(tmp_path / "k.png") as img:
         assert img.size == (data["width"], data["height"]) and img.mode == "RGB"
-    for what in ("dram", "host"):
+    for what in ("dram", "cpu"):
         code, out, _ = _cli(
             [
                 "view",

@@ -90,6 +90,10 @@ class MachineProfile:
     # xe only: tweak constants that are zero, as SEVurity saw t8 = t9 = 0 on a Ryzen 1950X
     # before a BIOS update — a weak tweak (MODEL; e.g. (8, 9) for the pictures).
     xe_zero_tweak_bits: tuple[int, ...] = ()
+    # xex only: Zen 1 parts that used XEX (EPYC 7401P) kept fixed tweak constants, which
+    # SEVurity recovered once per machine by search; Zen 2+ draws them at each boot. True
+    # gives the fixed (xe-style) constants to xex (MODEL).
+    xex_fixed_tweak: bool = False
     # Key slot of the host (SME/TSME) key in the memory controller. 1023 is Genoa's
     # (ASPFW sev_plat.h); other generations are UNCONFIRMED and use the same number.
     host_key_slot: int = 1023

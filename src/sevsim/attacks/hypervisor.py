@@ -198,16 +198,21 @@ CHOSEN = b"role: admin".ljust(16)  # the block the attacker wants in the guest
     page into a private buffer. With the xe engine (Zen 1: C = E(P ⊕ T(pa)), T fixed in
     the silicon and reverse-engineered), the hypervisor delivers P = X ⊕ T(a) ⊕ T(b): the
     guest encrypts it at a, and that ciphertext moved to the setting's address b decrypts
-    to X. With xex (C = E(P ⊕ T) ⊕ T, tweaks random at each boot) the same move gives
-    garbage: the attacker would first have to recover this boot's tweaks.""",
-    "xex with per-boot random tweaks (Zen 2 and later) stops the direct move; SEV-SNP's "
-    "RMP stops the host writing guest pages at all (not modelled)",
+    to X. With xex (C = E(P ⊕ T) ⊕ T) the moved block must also be XORed with
+    T(a) ⊕ T(b): possible where the tweak is fixed and was recovered once for the machine
+    (Zen 1 parts in xex mode), not with tweaks drawn afresh at each boot (Zen 2 and
+    later), where the same move gives garbage.""",
+    "xex with per-boot random tweaks (Zen 2 and later) stops the move unless this boot's "
+    "tweaks are recovered first; SEV-SNP's RMP stops the host writing guest pages at all "
+    "(not modelled)",
 )
 def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
-    # The attacker's knowledge of the engine: for xe the tweak constants this CPU model
-    # always uses (SEVurity published them); for xex nothing, so it assumes the same.
+    # What the attacker knows of the engine: the fixed tweak constants of its CPU model
+    # where there are such (xe; xex on Zen 1, recovered once by search); otherwise it can
+    # only assume those and fail.
     constants = xe_constants(profile.name, profile.maxphyaddr, profile.xe_zero_tweak_bits)
     tweak = TweakFunction(constants, profile.maxphyaddr)
+    xex = profile.engine_mode == "xex"
     with HostSystem.start(profile) as system:
         vm = start_guest(system, "victim", workload="inbox")
         vcpu = vm.vcpus[0]
@@ -217,7 +222,7 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
         shared_gpa = vm.shared_ranges[-1][0]  # the guest told KVM (KVM_HC_MAP_GPA_RANGE)
         a, b = vm.spa(buffer_gpa), vm.spa(setting_gpa)
         delta = (tweak.block_int(a) ^ tweak.block_int(b)).to_bytes(16, "little")
-        message = bytes(x ^ d for x, d in zip(CHOSEN, delta, strict=True))
+        message = _xor(CHOSEN, delta)
         vm.write(shared_gpa, message.ljust(64, b"\0"))
         r.step(
             f"delivers a message whose first block is X ⊕ T({a:#x}) ⊕ T({b:#x}) = {message.hex()}"
@@ -227,13 +232,17 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
         raw_setting = RawGuestMemory(system, vm, setting_gpa)
         moved = raw_buffer.read(0, 16)
         before = raw_setting.read(0, 16)
+        if xex:  # C = E(P ⊕ T) ⊕ T: swap the outer tweak too
+            moved = _xor(moved, delta)
         raw_setting.write(0, moved)
-        r.step(f"moves the ciphertext {moved.hex()} from {a:#x} over the setting at {b:#x}")
+        how = "XORed with T(a) ⊕ T(b) and " if xex else ""
+        r.step(f"{how}moves the ciphertext from {a:#x} over the setting at {b:#x}: {moved.hex()}")
         vcpu.run()
         read = victim_view(system, vm).steps[-1]
         r.step(f"the guest reads its setting: {read!r}")
         r.figures = {
             "engine": profile.engine_mode,
+            "tweak": "per boot" if xex and not profile.xex_fixed_tweak else "fixed",
             "chosen": CHOSEN.decode().strip(),
             "guest_read": read.hex(),
             "planted": read == CHOSEN,
@@ -241,6 +250,10 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
         }
         r.succeeded = read == CHOSEN
         vm.destroy()
+
+
+def _xor(x: bytes, y: bytes) -> bytes:
+    return bytes(p ^ q for p, q in zip(x, y, strict=True))
 
 
 ATTACKER_CR3_GPA = 0x7FFF_F000  # far above the victim's memory: never a leaked GPA

@@ -22,9 +22,9 @@ from sevsim.cli.options import build_profile, json_option, profile_option, seed_
 @profile_option()
 @click.option(
     "--engine",
-    type=click.Choice(["xe", "xex"]),
-    help="Override the profile's AES engine mode (xe: Zen 1's fixed tweak; xex: per-boot "
-    "random tweaks).",
+    type=click.Choice(["xe", "xex", "xex-fixed"]),
+    help="Override the profile's AES engine mode: xe (Zen 1's fixed tweak), xex (per-boot "
+    "random tweaks, Zen 2 and later) or xex-fixed (xex with Zen 1's fixed tweak).",
 )
 @seed_option
 @json_option
@@ -52,7 +52,10 @@ def attack_cmd(
         if name is None and not list_only:
             click.echo("\nRun one with: sevsim attack NAME [--profile P] [--json]", err=True)
         return
-    changes = {"engine_mode": engine} if engine else {}
+    changes: dict = {}
+    if engine:
+        changes = {"engine_mode": engine.removesuffix("-fixed")}
+        changes["xex_fixed_tweak"] = engine == "xex-fixed"
     result = ATTACKS[name].run(build_profile(profile_name, seed, **changes))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))

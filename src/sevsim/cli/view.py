@@ -25,21 +25,21 @@ def _range(text: str) -> tuple[int, int]:
 @click.command("view")
 @click.option(
     "--what",
-    type=click.Choice(["classic", "dram", "host", "keys"]),
+    type=click.Choice(["classic", "cpu", "dram", "keys"]),
     default="classic",
     show_default=True,
     help="classic: a guest's picture as it reads it and in DRAM under no encryption, xe, a "
-    "weak xe tweak and xex, side by side; dram: a physical range as DRAM holds it; host: "
+    "weak xe tweak and xex, side by side; dram: a physical range as DRAM holds it; cpu: "
     "the same range as the host CPU reads it through its direct map; keys: which "
     "encryption domain each 4 KiB page belongs to.",
 )
 @click.option(
     "--range",
     "range_",
-    help="START:LENGTH of physical memory for dram/host/keys [default: the picture a guest "
+    help="START:LENGTH of physical memory for cpu/dram/keys [default: the picture a guest "
     "keeps, for keys all memory in use].",
 )
-@click.option("--width", default=256, show_default=True, help="Bytes per row for dram/host.")
+@click.option("--width", default=256, show_default=True, help="Bytes per row for cpu/dram.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @profile_option()
 @seed_option

@@ -64,7 +64,7 @@ class MemoryController:
         self.max_slot = max(profile.host_key_slot, profile.max_asid)
         self.key_bytes = profile.engine_key_bits // 8
         mode = engine_mode or profile.engine_mode
-        if mode == "xe":
+        if mode == "xe" or profile.xex_fixed_tweak:
             constants = xe_constants(profile.name, profile.maxphyaddr, profile.xe_zero_tweak_bits)
         else:
             constants = random_constants(entropy, profile.maxphyaddr)
