@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sevsim.api import guidtable
 from sevsim.attacks.lab import AttackResult, attack
 from sevsim.guest import disk as guest_disk
 from sevsim.guest import firmware as guest_firmware
@@ -106,11 +105,9 @@ def _run_case(system: HostSystem, work: Path, label: str, encrypted: bool, mode:
         if encrypted:
             key = os.urandom(64)
             blob = base64.b64decode(vmm.query_launch_measure()["data"])
-            table = guidtable.secrets_table([(guest_disk.DISK_KEY_GUID, key)])
-            header, payload = secret.build_packet(owner.tek, owner.tik, blob[:32], table)
-            vmm.inject_secret(
-                base64.b64encode(header).decode(), base64.b64encode(payload).decode(), None
-            )
+            entries = [(guest_disk.DISK_KEY_GUID, key)]
+            packet = secret.secrets_table_packet_b64(owner.tek, owner.tik, blob, entries)
+            vmm.inject_secret(*packet, None)
         vmm.cont()
         vmm.wait_idle(120)
         report = system.machine.observe_guest(vmm.vm.vcpus[0].vmcb_addr).disk

@@ -13,7 +13,6 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from sevsim.api import guidtable
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.certs.chain import verify_chain
 from sevsim.demo.steps import Step
@@ -90,9 +89,8 @@ def _story(system: HostSystem, owner_dir: Path) -> list[Step]:
     steps.append(_tamper_step(system, owner, owner_dir, firmware, files))
 
     # The secret, and the guest using it.
-    table = guidtable.secrets_table([(SECRET_GUID, SECRET)])
-    header, payload = secret.build_packet(owner.tek, owner.tik, blob[:32], table)
-    vmm.inject_secret(base64.b64encode(header).decode(), base64.b64encode(payload).decode(), None)
+    entries = [(SECRET_GUID, SECRET)]
+    vmm.inject_secret(*secret.secrets_table_packet_b64(owner.tek, owner.tik, blob, entries), None)
     vmm.cont()
     vmm.wait_idle(60)
     console = vmm.console_text()

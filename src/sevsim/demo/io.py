@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sevsim.api import guidtable
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.demo.steps import Step, View
 from sevsim.guest import disk as guest_disk
@@ -72,11 +71,9 @@ def _run_disk_guest(system: HostSystem, work: Path, key: bytes | None) -> tuple[
     vmm.start()
     if key is not None:  # the owner's disk key, as a launch secret (after checking the launch)
         blob = base64.b64decode(vmm.query_launch_measure()["data"])
-        table = guidtable.secrets_table([(guest_disk.DISK_KEY_GUID, key)])
-        header, payload = secret.build_packet(owner.tek, owner.tik, blob[:32], table)
-        vmm.inject_secret(
-            base64.b64encode(header).decode(), base64.b64encode(payload).decode(), None
-        )
+        entries = [(guest_disk.DISK_KEY_GUID, key)]
+        packet = secret.secrets_table_packet_b64(owner.tek, owner.tik, blob, entries)
+        vmm.inject_secret(*packet, None)
     vmm.cont()
     vmm.wait_idle(120)
     report = system.machine.observe_guest(vmm.vm.vcpus[0].vmcb_addr).disk

@@ -8,10 +8,12 @@ which binds the packet to the launch whose measurement the owner verified.
 
 from __future__ import annotations
 
+import base64
 import os
+import uuid
 
 from sevsim import crypto
-from sevsim.api import channel
+from sevsim.api import channel, guidtable
 from sevsim.api import commands as cmd
 
 
@@ -29,3 +31,13 @@ def build_packet(
     n = len(secret)
     mac = channel.packet_mac(tik, channel.CTX_SECRET, flags, iv, n, n, payload, measure)
     return cmd.PACKET_HEADER.build(flags=flags, iv=iv, mac=mac), payload
+
+
+def secrets_table_packet_b64(
+    tek: bytes, tik: bytes, measurement: bytes, entries: list[tuple[uuid.UUID, bytes]]
+) -> tuple[str, str]:
+    """A packet carrying an OVMF secrets table, for the launch whose measurement (MEASURE ‖
+    MNONCE, as query-sev-launch-measure gives it) the owner verified: (packet-header,
+    secret) in base64, as QEMU's sev-inject-launch-secret takes them."""
+    header, payload = build_packet(tek, tik, measurement[:32], guidtable.secrets_table(entries))
+    return base64.b64encode(header).decode(), base64.b64encode(payload).decode()
