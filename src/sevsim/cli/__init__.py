@@ -14,6 +14,7 @@ from sevsim import __version__
 from sevsim.cli.attack import attack_cmd
 from sevsim.cli.bench import bench
 from sevsim.cli.demo import demo
+from sevsim.cli.fuzz import fuzz
 from sevsim.cli.info import info
 from sevsim.cli.owner import owner
 from sevsim.cli.platform import platform
@@ -44,6 +45,7 @@ cli.add_command(vm)
 cli.add_command(migrate_cmd)
 cli.add_command(attack_cmd)
 cli.add_command(view_cmd)
+cli.add_command(fuzz)
 
 
 def main(argv: list[str] | None = None) -> None:
