@@ -65,3 +65,14 @@ def test_fuzz_command_line(capsys):
         main(["fuzz", "mailbox", "--cases", "300", "--seed", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert exc.value.code in (0, None) and out["cases"] == 300 and out["violations"] == []
+
+
+def test_asid_load_recycles_without_activating_a_dirty_asid():
+    from sevsim.fuzz import asid_load
+
+    out = asid_load(120, alive=3, asids=4, seed=5)
+    assert out["violations"] == []
+    assert out["activations"] == 120
+    # Four ASIDs, three alive: the pool runs dry again and again; each refill is a recycle.
+    assert out["recycles"] >= 120 // 4 - 1
+    assert out["rss_mib_at_end"] <= out["rss_mib_after_warmup"] + 20

@@ -310,3 +310,83 @@ def _command(command_id: int) -> Command | None:
         return Command(command_id)
     except ValueError:
         return None
+
+
+# ---- ASID load -------------------------------------------------------------------------------
+def asid_load(
+    cycles: int,
+    alive: int = 4,
+    asids: int = 8,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """``cycles`` guests launched, run and torn down on milan, ``alive`` at a time, with the
+    BIOS leaving ``asids`` ASIDs for plain SEV guests so that KVM keeps exhausting and
+    recycling them. The checker watches every ACTIVATE the firmware accepts (never onto a
+    dirty ASID) and every recycle (WBINVD on all cores, then DF_FLUSH), and the RSS."""
+    import os
+    from collections import deque
+
+    profile = get_profile("milan")
+    profile = profile.with_(seed=seed, dram_size=1 << 30, sev_edx=profile.max_asid - asids)
+    violations: list[str] = []
+    activations = dirty_refused = 0
+    rss: list[int] = []
+
+    def rss_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    with tempfile.TemporaryDirectory(prefix="sevsim-load-") as tmp:
+        system = HostSystem.start(profile, state_dir=Path(tmp) / "state")
+        try:
+            fw, kvm = system.machine._psp, system.kvm
+            activate = fw._activate_common
+
+            def watched(guest, asid, ccxs):
+                nonlocal activations, dirty_refused
+                dirty = bool(fw._asid_dirty[asid])
+                status = activate(guest, asid, ccxs)
+                if status == Status.SUCCESS:
+                    activations += 1
+                    if dirty:
+                        violations.append(f"ACTIVATE accepted dirty ASID {asid}")
+                elif dirty:
+                    dirty_refused += 1
+                return status
+
+            fw._activate_common = watched
+            running: deque = deque()
+            line = guest_kernel.cmdline(GUEST_MEMORY)
+            for cycle in range(cycles):
+                if len(running) == alive:
+                    running.popleft().destroy()
+                vm = kvm.create_vm(GUEST_MEMORY, sev=True, name=f"g{cycle}")
+                vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+                exits = vm.run()
+                if [e.reason for e in exits] != ["DONE"]:
+                    violations.append(f"cycle {cycle}: the guest ended with {exits}")
+                running.append(vm)
+                if cycle == min(100, cycles - 1):
+                    rss.append(rss_bytes())  # after the warm-up
+                if progress is not None and (cycle + 1) % 50 == 0:
+                    progress(cycle + 1)
+            rss.append(rss_bytes())
+            recycles = [entry for entry in kvm.log if entry.startswith("ASID pool empty")]
+            bad = [entry for entry in recycles if not entry.endswith("SUCCESS")]
+            violations += [f"recycle failed: {entry}" for entry in bad]
+            while running:
+                running.popleft().destroy()
+        finally:
+            system.close()
+    return {
+        "cycles": cycles,
+        "alive": alive,
+        "sev_asids": asids,
+        "activations": activations,
+        "recycles": len(recycles),
+        "dirty_asid_activations_refused": dirty_refused,
+        "rss_mib_after_warmup": round(rss[0] / (1 << 20), 1),
+        "rss_mib_at_end": round(rss[-1] / (1 << 20), 1),
+        "violations": violations,
+    }

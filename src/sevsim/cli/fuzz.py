@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from sevsim.cli.options import json_option, profile_option
-from sevsim.fuzz import MailboxFuzzer
+from sevsim.fuzz import MailboxFuzzer, asid_load
 from sevsim.profiles import get_profile
 
 
@@ -61,4 +61,54 @@ def mailbox_cmd(cases: int, seed: int, profile_name: str, as_json: bool) -> None
         for v in report.violations[:20]:
             click.echo(f"  {v}")
     if report.violations:
+        raise SystemExit(1)
+
+
+@fuzz.command("load")
+@click.option("--cycles", default=5000, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--alive", default=4, show_default=True, type=click.IntRange(1, 64), help="Guests at once."
+)
+@click.option(
+    "--asids",
+    default=8,
+    show_default=True,
+    type=click.IntRange(2, 500),
+    help="ASIDs the BIOS leaves for plain SEV guests (few: KVM recycles often).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+def load_cmd(cycles: int, alive: int, asids: int, seed: int, as_json: bool) -> None:
+    """Launch, run and tear down guests on milan, several alive at once, exhausting and
+    recycling ASIDs. Exit code 1 if the firmware accepted ACTIVATE of a dirty ASID, a
+    recycle failed or a guest did not run."""
+    if alive > asids:
+        raise click.BadParameter(
+            "cannot keep more guests alive than there are ASIDs", param_hint="--alive"
+        )
+    start = time.perf_counter()
+    with Progress(
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=as_json,
+    ) as progress:
+        task = progress.add_task("cycles", total=cycles)
+        out = asid_load(
+            cycles, alive, asids, seed, lambda done: progress.update(task, completed=done)
+        )
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(
+            f"{out['cycles']} cycles, {out['activations']} ACTIVATEs, {out['recycles']} "
+            f"recycles (WBINVD + DF_FLUSH), RSS {out['rss_mib_after_warmup']} -> "
+            f"{out['rss_mib_at_end']} MiB, {out['seconds']} s: {len(out['violations'])} violations"
+        )
+        for v in out["violations"][:20]:
+            click.echo(f"  {v}")
+    if out["violations"]:
         raise SystemExit(1)

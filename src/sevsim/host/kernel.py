@@ -311,6 +311,8 @@ class HostKernel:
             raise RuntimeError("the kernel has not booted")
         if self._free and npages == 1 and align == PAGE_4K:
             pa = self._free.pop()
+        elif (run := self._take_free_run(npages, align)) is not None:
+            pa = run  # freed memory first, as the buddy allocator would
         else:
             start = _align(self._next_free, align)
             if start + npages * PAGE_4K > self._dram_size:
@@ -338,6 +340,25 @@ class HostKernel:
         for i in range(npages):
             self.tables.map(va + i * PAGE_4K, start + i * PAGE_4K, PAGE_4K, PAGE_KERNEL, encrypted)
         return va + (pa - start)
+
+    def _take_free_run(self, npages: int, align: int) -> int | None:
+        """The lowest ``align``-aligned run of ``npages`` freed pages, taken; or None."""
+        if len(self._free) < npages:
+            return None
+        pages = sorted(self._free)
+        run_start = prev = pages[0]
+        for pa in [*pages[1:], None]:
+            if pa is not None and pa == prev + PAGE_4K:
+                prev = pa
+                continue
+            start = _align(run_start, align)
+            if start + npages * PAGE_4K <= prev + PAGE_4K:
+                end = start + npages * PAGE_4K
+                self._free = [p for p in self._free if not start <= p < end]
+                return start
+            if pa is not None:
+                run_start = prev = pa
+        return None
 
     def free_pages(self, va: int, npages: int = 1) -> None:
         pa = self.pa(va)
