@@ -1,0 +1,147 @@
+"""Bad input at the edges: every command that reads a file gets an empty one, random bytes,
+a truncated certificate and a directory. One clear line, exit code 1 or 2, no traceback,
+and nothing written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sevsim.cli import main
+
+VARIANTS = ["empty", "random", "truncated", "directory"]
+
+
+@pytest.fixture(scope="module")
+def platform_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plat")
+    state = d / "state"
+    good = d / "chain.cert"
+    with pytest.raises(SystemExit):
+        main(["platform", "export", "--state", str(state), "--full", str(good)])
+    return state, good.read_bytes()
+
+
+def _bad(tmp_path, variant: str, good: bytes):
+    path = tmp_path / f"bad-{variant}"
+    if variant == "empty":
+        path.write_bytes(b"")
+    elif variant == "random":
+        path.write_bytes(os.urandom(3000))
+    elif variant == "truncated":
+        path.write_bytes(good[:1000])
+    else:
+        path.mkdir()
+    return str(path)
+
+
+def _commands(bad: str, state: str, out: str) -> dict[str, list[str]]:
+    return {
+        "verify-chain": ["verify-chain", bad],
+        "owner session": ["owner", "session", "--name", out, bad, "0x1"],
+        "owner measure (firmware)": [
+            "owner", "measure", "--firmware", bad, "--policy", "1", "--api-major", "1",
+            "--api-minor", "55", "--build-id", "25", "--tik", bad,
+        ],
+        "owner secret": [
+            "owner", "secret", "--measurement", bad, "--tik", bad, "--tek", bad, "--secret", bad,
+            "--out-header", out + ".h", "--out-payload", out + ".p",
+        ],
+        "owner sign-csr": [
+            "owner", "sign-csr", bad, "--ca-cert", bad, "--ca-key", bad, "--out", out,
+        ],
+        "platform pek-import": ["platform", "pek-import", "--state", state, bad, bad],
+        "platform provision": ["platform", "provision", "--state", state, bad, bad],
+        "vm run (bios)": ["vm", "run", "--state", state, "--bios", bad, "--console", out],
+        "vm run (session)": [
+            "vm", "run", "--state", state, "--bios", bad, "--dh-cert-file", bad,
+            "--session-file", bad, "--console", out,
+        ],
+        "vm run (restore)": ["vm", "run", "--state", state, "--restore", bad, "--console", out],
+        "vm run (disk)": [
+            "vm", "run", "--state", state, "--bios", bad, "--disk", bad, "--console", out,
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_file_reading_command_refuses_bad_files_in_one_line(
+    variant, platform_dir, tmp_path, capsys
+):
+    state, good = platform_dir
+    bad = _bad(tmp_path, variant, good)
+    out = str(tmp_path / "out")
+    for name, args in _commands(bad, str(state), out).items():
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        stdout, stderr = capsys.readouterr()
+        assert exc.value.code in (1, 2), (name, variant, exc.value.code, stdout, stderr)
+        assert "Traceback" not in stdout + stderr, (name, variant)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("sevsim"), (name, variant, stderr)
+        written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out"))
+        assert written == [], (name, variant, written)
+
+
+# ---- QMP ----------------------------------------------------------------------------------------
+WRONG = [None, 1, -1, 2**80, 1.5, True, "", "!!! not base64 !!!", "A" * 100_000, [], {}, [1, 2]]
+HARMFUL_WHEN_VALID = {"quit", "cont", "stop", "migrate", "sev-inject-launch-secret"}
+
+
+def test_every_qmp_command_refuses_malformed_arguments_and_the_server_lives_on(tmp_path):
+    import json
+    import socket
+    import threading
+
+    from test_vmm import config, owner_files
+
+    from sevsim.host.qmp import ARGUMENTS, QmpClient, QmpError, QmpServer
+    from sevsim.host.vmm import Vmm
+    from sevsim.profiles import get_profile
+    from sevsim.system import HostSystem
+
+    host = HostSystem.start(get_profile("rome").with_(seed=3, dram_size=1 << 30), tmp_path / "s")
+    owner_files(host, tmp_path, 0x1)
+    vmm = Vmm(host, config(tmp_path))
+    vmm.start()
+    server = QmpServer(vmm, tmp_path / "qmp.sock")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = QmpClient(tmp_path / "qmp.sock")
+    try:
+        tried = 0
+        for name in sorted(server.commands):
+            variants: list = [{"bogus": 1}, [], "text", 7]
+            for arg in sorted(ARGUMENTS.get(name, ())):
+                variants += [{arg: value} for value in WRONG]
+            if name not in HARMFUL_WHEN_VALID:
+                variants.append({})
+            for arguments in variants:
+                tried += 1
+                try:
+                    client.execute(name, **arguments) if isinstance(arguments, dict) else None
+                except QmpError:
+                    pass  # a QMP error reply: what we want
+                if not isinstance(arguments, dict):  # a non-object "arguments", sent raw
+                    raw = {"execute": name, "arguments": arguments}
+                    client.sock.sendall(json.dumps(raw).encode() + b"\n")
+                    assert "error" in client._next()
+            assert client.execute("query-status")["status"] == "prelaunch", name
+        # Garbage on the wire: errors, not a dead server.
+        for junk in (b'"just a string"\n', b"[1, 2]\n", b'{"no": "execute"}\n'):
+            client.sock.sendall(junk)
+            assert "error" in client._next()
+        assert client.execute("query-status")["status"] == "prelaunch"
+        assert thread.is_alive() and tried > 150
+    finally:
+        client.close()
+        server.done.set()
+        with socket.socket(socket.AF_UNIX) as poke:  # wake the accept loop
+            try:
+                poke.connect(str(tmp_path / "qmp.sock"))
+            except OSError:
+                pass
+        thread.join(5)
+        vmm.quit()
+        host.close()
