@@ -182,3 +182,39 @@ def tamper_cmd(sample: int, seed: int, only: tuple[str, ...], as_json: bool) -> 
             click.echo(f"  VIOLATION {v}")
     if violations:
         raise SystemExit(1)
+
+
+@fuzz.command("leaks")
+@click.option(
+    "--part",
+    "parts",
+    multiple=True,
+    type=click.Choice(["demo", "attacks", "tamper"]),
+    help="Scenarios to run (repeatable) [default: all].",
+)
+@click.option("--seed", default=5, show_default=True, type=int)
+@json_option
+def leaks_cmd(parts: tuple[str, ...], seed: int, as_json: bool) -> None:
+    """Run the demo, every attack and a tamper campaign while recording every key the
+    firmware and the memory controller create, then search DRAM (raw and as the host
+    reads it), outputs, logs, written files and migration streams for them. Exit code 1
+    on any hit."""
+    from sevsim.leakscan import scan_scenarios
+
+    start = time.perf_counter()
+    with Console(stderr=True).status("running the scenarios and scanning", spinner="dots"):
+        report = scan_scenarios(parts or ("demo", "attacks", "tamper"), seed)
+    out = report.to_json() | {"seconds": round(time.perf_counter() - start, 1)}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        total = sum(report.keys.values())
+        click.echo(
+            f"{total} keys recorded, {report.machines} machines' DRAM "
+            f"({report.dram_bytes >> 20} MiB raw + host view) and {report.other_bytes} bytes of "
+            f"output scanned, {out['seconds']} s: {len(report.hits)} hits"
+        )
+        for hit in report.hits[:20]:
+            click.echo(f"  {hit}")
+    if report.hits:
+        raise SystemExit(1)
