@@ -50,3 +50,8 @@ def test_chain_flips_verify_only_in_unused_signature_bytes(result):
         assert cert < 4, "a flip in the ASK or the ARK verified"
         assert inside >= 0x4AC, f"a flip in a used part of SEV cert {cert} verified ({inside:#x})"
     assert t["rejected"] > t["accepted"]
+
+
+def test_snapshot_flips_are_refused_and_leave_no_guest(result):
+    t = result["snapshot"]
+    assert t["tried"] == 400 and t["accepted"] == 0 and t["violations"] == []

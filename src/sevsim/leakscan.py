@@ -188,13 +188,91 @@ class LeakScan:
 OWNER_KEY_FILES = ("_tek.bin", "_tik.bin")  # the owner's own files, never on the host
 
 
+def _qmp_scenario(scan: LeakScan, seed: int) -> None:
+    """A VM driven over QMP as a cloud would: launch, the owner's secret injected, cont, a
+    snapshot for this platform through migrate file:, and a restore from it."""
+    import base64
+    import tempfile
+    import threading
+    import time
+    import uuid
+    from pathlib import Path
+
+    from sevsim.guest import firmware as guest_firmware
+    from sevsim.host.qmp import QmpClient, QmpServer
+    from sevsim.host.vmm import VmConfig, Vmm
+    from sevsim.owner import secret, session
+    from sevsim.profiles import get_profile
+    from sevsim.system import HostSystem
+
+    with tempfile.TemporaryDirectory(prefix="sevsim-leaks-") as tmp:
+        work = Path(tmp)
+        system = HostSystem.start(
+            get_profile("milan").with_(seed=seed, dram_size=1 << 30), state_dir=work / "p"
+        )
+        try:
+            (work / "fw.fd").write_bytes(guest_firmware.build_image(64 << 10))
+            chain = system.export_chain(full=True)
+            owner = session.start(chain.pdh, 0x0)
+            files = owner.write(work, "vm")
+            config = VmConfig(
+                firmware=work / "fw.fd",
+                memory=16 << 20,
+                policy=0,
+                dh_cert_file=files["godh"],
+                session_file=files["session"],
+                console=work / "console.log",
+                fw_cfg_files={"opt/sevsim/workload": b"count"},
+            )
+            vmm = Vmm(system, config)
+            vmm.start()
+            server = QmpServer(vmm, work / "qmp.sock")
+            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread.start()
+            client = QmpClient(work / "qmp.sock")
+            blob = base64.b64decode(client.execute("query-sev-launch-measure")["data"])
+            entries = [(uuid.UUID(int=42), b"the owner's disk passphrase, 32b")]
+            scan._key("the owner's secret (guest data)", entries[0][1])
+            header, payload = secret.secrets_table_packet_b64(owner.tek, owner.tik, blob, entries)
+            client.execute(
+                "sev-inject-launch-secret", **{"packet-header": header, "secret": payload}
+            )
+            client.execute("cont")
+            time.sleep(0.3)
+            certs = chain.pek.raw + chain.oca.raw + chain.cek.raw
+            client.execute(
+                "migrate-set-parameters",
+                **{
+                    "sev-pdh": base64.b64encode(chain.pdh.raw).decode(),
+                    "sev-plat-cert": base64.b64encode(certs).decode(),
+                    "sev-amd-cert": base64.b64encode(chain.ask.raw + chain.ark.raw).decode(),
+                },
+            )
+            client.execute("migrate", uri=f"file:{work / 'guest.snap'}")
+            while client.execute("query-migrate")["status"] not in ("completed", "failed"):
+                time.sleep(0.05)
+            client.execute("quit")
+            thread.join(5)
+            client.close()
+            transcript = b"".join(server.transcript) + "".join(client.received).encode()
+            scan.add_output("the QMP traffic", transcript)
+            scan.add_output("the VM's console", (work / "console.log").read_bytes())
+            vmm.quit()
+            restored = Vmm(system, VmConfig(firmware=None, memory=16 << 20))
+            restored.restore(work / "guest.snap")
+            restored.quit()
+        finally:
+            system.close()
+
+
 def scan_scenarios(
-    parts: tuple[str, ...] = ("demo", "attacks", "tamper"), seed: int = 5
+    parts: tuple[str, ...] = ("demo", "attacks", "tamper", "qmp"), seed: int = 5
 ) -> ScanReport:
     """Run the scenarios under the recorder and scan: ``demo`` (every part of `sevsim
     demo`: SME, attestation with a secret, SEV guests, migration, I/O, TSME, attacks),
     ``attacks`` (every attack of the lab, JSON output), ``tamper`` (a small tamper
-    campaign: sessions, secret packets, migration packets, chains)."""
+    campaign: sessions, secret packets, migration packets, chains, snapshots), ``qmp`` (a
+    VM driven over QMP: secret injection, a snapshot, a restore)."""
     import json
 
     from sevsim import tamper
@@ -212,5 +290,7 @@ def scan_scenarios(
                 scan.add_output(f"attack {name}", json.dumps(attack.run(profile).to_json()))
         if "tamper" in parts:
             scan.add_output("the tamper report", json.dumps(tamper.campaign(sample=20, seed=seed)))
+        if "qmp" in parts:
+            _qmp_scenario(scan, seed)
     scan.captured = [(w, d) for w, d in scan.captured if not w.endswith(OWNER_KEY_FILES)]
     return scan.finish()

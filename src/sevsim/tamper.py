@@ -10,7 +10,9 @@ clear error, and must not change the guest it was aimed at.
   offered to RECEIVE_UPDATE_DATA (every header bit, a sample of the 4 KiB payload): the
   receiving guest must stay in RUPDATE and its page untouched; the unmodified packet is
   accepted afterwards;
-* ``chain`` — a platform's full certificate chain file (a sample): `verify-chain` must fail.
+* ``chain`` — a platform's full certificate chain file (a sample): `verify-chain` must fail;
+* ``snapshot`` — a snapshot file (a sample) given to `vm run --restore`: refused, and no
+  guest is left behind on the platform.
 
 Flips the firmware or the verifier accept are reported with their byte offsets: where a
 format leaves bytes unused (an unused signature slot, reserved fields), a flip there
@@ -40,6 +42,7 @@ from sevsim.profiles import get_profile
 from sevsim.system import HostSystem
 
 GUEST_MEMORY = 2 << 20
+SNAPSHOT_SAMPLE = 2000  # each flip is a whole restore attempt
 SECRET_GPA = guest_kernel.DATA_BASE
 PAGE_GPA = guest_kernel.DATA_BASE  # the page the migration packet carries
 
@@ -121,6 +124,8 @@ def campaign(
                 tallies += _packets(a, b, sample, rng, want, tick)
             if want("chain"):
                 tallies.append(_chain(a, sample, rng, tick))
+            if want("snapshot"):
+                tallies.append(_snapshot(a, work, min(sample, SNAPSHOT_SAMPLE), rng, tick))
         finally:
             a.close()
             b.close()
@@ -278,4 +283,47 @@ def _chain(system, sample, rng, tick) -> Tally:
             t.accepted.append(bit)
         if t.tried % 256 == 0:
             tick(t)
+    return t
+
+
+def _snapshot(system, work: Path, sample, rng, tick) -> Tally:
+    """`vm run --restore` of a snapshot file with one flipped bit: refused, no guest left."""
+    from sevsim.host import migration
+    from sevsim.host.vmm import VmConfig, Vmm, VmmError
+
+    src = Vmm(system, VmConfig(firmware=None, memory=GUEST_MEMORY))
+    src.vm = vm = system.kvm.create_vm(GUEST_MEMORY, sev=True, name="snapshot-source")
+    vm.launch(guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY)), guest_kernel.GUEST_ENTRY)
+    vm.run()
+    target = TargetChain.from_chain(system.export_chain(full=True).encode(full=True))
+    good = work / "guest.snap"
+    migration.snapshot(src, good, target)
+    raw = good.read_bytes()
+    guests = system.sev.platform_status().data["status"].guest_count
+    t = Tally("snapshot", len(raw) * 8)
+    bad = work / "flipped.snap"
+    for bit in _bits(t.bits, sample, rng):
+        bad.write_bytes(_flip(raw, bit))
+        dst = Vmm(system, VmConfig(firmware=None, memory=GUEST_MEMORY))
+        t.tried += 1
+        try:
+            dst.restore(bad)
+        except VmmError as exc:
+            reason = str(exc).split("refused: ")[-1]
+            t.statuses[reason.split(" at GPA")[0][:70]] += 1
+        else:
+            t.accepted.append(bit)
+            t.statuses["restored"] += 1
+        dst.quit()
+        if system.sev.platform_status().data["status"].guest_count != guests:
+            t.violations.append(f"bit {bit}: a guest was left behind")
+        if t.tried % 64 == 0:
+            tick(t)
+    control = Vmm(system, VmConfig(firmware=None, memory=GUEST_MEMORY))
+    try:
+        control.restore(good)  # the file as written restores
+    except VmmError as exc:
+        t.violations.append(f"the unmodified snapshot was refused: {exc}")
+    control.quit()
+    vm.destroy()
     return t

@@ -136,6 +136,7 @@ def load_cmd(cycles: int, alive: int, asids: int, seed: int, as_json: bool) -> N
             "packet-header",
             "packet-payload",
             "chain",
+            "snapshot",
         ]
     ),
     help="Only these structures (repeatable).",
@@ -189,13 +190,14 @@ def tamper_cmd(sample: int, seed: int, only: tuple[str, ...], as_json: bool) -> 
     "--part",
     "parts",
     multiple=True,
-    type=click.Choice(["demo", "attacks", "tamper"]),
+    type=click.Choice(["demo", "attacks", "tamper", "qmp"]),
     help="Scenarios to run (repeatable) [default: all].",
 )
 @click.option("--seed", default=5, show_default=True, type=int)
 @json_option
 def leaks_cmd(parts: tuple[str, ...], seed: int, as_json: bool) -> None:
-    """Run the demo, every attack and a tamper campaign while recording every key the
+    """Run the demo, every attack, a tamper campaign and a VM driven over QMP (secret,
+    snapshot, restore) while recording every key the
     firmware and the memory controller create, then search DRAM (raw and as the host
     reads it), outputs, logs, written files and migration streams for them. Exit code 1
     on any hit."""
@@ -203,7 +205,7 @@ def leaks_cmd(parts: tuple[str, ...], seed: int, as_json: bool) -> None:
 
     start = time.perf_counter()
     with Console(stderr=True).status("running the scenarios and scanning", spinner="dots"):
-        report = scan_scenarios(parts or ("demo", "attacks", "tamper"), seed)
+        report = scan_scenarios(parts or ("demo", "attacks", "tamper", "qmp"), seed)
     out = report.to_json() | {"seconds": round(time.perf_counter() - start, 1)}
     if as_json:
         click.echo(json.dumps(out, indent=2))
