@@ -40,6 +40,7 @@ from sevsim.psp.guest import GuestState
 from sevsim.system import HostSystem
 
 GUEST_MEMORY = 2 << 20
+DEGRADED_CASES = 20  # cases fuzzed after a shutdown before the world is rebuilt
 STATUSES = {int(s) for s in Status}
 SNP_IDS = [int(c) for c in Command if c.name.startswith("SNP_")]
 ALL_IDS = [int(c) for c in Command]
@@ -52,6 +53,7 @@ class FuzzReport:
     cases: int = 0
     seed: int = 0
     rebuilds: int = 0
+    degraded_cases: int = 0  # cases run after a shutdown: UNINIT or INIT, guests gone
     statuses: Counter = field(default_factory=Counter)
     commands: Counter = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
@@ -62,6 +64,7 @@ class FuzzReport:
             "seed": self.seed,
             "violations": self.violations,
             "rebuilds": self.rebuilds,
+            "cases_without_working_platform": self.degraded_cases,
             "distinct_commands": len(self.commands),
             "statuses": {Status(s).name: n for s, n in sorted(self.statuses.items())},
         }
@@ -115,12 +118,25 @@ class World:
         return vm
 
     def _populate(self) -> None:
+        from sevsim.host.migration import TargetChain
+
         sev = self.system.sev
         self.sentinel = self._guest("sentinel", 0x1, "running")
         self.debuggable = self._guest("debuggable", 0x0, "running")
         self.lupdate = self._guest("lupdate", 0x0, "lupdate")
         self.lsecret = self._guest("lsecret", 0x0, "lsecret")
         self.debuggable.sev_dbg_decrypt(guest_kernel.DATA_BASE, 64)
+        # Guests half-way through a migration to this same platform: SUPDATE, SENT, RUPDATE.
+        own = TargetChain.from_chain(self.system.export_chain(full=True).encode(full=True))
+        self.supdate = self._guest("supdate", 0x0, "running")
+        blob, policy = self.supdate.sev_send_start(own.pdh, own.plat_certs, own.amd_certs)
+        header, data = self.supdate.sev_send_update_data(guest_kernel.DATA_BASE, 4096)
+        self.sent = self._guest("sent", 0x0, "running")
+        self.sent.sev_send_start(own.pdh, own.plat_certs, own.amd_certs)
+        self.sent.sev_send_finish()
+        self.rupdate = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name="rupdate")
+        self.rupdate.sev_receive_start(own.pdh, blob, policy)
+        self.rupdate.sev_receive_update_data(header, data, guest_kernel.DATA_BASE)
         sev.platform_status()
         sev.pek_csr()
         sev.pdh_cert_export()
@@ -145,6 +161,7 @@ class MailboxFuzzer:
         self.profile = (profile or get_profile("milan")).with_(seed=seed, dram_size=1 << 30)
         self._tmp = tempfile.TemporaryDirectory(prefix="sevsim-fuzz-")
         self.report = FuzzReport(seed=seed)
+        self._degraded: int | None = None
         self.world = World(self.profile, Path(self._tmp.name) / "state")
 
     def close(self) -> None:
@@ -189,7 +206,8 @@ class MailboxFuzzer:
                 elif "len" in f.name or "size" in f.name:
                     pool = LENGTHS
                 elif f.name == "handle":
-                    pool = [g.handle for g in (w.debuggable, w.lupdate, w.lsecret)] + [0, 999]
+                    others = (w.debuggable, w.lupdate, w.lsecret, w.supdate, w.sent, w.rupdate)
+                    pool = [g.handle for g in others] + [0, 999]
                     if rng.random() < 0.05:
                         pool = [w.sentinel.handle]
                 else:
@@ -289,8 +307,16 @@ class MailboxFuzzer:
         for g in w.fw._guests.values():
             if g.state not in tuple(GuestState):
                 r.violations.append(f"{where}: guest {g.handle} in state {g.state!r}")
-        if w.fw.state == PlatformState.UNINIT or w.sentinel.handle not in w.fw._guests:
-            self._rebuild()
+        if w.fw.state != PlatformState.WORKING or w.sentinel.handle not in w.fw._guests:
+            # The platform was shut down or reset, or the sentinel decommissioned: fuzz this
+            # state (UNINIT, INIT, guests gone) for a while, then build a fresh world.
+            if self._degraded is None:
+                self._degraded = DEGRADED_CASES
+            self._degraded -= 1
+            r.degraded_cases += 1
+            if self._degraded <= 0:
+                self._degraded = None
+                self._rebuild()
             return
         now = w._sentinel_fingerprint()
         if not aimed and now != w.sentinel_state:
