@@ -99,6 +99,7 @@ class World:
             for gpa in (*range(guest_kernel.PGT_BASE, guest_kernel.PGT_BASE + 0x4000, 4096),)
         ] + [self.sentinel.spa(guest_kernel.DATA_BASE)]
         kernel.wbinvd_on_all_cpus()  # DRAM current: no dirty line of the sentinel is left
+        self.sentinel_guest = self.fw._guests[self.sentinel.handle]  # (handles are reused)
         self.sentinel_state = self._sentinel_fingerprint()
 
     def _guest(self, name: str, policy: int, stage: str):
@@ -307,7 +308,8 @@ class MailboxFuzzer:
         for g in w.fw._guests.values():
             if g.state not in tuple(GuestState):
                 r.violations.append(f"{where}: guest {g.handle} in state {g.state!r}")
-        if w.fw.state != PlatformState.WORKING or w.sentinel.handle not in w.fw._guests:
+        alive = w.fw._guests.get(w.sentinel.handle) is w.sentinel_guest
+        if w.fw.state != PlatformState.WORKING or not alive or self._degraded is not None:
             # The platform was shut down or reset, or the sentinel decommissioned: fuzz this
             # state (UNINIT, INIT, guests gone) for a while, then build a fresh world.
             if self._degraded is None:
