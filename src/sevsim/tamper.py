@@ -132,6 +132,43 @@ def campaign(
     return {t.name: t.to_json() for t in tallies}
 
 
+def _header_and_payload(
+    names: tuple[str, str],
+    header: bytes,
+    payload: bytes,
+    bits_of: Callable[[str, int], Any],
+    offer: Callable[[bytes, bytes], None],
+    fingerprint: Callable[[], tuple],
+    want: Callable[[str], bool],
+    tick: Callable[[Tally], None],
+) -> list[Tally]:
+    """Flip bits of a (header, payload) pair one at a time and offer each to the firmware
+    (``offer`` raises KvmError on refusal); the target's fingerprint must not change."""
+    before = fingerprint()
+    tallies = []
+    for name, original in zip(names, (header, payload), strict=True):
+        if not want(name):
+            continue
+        t = Tally(name, len(original) * 8)
+        for bit in bits_of(name, t.bits):
+            flipped = _flip(original, bit)
+            t.tried += 1
+            try:
+                offer(flipped, payload) if original is header else offer(header, flipped)
+            except KvmError as exc:
+                t.statuses[exc.status.name if exc.status else str(exc)] += 1
+            else:
+                t.accepted.append(bit)
+                t.statuses["SUCCESS"] += 1
+            if fingerprint() != before:
+                t.violations.append(f"bit {bit}: the target guest's state or memory changed")
+                before = fingerprint()
+            if t.tried % 256 == 0:
+                tick(t)
+        tallies.append(t)
+    return tallies
+
+
 def _new_vm(system: HostSystem) -> Vm:
     return system.kvm.create_vm(GUEST_MEMORY, sev=True, name="target")
 
@@ -181,32 +218,16 @@ def _secrets(system, owner, want, tick) -> list[Tally]:
         vm.sev_launch_secret(_flip(header, 0), payload, SECRET_GPA)
     except KvmError:
         pass
-    before = fingerprint()
-    tallies = []
-    for name, original in (("secret-header", header), ("secret-payload", payload)):
-        if not want(name):
-            continue
-        t = Tally(name, len(original) * 8)
-        for bit in range(t.bits):
-            h, p = (
-                (_flip(header, bit), payload)
-                if name == "secret-header"
-                else (header, _flip(payload, bit))
-            )
-            t.tried += 1
-            try:
-                vm.sev_launch_secret(h, p, SECRET_GPA)
-            except KvmError as exc:
-                t.statuses[exc.status.name if exc.status else str(exc)] += 1
-            else:
-                t.accepted.append(bit)
-                t.statuses["SUCCESS"] += 1
-            if fingerprint() != before:
-                t.violations.append(f"bit {bit}: the guest's state or memory changed")
-                before = fingerprint()
-            if t.tried % 256 == 0:
-                tick(t)
-        tallies.append(t)
+    tallies = _header_and_payload(
+        ("secret-header", "secret-payload"),
+        header,
+        payload,
+        lambda name, total: range(total),
+        lambda h, p: vm.sev_launch_secret(h, p, SECRET_GPA),
+        fingerprint,
+        want,
+        tick,
+    )
     vm.destroy()
     return tallies
 
@@ -229,33 +250,16 @@ def _packets(a, b, sample, rng, want, tick) -> list[Tally]:
             b.machine.dram.read(spa, 4096)
         ).hexdigest()
 
-    before = fingerprint()
-    tallies = []
-    for name, original in (("packet-header", header), ("packet-payload", data)):
-        if not want(name):
-            continue
-        t = Tally(name, len(original) * 8)
-        bits = range(t.bits) if name == "packet-header" else _bits(t.bits, sample, rng)
-        for bit in bits:
-            h, d = (
-                (_flip(header, bit), data)
-                if name == "packet-header"
-                else (header, _flip(data, bit))
-            )
-            t.tried += 1
-            try:
-                dst.sev_receive_update_data(h, d, PAGE_GPA)
-            except KvmError as exc:
-                t.statuses[exc.status.name if exc.status else str(exc)] += 1
-            else:
-                t.accepted.append(bit)
-                t.statuses["SUCCESS"] += 1
-            if fingerprint() != before:
-                t.violations.append(f"bit {bit}: the receiving guest's state or memory changed")
-                before = fingerprint()
-            if t.tried % 256 == 0:
-                tick(t)
-        tallies.append(t)
+    tallies = _header_and_payload(
+        ("packet-header", "packet-payload"),
+        header,
+        data,
+        lambda name, total: range(total) if name == "packet-header" else _bits(total, sample, rng),
+        lambda h, d: dst.sev_receive_update_data(h, d, PAGE_GPA),
+        fingerprint,
+        want,
+        tick,
+    )
     try:  # the control: the packet as sent is accepted
         dst.sev_receive_update_data(header, data, PAGE_GPA)
     except KvmError as exc:

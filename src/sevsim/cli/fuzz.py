@@ -15,6 +15,18 @@ from sevsim.fuzz import MailboxFuzzer, asid_load
 from sevsim.profiles import get_profile
 
 
+def _progress(quiet: bool) -> Progress:
+    """A progress bar on stderr (none when the output is JSON)."""
+    return Progress(
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=quiet,
+    )
+
+
 @click.group()
 def fuzz() -> None:
     """Fuzz the SEV firmware the way a hostile host could."""
@@ -36,14 +48,7 @@ def mailbox_cmd(cases: int, seed: int, profile_name: str, as_json: bool) -> None
     start = time.perf_counter()
     fuzzer = MailboxFuzzer(seed=seed, profile=get_profile(profile_name))
     try:
-        with Progress(
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-            disable=as_json,
-        ) as progress:
+        with _progress(as_json) as progress:
             task = progress.add_task("cases", total=cases)
             report = fuzzer.run(cases, lambda done: progress.update(task, completed=done))
     finally:
@@ -88,14 +93,7 @@ def load_cmd(cycles: int, alive: int, asids: int, seed: int, as_json: bool) -> N
             "cannot keep more guests alive than there are ASIDs", param_hint="--alive"
         )
     start = time.perf_counter()
-    with Progress(
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=as_json,
-    ) as progress:
+    with _progress(as_json) as progress:
         task = progress.add_task("cycles", total=cycles)
         out = asid_load(
             cycles, alive, asids, seed, lambda done: progress.update(task, completed=done)
@@ -149,14 +147,7 @@ def tamper_cmd(sample: int, seed: int, only: tuple[str, ...], as_json: bool) -> 
     a format ignores (unused bytes) are reported with their offsets. Exit code 1 on a
     violation."""
     start = time.perf_counter()
-    with Progress(
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=as_json,
-    ) as progress:
+    with _progress(as_json) as progress:
         task = progress.add_task("flips", total=None)
         out = tamper.campaign(
             sample,
