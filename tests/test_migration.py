@@ -397,3 +397,44 @@ def test_send_commands_follow_the_guest_states(two, tmp_path):
         Status.INVALID_GUEST_STATE
     )
     src.quit()
+
+
+def _record_boundaries(src: Vmm, target: TargetChain) -> list[int]:
+    """The byte offset where every record of this guest's stream starts."""
+    import io
+
+    buf = io.BytesIO()
+    with src.lock:
+        src.pause_vcpus()
+        migration.send(src, buf, target)
+        src.vm.sev_send_cancel()
+        src.resume_vcpus()
+    data, pos, out = buf.getvalue(), len(migration.MAGIC), []
+    while pos < len(data):
+        out.append(pos)
+        _, length = migration.FRAME.unpack_from(data, pos)
+        pos += migration.FRAME.size + length
+    return out
+
+
+def test_a_connection_reset_at_every_record_leaves_one_guest_running(two, tmp_path):
+    """Cut before each record and inside it (sampled evenly over the stream): the source
+    guest runs on, unchanged, and the destination keeps nothing — never two guests."""
+    a, b = two
+    target = chain_of(b)
+    src = source(a, tmp_path)
+    dst, port = destination(b, tmp_path)
+    starts = _record_boundaries(src, target)
+    resume_block = dbg(src, 0x00FF_F000, 64)
+    points = sorted({starts[i] + d for i in range(0, len(starts), max(1, len(starts) // 12))
+                     for d in (0, 7)})  # fmt: skip
+    for cut in points:
+        result = migrate(src, Proxy(port, cut=cut).port, target)
+        assert result["status"] == "failed", cut
+        still_counting(src)
+        wait_for(lambda: guest_count(dst) == 0)
+        assert guest_count(src) == 1  # the source guest, once
+    assert dbg(src, 0x00FF_F000, 64) == resume_block
+    assert len(points) >= 20
+    src.quit()
+    dst.quit()
