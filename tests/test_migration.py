@@ -438,3 +438,39 @@ def test_a_connection_reset_at_every_record_leaves_one_guest_running(two, tmp_pa
     assert len(points) >= 20
     src.quit()
     dst.quit()
+
+
+@pytest.mark.parametrize("sender_finished", [True, False])
+def test_a_connection_lost_after_ready_keeps_a_paused_copy(two, tmp_path, sender_finished):
+    """The one window two parties cannot close: READY was sent, COMMIT never arrives. The
+    receiver keeps its copy paused ('unconfirmed'); whoever asks the source decides."""
+    a, b = two
+    target = chain_of(b)
+    src = source(a, tmp_path)
+    dst, port = destination(b, tmp_path)
+    with src.lock:
+        src.pause_vcpus()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            with sock.makefile("rwb", buffering=1 << 20) as stream:
+                migration.send(src, stream, target)
+                stream.flush()
+                assert stream.readline().strip() == b"READY"
+                if sender_finished:
+                    src.vm.sev_send_finish()  # ... and the COMMIT line is lost
+                else:
+                    src.vm.sev_send_cancel()  # the sender gave up after all
+            sock.shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: dst.query_migrate()["status"] == "unconfirmed")
+    assert dst.status == "paused" and guest_count(dst) == 1 and guest_state(dst) == 3
+    assert "only if the source reports the migration completed" in dst.query_migrate()["error-desc"]
+    if sender_finished:
+        assert guest_state(src) == 6  # SENT: the paused copy is the only guest left
+        dst.cont()
+        wait_for(lambda: "resumed" in dst.console_text() and len(counts(dst.console_text())) >= 2)
+    else:
+        src.resume_vcpus()
+        still_counting(src)  # the source runs; the copy stays paused until it is dropped
+        dst.quit()
+        assert guest_count(dst) == 0
+    src.quit()
+    dst.quit()

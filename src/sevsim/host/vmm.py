@@ -570,6 +570,19 @@ class Vmm:
             reply = stream.readline().strip()
         except OSError:
             reply = b""
+        if reply == b"":
+            # The connection died after READY: the sender may have finished (its guest is
+            # gone, this copy is the only one) or not (its guest runs on). Discarding
+            # could lose the guest and running could duplicate it, so keep the copy
+            # paused for whoever can ask the source (its query-migrate says which).
+            self.migration = {
+                "status": "unconfirmed",
+                "error": "the connection was lost before COMMIT: this copy is kept paused; "
+                "'cont' it only if the source reports the migration completed",
+            }
+            self.status = "paused"
+            self._emit("MIGRATION", {"status": "unconfirmed"})
+            return True
         if reply != b"COMMIT":
             self.migration = {"status": "failed", "error": "the sender did not commit"}
             self.discard()
