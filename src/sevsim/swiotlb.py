@@ -18,9 +18,9 @@ mapping with Linux's message — it never hands out a slot twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
 
 IO_TLB_SHIFT = 11
 IO_TLB_SIZE = 1 << IO_TLB_SHIFT
@@ -43,14 +43,8 @@ class SwiotlbFull(MemoryError):
     """No room in the pool for a mapping (the DMA API returns DMA_MAPPING_ERROR)."""
 
 
-class BounceCopy(Protocol):
-    """How the owning kernel copies bytes between a buffer and the pool (its memcpy)."""
-
-    def read(self, va: int, n: int) -> bytes: ...
-
-    def write(self, va: int, data: bytes) -> None: ...
-
-    def copy(self, dst_va: int, src_va: int, n: int) -> None: ...
+# How the owning kernel copies between a buffer and the pool: memcpy(dst_va, src_va, n).
+BounceCopy = Callable[[int, int, int], None]
 
 
 def nslabs_option(text: str) -> int:
@@ -136,13 +130,13 @@ class Swiotlb:
         """swiotlb_tbl_map_single: slots for ``size`` bytes, the buffer copied in."""
         index = self._find_slots(size)
         tlb_pa = self.pool_pa + index * IO_TLB_SIZE
-        self._copy.copy(self._va(tlb_pa), orig_va, size)
+        self._copy(self._va(tlb_pa), orig_va, size)
         return Bounce(orig_va, tlb_pa, size, direction)
 
     def sync_for_cpu(self, bounce: Bounce) -> None:
         """What the device wrote, into the original buffer."""
         if bounce.direction != DmaDirection.TO_DEVICE:
-            self._copy.copy(bounce.orig_va, self._va(bounce.tlb_pa), bounce.size)
+            self._copy(bounce.orig_va, self._va(bounce.tlb_pa), bounce.size)
 
     def unmap(self, bounce: Bounce) -> None:
         """swiotlb_tbl_unmap_single: copy back what the device may have written; free."""

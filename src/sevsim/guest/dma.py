@@ -32,22 +32,6 @@ from sevsim.swiotlb import (
 ZERO_STEP = 4 << 20
 
 
-class VcpuCopy:
-    """The guest's bulk memcpy (streaming loads and stores through its own mappings)."""
-
-    def __init__(self, kernel: GuestKernel) -> None:
-        self.vcpu = kernel.vcpu
-
-    def read(self, va: int, n: int) -> bytes:
-        return self.vcpu.read_stream(va, n)
-
-    def write(self, va: int, data: bytes) -> None:
-        self.vcpu.write_stream(va, data)
-
-    def copy(self, dst_va: int, src_va: int, n: int) -> None:
-        self.vcpu.copy_stream(dst_va, src_va, n)
-
-
 @dataclass
 class GuestMapping:
     dma_addr: int
@@ -85,7 +69,7 @@ class GuestDma:
         kernel.set_memory_decrypted(pool, npages)  # swiotlb_update_mem_attributes, which
         for off in range(0, npages * PAGE_4K, ZERO_STEP):  # then clears the pool (Linux 5.x)
             kernel.vcpu.write_stream(pool + off, bytes(min(ZERO_STEP, npages * PAGE_4K - off)))
-        self.swiotlb = Swiotlb(pool, pool, nslabs, VcpuCopy(kernel))
+        self.swiotlb = Swiotlb(pool, pool, nslabs, kernel.vcpu.copy_stream)
         kernel.printk(
             f"software IO TLB: mapped [mem {pool:#018x}-{pool + npages * PAGE_4K - 1:#018x}] "
             f"({npages * PAGE_4K >> 20}MB)"

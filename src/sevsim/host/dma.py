@@ -64,22 +64,6 @@ class DmaMapping:
     bounce: Bounce | None = None
 
 
-class KernelCopy:
-    """The host kernel's memcpy, for bounce buffers (through its direct map)."""
-
-    def __init__(self, kernel: HostKernel) -> None:
-        self.kernel = kernel
-
-    def read(self, va: int, n: int) -> bytes:
-        return self.kernel.read(va, n)
-
-    def write(self, va: int, data: bytes) -> None:
-        self.kernel.write(va, data)
-
-    def copy(self, dst_va: int, src_va: int, n: int) -> None:
-        self.kernel.write(dst_va, self.kernel.read(src_va, n))
-
-
 class HostDma:
     def __init__(self, kernel: HostKernel, iommu: AmdIommuDriver | None = None) -> None:
         self.kernel = kernel
@@ -116,7 +100,7 @@ class HostDma:
             if pa + npages * PAGE > 1 << 32:
                 raise MemoryError("no room for the swiotlb pool below 4 GiB")
             self.kernel.set_memory_decrypted(va, npages)
-            self._swiotlb = Swiotlb(pa, va, nslabs, KernelCopy(self.kernel))
+            self._swiotlb = Swiotlb(pa, va, nslabs, self.kernel.copy)
             self.kernel.log.append(
                 f"software IO TLB: mapped [mem {pa:#018x}-{pa + npages * PAGE - 1:#018x}] "
                 f"({npages * PAGE >> 20}MB)"

@@ -367,6 +367,10 @@ class HostKernel:
     def read(self, va: int, n: int) -> bytes:
         return self.core.read(va, n)
 
+    def copy(self, dst_va: int, src_va: int, n: int) -> None:
+        """memcpy through the kernel's mappings (cached, like REP MOVSB)."""
+        self.core.copy(dst_va, src_va, n)
+
     def read_stream(self, va: int, n: int) -> bytes:
         """A bulk copy out with non-temporal loads (no cache lines allocated)."""
         return self.core.read_stream(va, n)
