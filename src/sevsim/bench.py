@@ -286,12 +286,12 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
 
         receiver = threading.Thread(target=receive, daemon=True)
         receiver.start()
-        rss = {"peak": _rss_bytes()}
+        rss = {"peak": rss_bytes()}
         start_rss, done = rss["peak"], threading.Event()
 
         def sample() -> None:
             while not done.wait(0.01):
-                rss["peak"] = max(rss["peak"], _rss_bytes())
+                rss["peak"] = max(rss["peak"], rss_bytes())
 
         threading.Thread(target=sample, daemon=True).start()
         progress(f"migrate {size >> 20} MiB over loopback")
@@ -431,7 +431,8 @@ def _recycle_page_cache(work: Any, size: int) -> None:
     scratch.unlink()
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set size in bytes (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -440,7 +441,7 @@ def sparse_child(touch: int) -> dict[str, float]:
     """Run in a fresh process: RSS growth for a 1 TiB machine with ``touch`` bytes used."""
     from sevsim.soc import Machine
 
-    before = _rss_bytes()
+    before = rss_bytes()
     machine = Machine(get_profile("milan").with_(dram_size=1 * TiB))
     chunk = 1 * MiB
     data = np.frombuffer(os.urandom(chunk), dtype=np.uint8)
@@ -449,7 +450,7 @@ def sparse_child(touch: int) -> dict[str, float]:
     starts = sorted(rng.sample(range(0, TiB // chunk), touch // chunk))
     for index in starts:
         machine.memctl.write_from(index * chunk, data, machine.memctl.host_key_slot)
-    after = _rss_bytes()
+    after = rss_bytes()
     return {
         "sparse_dram_bytes": machine.dram.size,
         "touched_mib": touch / MiB,

@@ -191,7 +191,7 @@ class MailboxFuzzer:
     def _mutate(self, command: int, buffer: bytes) -> bytes:
         """A recorded buffer with some fields (or bits) changed."""
         rng, w = self.rng, self.world
-        layout = cmd.BUFFERS.get(_command(command))
+        layout = cmd.BUFFERS.get(cmd.command_of(command))
         data = bytearray(buffer)
         if layout is not None and layout.fields and rng.random() < 0.8:
             record = layout.parse(bytes(data).ljust(layout.size, b"\0"))
@@ -259,7 +259,7 @@ class MailboxFuzzer:
         in the buffer the firmware will read (at a hostile address: whatever is there)."""
         w, kernel = self.world, self.world.system.kernel
         aimed = (address & ~kernel.me_mask & ~0xFFF) in w.sentinel_pages
-        layout = cmd.BUFFERS.get(_command(command))
+        layout = cmd.BUFFERS.get(cmd.command_of(command))
         if layout is None or not layout.fields:
             return aimed
         if address != kernel.pa(w.cmd_page) | kernel.me_mask:
@@ -333,13 +333,6 @@ class MailboxFuzzer:
         self.world = World(self.profile, state)
 
 
-def _command(command_id: int) -> Command | None:
-    try:
-        return Command(command_id)
-    except ValueError:
-        return None
-
-
 # ---- ASID load -------------------------------------------------------------------------------
 def asid_load(
     cycles: int,
@@ -352,18 +345,15 @@ def asid_load(
     BIOS leaving ``asids`` ASIDs for plain SEV guests so that KVM keeps exhausting and
     recycling them. The checker watches every ACTIVATE the firmware accepts (never onto a
     dirty ASID) and every recycle (WBINVD on all cores, then DF_FLUSH), and the RSS."""
-    import os
     from collections import deque
+
+    from sevsim.bench import rss_bytes
 
     profile = get_profile("milan")
     profile = profile.with_(seed=seed, dram_size=1 << 30, sev_edx=profile.max_asid - asids)
     violations: list[str] = []
     activations = dirty_refused = 0
     rss: list[int] = []
-
-    def rss_bytes() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     with tempfile.TemporaryDirectory(prefix="sevsim-load-") as tmp:
         system = HostSystem.start(profile, state_dir=Path(tmp) / "state")

@@ -296,6 +296,16 @@ DEBUG = Layout(
 )
 
 # The command buffer each command takes (None: the command takes no buffer).
+
+
+def command_of(command_id: int) -> Command | None:
+    """The Command with this id, or None for an id the API does not define."""
+    try:
+        return Command(command_id)
+    except ValueError:
+        return None
+
+
 BUFFERS: dict[Command, Layout | None] = {
     Command.INIT: INIT,
     Command.SHUTDOWN: None,

@@ -157,7 +157,7 @@ class SevFirmware:
     # ---- the dispatcher ----------------------------------------------------------------
     def dispatch(self, command_id: int, buffer_addr: int) -> Status:
         entry = self._handlers.get(command_id)
-        layout = cmd.BUFFERS.get(_command(command_id))
+        layout = cmd.BUFFERS.get(cmd.command_of(command_id))
         if entry is None:
             return Status.INVALID_COMMAND
         handler, use = entry
@@ -1012,13 +1012,6 @@ class SevFirmware:
             "allocated": self._asid_allocated[asid],
             "in_use": self._asid_in_use[asid],
         }
-
-
-def _command(command_id: int) -> Command | None:
-    try:
-        return Command(command_id)
-    except ValueError:
-        return None
 
 
 def _scalar(key: ec.EllipticCurvePrivateKey) -> int:
