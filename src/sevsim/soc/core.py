@@ -444,8 +444,9 @@ class Core:
     # lines nor leave dirty ones (the data goes to DRAM at once). Other domains' lines are
     # left alone unless the part keeps domains coherent (hardware.md §4.1).
     def read_stream(self, va: int, n: int) -> bytes:
-        runs = _physical_runs(self._pieces(va, n, Access.READ))
-        return b"".join(self._fabric.read(pa, length, slot) for pa, slot, length in runs)
+        out = np.empty(n, dtype=np.uint8)
+        self.read_stream_into(va, out)
+        return out.tobytes()
 
     def read_stream_into(self, va: int, out: np.ndarray) -> None:
         """``read_stream`` into a caller's uint8 buffer (a device's DMA buffer, say): the
