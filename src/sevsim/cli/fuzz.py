@@ -27,6 +27,20 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
+def _finish(out: dict, as_json: bool, summary: list[str], problems: list[str]) -> None:
+    """A campaign's end: its JSON, or its summary lines and the first problems; exit
+    code 1 if there were any."""
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        for line in summary:
+            click.echo(line)
+        for problem in problems[:20]:
+            click.echo(f"  {problem}")
+    if problems:
+        raise SystemExit(1)
+
+
 @click.group()
 def fuzz() -> None:
     """Fuzz the SEV firmware the way a hostile host could."""
@@ -57,17 +71,11 @@ def mailbox_cmd(cases: int, seed: int, profile_name: str, as_json: bool) -> None
         "profile": profile_name,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-    else:
-        click.echo(
-            f"{report.cases} cases, {out['distinct_commands']} command ids, {report.rebuilds} "
-            f"platform rebuilds, {out['seconds']} s: {len(report.violations)} violations"
-        )
-        for v in report.violations[:20]:
-            click.echo(f"  {v}")
-    if report.violations:
-        raise SystemExit(1)
+    summary = (
+        f"{report.cases} cases, {out['distinct_commands']} command ids, {report.rebuilds} "
+        f"platform rebuilds, {out['seconds']} s: {len(report.violations)} violations"
+    )
+    _finish(out, as_json, [summary], report.violations)
 
 
 @fuzz.command("load")
@@ -99,18 +107,12 @@ def load_cmd(cycles: int, alive: int, asids: int, seed: int, as_json: bool) -> N
             cycles, alive, asids, seed, lambda done: progress.update(task, completed=done)
         )
     out["seconds"] = round(time.perf_counter() - start, 1)
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-    else:
-        click.echo(
-            f"{out['cycles']} cycles, {out['activations']} ACTIVATEs, {out['recycles']} "
-            f"recycles (WBINVD + DF_FLUSH), RSS {out['rss_mib_after_warmup']} -> "
-            f"{out['rss_mib_at_end']} MiB, {out['seconds']} s: {len(out['violations'])} violations"
-        )
-        for v in out["violations"][:20]:
-            click.echo(f"  {v}")
-    if out["violations"]:
-        raise SystemExit(1)
+    summary = (
+        f"{out['cycles']} cycles, {out['activations']} ACTIVATEs, {out['recycles']} "
+        f"recycles (WBINVD + DF_FLUSH), RSS {out['rss_mib_after_warmup']} -> "
+        f"{out['rss_mib_at_end']} MiB, {out['seconds']} s: {len(out['violations'])} violations"
+    )
+    _finish(out, as_json, [summary], out["violations"])
 
 
 @fuzz.command("tamper")
@@ -155,25 +157,17 @@ def tamper_cmd(sample: int, seed: int, only: tuple[str, ...], as_json: bool) -> 
             set(only) or None,
             lambda name, done, total: progress.update(task, description=name, completed=done),
         )
-    violations = [v for t in out.values() for v in t["violations"]]
-    if as_json:
-        click.echo(json.dumps(out | {"seconds": round(time.perf_counter() - start, 1)}, indent=2))
-    else:
-        for name, t in out.items():
-            ranges = ", ".join(t["accepted_byte_ranges"][:6])
-            more = (
-                f" … ({len(t['accepted_byte_ranges'])} ranges)"
-                if len(t["accepted_byte_ranges"]) > 6
-                else ""
-            )
-            click.echo(
-                f"{name:15} {t['tried']:6} of {t['bits']:6} bits flipped: {t['rejected']} refused"
-                + (f", {t['accepted']} ignored at bytes {ranges}{more}" if t["accepted"] else "")
-            )
-        for v in violations[:20]:
-            click.echo(f"  VIOLATION {v}")
-    if violations:
-        raise SystemExit(1)
+    violations = [f"VIOLATION {v}" for t in out.values() for v in t["violations"]]
+    summary = []
+    for name, t in out.items():
+        ranges = t["accepted_byte_ranges"]
+        shown = ", ".join(ranges[:6]) + (f" … ({len(ranges)} ranges)" if len(ranges) > 6 else "")
+        summary.append(
+            f"{name:15} {t['tried']:6} of {t['bits']:6} bits flipped: {t['rejected']} refused"
+            + (f", {t['accepted']} ignored at bytes {shown}" if t["accepted"] else "")
+        )
+    seconds = round(time.perf_counter() - start, 1)
+    _finish(out | {"seconds": seconds}, as_json, summary, violations)
 
 
 @fuzz.command("leaks")
@@ -198,16 +192,9 @@ def leaks_cmd(parts: tuple[str, ...], seed: int, as_json: bool) -> None:
     with Console(stderr=True).status("running the scenarios and scanning", spinner="dots"):
         report = scan_scenarios(parts or ("demo", "attacks", "tamper", "qmp"), seed)
     out = report.to_json() | {"seconds": round(time.perf_counter() - start, 1)}
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-    else:
-        total = sum(report.keys.values())
-        click.echo(
-            f"{total} keys recorded, {report.machines} machines' DRAM "
-            f"({report.dram_bytes >> 20} MiB raw + host view) and {report.other_bytes} bytes of "
-            f"output scanned, {out['seconds']} s: {len(report.hits)} hits"
-        )
-        for hit in report.hits[:20]:
-            click.echo(f"  {hit}")
-    if report.hits:
-        raise SystemExit(1)
+    summary = (
+        f"{sum(report.keys.values())} keys recorded, {report.machines} machines' DRAM "
+        f"({report.dram_bytes >> 20} MiB raw + host view) and {report.other_bytes} bytes of "
+        f"output scanned, {out['seconds']} s: {len(report.hits)} hits"
+    )
+    _finish(out, as_json, [summary], report.hits)
