@@ -253,8 +253,8 @@ class Proxy:
             pass
 
 
-def _stream_offsets(src: Vmm, target: TargetChain) -> dict[str, int]:
-    """Where things are in a stream of this guest (from a snapshot of it)."""
+def _stream(src: Vmm, target: TargetChain) -> bytes:
+    """This guest's migration stream (sent to memory, then cancelled: the guest runs on)."""
     import io
 
     buf = io.BytesIO()
@@ -263,7 +263,22 @@ def _stream_offsets(src: Vmm, target: TargetChain) -> dict[str, int]:
         migration.send(src, buf, target)
         src.vm.sev_send_cancel()
         src.resume_vcpus()
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def _record_starts(data: bytes) -> list[int]:
+    """The byte offset where every record of a stream starts."""
+    pos, out = len(migration.MAGIC), []
+    while pos < len(data):
+        out.append(pos)
+        _, length = migration.FRAME.unpack_from(data, pos)
+        pos += migration.FRAME.size + length
+    return out
+
+
+def _stream_offsets(src: Vmm, target: TargetChain) -> dict[str, int]:
+    """Where things are in a stream of this guest."""
+    data = _stream(src, target)
     first_page = data.index(bytes([migration.Record.PAGE]), len(migration.MAGIC) + 5)
     return {"total": len(data), "first_page": first_page}
 
@@ -399,24 +414,6 @@ def test_send_commands_follow_the_guest_states(two, tmp_path):
     src.quit()
 
 
-def _record_boundaries(src: Vmm, target: TargetChain) -> list[int]:
-    """The byte offset where every record of this guest's stream starts."""
-    import io
-
-    buf = io.BytesIO()
-    with src.lock:
-        src.pause_vcpus()
-        migration.send(src, buf, target)
-        src.vm.sev_send_cancel()
-        src.resume_vcpus()
-    data, pos, out = buf.getvalue(), len(migration.MAGIC), []
-    while pos < len(data):
-        out.append(pos)
-        _, length = migration.FRAME.unpack_from(data, pos)
-        pos += migration.FRAME.size + length
-    return out
-
-
 def test_a_connection_reset_at_every_record_leaves_one_guest_running(two, tmp_path):
     """Cut before each record and inside it (sampled evenly over the stream): the source
     guest runs on, unchanged, and the destination keeps nothing — never two guests."""
@@ -424,7 +421,7 @@ def test_a_connection_reset_at_every_record_leaves_one_guest_running(two, tmp_pa
     target = chain_of(b)
     src = source(a, tmp_path)
     dst, port = destination(b, tmp_path)
-    starts = _record_boundaries(src, target)
+    starts = _record_starts(_stream(src, target))
     resume_block = dbg(src, 0x00FF_F000, 64)
     points = sorted({starts[i] + d for i in range(0, len(starts), max(1, len(starts) // 12))
                      for d in (0, 7)})  # fmt: skip
