@@ -152,17 +152,12 @@ def bench_guest_loads(count: int, rounds: int, progress: Progress) -> dict[str, 
     """8-byte loads inside an SEV guest (nested translation, guest TLB and cache hits),
     timed by the guest, against the bare loop of ``bench_loads`` timed by the host between
     the guest's rounds."""
-    from sevsim.guest import kernel as guest_kernel
-    from sevsim.host.kvm import Kvm
     from sevsim.system import HostSystem
 
     progress("guest loads: starting an SEV guest")
     memory = 4 * MiB
     with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
-        kvm = Kvm(system.kernel, system.sev)
-        vm = kvm.create_vm(memory, sev=True, name="bench")
-        line = guest_kernel.cmdline(memory, workload=f"loads:{count}:{rounds}")
-        vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+        vm = system.start_guest("bench", memory, workload=f"loads:{count}:{rounds}")
         span = 256 * 1024  # the guest's workload: the same offsets over the same span
         rng = random.Random(1)
         offsets = [rng.randrange(0, span // 8) * 8 for _ in range(count)]

@@ -103,13 +103,12 @@ class World:
         self.sentinel_state = self._sentinel_fingerprint()
 
     def _guest(self, name: str, policy: int, stage: str):
-        kvm = self.system.kvm
-        vm = kvm.create_vm(GUEST_MEMORY, sev=True, name=name)
-        image = guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY, secret=name))
         if stage == "running":
-            vm.launch(image, guest_kernel.GUEST_ENTRY, policy=policy)
+            vm = self.system.start_guest(name, GUEST_MEMORY, policy=policy, secret=name)
             vm.run()
             return vm
+        vm = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name=name)
+        image = guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY, secret=name))
         vm.sev_launch_start(policy)
         for gpa, data in image:
             vm.write(gpa, data)
@@ -375,12 +374,10 @@ def asid_load(
 
             fw._activate_common = watched
             running: deque = deque()
-            line = guest_kernel.cmdline(GUEST_MEMORY)
             for cycle in range(cycles):
                 if len(running) == alive:
                     running.popleft().destroy()
-                vm = kvm.create_vm(GUEST_MEMORY, sev=True, name=f"g{cycle}")
-                vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+                vm = system.start_guest(f"g{cycle}", GUEST_MEMORY)
                 exits = vm.run()
                 if [e.reason for e in exits] != ["DONE"]:
                     violations.append(f"cycle {cycle}: the guest ended with {exits}")

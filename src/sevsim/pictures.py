@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sevsim.guest import kernel as guest_kernel
 from sevsim.guest.picture import SIZE, padlock  # noqa: F401 - part of this module's API
 from sevsim.host.kvm import Vm
 from sevsim.profiles import MachineProfile
@@ -39,9 +38,7 @@ def _bytes_image(data: bytes, width: int) -> Image.Image:
 def _guest_picture(profile: MachineProfile, sev: bool, cmdline: str) -> tuple[bytes, bytes]:
     """(what the guest reads, what DRAM holds) of the padlock a guest keeps privately."""
     with HostSystem.start(profile, cmdline=cmdline) as system:
-        vm = system.kvm.create_vm(GUEST_MEMORY, sev=sev, name="picture")
-        line = guest_kernel.cmdline(GUEST_MEMORY, workload="picture")
-        vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+        vm = system.start_guest("picture", GUEST_MEMORY, sev=sev, workload="picture")
         vm.run()
         report = system.machine.observe_guest(vm.vcpus[0].vmcb_addr)
         system.kernel.wbinvd_on_all_cpus()
@@ -121,10 +118,8 @@ def scenario(profile: MachineProfile) -> tuple[HostSystem, list[Vm]]:
     vms = []
     guests = (("alpha", True, "picture"), ("beta", True, None), ("plain", False, None))
     for name, sev, workload in guests:
-        vm = system.kvm.create_vm(GUEST_MEMORY, sev=sev, name=name)
         options = {"workload": workload} if workload else {"secret": name}
-        line = guest_kernel.cmdline(GUEST_MEMORY, **options)
-        vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+        vm = system.start_guest(name, GUEST_MEMORY, sev=sev, **options)
         vm.run()
         vms.append(vm)
     system.kernel.wbinvd_on_all_cpus()

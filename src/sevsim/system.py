@@ -16,8 +16,9 @@ from sevsim.amd.kds import KeyDistributionService
 from sevsim.api.status import Status
 from sevsim.certs.chain import SevChain, decode_platform_certs
 from sevsim.certs.sev import SevCert
+from sevsim.guest import kernel as guest_kernel
 from sevsim.host import HostKernel
-from sevsim.host.kvm import Kvm
+from sevsim.host.kvm import Kvm, Vm
 from sevsim.host.sev import IoctlResult, SevDevice
 from sevsim.paths import data_dir as default_data_dir
 from sevsim.profiles import MachineProfile
@@ -85,6 +86,16 @@ class HostSystem:
     def kvm(self) -> Kvm:
         """The host's hypervisor (one per host: it owns the ASID allocator)."""
         return Kvm(self.kernel, self.sev)
+
+    def start_guest(
+        self, name: str, memory: int = 4 << 20, sev: bool = True, policy: int = 0, **options: object
+    ) -> Vm:
+        """A VM running the model's guest kernel, launched as KVM does it (LAUNCH_* for an
+        SEV guest); ``options`` go on its command line (``workload=``, ``secret=``...)."""
+        vm = self.kvm.create_vm(memory, sev=sev, name=name)
+        line = guest_kernel.cmdline(memory, **options)
+        vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY, policy=policy)
+        return vm
 
     @property
     def kds(self) -> KeyDistributionService:

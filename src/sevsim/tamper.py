@@ -234,8 +234,7 @@ def _secrets(system, owner, want, tick) -> list[Tally]:
 
 def _packets(a, b, sample, rng, want, tick) -> list[Tally]:
     """RECEIVE_UPDATE_DATA of a flipped migration packet; the receiver stays in RUPDATE."""
-    src = _new_vm(a)
-    src.launch(guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY)), guest_kernel.GUEST_ENTRY)
+    src = a.start_guest("source", GUEST_MEMORY)
     src.run()
     target = TargetChain.from_chain(b.export_chain(full=True).encode(full=True))
     blob, policy = src.sev_send_start(target.pdh, target.plat_certs, target.amd_certs)
@@ -296,8 +295,7 @@ def _snapshot(system, work: Path, sample, rng, tick) -> Tally:
     from sevsim.host.vmm import VmConfig, Vmm, VmmError
 
     src = Vmm(system, VmConfig(firmware=None, memory=GUEST_MEMORY))
-    src.vm = vm = system.kvm.create_vm(GUEST_MEMORY, sev=True, name="snapshot-source")
-    vm.launch(guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY)), guest_kernel.GUEST_ENTRY)
+    src.vm = vm = system.start_guest("snapshot-source", GUEST_MEMORY)
     vm.run()
     target = TargetChain.from_chain(system.export_chain(full=True).encode(full=True))
     good = work / "guest.snap"

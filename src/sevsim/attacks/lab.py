@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sevsim.guest import kernel as guest_kernel
 from sevsim.host.kvm import Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
@@ -92,13 +91,7 @@ def attack(name: str, title: str, explanation: str, mitigation: str):
 def start_guest(system: HostSystem, name: str, workload: str | None = None, **kw: Any) -> Vm:
     """An SEV guest running the guest kernel, launched the way KVM does it."""
     options = {"secret": name} | ({"workload": workload} if workload else {})
-    vm = system.kvm.create_vm(GUEST_MEMORY, sev=True, name=name)
-    vm.launch(
-        guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY, **options)),
-        guest_kernel.GUEST_ENTRY,
-        **kw,
-    )
-    return vm
+    return system.start_guest(name, GUEST_MEMORY, **kw, **options)
 
 
 def victim_view(system: HostSystem, vm: Vm) -> Any:

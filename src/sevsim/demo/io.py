@@ -181,10 +181,7 @@ def _disk_step(system: HostSystem, work: Path, encrypted: bool) -> Step:
 
 
 def _dma_step(system: HostSystem) -> Step:
-    kvm = system.kvm
-    vm = kvm.create_vm(4 * MiB, sev=True, name="dma")
-    line = guest_kernel.cmdline(4 * MiB, secret="dma", workload="dma")
-    vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+    vm = system.start_guest("dma", 4 * MiB, secret="dma", workload="dma")
     try:
         first = vm.vcpus[0].run()  # the guest keeps its secret, then waits in HLT
         # The guest kernel keeps its secret in its first data page: the host knows the

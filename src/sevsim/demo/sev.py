@@ -15,7 +15,6 @@ from sevsim.api.commands import Command
 from sevsim.api.status import Status
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.demo.steps import Step, Table, View
-from sevsim.guest import kernel as guest_kernel
 from sevsim.host.kvm import RunExit, Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
@@ -43,9 +42,7 @@ class _Story:
         self.key_of: dict[int, str] = {}  # ASID -> whose VEK the slot holds (narration)
 
     def start(self, name: str, sev: bool = True) -> Vm:
-        vm = self.kvm.create_vm(GUEST_MEMORY, sev=sev, name=name)
-        line = guest_kernel.cmdline(GUEST_MEMORY, secret=name)
-        vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY)
+        vm = self.system.start_guest(name, GUEST_MEMORY, sev=sev, secret=name)
         if sev:
             self.key_of[vm.asid] = f"{name}'s VEK"
         self.vms[name] = vm
