@@ -176,11 +176,16 @@ class LeakScan:
         """Scan what the run showed the host (outputs, logs, files, streams)."""
         import base64
 
+        # Keys as they would be printed: base64 (a prefix, whatever the alignment) and hex.
+        encoded = [
+            (label, base64.b64encode(key)[:20], key.hex().encode())
+            for key, label in self.keys.items()
+        ]
         for where, data in self.captured:
             self._find(where, data)
             self.report.other_bytes += len(data)
-            for key, label in self.keys.items():  # keys printed as base64 or hex
-                if base64.b64encode(key)[:20] in data or key.hex().encode() in data:
+            for label, b64, hexed in encoded:
+                if b64 in data or hexed in data:
                     self.report.hits.append(f"{label} (encoded) found in {where}")
         return self.report
 
