@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * guest.h - what the C files of the sevsim guest firmware share.
+ */
+#ifndef SEVSIM_GUEST_H
+#define SEVSIM_GUEST_H
+
+/*
+ * The code is position-independent (-fpie) and every symbol is hidden, so the
+ * compiler reaches code and constants RIP-relative, with no GOT: the firmware
+ * runs at 0xFFFFxxxx, where the small code model's sign-extended 32-bit
+ * absolute addresses cannot point. Linux's arch/x86/boot/compressed does the
+ * same (its hidden.h). RAM is reached through fixed addresses (layout.h).
+ */
+#pragma GCC visibility push(hidden)
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "layout.h"
+
+#define noreturn __attribute__((noreturn))
+
+/* --- Port I/O and privileged instructions ------------------------------- */
+static inline void outb(uint16_t port, uint8_t v)
+{
+	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline void outw(uint16_t port, uint16_t v)
+{
+	__asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+	uint8_t v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+
+static inline uint64_t read_cr2(void)
+{
+	uint64_t v;
+	__asm__ volatile("mov %%cr2, %0" : "=r"(v));
+	return v;
+}
+
+static inline uint64_t read_cr3(void)
+{
+	uint64_t v;
+	__asm__ volatile("mov %%cr3, %0" : "=r"(v));
+	return v;
+}
+
+static inline void write_cr3(uint64_t v)
+{
+	__asm__ volatile("mov %0, %%cr3" : : "r"(v) : "memory");
+}
+
+static inline void invlpg(uint64_t va)
+{
+	__asm__ volatile("invlpg (%0)" : : "r"(va) : "memory");
+}
+
+static inline void clflush(uint64_t va)
+{
+	__asm__ volatile("clflush (%0)" : : "r"(va) : "memory");
+}
+
+static inline noreturn void halt_forever(void)
+{
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+/* --- serial.c: the console on COM1 ------------------------------------- */
+void serial_init(void);
+void serial_putc(char c);
+/* One console line: "sevsim-guest: " + fmt + "\n". A tiny printf: %s %c %u %x,
+ * with 'l' for 64-bit values (%lu, %lx). */
+void say(const char *fmt, ...);
+/* Writes len bytes as 2*len lowercase hex digits and a NUL into out. */
+void hex_string(char *out, const uint8_t *data, size_t len);
+
+/* --- string.c ---------------------------------------------------------- */
+void *memset(void *dst, int c, size_t n);
+void *memcpy(void *dst, const void *src, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+
+/* --- sha256.c ----------------------------------------------------------- */
+#define SHA256_DIGEST_SIZE 32
+void sha256(const void *data, size_t len, uint8_t digest[SHA256_DIGEST_SIZE]);
+int sha256_self_test(void);
+
+/* --- fw_cfg.c ----------------------------------------------------------- */
+/* Reads the fw_cfg file `name` into buf (NUL-terminated); returns its length,
+ * or -1 if there is no fw_cfg device or no such file. */
+int fw_cfg_read_file(const char *name, char *buf, size_t size);
+
+/* --- mem_encrypt.c ------------------------------------------------------ */
+int sev_active(void);
+void set_page_decrypted(uint64_t gpa);
+
+/* --- exceptions.c ------------------------------------------------------- */
+struct trap_frame {			/* as built by entry64.S */
+	uint64_t r15, r14, r13, r12, r11, r10, r9, r8;
+	uint64_t rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	uint64_t vector, error_code;	/* pushed by the stub */
+	uint64_t rip, cs, rflags, rsp, ss;	/* pushed by the CPU */
+};
+void exception_handler(struct trap_frame *f);
+
+/* --- workloads.S -------------------------------------------------------- */
+uint64_t alu_loop(uint64_t n);
+uint64_t mem_loop(uint64_t base, uint64_t bytes, uint64_t rounds);
+uint64_t probe_read8(uint64_t addr);	/* ~0 if the read faulted */
+
+/* --- main.c ------------------------------------------------------------- */
+noreturn void main(void);
+
+#endif

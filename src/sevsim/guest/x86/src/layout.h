@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * layout.h - every fixed address of the sevsim guest firmware, in one place.
+ *
+ * Included by the assembly (.S, through the C preprocessor) and by the C files,
+ * so only plain numbers and macros live outside the __ASSEMBLER__ guard.
+ *
+ * "GPA" is a guest-physical address. Until paging is on, and afterwards through
+ * the identity map, a guest-virtual address equals its GPA.
+ */
+#ifndef SEVSIM_GUEST_LAYOUT_H
+#define SEVSIM_GUEST_LAYOUT_H
+
+/* --- The image: a flat 64 KiB flash image that ends at 4 GiB. ----------- */
+#define IMAGE_SIZE      0x10000
+#define IMAGE_BASE      0xFFFF0000      /* 4 GiB - IMAGE_SIZE */
+#define RESET_VECTOR    0xFFFFFFF0      /* where every x86 CPU fetches first */
+#define TEXT16_BASE     0xFFFFFF00      /* real-mode code + GDT, just below it */
+
+/* --- Segment selectors (index * 8) of the GDT in reset16.S. ------------- */
+#define CODE32_SEL      0x08            /* flat 32-bit code */
+#define DATA_SEL        0x10            /* flat 32-bit data (also used in long mode) */
+#define CODE64_SEL      0x18            /* 64-bit code (L=1) */
+
+/* --- RAM (all private, i.e. encrypted, when SEV is active). ------------ */
+#define BOOT_INFO_GPA   0x9000          /* struct boot_info, below */
+#define PML4_GPA        0x10000         /* page-map level 4 */
+#define PDPT_GPA        0x11000         /* page-directory-pointer table */
+#define PD_GPA          0x12000         /* 4 page directories, 0x12000-0x15FFF */
+#define PD_COUNT        4               /* 4 x 1 GiB = the first 4 GiB */
+#define SPLIT_PT_GPA    0x16000         /* 4 KiB page table made when a 2 MiB page is split */
+#define IDT_GPA         0x17000         /* interrupt descriptor table (vectors 0-31) */
+#define IDT_VECTORS     32
+#define STACK_TOP       0x80000         /* the stack grows down from here */
+
+#define SECRET_GPA      0x200000        /* private page: "sevsim secret:" + 32 random bytes */
+#define SHARED_GPA      0x201000        /* page shared with the hypervisor (C-bit clear) */
+#define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
+#define MEM_LOOP_GPA    0x400000        /* 8 MiB worked over by mem_loop() */
+#define MEM_LOOP_BYTES  0x800000
+
+#define SECRET_MARKER   "sevsim secret:"
+#define SHARED_MAGIC    "SEVSIM-SHARED"
+
+/* --- struct boot_info at BOOT_INFO_GPA: byte offsets, for the assembly. -- */
+#define BI_SEV_STATUS   0x00    /* u64: SEV_STATUS MSR (0 when not read) */
+#define BI_ME_MASK      0x08    /* u64: 1 << C-bit when SEV is active, else 0 */
+#define BI_CBIT         0x10    /* u32: C-bit position when SEV is active, else 0 */
+#define BI_SEV_CPUID    0x14    /* u32: CPUID 0x8000001F EAX (0 if the leaf is absent) */
+#define BI_RESUME_RIP   0x18    /* u64: where the next exception resumes (0 = halt) */
+#define BI_LAST_VECTOR  0x20    /* u64: vector of the last exception taken */
+#define BI_LAST_ERROR   0x28    /* u64: its error code */
+#define BI_LAST_CR2     0x30    /* u64: CR2 when it was taken */
+#define BOOT_INFO_SIZE  0x40
+
+/* --- Architectural bits (names as in the AMD64 APM). -------------------- */
+#define CR0_PE          (1 << 0)        /* protection enable */
+#define CR0_WP          (1 << 16)       /* write protect (also in ring 0) */
+#define CR0_NW          (1 << 29)       /* not write-through */
+#define CR0_CD          (1 << 30)       /* cache disable */
+#define CR0_PG          (1 << 31)       /* paging */
+#define CR4_PAE         (1 << 5)        /* physical-address extension */
+
+#define MSR_EFER        0xC0000080
+#define EFER_LME        (1 << 8)        /* long mode enable */
+#define EFER_NXE        (1 << 11)       /* no-execute enable */
+#define MSR_SEV_STATUS  0xC0010131      /* Linux: MSR_AMD64_SEV */
+#define SEV_STATUS_SEV  (1 << 0)        /* bit 0: SEV is active for this guest */
+
+#define CPUID_SEV_LEAF  0x8000001F      /* AMD memory encryption leaf */
+#define SEV_CPUID_SME   (1 << 0)        /* EAX bit 0: SME supported */
+#define SEV_CPUID_SEV   (1 << 1)        /* EAX bit 1: SEV supported */
+#define SEV_CPUID_COHERENT (1 << 10)    /* EAX bit 10: HwEnforcedCacheCoh */
+
+#define PTE_P           (1 << 0)        /* present */
+#define PTE_RW          (1 << 1)        /* writable */
+#define PTE_PS          (1 << 7)        /* page size: a 2 MiB page in a PDE */
+
+#define KVM_HC_MAP_GPA_RANGE 12         /* include/uapi/linux/kvm_para.h */
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+
+struct boot_info {
+	uint64_t sev_status;
+	uint64_t me_mask;
+	uint32_t cbit;
+	uint32_t sev_cpuid_eax;
+	uint64_t resume_rip;
+	uint64_t last_vector;
+	uint64_t last_error;
+	uint64_t last_cr2;
+};
+
+_Static_assert(__builtin_offsetof(struct boot_info, sev_status) == BI_SEV_STATUS, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, me_mask) == BI_ME_MASK, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, cbit) == BI_CBIT, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, sev_cpuid_eax) == BI_SEV_CPUID, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, resume_rip) == BI_RESUME_RIP, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, last_vector) == BI_LAST_VECTOR, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, last_error) == BI_LAST_ERROR, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, last_cr2) == BI_LAST_CR2, "layout");
+_Static_assert(sizeof(struct boot_info) <= BOOT_INFO_SIZE, "layout");
+
+/* The firmware runs from flash, so it has no writable globals: its state lives
+ * at fixed RAM addresses, like the temporary RAM of OVMF's SEC phase. */
+#define BOOT_INFO ((volatile struct boot_info *)BOOT_INFO_GPA)
+#endif
+
+#endif

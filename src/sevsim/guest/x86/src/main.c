@@ -1,0 +1,209 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * main.c - the C part: report SEV, then run the workloads named in the
+ * fw_cfg file opt/sevsim/workload (default: "secret"), in order.
+ */
+#include "guest.h"
+
+#define PAGE_SIZE	0x1000
+#define WORKLOAD_FILE	"opt/sevsim/workload"
+#define WORKLOAD_MAX	256
+#define RDRAND_TRIES	100	/* per 64-bit word, as Intel's DRNG guide suggests (10 there) */
+
+/* --- secret -------------------------------------------------------------- */
+
+static int rdrand_supported(void)
+{
+	uint32_t a, b, c, d;
+
+	cpuid(1, &a, &b, &c, &d);
+	return (c >> 30) & 1;		/* CPUID.01H:ECX bit 30 = RDRAND */
+}
+
+/* RDRAND sets CF=1 when it delivered a random number; CF=0 means the DRNG
+ * had none ready just now, so retry a bounded number of times. */
+static int rdrand64(uint64_t *v)
+{
+	for (int i = 0; i < RDRAND_TRIES; i++) {
+		uint8_t ok;
+		__asm__ volatile("rdrand %0" : "=r"(*v), "=@ccc"(ok));
+		if (ok)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * A secret in private memory, and a message about it in a shared page:
+ *   SECRET_GPA: "sevsim secret:" + 32 random bytes       (private, encrypted)
+ *   SHARED_GPA: "SEVSIM-SHARED\0\0\0" + u64 SECRET_GPA + SHA-256 of the secret
+ * The hypervisor should be able to read the shared page but never the secret.
+ */
+static void workload_secret(void)
+{
+	uint8_t *page = (uint8_t *)SECRET_GPA;
+	uint8_t *secret = page + sizeof(SECRET_MARKER) - 1;
+	uint8_t *shared = (uint8_t *)SHARED_GPA;
+	uint8_t digest[SHA256_DIGEST_SIZE];
+	char hex[2 * SHA256_DIGEST_SIZE + 1];
+	uint64_t word, gpa = SECRET_GPA;
+
+	if (!rdrand_supported()) {
+		say("rdrand failed (CPUID.01H:ECX.RDRAND is 0)");
+		halt_forever();
+	}
+	memset(page, 0, PAGE_SIZE);
+	memcpy(page, SECRET_MARKER, sizeof(SECRET_MARKER) - 1);
+	for (int i = 0; i < 4; i++) {
+		if (!rdrand64(&word)) {
+			say("rdrand failed");
+			halt_forever();
+		}
+		memcpy(secret + 8 * i, &word, 8);
+	}
+	word = 0;
+	sha256(secret, 32, digest);
+
+	set_page_decrypted(SHARED_GPA);
+	memset(shared, 0, PAGE_SIZE);		/* the old contents read as ciphertext */
+	memcpy(shared, SHARED_MAGIC, sizeof(SHARED_MAGIC) - 1);	/* zero-padded to 16 */
+	memcpy(shared + 16, &gpa, 8);
+	memcpy(shared + 24, digest, SHA256_DIGEST_SIZE);
+
+	hex_string(hex, digest, SHA256_DIGEST_SIZE);
+	say("secret at 0x%x, sha256 %s", SECRET_GPA, hex);
+	say("shared page at 0x%x", SHARED_GPA);
+}
+
+/* --- pf, gp: exceptions that the handler reports and resumes from --------- */
+
+static void expect_fault(const char *name, uint64_t addr, uint64_t vector)
+{
+	volatile struct boot_info *bi = BOOT_INFO;
+
+	bi->last_vector = ~0ULL;
+	uint64_t v = probe_read8(addr);
+	if (v == ~0ULL && bi->last_vector == vector && (vector != 14 || bi->last_cr2 == addr))
+		say("%s ok", name);
+	else
+		say("%s FAILED", name);
+}
+
+/* --- selfmod: code written as data, then run -------------------------------- */
+
+typedef uint32_t (*selfmod_fn)(void);
+
+static void workload_selfmod(void)
+{
+	/* mov $1, %eax (B8 imm32); ret (C3) */
+	static const uint8_t code[] = { 0xB8, 0x01, 0x00, 0x00, 0x00, 0xC3 };
+	volatile uint8_t *buf = (volatile uint8_t *)SELFMOD_GPA;
+	selfmod_fn fn = (selfmod_fn)(uintptr_t)SELFMOD_GPA;
+
+	for (size_t i = 0; i < sizeof(code); i++)
+		buf[i] = code[i];
+	uint32_t first = fn();
+	/* x86 notices stores to code it is about to run; no flush is needed
+	 * on the same CPU (AMD64 APM vol. 2, 7.6.1 "Self-modifying code"). */
+	buf[1] = 0x02;
+	uint32_t second = fn();
+	say("selfmod %u %u", first, second);
+}
+
+/* --- the workload list ------------------------------------------------------ */
+
+/* Decimal digits only, at least one, no overflow. */
+static int parse_u64(const char *s, uint64_t *out)
+{
+	uint64_t v = 0;
+
+	if (!*s)
+		return 0;
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9' || v > (~0ULL - 9) / 10)
+			return 0;
+		v = v * 10 + (uint64_t)(*s - '0');
+	}
+	*out = v;
+	return 1;
+}
+
+static int streq(const char *a, const char *b)
+{
+	return strlen(a) == strlen(b) && memcmp(a, b, strlen(a)) == 0;
+}
+
+static int starts_with(const char *s, const char *prefix)
+{
+	return strlen(s) >= strlen(prefix) && memcmp(s, prefix, strlen(prefix)) == 0;
+}
+
+static void run_workload(const char *w)
+{
+	uint64_t n;
+
+	if (streq(w, "secret")) {
+		workload_secret();
+	} else if (streq(w, "pf")) {
+		/* 4 GiB: just above the identity map, so no PDPT entry maps it. */
+		expect_fault("pf", 0x100000000ULL, 14);
+	} else if (streq(w, "gp")) {
+		/* Bits 63:48 are not copies of bit 47: a non-canonical address. */
+		expect_fault("gp", 0x8000000000000000ULL, 13);
+	} else if (streq(w, "selfmod")) {
+		workload_selfmod();
+	} else if (streq(w, "spin")) {
+		say("spinning");
+		/* Never exits to the hypervisor: only a timer can take the CPU back. */
+		for (;;)
+			__asm__ volatile("1: jmp 1b");
+	} else if (starts_with(w, "alu:") && parse_u64(w + 4, &n)) {
+		say("alu %lx", alu_loop(n));
+	} else if (starts_with(w, "mem:") && parse_u64(w + 4, &n)) {
+		say("mem %lx", mem_loop(MEM_LOOP_GPA, MEM_LOOP_BYTES, n));
+	} else {
+		say("unknown workload %s", w);
+	}
+}
+
+static int is_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+noreturn void main(void)
+{
+	char list[WORKLOAD_MAX];
+
+	serial_init();
+	say("booting");
+
+	if (sev_active())
+		say("SEV active, C-bit %u, SEV_STATUS 0x%lx",
+		    BOOT_INFO->cbit, BOOT_INFO->sev_status);
+	else
+		say("SEV not active");
+
+	say(sha256_self_test() ? "sha256 self-test ok" : "sha256 self-test failed");
+
+	if (fw_cfg_read_file(WORKLOAD_FILE, list, sizeof(list)) < 0)
+		memcpy(list, "secret", sizeof("secret"));
+	say("workload %s", list);
+
+	/* Split the list in place at white space and run each word. */
+	for (char *p = list; *p;) {
+		while (is_space(*p))
+			p++;
+		if (!*p)
+			break;
+		char *word = p;
+		while (*p && !is_space(*p))
+			p++;
+		if (*p)
+			*p++ = '\0';
+		run_workload(word);
+	}
+
+	say("done");
+	halt_forever();
+}

@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * string.c - the few C library functions the compiler may call on its own
+ * (for struct copies and clears) and the firmware uses. Built with
+ * -fno-tree-loop-distribute-patterns, so these loops are not turned back
+ * into calls to themselves.
+ */
+#include "guest.h"
+
+void *memset(void *dst, int c, size_t n)
+{
+	uint8_t *d = dst;
+
+	while (n--)
+		*d++ = (uint8_t)c;
+	return dst;
+}
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+	uint8_t *d = dst;
+	const uint8_t *s = src;
+
+	while (n--)
+		*d++ = *s++;
+	return dst;
+}
+
+int memcmp(const void *a, const void *b, size_t n)
+{
+	const uint8_t *x = a, *y = b;
+
+	for (; n; n--, x++, y++)
+		if (*x != *y)
+			return *x - *y;
+	return 0;
+}
+
+size_t strlen(const char *s)
+{
+	size_t n = 0;
+
+	while (s[n])
+		n++;
+	return n;
+}

@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * workloads.S - small functions in hand-written assembly, with the System V
+ * calling convention (arguments in RDI, RSI, RDX; result in RAX), exported
+ * by name in sevsim-guest.sym.json so that a bare emulator can call them too.
+ * They use no memory but their arguments and no stack beyond the return
+ * address.
+ */
+#include "layout.h"
+
+	.code64
+	.section .text
+
+/*
+ * uint64_t alu_loop(uint64_t n)
+ *
+ * A register-only loop: n rounds of add, xor, rotate. No loads, no stores.
+ *     x = 0x0123456789ABCDEF
+ *     for c = n down to 1:  x = rol64((x + 0x9E3779B97F4A7C15) ^ c, 13)
+ *     return x
+ */
+	.globl	alu_loop
+	.balign	16
+alu_loop:
+	movabsq	$0x0123456789ABCDEF, %rax
+	movabsq	$0x9E3779B97F4A7C15, %rdx	/* 2^64 / golden ratio, odd */
+	testq	%rdi, %rdi
+	jz	2f
+1:	addq	%rdx, %rax
+	xorq	%rdi, %rax
+	rolq	$13, %rax
+	decq	%rdi
+	jnz	1b
+2:	ret
+
+/*
+ * uint64_t mem_loop(uint64_t base, uint64_t bytes, uint64_t rounds)
+ *
+ * 8-byte loads and stores over [base, base + bytes). With n = bytes / 8:
+ *     q[i] = i                     for every i < n        (one store pass)
+ *     repeat rounds times:
+ *         for i < n: x = q[i]; sum += x; q[i] = x + 1     (load + store)
+ *     return sum   (= rounds * n(n-1)/2 + n * rounds(rounds-1)/2, mod 2^64)
+ * Filling first makes the result independent of what RAM held before.
+ */
+	.globl	mem_loop
+	.balign	16
+mem_loop:
+	shrq	$3, %rsi			/* n: number of 8-byte words */
+	xorl	%eax, %eax			/* sum */
+	xorl	%ecx, %ecx			/* i */
+	testq	%rsi, %rsi
+	jz	9f
+1:	movq	%rcx, (%rdi, %rcx, 8)		/* q[i] = i */
+	incq	%rcx
+	cmpq	%rsi, %rcx
+	jb	1b
+	testq	%rdx, %rdx
+	jz	9f
+2:	xorl	%ecx, %ecx
+3:	movq	(%rdi, %rcx, 8), %r8		/* x = q[i] */
+	addq	%r8, %rax			/* sum += x */
+	incq	%r8
+	movq	%r8, (%rdi, %rcx, 8)		/* q[i] = x + 1 */
+	incq	%rcx
+	cmpq	%rsi, %rcx
+	jb	3b
+	decq	%rdx
+	jnz	2b
+9:	ret
+
+/*
+ * uint64_t probe_read8(uint64_t addr)
+ *
+ * Reads one byte at addr and returns it, or returns ~0 if the read raised an
+ * exception. It registers a resume address in the boot-info block; the
+ * exception handler (exceptions.c) sends the faulting CPU there instead of
+ * halting. RSP is the same at the load and at the resume label, because the
+ * IRETQ restores the RSP the CPU saved at the fault.
+ */
+	.globl	probe_read8
+	.balign	16
+probe_read8:
+	leaq	1f(%rip), %rax
+	movq	%rax, BOOT_INFO_GPA + BI_RESUME_RIP	/* register the resume address */
+	movzbl	(%rdi), %eax			/* the access that may fault */
+	jmp	2f
+1:	movq	$-1, %rax			/* resumed here after an exception */
+2:	movq	$0, BOOT_INFO_GPA + BI_RESUME_RIP	/* unregister */
+	ret
+
+	.section .note.GNU-stack, "", @progbits

@@ -1,0 +1,275 @@
+"""The x86 guest firmware image (src/sevsim/guest/x86): its build is reproducible, its
+shape is what a reset vector needs, and it boots on plain QEMU (TCG) with the console
+lines each workload promises. None of this needs sevsim's engine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import sevsim.guest
+
+X86 = Path(sevsim.guest.__file__).resolve().parent / "x86"
+IMAGE = X86 / "sevsim-guest.fd"
+SYMS = X86 / "sevsim-guest.sym.json"
+BUILD = X86 / "build.sh"
+FOUR_GIB = 1 << 32
+RAM = 64 << 20  # what the QEMU runs below give the guest
+PREFIX = "sevsim-guest: "
+M64 = (1 << 64) - 1
+
+QEMU = shutil.which("qemu-system-x86_64")
+needs_qemu = pytest.mark.skipif(
+    QEMU is None, reason="qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
+)
+
+
+def test_build_check_reproduces_the_shipped_files():
+    missing = [t for t in ("gcc", "as", "ld", "objcopy", "nm") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"toolchain missing: {', '.join(missing)}")
+    gcc = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout
+    ld = subprocess.run(["ld", "--version"], capture_output=True, text=True).stdout
+    if gcc.strip() != "12.2.0" or not ld.splitlines()[0].endswith(" 2.40"):
+        pytest.skip("the image is pinned to gcc 12.2.0 / binutils 2.40 (Debian 12)")
+    r = subprocess.run(["bash", str(BUILD), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_image_is_64k_and_ends_with_the_reset_vector():
+    image = IMAGE.read_bytes()
+    assert len(image) in (64 << 10, 128 << 10)
+    vector = image[-16:]
+    # A jump: near (E9 rel16) or short (EB rel8), as real-mode code at 0xFFFFFFF0.
+    assert vector[0] in (0xE9, 0xEB), vector.hex()
+    # Its target lies inside the 64 KiB real-mode segment, in the image.
+    if vector[0] == 0xE9:
+        target = (0xFFF3 + int.from_bytes(vector[1:3], "little")) & 0xFFFF
+    else:
+        target = (0xFFF2 + int.from_bytes(vector[1:2], "little", signed=True)) & 0xFFFF
+    assert target < 0xFFF0
+    assert image[len(image) - 0x10000 + target] == 0xFA  # real_start begins with CLI
+
+
+def test_symbol_file():
+    text = SYMS.read_text()
+    assert text.endswith("}\n")
+    syms = json.loads(text)
+    assert list(syms) == sorted(syms)
+    image_base = FOUR_GIB - IMAGE.stat().st_size
+    required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop", "idt",
+                "SECRET_GPA", "SHARED_GPA", "PML4_GPA"}
+    assert required <= set(syms)
+    for name, addr in syms.items():
+        assert isinstance(addr, int), name
+        # Code in the flash window below 4 GiB, or a fixed address in the guest's RAM.
+        assert image_base <= addr < FOUR_GIB or 0 <= addr <= RAM, (name, hex(addr))
+    assert syms["reset_vector"] == FOUR_GIB - 16
+    assert syms["IMAGE_BASE"] == image_base
+    assert (syms["SECRET_GPA"], syms["SHARED_GPA"], syms["PML4_GPA"]) == (
+        0x200000, 0x201000, 0x10000)
+    for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop"):
+        assert image_base <= syms[code] < FOUR_GIB - 16, code
+    # The functions are in the image, not in the 0xFF padding.
+    image = IMAGE.read_bytes()
+    for code in ("alu_loop", "mem_loop"):
+        assert image[syms[code] - image_base] != 0xFF, code
+
+
+# --- QEMU -------------------------------------------------------------------------
+
+
+def alu_model(n: int) -> int:
+    """What alu_loop(n) computes (see workloads.S)."""
+    x = 0x0123456789ABCDEF
+    for c in range(n, 0, -1):
+        x = ((x + 0x9E3779B97F4A7C15) & M64) ^ c
+        x = ((x << 13) | (x >> 51)) & M64
+    return x
+
+
+def mem_model(nbytes: int, rounds: int) -> int:
+    """What mem_loop(base, nbytes, rounds) returns (see workloads.S)."""
+    n = nbytes // 8
+    return (rounds * n * (n - 1) // 2 + n * rounds * (rounds - 1) // 2) & M64
+
+
+class Qemu:
+    """One QEMU TCG run of the image; its console (COM1 on stdio) read line by line."""
+
+    def __init__(self, workload: str | None, cpu: str = "qemu64,+rdrand", qmp: Path | None = None):
+        cmd = [QEMU, "-machine", "pc", "-cpu", cpu, "-nographic", "-no-reboot", "-m", "64M",
+               "-bios", str(IMAGE), "-serial", "stdio", "-display", "none", "-monitor", "none"]
+        if workload is not None:
+            cmd += ["-fw_cfg", f"name=opt/sevsim/workload,string={workload}"]
+        if qmp is not None:
+            cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines: list[str | None] = []  # None marks the end of output
+        self._new = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._new:
+                self.lines.append(line.rstrip("\r\n"))
+                self._new.notify_all()
+        with self._new:
+            self.lines.append(None)  # EOF
+            self._new.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 8.0) -> list[str]:
+        """Waits for a console line matching pattern; returns all lines so far."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while not any(ln is not None and re.search(pattern, ln) for ln in self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] is None):
+                    raise AssertionError(f"no line matching {pattern!r}; got {self.lines}")
+                self._new.wait(left)
+            return [ln for ln in self.lines if ln is not None]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def run_guest(workload: str | None, until: str = r"^sevsim-guest: (done|halted)$", **kw):
+    with Qemu(workload, **kw) as q:
+        lines = q.wait_for(until)
+    guest = [ln for ln in lines if ln.startswith(PREFIX)]
+    return [ln[len(PREFIX):] for ln in guest]
+
+
+SHA_RE = r"secret at 0x200000, sha256 ([0-9a-f]{64})"
+
+
+@needs_qemu
+def test_qemu_workloads():
+    out = run_guest("secret pf gp selfmod alu:1000 mem:1 nonsense")
+    assert out[:4] == ["booting", "SEV not active", "sha256 self-test ok",
+                       "workload secret pf gp selfmod alu:1000 mem:1 nonsense"]
+    rest = out[4:]
+    assert re.fullmatch(SHA_RE, rest[0]), rest
+    assert rest[1] == "shared page at 0x201000"
+    assert re.fullmatch(r"exception page-fault \(#14\) at rip=0xffff[0-9a-f]{4} error=0x0 "
+                        r"cr2=0x100000000", rest[2]), rest[2]
+    assert rest[3] == "pf ok"
+    assert re.fullmatch(r"exception general-protection \(#13\) at rip=0xffff[0-9a-f]{4} "
+                        r"error=0x0 cr2=0x[0-9a-f]+", rest[4]), rest[4]
+    assert rest[5] == "gp ok"
+    assert rest[6] == "selfmod 1 2"
+    assert rest[7] == f"alu {alu_model(1000):x}"
+    assert rest[8] == f"mem {mem_model(8 << 20, 1):x}"
+    assert rest[9] == "unknown workload nonsense"
+    assert rest[10:] == ["done"]
+
+
+@needs_qemu
+def test_qemu_default_workload_is_secret():
+    out = run_guest(None)
+    assert out[3] == "workload secret"
+    assert re.fullmatch(SHA_RE, out[4])
+    assert out[5:] == ["shared page at 0x201000", "done"]
+
+
+@needs_qemu
+def test_qemu_without_rdrand_the_secret_halts():
+    # QEMU's default TCG CPU (qemu64) has no RDRAND: the reason the runs above add it.
+    out = run_guest("secret", cpu="qemu64", until=r"rdrand failed")
+    assert out[-1].startswith("rdrand failed")
+
+
+@needs_qemu
+def test_qemu_spin_never_returns():
+    with Qemu("spin selfmod") as q:
+        q.wait_for(r"^sevsim-guest: spinning$")
+        time.sleep(0.5)
+        assert q.proc.poll() is None
+        assert not any(ln and "selfmod" in ln and "workload" not in ln for ln in q.lines)
+
+
+def _qmp(path: Path, *commands: dict) -> None:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(path))
+            break
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with s, s.makefile("rw") as f:
+        json.loads(f.readline())  # the greeting
+        for cmd in ({"execute": "qmp_capabilities"}, *commands):
+            f.write(json.dumps(cmd) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply:
+                    break
+                assert "error" not in reply, reply
+
+
+@needs_qemu
+def test_qemu_secret_and_shared_page_in_memory(tmp_path):
+    """After `secret`: the private page holds marker + secret, the shared page holds the
+    magic, SECRET_GPA and the secret's SHA-256, and the 2 MiB page was split."""
+    sock = tmp_path / "qmp.sock"
+    with Qemu("secret", qmp=sock) as q:
+        lines = q.wait_for(r"^sevsim-guest: done$")
+        dump = tmp_path / "mem.bin"
+        _qmp(sock, {"execute": "pmemsave",
+                    "arguments": {"val": 0, "size": 0x202000, "filename": str(dump)}})
+        mem = dump.read_bytes()
+    digest = re.search(SHA_RE, "\n".join(lines)).group(1)
+
+    secret_page = mem[0x200000:0x201000]
+    assert secret_page.startswith(b"sevsim secret:")
+    secret = secret_page[14:46]
+    assert hashlib.sha256(secret).hexdigest() == digest
+    assert secret != bytes(32)
+
+    shared = mem[0x201000:0x202000]
+    assert shared[:16] == b"SEVSIM-SHARED\0\0\0"
+    assert int.from_bytes(shared[16:24], "little") == 0x200000
+    assert shared[24:56].hex() == digest
+
+    def entry(gpa: int) -> int:  # without the Accessed and Dirty bits the CPU sets
+        return int.from_bytes(mem[gpa:gpa + 8], "little") & ~0x60
+
+    assert entry(0x10000) & ~0xFFF == 0x11000  # PML4[0] -> PDPT
+    pde = entry(0x12000 + 8)  # PD 0, entry 1: 0x200000-0x3FFFFF
+    assert pde & 0x80 == 0 and pde & ~0xFFF == 0x16000  # split into the table at 0x16000
+    assert entry(0x16000 + 8) == 0x201000 | 0x3  # present, writable, no C-bit without SEV
+    assert entry(0x12000) == 0x83  # 2 MiB pages elsewhere
+
+
+def test_mem_model_small():
+    # The closed form of mem_model against the loop it describes.
+    n_bytes, rounds = 64, 3
+    q = list(range(n_bytes // 8))
+    total = 0
+    for _ in range(rounds):
+        for i, x in enumerate(q):
+            total += x
+            q[i] = x + 1
+    assert mem_model(n_bytes, rounds) == total
