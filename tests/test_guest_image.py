@@ -67,7 +67,8 @@ def test_symbol_file():
     assert list(syms) == sorted(syms)
     image_base = FOUR_GIB - IMAGE.stat().st_size
     required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop", "idt",
-                "SECRET_GPA", "SHARED_GPA", "PML4_GPA"}
+                "SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA", "PML4_GPA",
+                "SPLIT_PT_GPA"}
     assert required <= set(syms)
     for name, addr in syms.items():
         assert isinstance(addr, int), name
@@ -77,6 +78,13 @@ def test_symbol_file():
     assert syms["IMAGE_BASE"] == image_base
     assert (syms["SECRET_GPA"], syms["SHARED_GPA"], syms["PML4_GPA"]) == (
         0x200000, 0x201000, 0x10000)
+    assert (syms["ALIAS_GPA"], syms["ALIAS_FLUSH_GPA"]) == (0x202000, 0x203000)
+    # The pages made shared are distinct 4 KiB pages of the one 2 MiB page the firmware
+    # splits (into the table at SPLIT_PT_GPA), all below the guest's 12 MiB minimum.
+    shared = [syms[n] for n in ("SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA")]
+    assert len(set(shared)) == len(shared)
+    assert all(gpa % 4096 == 0 and gpa >> 21 == 1 for gpa in shared)
+    assert syms["SPLIT_PT_GPA"] == 0x16000
     for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop"):
         assert image_base <= syms[code] < FOUR_GIB - 16, code
     # The functions are in the image, not in the 0xFF padding.
@@ -179,6 +187,35 @@ def test_qemu_workloads():
     assert rest[8] == f"mem {mem_model(8 << 20, 1):x}"
     assert rest[9] == "unknown workload nonsense"
     assert rest[10:] == ["done"]
+
+
+@needs_qemu
+def test_qemu_alias_workloads_need_sev():
+    """Plain QEMU has no SEV: the cache-alias lessons say so and the boot goes on."""
+    out = run_guest("secret alias alias-flush pf")
+    assert out[:4] == ["booting", "SEV not active", "sha256 self-test ok",
+                       "workload secret alias alias-flush pf"]
+    assert re.fullmatch(SHA_RE, out[4]), out
+    assert out[5:8] == ["shared page at 0x201000", "alias needs SEV", "alias-flush needs SEV"]
+    assert out[8].startswith("exception page-fault (#14)"), out
+    assert out[9:] == ["pf ok", "done"]
+
+
+@needs_qemu
+def test_qemu_alias_alone_leaves_memory_alone(tmp_path):
+    """Without SEV `alias` returns before it writes anything or splits the 2 MiB page."""
+    sock = tmp_path / "qmp.sock"
+    with Qemu("alias alias-flush", qmp=sock) as q:
+        lines = q.wait_for(r"^sevsim-guest: done$")
+        dump = tmp_path / "mem.bin"
+        _qmp(sock, {"execute": "pmemsave",
+                    "arguments": {"val": 0, "size": 0x204000, "filename": str(dump)}})
+        mem = dump.read_bytes()
+    assert "sevsim-guest: alias needs SEV" in lines
+    assert "sevsim-guest: alias-flush needs SEV" in lines
+    assert mem[0x202000:0x204000] == bytes(0x2000)
+    pde = int.from_bytes(mem[0x12008:0x12010], "little") & ~0x60
+    assert pde == 0x200000 | 0x83  # still one 2 MiB page
 
 
 @needs_qemu

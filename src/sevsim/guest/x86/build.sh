@@ -32,7 +32,7 @@ EXPORTS=(
 	exception_stubs exception_common exception_handler main
 	alu_loop mem_loop probe_read8 idt
 	IMAGE_BASE BOOT_INFO_GPA PML4_GPA PDPT_GPA PD_GPA SPLIT_PT_GPA IDT_GPA
-	STACK_TOP SECRET_GPA SHARED_GPA SELFMOD_GPA MEM_LOOP_GPA
+	STACK_TOP SECRET_GPA SHARED_GPA ALIAS_GPA ALIAS_FLUSH_GPA SELFMOD_GPA MEM_LOOP_GPA
 )
 
 for tool in gcc ld objcopy nm; do

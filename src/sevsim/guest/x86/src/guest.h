@@ -74,6 +74,12 @@ static inline void clflush(uint64_t va)
 	__asm__ volatile("clflush (%0)" : : "r"(va) : "memory");
 }
 
+/* Write back and invalidate every line of every cache. */
+static inline void wbinvd(void)
+{
+	__asm__ volatile("wbinvd" : : : "memory");
+}
+
 static inline noreturn void halt_forever(void)
 {
 	for (;;)
@@ -107,7 +113,9 @@ int fw_cfg_read_file(const char *name, char *buf, size_t size);
 
 /* --- mem_encrypt.c ------------------------------------------------------ */
 int sev_active(void);
-void set_page_decrypted(uint64_t gpa);
+int enc_cache_flush_required(void);
+void clflush_page(uint64_t va);
+void set_page_decrypted(uint64_t gpa, int flush);
 
 /* --- exceptions.c ------------------------------------------------------- */
 struct trap_frame {			/* as built by entry64.S */

@@ -33,11 +33,18 @@
 #define IDT_VECTORS     32
 #define STACK_TOP       0x80000         /* the stack grows down from here */
 
+#define SPLIT_REGION_GPA 0x200000       /* the 2 MiB page split into SPLIT_PT_GPA's 4 KiB pages */
 #define SECRET_GPA      0x200000        /* private page: "sevsim secret:" + 32 random bytes */
 #define SHARED_GPA      0x201000        /* page shared with the hypervisor (C-bit clear) */
+#define ALIAS_GPA       0x202000        /* `alias`: made shared without a cache flush */
+#define ALIAS_FLUSH_GPA 0x203000        /* `alias-flush`: made shared after a cache flush */
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
 #define MEM_LOOP_GPA    0x400000        /* 8 MiB worked over by mem_loop() */
 #define MEM_LOOP_BYTES  0x800000
+
+#define PAGE_SIZE       0x1000
+#define LARGE_PAGE_SIZE 0x200000        /* a PDE with PTE_PS */
+#define CACHE_LINE_SIZE 64              /* what CLFLUSH works on (CPUID 1 EBX[15:8] * 8) */
 
 #define SECRET_MARKER   "sevsim secret:"
 #define SHARED_MAGIC    "SEVSIM-SHARED"

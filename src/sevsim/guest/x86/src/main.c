@@ -5,7 +5,6 @@
  */
 #include "guest.h"
 
-#define PAGE_SIZE	0x1000
 #define WORKLOAD_FILE	"opt/sevsim/workload"
 #define WORKLOAD_MAX	256
 #define RDRAND_TRIES	100	/* per 64-bit word, as Intel's DRNG guide suggests (10 there) */
@@ -64,7 +63,7 @@ static void workload_secret(void)
 	word = 0;
 	sha256(secret, 32, digest);
 
-	set_page_decrypted(SHARED_GPA);
+	set_page_decrypted(SHARED_GPA, enc_cache_flush_required());
 	memset(shared, 0, PAGE_SIZE);		/* the old contents read as ciphertext */
 	memcpy(shared, SHARED_MAGIC, sizeof(SHARED_MAGIC) - 1);	/* zero-padded to 16 */
 	memcpy(shared + 16, &gpa, 8);
@@ -73,6 +72,69 @@ static void workload_secret(void)
 	hex_string(hex, digest, SHA256_DIGEST_SIZE);
 	say("secret at 0x%x, sha256 %s", SECRET_GPA, hex);
 	say("shared page at 0x%x", SHARED_GPA);
+}
+
+/* --- alias, alias-flush: the cache and the C-bit --------------------------- */
+
+#define ALIAS_OLD	"old data through C=1 "	/* 21 bytes, repeated over the page */
+#define ALIAS_NEW	"new data through C=0 "
+#define ALIAS_LEN	(sizeof(ALIAS_OLD) - 1)
+#define LINES_PER_PAGE	(PAGE_SIZE / CACHE_LINE_SIZE)
+
+_Static_assert(sizeof(ALIAS_OLD) == sizeof(ALIAS_NEW), "the two patterns have one length");
+
+static void fill_pattern(volatile uint8_t *page, const char *pattern)
+{
+	for (size_t i = 0; i < PAGE_SIZE; i++)
+		page[i] = (uint8_t)pattern[i % ALIAS_LEN];
+}
+
+/* How many of the page's 64-byte lines do not hold exactly their part of the
+ * pattern. */
+static unsigned lines_not_holding(volatile const uint8_t *page, const char *pattern)
+{
+	unsigned lost = 0;
+
+	for (size_t line = 0; line < PAGE_SIZE; line += CACHE_LINE_SIZE)
+		for (size_t i = line; i < line + CACHE_LINE_SIZE; i++)
+			if (page[i] != (uint8_t)pattern[i % ALIAS_LEN]) {
+				lost++;
+				break;
+			}
+	return lost;
+}
+
+/*
+ * A private page made shared, then used as a driver uses a buffer it hands to
+ * a device: write through the new (C=0) mapping, push the data to DRAM with
+ * CLFLUSH, and later (WBINVD) let the caches write back whatever they hold.
+ *
+ * flush = 0 (`alias`) skips the flush that set_memory_decrypted() does before
+ * clearing the C-bit, whatever CPUID says: dirty lines written through the
+ * C=1 mapping stay in the cache, tagged with the guest's key. A CLFLUSH
+ * through the C=0 mapping names the other alias and misses them; WBINVD then
+ * writes them back, encrypted, over the new data. Without HwEnforcedCacheCoh
+ * every line is lost (64 of 64); with it, the CPU writes back and drops the
+ * C=1 lines as soon as the page is used through C=0, and none is.
+ * flush = 1 (`alias-flush`) flushes through the C=1 mapping first, as Linux
+ * does: nothing is lost anywhere.
+ */
+static void workload_alias(const char *name, uint64_t gpa, int flush)
+{
+	volatile uint8_t *page = (volatile uint8_t *)gpa;
+
+	if (!sev_active()) {
+		/* Without SEV there is one mapping, not two: nothing to show. */
+		say("%s needs SEV", name);
+		return;
+	}
+	fill_pattern(page, ALIAS_OLD);		/* through C=1: dirty private lines */
+	set_page_decrypted(gpa, flush);		/* C=1 -> C=0, flushed only if flush */
+	fill_pattern(page, ALIAS_NEW);		/* through C=0 */
+	clflush_page(gpa);			/* the new data to DRAM, for a device */
+	wbinvd();				/* later: every cache written back */
+	say("%s %u of %u lines lost", name, lines_not_holding(page, ALIAS_NEW),
+	    (unsigned)LINES_PER_PAGE);
 }
 
 /* --- pf, gp: exceptions that the handler reports and resumes from --------- */
@@ -144,6 +206,10 @@ static void run_workload(const char *w)
 
 	if (streq(w, "secret")) {
 		workload_secret();
+	} else if (streq(w, "alias")) {
+		workload_alias("alias", ALIAS_GPA, 0);
+	} else if (streq(w, "alias-flush")) {
+		workload_alias("alias-flush", ALIAS_FLUSH_GPA, 1);
 	} else if (streq(w, "pf")) {
 		/* 4 GiB: just above the identity map, so no PDPT entry maps it. */
 		expect_fault("pf", 0x100000000ULL, 14);
