@@ -28,7 +28,7 @@ domain (processor self-snoop).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 
 import numpy as np
@@ -63,6 +63,7 @@ class Cache:
         self.geometry = geometry
         self.coherent = coherent
         self._memctl = memctl
+        self._dram = memctl.dram
         self._set_mask = geometry.sets - 1
         if geometry.sets & self._set_mask:
             raise ValueError("the number of cache sets must be a power of two")
@@ -76,6 +77,10 @@ class Cache:
         self._slots_of_line: dict[int, list[int]] = {}  # line PA -> domains holding it
         self._lines_in_page: dict[int, int] = {}  # page PA -> cached lines (all domains)
         self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
+        # Pages a cache level above this one may hold newer data of (the instruction
+        # engine's frames): page PA -> a function that writes that data back into this
+        # cache. Every access to such a page by anyone calls it first.
+        self.upper: dict[int, Callable[[int], None]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -88,7 +93,21 @@ class Cache:
         """The live dict of one page's resident lines in one domain (line index -> data).
         A core may keep it for its fast path; a dict that empties is dropped and replaced,
         so a stale one only ever misses."""
+        if page_pa in self.upper:
+            self._sync(page_pa, 1)
         return self._pages.setdefault((slot << DOMAIN_SHIFT) | page_pa, {})
+
+    def _sync(self, pa: int, n: int) -> None:
+        upper = self.upper
+        lo, hi = pa & ~0xFFF, pa + max(n, 1)
+        if (hi - lo) >> 12 > len(upper):
+            pages = [page for page in upper if lo <= page < hi]
+        else:
+            pages = range(lo, hi, 4096)
+        for page_pa in pages:
+            sync = upper.pop(page_pa, None)
+            if sync is not None:
+                sync(page_pa)
 
     def _get(self, key: int) -> bytearray | None:
         lines = self._pages.get(key & ~0xFFF)
@@ -160,6 +179,8 @@ class Cache:
     # ---- CPU accesses -----------------------------------------------------------------
     def read(self, pa: int, n: int, slot: int, memtype: MemType = MemType.WB) -> bytes:
         """Read n bytes at pa (may span lines) in the given domain."""
+        if self.upper:
+            self._sync(pa, n)
         if memtype in (MemType.UC, MemType.WC, MemType.UC_MINUS):
             for line_pa in _lines_of(pa, n):
                 if self.coherent:
@@ -175,8 +196,29 @@ class Cache:
             out += self._line(line_pa, slot)[lo - line_pa : hi - line_pa]
         return bytes(out)
 
+    def read_page_into(self, page_pa: int, slot: int, out: np.ndarray) -> None:
+        """A whole page as this domain sees it, into ``out``, without allocating lines:
+        resident lines of the domain as they are, the rest decrypted from DRAM (what a
+        cache level above this one loads; with HwEnforcedCacheCoh the other domains'
+        lines of the page are written back and dropped first)."""
+        if self.upper:
+            self._sync(page_pa, 4096)
+        if page_pa in self._lines_in_page:
+            if self.coherent:
+                for line_pa in range(page_pa, page_pa + 4096, LINE_SIZE):
+                    if line_pa in self._slots_of_line:
+                        self._drop_other_domains(line_pa, slot)
+            self._memctl.read_into(page_pa, out, slot)
+            for index, line in self._pages.get((slot << DOMAIN_SHIFT) | page_pa, {}).items():
+                out[index * LINE_SIZE : (index + 1) * LINE_SIZE] = np.frombuffer(line, np.uint8)
+        else:
+            self._memctl.read_into(page_pa, out, slot)
+
     def write(self, pa: int, data: bytes, slot: int, memtype: MemType = MemType.WB) -> None:
+        if self.upper:
+            self._sync(pa, len(data))
         n = len(data)
+        self._dram.touch(pa, n)
         for line_pa in _lines_of(pa, n):
             lo, hi = max(pa, line_pa), min(pa + n, line_pa + LINE_SIZE)
             part = data[lo - pa : hi - pa]
@@ -200,6 +242,8 @@ class Cache:
     def clflush(self, pa: int, slot: int) -> None:
         """CLFLUSH: write back and invalidate the line of pa *in this domain only*; other
         domains' lines of the same address survive unless the hardware is coherent."""
+        if self.upper:
+            self._sync(pa, 1)
         line_pa = pa & ~LINE_MASK
         if self.coherent:
             self._drop_other_domains(line_pa, slot)
@@ -208,6 +252,8 @@ class Cache:
     def clflush_range(self, pa: int, n: int, slot: int) -> None:
         """CLFLUSH of every line of [pa, pa+n) (one physical page at most), skipping the
         lines that are not cached at all."""
+        if self.upper:
+            self._sync(pa, n)
         if (pa & ~0xFFF) in self._lines_in_page:
             for line_pa in _lines_of(pa, n):
                 self.clflush(line_pa, slot)
@@ -215,6 +261,8 @@ class Cache:
     def flush_page(self, page_pa: int, slot: int) -> int:
         """VM_PAGE_FLUSH: write back and invalidate one page's lines of one domain.
         Returns how many lines were flushed."""
+        if self.upper:
+            self._sync(page_pa, 1)
         flushed = 0
         lines = self._pages.get((slot << DOMAIN_SHIFT) | page_pa, {})
         for index in sorted(lines):
@@ -227,6 +275,9 @@ class Cache:
         every domain, set by set, oldest first within a set (so of two aliases of one
         address, the older is written first and the newer stays in DRAM). Returns how many
         lines were written back."""
+        while self.upper:
+            page_pa, sync = self.upper.popitem()
+            sync(page_pa)
         written = len(self._dirty)
         self._write_back_all()
         self._dirty.clear()
@@ -271,6 +322,8 @@ class Cache:
         """What a fabric access (firmware, DMA) does to the cache before it reaches DRAM:
         write back the same domain's dirty lines of the range (and drop them for a write);
         with HwEnforcedCacheCoh, write back and drop the other domains' lines too."""
+        if self.upper:
+            self._sync(pa, n)
         slots_of_line = self._slots_of_line
         lines_in_page = self._lines_in_page
         cached: list[int] = []

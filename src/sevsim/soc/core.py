@@ -1,9 +1,9 @@
 """A CPU core: control registers, operating modes, CPUID/MSRs, TLB, and memory accesses.
 
-There is no instruction decoder: software in the model (host kernel, later the guest
-kernel) is Python code that drives a core through ``load``/``store``/``read``/``write``/
-``fetch``/``cpuid``/``rdmsr``/``wrmsr``/``write_cr*``/``invlpg``/``clflush``/``wbinvd`` —
-the interface an instruction engine would sit on. Every access goes through the real
+Host software in the model is Python code that drives a core through ``load``/``store``/
+``read``/``write``/``fetch``/``cpuid``/``rdmsr``/``wrmsr``/``write_cr*``/``invlpg``/
+``clflush``/``wbinvd``; a real-code guest's instruction engine (``sevsim.soc.x86``) uses
+the same translation (``translation``). Every access goes through the real
 path: linear address -> page walk over page-table bytes in DRAM (or the TLB) -> physical
 address + C-bit -> key slot -> cache -> memory controller -> DRAM.
 
@@ -62,6 +62,7 @@ _MASK = {n: (1 << (8 * n)) - 1 for n in (1, 2, 4, 8)}
 # TLB keys of large-page entries: a tag above any VPN, then the VPN of the page's base.
 _LARGE_TAG = {1 << 21: 1 << 60, 1 << 22: 1 << 61, 1 << 30: 1 << 62}  # 2M, 4M (32-bit), 1G
 _U64 = _UNPACK[8]
+_PAGE_ADDR = (1 << 52) - 4096  # a line key's page address (below the domain bits)
 _EFER_WRITABLE = (1 << 0) | EFER_LME | EFER_NXE | (1 << 12)  # SCE, LME, NXE, SVME
 _SYSCFG_WRITABLE = sum(1 << b for b in (18, 19, 20, 21, 22, 24, 25))  # not 23: the BIOS's
 
@@ -75,6 +76,8 @@ class Core:
         self._cache = machine.cache
         self._fabric = machine.fabric
         self._dirty = machine.cache._dirty  # shared with the cache; never rebound there
+        self._touch = machine.dram.touch
+        self.tlb_epoch = 0  # counts TLB flushes: a cache of this TLB (the engine's) follows it
         self._tables = HostTables(self)
         self._guest: GuestMode | None = None  # set between VMRUN and #VMEXIT
         # Architectural state at reset: real mode, paging off.
@@ -155,6 +158,7 @@ class Core:
         self._fast_w.clear()
 
     def _flush_tlb(self, keep_global: bool) -> None:
+        self.tlb_epoch += 1
         if keep_global:
             for vpn in [v for v, t in self._tlb.items() if not t.global_]:
                 del self._tlb[vpn]
@@ -298,6 +302,20 @@ class Core:
 
     def translate(self, va: int, access: Access = Access.READ) -> Translation:
         """Linear -> physical for one access, through the TLB (filling it on a miss)."""
+        t = self.translation(va, access)
+        if t.memtype == MemType.WB:
+            vpn = (va & (1 << 64) - 1) >> 12
+            slot = t.slot if t.slot >= 0 else self.key_slot(t.c_bit)
+            lines = self._cache.page_lines(slot, t.page_pa)
+            if self._allowed(t, Access.READ):
+                self._fast_r[vpn] = lines
+            if self._allowed(t, Access.WRITE):
+                self._fast_w[vpn] = (lines, (slot << DOMAIN_SHIFT) | t.page_pa)
+        return t
+
+    def translation(self, va: int, access: Access = Access.READ) -> Translation:
+        """``translate`` without setting up the fast path of ``load``/``store`` (what an
+        instruction engine that keeps its own TLB asks for)."""
         va = self._canonical(va)
         vpn = va >> 12
         t = self._tlb.get(vpn)
@@ -330,13 +348,6 @@ class Core:
                 # A large-page entry serves every 4 KiB page it covers, as on hardware.
                 base_pa = t.page_pa - ((va & ~0xFFF) - t.page_base)
                 self._tlb[_LARGE_TAG[t.page_size] | t.page_base >> 12] = replace(t, page_pa=base_pa)
-        if t.memtype == MemType.WB:
-            slot = t.slot if t.slot >= 0 else self.key_slot(t.c_bit)
-            lines = self._cache.page_lines(slot, t.page_pa)
-            if self._allowed(t, Access.READ):
-                self._fast_r[vpn] = lines
-            if self._allowed(t, Access.WRITE):
-                self._fast_w[vpn] = (lines, (slot << DOMAIN_SHIFT) | t.page_pa)
         return t
 
     def _large_entry(self, va: int) -> Translation | None:
@@ -359,7 +370,11 @@ class Core:
         if self._cpl == 3 and not t.user:
             return False
         if access == Access.WRITE:
-            return t.dirty and (t.writable or (self._cpl < 3 and not self._cfg.wp))
+            return (
+                t.dirty
+                and (t.writable or (self._cpl < 3 and not self._cfg.wp))
+                and t.npt_writable
+            )
         if access == Access.FETCH:
             return not t.nx and not (self._cpl < 3 and t.user and self._cfg.smep)
         return True
@@ -380,6 +395,7 @@ class Core:
     def invlpg(self, va: int) -> None:
         """Drop the translation of the page holding va, whatever its size."""
         va = self._canonical(va)
+        self.tlb_epoch += 1
         self._tlb.pop(va >> 12, None)
         covering = [
             vpn
@@ -413,6 +429,7 @@ class Core:
             if line is not None:
                 _PACK[size](line, va & 63, value & _MASK[size])
                 self._dirty.add(entry[1] | (va & 0xFC0))
+                self._touch(entry[1] & _PAGE_ADDR, 1)
                 return
         self.write(va, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 

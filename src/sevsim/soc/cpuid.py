@@ -12,7 +12,9 @@ Regs = tuple[int, int, int, int]
 
 # Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, PAT, PSE-36, CLFSH, MMX, FXSR, SSE, SSE2.
 _LEAF1_EDX = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 9, 13, 16, 17, 19, 23, 24, 25, 26))
-_LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23)  # SSE3, CMPXCHG16B, POPCNT
+# Leaf 1 ECX: SSE3, SSSE3, CMPXCHG16B, SSE4.1, SSE4.2, POPCNT, AES, RDRAND (every EPYC has
+# them, and the instruction engine executes them).
+_LEAF1_ECX = sum(1 << b for b in (0, 9, 13, 19, 20, 23, 25, 30))
 LEAF1_ECX_HYPERVISOR = 1 << 31
 _EXT1_EDX = (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29)  # NX, Page1GB, RDTSCP, LM
 _EXT1_ECX = (1 << 0) | (1 << 2)  # LahfSahf, SVM

@@ -33,6 +33,8 @@ class DRAM:
         self._maps: dict[int, mmap.mmap] = {}
         self._regions: dict[int, np.ndarray] = {}
         self._written: dict[int, np.ndarray] = {}  # per region: which pages were ever written
+        self.page_gen: dict[int, int] = {}  # page number -> clock of its last change
+        self.clock = 0
 
     # ---- bounds ------------------------------------------------------------------
     def check(self, pa: int, n: int) -> None:
@@ -62,8 +64,17 @@ class DRAM:
             yield pa, index, length
             pa += length
 
+    def touch(self, pa: int, n: int) -> None:
+        """Note that what [pa, pa+n) holds (here, or in a cache line above) changed: a copy
+        kept elsewhere (the instruction engine's frames) compares generations to know."""
+        gen = self.page_gen
+        for page in range(pa >> PAGE_SHIFT, (pa + max(n, 1) - 1 >> PAGE_SHIFT) + 1):
+            self.clock += 1
+            gen[page] = self.clock
+
     def store_view(self, pa: int, n: int) -> np.ndarray:
         """A writable view of [pa, pa+n) inside one region; marks its pages written."""
+        self.touch(pa, n)
         index = pa >> REGION_SHIFT
         off = pa & (REGION_SIZE - 1)
         region = self._region(index)

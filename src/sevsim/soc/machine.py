@@ -57,6 +57,7 @@ class Machine:
         # Per ASID, the CCXs on which the firmware has enabled it (VMRUN checks this).
         self._asid_enabled: dict[int, int] = {}
         self._guest_threads: dict = {}  # VMCB PA -> the vCPU's execution context (svm.py)
+        self._x86_vcpus: dict = {}  # VMCB PA -> the instruction engine of a real-code vCPU
         self.cores = [Core(self, i) for i in range(profile.cores)]
         self.state_dir = None if state_dir is None else Path(state_dir)
         self._lock = None
@@ -108,18 +109,44 @@ class Machine:
         thread = self._guest_threads.get(vmcb_addr & ~self.cbit_mask)
         return None if thread is None else thread.result
 
+    def guest_view(self, vmcb_addr: int, va: int, n: int) -> bytes:
+        """What the guest of this vCPU reads at its virtual address ``va`` (its translation
+        and its key): the observer's window of demos, tests and a debugger inside the guest
+        — hardware has no such thing, and host code never uses it."""
+        from sevsim.soc.nested import guest_view
+
+        return guest_view(self.cores[0], vmcb_addr, va, n)
+
+    def use_x86(self, vmcb_addr: int) -> None:
+        """This VMCB's vCPU executes real x86 code (``sevsim.soc.x86``). MODEL plumbing:
+        the other engine, the Python guest programs, is kept for flows not yet ported."""
+        from sevsim.soc.x86.vcpu import X86Vcpu
+
+        pa = vmcb_addr & ~self.cbit_mask
+        if pa not in self._x86_vcpus:
+            self._x86_vcpus[pa] = X86Vcpu(self)
+
+    def x86_vcpu(self, vmcb_pa: int) -> Any:
+        return self._x86_vcpus.get(vmcb_pa)
+
     def forget_vmcb(self, vmcb_addr: int) -> None:
         """The VMCB page is being freed: end the execution context of its vCPU. (Model
         plumbing: on hardware a vCPU that is never run again simply stops existing.)"""
         thread = self._guest_threads.pop(vmcb_addr & ~self.cbit_mask, None)
         if thread is not None:
             thread.kill()
+        engine = self._x86_vcpus.pop(vmcb_addr & ~self.cbit_mask, None)
+        if engine is not None:
+            engine.kill()
 
     def close(self) -> None:
         """Power off: end every guest and release the state directory for other processes."""
         for thread in self._guest_threads.values():
             thread.kill()
         self._guest_threads.clear()
+        for engine in self._x86_vcpus.values():
+            engine.kill()
+        self._x86_vcpus.clear()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -82,7 +82,7 @@ from sevsim.soc.svm import (
 if TYPE_CHECKING:
     from sevsim.soc.core import Core
 
-CODE_SIZE = 4096  # how many bytes at RIP the model's decoder looks at
+CODE_SIZE = 4096  # how many bytes at RIP a Python guest program's check looks at
 _INJECTABLE = {6: InvalidOpcode, 13: GeneralProtection}
 EFER_SVME = 1 << 12
 
@@ -116,11 +116,27 @@ class GuestTables:
 
     def read_entry(self, gpa: int, size: int, c_bit: bool) -> int:
         spa, slot = self._mode.table_access(gpa, write=False)
+        frame = self._frame(spa, slot)
+        if frame is not None:
+            off = spa & 0xFFF
+            return int.from_bytes(frame.view[off : off + size].tobytes(), "little")
         return int.from_bytes(self._mode.cache.read(spa, size, slot), "little")
 
     def write_entry(self, gpa: int, size: int, c_bit: bool, value: int) -> None:
         spa, slot = self._mode.table_access(gpa, write=True)
+        frame = self._frame(spa, slot)
+        if frame is not None:
+            off = spa & 0xFFF
+            frame.view[off : off + size] = memoryview(value.to_bytes(size, "little"))
+            frame.written = True
+            return
         self._mode.cache.write(spa, value.to_bytes(size, "little"), slot)
+
+    def _frame(self, spa: int, slot: int):
+        """The instruction engine's current copy of a table page, if it has one: the walk
+        sees the vCPU's own latest stores, as the hardware walker does."""
+        frames = self._mode.frames
+        return None if frames is None else frames.lookup(slot, spa & ~0xFFF)
 
 
 class GuestMode:
@@ -153,6 +169,7 @@ class GuestMode:
         )
         self.tables = GuestTables(self)
         self.host_tables = HostTables(core)
+        self.frames = None  # the instruction engine's memory, while a real-code vCPU runs
 
     @property
     def sev_status(self) -> int:
@@ -195,7 +212,8 @@ class GuestMode:
             page_pa=ht.page_pa,
             c_bit=guest_c,
             memtype=MemType.WB,
-            writable=writable and ht.writable,
+            writable=writable,
+            npt_writable=ht.writable,
             user=user,
             nx=nx or ht.nx,
             dirty=dirty and ht.dirty,
@@ -419,6 +437,33 @@ class GuestVcpu:
             self._core.wbinvd()
 
 
+def guest_view(core: Core, vmcb_addr: int, va: int, n: int) -> bytes:
+    """What the guest of this VMCB reads at its virtual address ``va``: its own page walk,
+    the NPT and its key, as a debugger inside the guest would see it. An observer's window
+    (demos, tests, the debugger stub): it changes no TLB and no register."""
+    machine = core.machine
+    smee = bool(machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)
+    vmcb_slot = core._memctl.key_slot(bool(vmcb_addr & machine.cbit_mask) and smee, 0)
+    v = VMCB.parse(core._cache.read(vmcb_addr & ~machine.cbit_mask, VMCB_SIZE, vmcb_slot))
+    saved = (core.cr0, core.cr3, core.cr4, core.efer, core.pat, core._guest, core._cfg)
+    try:
+        core.cr0, core.cr3, core.cr4, core.efer = v.cr0, v.cr3, v.cr4, v.efer
+        core.pat = v.g_pat
+        mode = core._guest = GuestMode(core, v, core.cr4, core.efer, core.pat)
+        mode.frames = getattr(machine.x86_vcpu(vmcb_addr & ~machine.cbit_mask), "frames", None)
+        cfg = core._walk_config()
+        out = bytearray()
+        pos, end = va, va + n
+        while pos < end:
+            t = mode.translate(pos, Access.READ, cfg, v.cpl)
+            length = min(end, (pos | 0xFFF) + 1) - pos
+            out += core._cache.read(t.page_pa | (pos & 0xFFF), length, t.slot)
+            pos += length
+        return bytes(out)
+    finally:
+        core.cr0, core.cr3, core.cr4, core.efer, core.pat, core._guest, core._cfg = saved
+
+
 def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
     """VMRUN: enter the guest the VMCB at ``vmcb_addr`` describes; return at its #VMEXIT."""
     machine = core.machine
@@ -456,6 +501,7 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
     if v.tlb_control == TLB_CONTROL_FLUSH_ALL_ASIDS:
         for tlb in core._tlbs.values():
             tlb.clear()
+        core.tlb_epoch += 1
     core.cr0, core.cr3, core.cr4, core.efer = v.cr0, v.cr3, v.cr4, v.efer
     core.pat = v.g_pat if v.nested_ctl & NP_ENABLE else core.pat
     core._cpl = v.cpl
@@ -465,7 +511,32 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         core._flush_tlb(keep_global=v.tlb_control == TLB_CONTROL_FLUSH_ASID_LOCAL)
     core._cfg = core._walk_config()
     threads = machine._guest_threads
+    x86 = machine.x86_vcpu(vmcb_pa)
     try:
+        if x86 is not None:
+            exit_ = x86.run(core, core._guest, v, regs)
+        else:
+            exit_ = _run_program(core, v, regs, threads, vmcb_pa)
+    finally:
+        v.cr0, v.cr3, v.cr4, v.efer, v.cpl = core.cr0, core.cr3, core.cr4, core.efer, core._cpl
+        if v.nested_ctl & NP_ENABLE:
+            v.g_pat = core.pat
+        core.cr0, core.cr3, core.cr4, core.efer, core.pat, core._cpl = host
+        core._guest = None
+        core.switch_asid(0)
+        core._cfg = core._walk_config()
+    if exit_.code == EXIT_SHUTDOWN:
+        stale = threads.pop(vmcb_pa, None)
+        if stale is not None:
+            stale.kill()
+    v.next_rip = exit_.next_rip
+    return finish(exit_)
+
+
+def _run_program(core: Core, v, regs: dict[str, int], threads: dict, vmcb_pa: int) -> Exit:
+    """The model's Python guest programs (chosen per VM, docs/model.md): the 4 KiB at RIP
+    must be the program's code image, else they are no instruction."""
+    if True:
         try:
             code = core.fetch(v.rip, CODE_SIZE)
         except NestedPageFault as fault:
@@ -493,16 +564,4 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
                 v.event_inj = 0  # taken
                 thread.vcpu._bind(core, thread, regs, event)
                 exit_ = thread.run()
-    finally:
-        v.cr0, v.cr3, v.cr4, v.efer, v.cpl = core.cr0, core.cr3, core.cr4, core.efer, core._cpl
-        if v.nested_ctl & NP_ENABLE:
-            v.g_pat = core.pat
-        core.cr0, core.cr3, core.cr4, core.efer, core.pat, core._cpl = host
-        core._guest = None
-        core.switch_asid(0)
-        core._cfg = core._walk_config()
-    if exit_.code == EXIT_SHUTDOWN:
-        stale = threads.pop(vmcb_pa, None)
-        if stale is not None:
-            stale.kill()
-    return finish(exit_)
+    return exit_

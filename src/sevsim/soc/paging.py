@@ -97,6 +97,8 @@ class Translation:
     # follows from the C-bit and the current ASID.
     slot: int = -1
     fetch_slot: int = -1
+    # Guest mode: the NPT's R/W, which the guest's CR0.WP=0 does not override.
+    npt_writable: bool = True
 
 
 @dataclass(frozen=True, slots=True)

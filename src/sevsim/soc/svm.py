@@ -7,21 +7,17 @@ at 0x400 that the model uses (CR0/CR3/CR4, EFER, RIP, RSP, RAX, CPL, guest PAT).
 plain SEV guest the save area is ordinary, unencrypted hypervisor memory: the hypervisor
 reads and writes the guest's registers (the weakness SEV-ES removes).
 
-**Guest code.** There is no instruction decoder. A guest program is Python code driving
-its vCPU (``GuestVcpu``: load/store/fetch/CPUID/MSRs/control registers/VMMCALL/HLT). Its
-*code image* — the bytes that represent its instructions — is registered once
-(``register_program``) and placed in guest memory by whoever builds the guest. At every
-VMRUN the core fetches the bytes at the guest's RIP through the real path (guest page
-tables, nested page tables, the key of the VMCB's ASID) and looks them up in the table of
-registered images: that lookup is the model's decoder. Bytes that decrypt to anything else
-(the wrong key, tampered memory) are not an instruction: #UD, and since the IDT is no more
-readable than the code, no handler can be delivered: triple fault, #VMEXIT(SHUTDOWN) —
-"security by crash" (hardware.md §7.5). An unhandled architectural fault raised inside a
-guest program ends the same way.
+**Guest code.** A vCPU runs on one of two engines, chosen per VM: real x86 machine code
+(``sevsim.soc.x86``), or the model's Python guest programs, for the flows not yet ported.
+A guest program is Python code driving its vCPU (``GuestVcpu``); its *code image* is
+registered once (``register_program``) and placed in guest memory by whoever builds the
+guest. At every VMRUN the core fetches the bytes at the guest's RIP through the real path
+and they must be that image: anything else (the wrong key, tampered memory) is no
+instruction — #UD, no handler can be delivered, #VMEXIT(SHUTDOWN).
 
-**Exits.** Each vCPU's program runs in its own thread; the host's VMRUN blocks while the
-guest runs and returns the exit when the guest traps (CPUID, MSR, HLT, VMMCALL, #NPF,
-SHUTDOWN). The next VMRUN resumes the guest where it stopped. Only one side runs at a time.
+**Exits.** A program runs in its own thread; the host's VMRUN blocks while the guest runs
+and returns the exit when the guest traps (CPUID, MSR, HLT, VMMCALL, #NPF, SHUTDOWN). The
+next VMRUN resumes the guest where it stopped. Only one side runs at a time.
 """
 
 from __future__ import annotations
@@ -60,6 +56,46 @@ VMCB = Layout(
     (0x0C0, "I", "clean"),
     (0x0C8, "Q", "next_rip"),
     (0x108, "Q", "vmsa_pa"),
+    (SAVE + 0x000, "H", "es_selector"),
+    (SAVE + 0x002, "H", "es_attrib"),
+    (SAVE + 0x004, "I", "es_limit"),
+    (SAVE + 0x008, "Q", "es_base"),
+    (SAVE + 0x010, "H", "cs_selector"),
+    (SAVE + 0x012, "H", "cs_attrib"),
+    (SAVE + 0x014, "I", "cs_limit"),
+    (SAVE + 0x018, "Q", "cs_base"),
+    (SAVE + 0x020, "H", "ss_selector"),
+    (SAVE + 0x022, "H", "ss_attrib"),
+    (SAVE + 0x024, "I", "ss_limit"),
+    (SAVE + 0x028, "Q", "ss_base"),
+    (SAVE + 0x030, "H", "ds_selector"),
+    (SAVE + 0x032, "H", "ds_attrib"),
+    (SAVE + 0x034, "I", "ds_limit"),
+    (SAVE + 0x038, "Q", "ds_base"),
+    (SAVE + 0x040, "H", "fs_selector"),
+    (SAVE + 0x042, "H", "fs_attrib"),
+    (SAVE + 0x044, "I", "fs_limit"),
+    (SAVE + 0x048, "Q", "fs_base"),
+    (SAVE + 0x050, "H", "gs_selector"),
+    (SAVE + 0x052, "H", "gs_attrib"),
+    (SAVE + 0x054, "I", "gs_limit"),
+    (SAVE + 0x058, "Q", "gs_base"),
+    (SAVE + 0x060, "H", "gdtr_selector"),
+    (SAVE + 0x062, "H", "gdtr_attrib"),
+    (SAVE + 0x064, "I", "gdtr_limit"),
+    (SAVE + 0x068, "Q", "gdtr_base"),
+    (SAVE + 0x070, "H", "ldtr_selector"),
+    (SAVE + 0x072, "H", "ldtr_attrib"),
+    (SAVE + 0x074, "I", "ldtr_limit"),
+    (SAVE + 0x078, "Q", "ldtr_base"),
+    (SAVE + 0x080, "H", "idtr_selector"),
+    (SAVE + 0x082, "H", "idtr_attrib"),
+    (SAVE + 0x084, "I", "idtr_limit"),
+    (SAVE + 0x088, "Q", "idtr_base"),
+    (SAVE + 0x090, "H", "tr_selector"),
+    (SAVE + 0x092, "H", "tr_attrib"),
+    (SAVE + 0x094, "I", "tr_limit"),
+    (SAVE + 0x098, "Q", "tr_base"),
     (SAVE + 0x0CB, "B", "cpl"),
     (SAVE + 0x0D0, "Q", "efer"),
     (SAVE + 0x148, "Q", "cr4"),
@@ -100,7 +136,10 @@ INTERCEPT_VMMCALL = 1 << 1  # misc2
 INTERCEPT_WBINVD = 1 << 9  # misc2
 
 # #VMEXIT codes (Linux uapi/asm/svm.h)
+EXIT_WRITE_CR0 = 0x10  # + n: MOV to CRn
 EXIT_EXCP_BASE = 0x40
+EXIT_INTR = 0x60  # a physical interrupt: here the host's timer ending the vCPU's time slice
+EXIT_INVD = 0x76
 EXIT_CPUID = 0x72
 EXIT_HLT = 0x78
 EXIT_INVLPG = 0x79
@@ -114,6 +153,8 @@ EXIT_NPF = 0x400
 EXIT_INVALID = (1 << 64) - 1  # VMEXIT_INVALID (-1): the VMRUN consistency checks failed
 
 EXIT_NAMES = {
+    EXIT_INTR: "INTR",
+    EXIT_INVD: "INVD",
     EXIT_CPUID: "CPUID",
     EXIT_HLT: "HLT",
     EXIT_INVLPG: "INVLPG",
@@ -158,6 +199,7 @@ class Exit:
     # and value, hypercall number and arguments), as the hypervisor reads them from the
     # guest's registers in a non-ES guest.
     detail: dict[str, Any] = field(default_factory=dict)
+    next_rip: int = 0  # the instruction after the intercepted one (NRIPS); 0: not given
 
     @property
     def name(self) -> str:
@@ -167,7 +209,7 @@ class Exit:
         return f"<Exit {self.name} info1={self.info1:#x} info2={self.info2:#x}>"
 
 
-# ---- the model's instruction decoder: code images of known programs -------------------------
+# ---- the Python guest programs: code images of known programs ------------------------------
 @dataclass(frozen=True)
 class GuestProgram:
     name: str

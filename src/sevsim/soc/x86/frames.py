@@ -1,0 +1,253 @@
+"""The engine's fast memory: a page-granular cache of the model's cache.
+
+The instruction engine reads and writes host memory directly, at full speed, through its
+own TLB. What it reads must be exactly what the model's cache and memory controller yield,
+so the engine never sees DRAM: it sees *frames*, one 4 KiB plaintext copy per (key slot,
+system-physical page) — the page as the line-level cache would give it to that encryption
+domain. A frame is a cache above the model's cache, with these points of write-back and
+invalidation (docs/model.md, "The instruction engine"):
+
+* **Fill.** On the engine's first access to a page, the frame is loaded from the model's
+  cache (``Cache.read_page_into``: the domain's resident lines, the rest decrypted from
+  DRAM with the domain's key).
+* **Write-back.** A 64-byte line a frame changed since its fill is written into the
+  model's cache, as a dirty line of the frame's domain, the moment anything else touches
+  that page through the cache: another core or vCPU, the hypervisor through its own
+  mapping, DMA and the PSP (fabric snoops), CLFLUSH, VM_PAGE_FLUSH, WBINVD (every page).
+  After a #VMEXIT the pages the engine may have written are registered with the model's
+  cache for that (``Cache.upper``). So every observer sees what the line-level model would
+  show: plaintext in the cache, ciphertext in DRAM only after a flush — a cold-boot dump,
+  which reads DRAM, does not see the engine's data any more than a cache's.
+* **Invalidation.** Every write to the model's memory — a cache line written, a DRAM
+  write by any agent — advances its page's generation (``DRAM.touch``). Before the engine
+  runs again, a frame whose page moved on is stale and reloads on its next use, so a
+  hypervisor that rewrote a page's ciphertext (or DMA, the PSP, another vCPU) is seen;
+  with HwEnforcedCacheCoh, a fill in one domain also drops the engine's copies of the page
+  in the other domains. A frame whose contents
+  changed while the engine had translated code from it gets a new engine address, so no
+  stale translated code can run.
+
+MODEL: a page is the unit of this level (a real L1 holds lines); a frame fill allocates no
+line in the model's cache, and a line the engine rewrote with the same bytes is not dirty.
+So the model's cache may hold fewer clean lines than a line-level engine would leave
+there; the data any reader sees is the same, except that a clean line of one domain that
+a line-level engine would have kept (and that another domain's write to DRAM would make
+stale on a part without HwEnforcedCacheCoh) is read fresh instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sevsim.soc.cache import DOMAIN_SHIFT, Cache
+
+PAGE = 4096
+LINE = 64
+FRAME_BASE = 1 << 40  # where frames live in the engine's physical address space
+CHUNK_FRAMES = 512  # frames are mapped 2 MiB at a time
+
+
+class Frame:
+    __slots__ = (
+        "addr", "view", "snapshot", "slot", "page_pa", "gen", "version", "executed", "written"
+    )
+
+    def __init__(self, addr: int, view: np.ndarray) -> None:
+        self.addr = addr
+        self.view = view  # the engine's bytes (mapped into the engine)
+        self.snapshot = np.empty(PAGE, dtype=np.uint8)  # the model's bytes at the last sync
+        self.slot = -1
+        self.page_pa = -1
+        self.gen = -1
+        self.version = -1  # the page's change generation (DRAM.page_gen) the frame matches
+        self.executed = False  # the engine translated code from it
+        self.written = False  # the engine may have written it (it was given write access)
+
+
+class FrameCache:
+    def __init__(self, map_chunk, cache: Cache, flush_engine_tlb, drop_host_fast_paths) -> None:
+        self._map_chunk = map_chunk  # (engine address, numpy buffer) -> None
+        self._flush_engine_tlb = flush_engine_tlb
+        self._drop_host_fast_paths = drop_host_fast_paths
+        self._cache = cache
+        self._page_gen = cache._dram.page_gen
+        self._chunks: list[np.ndarray] = []
+        self._free: list[Frame] = []
+        self._retired: list[Frame] = []  # may still have translated code: reuse after a TB flush
+        self._by_key: dict[int, Frame] = {}
+        self._by_page: dict[int, list[Frame]] = {}  # page PA -> its frames (all domains)
+        self._live: list[Frame] = []  # frames loaded in this run
+        self._scratch = np.empty(PAGE, dtype=np.uint8)
+        self.gen = 0
+        self.stats = {"fills": 0, "reloads": 0, "lines_written_back": 0}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def _new_frame(self) -> Frame:
+        if not self._free:
+            base = FRAME_BASE + len(self._chunks) * CHUNK_FRAMES * PAGE
+            chunk = np.zeros(CHUNK_FRAMES * PAGE, dtype=np.uint8)
+            self._map_chunk(base, chunk)
+            self._chunks.append(chunk)
+            self._free = [
+                Frame(base + i * PAGE, chunk[i * PAGE : (i + 1) * PAGE])
+                for i in reversed(range(CHUNK_FRAMES))
+            ]
+        return self._free.pop()
+
+    def lookup(self, slot: int, page_pa: int) -> Frame | None:
+        """The frame of (slot, page) if it is current in this run."""
+        frame = self._by_key.get(slot << DOMAIN_SHIFT | page_pa)
+        return frame if frame is not None and frame.gen == self.gen else None
+
+    def frame(self, slot: int, page_pa: int) -> Frame:
+        """The current frame of (slot, page), loading it from the model's cache if needed."""
+        key = slot << DOMAIN_SHIFT | page_pa
+        frame = self._by_key.get(key)
+        if frame is not None and frame.gen == self.gen:
+            return frame
+        if self._cache.coherent:
+            self._drop_other_domains(slot, page_pa)
+        data = self._scratch
+        self._cache.read_page_into(page_pa, slot, data)
+        if frame is not None:
+            if np.array_equal(frame.view, data):
+                frame.gen = self.gen
+                frame.version = self._page_gen.get(page_pa >> 12, 0)
+                self._live.append(frame)
+                return frame
+            self.stats["reloads"] += 1
+            if frame.executed:
+                # Translated code may exist for this engine address: retire it.
+                self._retired.append(frame)
+                frame = None
+        if frame is None:
+            old = self._by_key.get(key)
+            if old is not None:
+                self._by_page[page_pa].remove(old)
+            frame = self._new_frame()
+            frame.slot, frame.page_pa, frame.executed, frame.written = slot, page_pa, False, False
+            self._by_key[key] = frame
+            self._by_page.setdefault(page_pa, []).append(frame)
+        frame.view[:] = data
+        frame.snapshot[:] = data
+        frame.gen = self.gen
+        frame.version = self._page_gen.get(page_pa >> 12, 0)
+        self._live.append(frame)
+        self.stats["fills"] += 1
+        return frame
+
+    def _drop_other_domains(self, slot: int, page_pa: int) -> None:
+        """HwEnforcedCacheCoh: the engine's copies of this page in other domains are written
+        back and dropped before this domain uses it, as the cache does with its lines."""
+        others = [
+            f for f in self._live
+            if f.page_pa == page_pa and f.slot != slot and f.gen == self.gen
+        ]
+        if not others:
+            return
+        self.write_back(others)
+        for frame in others:
+            frame.gen = -1  # stale: reloaded from the model if used again
+        self._flush_engine_tlb()
+
+    def write_back(self, frames: list[Frame] | None = None) -> None:
+        """Every line the engine changed goes into the model's cache (dirty, in the frame's
+        domain). Frames stay current."""
+        cache = self._cache
+        frames = self._live if frames is None else frames
+        for frame in frames:
+            cache.upper.pop(frame.page_pa, None)  # this is the write-back it would ask for
+        for frame in frames:
+            if not frame.written:
+                continue
+            changed = np.flatnonzero(
+                (frame.view.reshape(-1, LINE) != frame.snapshot.reshape(-1, LINE)).any(axis=1)
+            )
+            if not len(changed):
+                continue
+            # Contiguous runs of changed lines, one cache write each.
+            runs = np.split(changed, np.flatnonzero(np.diff(changed) != 1) + 1)
+            for run in runs:
+                lo, hi = int(run[0]) * LINE, (int(run[-1]) + 1) * LINE
+                cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
+                frame.snapshot[lo:hi] = frame.view[lo:hi]
+            self.stats["lines_written_back"] += len(changed)
+
+    def write_back_line(self, slot: int, line_pa: int) -> None:
+        """Write back one line (CLFLUSH), if its frame holds a change."""
+        frame = self.lookup(slot, line_pa & ~0xFFF)
+        if frame is None or not frame.written:
+            return
+        lo = line_pa & 0xFC0
+        if not np.array_equal(frame.view[lo : lo + LINE], frame.snapshot[lo : lo + LINE]):
+            self._cache.write(line_pa, frame.view[lo : lo + LINE].tobytes(), slot)
+            frame.snapshot[lo : lo + LINE] = frame.view[lo : lo + LINE]
+            self.stats["lines_written_back"] += 1
+
+    def end_run(self) -> None:
+        """Control goes back to the host. Nothing is copied now: the pages the engine may
+        have written are registered with the model's cache, which asks for them back
+        (``_sync_page``) the moment anyone touches them, as a cache above it would be
+        snooped. The frames stay, with their page's generation as it is now."""
+        upper, sync = self._cache.upper, self._sync_page
+        gen = self._page_gen
+        fresh = False
+        for frame in self._live:
+            if frame.written and frame.page_pa not in upper:
+                upper[frame.page_pa] = sync
+                fresh = True
+            frame.version = gen.get(frame.page_pa >> 12, 0)
+        if fresh:
+            self._drop_host_fast_paths()  # their direct line maps must now come via the cache
+
+    def _sync_page(self, page_pa: int) -> None:
+        frames = [f for f in self._by_page.get(page_pa, ()) if f.gen == self.gen]
+        self.write_back(frames)
+        version = self._page_gen.get(page_pa >> 12, 0)
+        for frame in frames:
+            frame.version = version
+
+    def invalidate(self) -> None:
+        """WBINVD: every frame was written back (the cache asked for it); all are dropped,
+        so the next access reads what DRAM now holds."""
+        self.write_back()
+        self._live = []
+        self.gen += 1
+
+    def revalidate(self) -> int:
+        """Before the engine runs again: a frame whose page changed since (anything wrote
+        it: the hypervisor, DMA, the PSP, another vCPU, a write-back) is stale, and reloaded
+        from the model on its next use. Returns how many went stale."""
+        gen = self._page_gen
+        keep, stale = [], 0
+        for frame in self._live:
+            if frame.gen != self.gen:
+                continue
+            if gen.get(frame.page_pa >> 12, 0) == frame.version:
+                keep.append(frame)
+            else:
+                frame.gen = -1
+                stale += 1
+        self._live = keep
+        return stale
+
+    def recycle(self, flush_translations) -> None:
+        """Reuse retired frames once the engine's translated code has been flushed."""
+        if self._retired:
+            flush_translations()
+            self._free.extend(self._retired)
+            self._retired = []
+
+    def drop_all(self, flush_translations) -> None:
+        """Forget every frame (after a write-back): the next run reloads what it touches."""
+        self.write_back()
+        flush_translations()
+        self._free.extend(self._by_key.values())
+        self._free.extend(self._retired)
+        self._retired = []
+        self._by_key.clear()
+        self._by_page.clear()
+        self._live = []
+        self.gen += 1

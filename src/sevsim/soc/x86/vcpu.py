@@ -1,0 +1,824 @@
+"""A vCPU that executes real x86 code (Unicorn: QEMU's TCG) over the model's memory.
+
+The engine decodes and executes; the model keeps everything else:
+
+* **Memory.** Unicorn runs with its own TLB in "virtual" mode: on every miss it asks the
+  model (``_tlb_fill``), which translates through the guest's page tables, the NPT, the
+  C-bit and forced-private rules and the ASID-tagged TLB (``Core.translate``), picks the key
+  slot, and hands back a frame of the page as that domain sees it (``frames.py``). A
+  failed translation is the guest's #PF or the hypervisor's #NPF, at the exact instruction.
+* **Intercepts.** The engine runs in SVM guest mode with every intercept the model may
+  need (``hidden.py``): CPUID, RDMSR/WRMSR, HLT, INVLPG, MOV to CR0/CR3/CR4, WBINVD/INVD
+  stop *before* the instruction, as a #VMEXIT does. The model then either exits to the
+  hypervisor (the VMCB intercepts it: exit code, EXITINFO1/2, NEXT_RIP) or performs the
+  instruction itself and moves RIP on. VMMCALL, RDRAND and CLFLUSHOPT reach the model as
+  #UD; CLFLUSH through a code hook placed where a fetched page holds one. IN and OUT are
+  completed in place: the engine stops inside the instruction, the hypervisor handles the
+  IOIO exit, and the instruction finishes with its answer.
+* **Exceptions** are delivered by ``delivery.py`` through the guest's IVT or IDT.
+* **Time.** The engine runs on its own thread; the host's VMRUN waits for the next exit.
+  A guest that does not exit within a time slice is stopped (#VMEXIT(INTR), like the host
+  timer interrupt KVM's guests take), so code that spins cannot hang the host.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from unicorn import (
+    UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_ERR_EXCEPTION,
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
+    UC_MEM_WRITE,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as X
+
+from sevsim.soc import msr
+from sevsim.soc.faults import GeneralProtection, HardwareFault, NestedPageFault, PageFault
+from sevsim.soc.paging import Access
+from sevsim.soc.svm import (
+    EXIT_CPUID,
+    EXIT_HLT,
+    EXIT_INTR,
+    EXIT_INVD,
+    EXIT_INVLPG,
+    EXIT_IOIO,
+    EXIT_MSR,
+    EXIT_NPF,
+    EXIT_SHUTDOWN,
+    EXIT_VMMCALL,
+    EXIT_VMRUN,
+    EXIT_WBINVD,
+    EXIT_WRITE_CR0,
+    INTERCEPT_CPUID,
+    INTERCEPT_HLT,
+    INTERCEPT_INVLPG,
+    INTERCEPT_IOIO_PROT,
+    INTERCEPT_MSR_PROT,
+    INTERCEPT_VMMCALL,
+    INTERCEPT_WBINVD,
+    IOIO_PORT_SHIFT,
+    IOIO_SIZE_BITS,
+    IOIO_TYPE_IN,
+    Exit,
+)
+from sevsim.soc.x86 import decode as dec
+from sevsim.soc.x86.delivery import TripleFault, deliver, vector_name
+from sevsim.soc.x86.frames import PAGE, FrameCache
+from sevsim.soc.x86.hidden import CS, SEG_NAMES, HiddenState, Segment, check_layout
+
+if TYPE_CHECKING:
+    from sevsim.soc.core import Core
+    from sevsim.soc.nested import GuestMode
+
+SHADOW_BASE = 1 << 39  # the engine's own VMCB and permission maps (never guest memory)
+# Intercepts the engine always takes (bit n = exit code 0x60 + n), whatever the VMCB says:
+# the model decides what each one means.
+ENGINE_INTERCEPTS = sum(
+    1 << (code - 0x60)
+    for code in (EXIT_CPUID, EXIT_HLT, EXIT_INVLPG, EXIT_MSR, EXIT_INVD, EXIT_VMRUN, EXIT_WBINVD)
+)
+CR_WRITES = (1 << 0) | (1 << 3) | (1 << 4)
+TIME_SLICE = 0.05  # seconds of guest execution between host timer exits
+GPRS = (
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+)
+UC_GPR = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPRS + ("rax", "rsp")}
+EFER_LMA = 1 << 10
+
+
+class GuestMemory:
+    """Guest-virtual accesses made by the model on the vCPU's behalf (delivering an
+    exception, reading an instruction): through the same translation and frames as the
+    engine's own accesses, so both always agree."""
+
+    def __init__(self, cpu: X86Vcpu) -> None:
+        self._cpu = cpu
+
+    def _pieces(self, va: int, n: int, access: Access):
+        pos, end = va, va + n
+        while pos < end:
+            frame = self._cpu.frame_for(pos, access)
+            length = min(end, (pos | 0xFFF) + 1) - pos
+            yield frame, pos & 0xFFF, length
+            pos += length
+
+    def read(self, va: int, n: int, access: Access = Access.READ) -> bytes:
+        return b"".join(
+            f.view[o : o + n].tobytes() for f, o, n in list(self._pieces(va, n, access))
+        )
+
+    def write(self, va: int, data: bytes) -> None:
+        pieces = list(self._pieces(va, len(data), Access.WRITE))  # all pages first
+        pos = 0
+        for frame, off, n in pieces:
+            frame.view[off : off + n] = np.frombuffer(data[pos : pos + n], dtype=np.uint8)
+            frame.written = True
+            pos += n
+
+
+class X86Vcpu:
+    """The instruction engine of one vCPU (one VMCB)."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        check_layout(uc)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        # No end address: the engine stops only where the model stops it (an empty set of
+        # exits also spares the TLB lookups of an `until` address that is not guest code).
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        self.uc = uc
+        # The engine's own VMCB: its MSR permission map has every bit set, so every
+        # RDMSR/WRMSR stops (the model decides). Never visible to any guest.
+        self._shadow = np.zeros(6 * PAGE, dtype=np.uint8)
+        struct.pack_into("<QQ", self._shadow, 0x40, SHADOW_BASE + PAGE, SHADOW_BASE + 4 * PAGE)
+        self._shadow[PAGE:] = 0xFF
+        uc.mem_map_ptr(SHADOW_BASE, len(self._shadow), UC_PROT_ALL, self._shadow.ctypes.data)
+        self.frames = FrameCache(
+            self._map_chunk, machine.cache, self._flush_tlb,
+            lambda: [core._drop_fast() for core in machine.cores],
+        )
+        self.memory = GuestMemory(self)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        uc.hook_add(UC_HOOK_INTR, self._intr)
+        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, X.UC_X86_INS_OUT)
+        hidden = HiddenState(uc)
+        hidden.set_intercepts(SHADOW_BASE, ENGINE_INTERCEPTS, CR_WRITES)
+        hidden.commit()
+        self._clflush_sites: set[int] = set()
+        self.core: Core | None = None
+        self.gm: GuestMode | None = None
+        self._vmcb: Any = None
+        self._regs: dict[str, int] = {}
+        self._loaded: tuple | None = None  # the VMCB register state the engine holds
+        self._tlb_key: tuple | None = None  # the model TLB the engine's TLB was filled from
+        self._stop: tuple | None = None
+        self._fault: HardwareFault | None = None
+        self._fault_va = 0
+        self._preempt = False
+        self._pending_event: tuple[int, int | None] | None = None
+        self.log: list[str] = []  # what the model noticed (delivery failures, ...)
+        # The engine's thread and the host's VMRUN take turns.
+        self._go = threading.Semaphore(0)
+        self._done = threading.Semaphore(0)
+        self._exit: Exit | None = None
+        self._error: BaseException | None = None
+        self._kill = False
+        self._thread: threading.Thread | None = None
+
+    # ---- plumbing -------------------------------------------------------------------------
+    def _map_chunk(self, addr: int, buf: np.ndarray) -> None:
+        self.uc.mem_map_ptr(addr, len(buf), UC_PROT_ALL, buf.ctypes.data)
+
+    def _flush_tlb(self) -> None:
+        """Drop the engine's TLB (the binding of unicorn 2.1.4 has no wrapper for it)."""
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def _set_efer(self, value: int) -> None:
+        hidden = HiddenState(self.uc)
+        hidden.efer = value & ~(1 << 12)  # the engine's own SVME stays off
+        hidden.commit()
+
+    def note(self, text: str) -> None:
+        self.log.append(text)
+
+    def reg(self, reg: int) -> int:
+        return self.uc.reg_read(reg)
+
+    def set_reg(self, reg: int, value: int) -> None:
+        self.uc.reg_write(reg, value)
+
+    def segment(self, index: int) -> Segment:
+        return HiddenState(self.uc).segment(index)
+
+    def load_segment(self, index: int, seg: Segment) -> None:
+        hidden = HiddenState(self.uc)
+        hidden.set_segment(index, seg)
+        hidden.commit()
+
+    def table_register(self, reg: int) -> tuple[int, int]:
+        _, base, limit, _ = self.uc.reg_read(reg)
+        return base, limit
+
+    @property
+    def cpl(self) -> int:
+        return HiddenState(self.uc).hflags & 3
+
+    @property
+    def bitness(self) -> int:
+        cs = self.segment(CS)
+        if self.core.efer & EFER_LMA and cs.flags & (1 << 21):
+            return 64
+        if not self.core.cr0 & 1:
+            return 16
+        return 32 if cs.flags & (1 << 22) else 16
+
+    def descriptor(self, selector: int) -> Segment:
+        """A GDT (or LDT) descriptor, read through the guest's memory."""
+        if selector & 4:
+            raise GeneralProtection(f"selector {selector:#x} is in the LDT (not modelled)")
+        base, limit = self.table_register(X.UC_X86_REG_GDTR)
+        index = selector & ~7
+        if not index or index + 7 > limit:
+            raise GeneralProtection(f"selector {selector:#x} is outside the GDT", selector)
+        low, high = struct.unpack("<II", self.memory.read(base + index, 8))
+        seg_base = (low >> 16) | (high & 0xFF) << 16 | (high & 0xFF00_0000)
+        seg_limit = (low & 0xFFFF) | (high & 0xF_0000)
+        if high & (1 << 23):
+            seg_limit = seg_limit << 12 | 0xFFF
+        return Segment(selector, seg_base, seg_limit, high & 0x00F0_FF00)
+
+    def linear(self, rip: int) -> int:
+        return (self.segment(CS).base + rip) & ((1 << 64) - 1)
+
+    def instruction(self, rip: int | None = None):
+        """The instruction at CS:RIP, read as the CPU fetches it."""
+        rip = self.reg(X.UC_X86_REG_RIP) if rip is None else rip
+        lin = self.linear(rip)
+        first = min(dec.MAX_INSN, PAGE - (lin & 0xFFF))
+        code = self.memory.read(lin, first, Access.FETCH)
+        if first < dec.MAX_INSN:
+            try:
+                code += self.memory.read(lin + first, dec.MAX_INSN - first, Access.FETCH)
+            except HardwareFault:
+                pass  # the instruction may end on this page
+        return dec.decode(code, rip, self.bitness)
+
+    # ---- memory: the engine's TLB fill -------------------------------------------------
+    def frame_for(self, va: int, access: Access):
+        core = self.core
+        t = core.translation(va, access)
+        return self.frames.frame(core._slot(t, access), t.page_pa)
+
+    def _tlb_fill(self, uc, va: int, kind: int, entry, _ud) -> bool:
+        core = self.core
+        access = (
+            Access.FETCH
+            if kind == UC_MEM_FETCH
+            else (Access.WRITE if kind == UC_MEM_WRITE else Access.READ)
+        )
+        try:
+            t = core.translation(va, access)
+        except HardwareFault as fault:
+            if self._fault is None:
+                self._fault, self._fault_va = fault, va
+            return False
+        slot = core._slot(t, access)
+        frame = self.frames.frame(slot, t.page_pa)
+        perms = 0
+        same = core._slot(t, Access.READ) == core._slot(t, Access.FETCH)
+        if access == Access.FETCH or same:
+            if core._allowed(t, Access.FETCH):
+                perms |= UC_PROT_EXEC
+        if access != Access.FETCH or same:
+            perms |= UC_PROT_READ
+            if core._allowed(t, Access.WRITE):
+                perms |= UC_PROT_WRITE
+                frame.written = True
+        if perms & UC_PROT_EXEC and not frame.executed:
+            frame.executed = True
+            self._scan_clflush(va & ~0xFFF, frame.view)
+        entry.paddr = frame.addr
+        entry.perms = perms
+        return True
+
+    def _scan_clflush(self, page_va: int, view: np.ndarray) -> None:
+        """CLFLUSH (0F AE /7 with a memory operand) runs inside the engine as a no-op: hook
+        every place on this page where one may start, so the model can flush the line."""
+        b = view
+        hits = np.flatnonzero(
+            (b[:-2] == 0x0F)
+            & (b[1:-1] == 0xAE)
+            & ((b[2:] & 0x38) == 0x38)
+            & ((b[2:] & 0xC0) != 0xC0)
+        )
+        prefixes = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3} | set(
+            range(0x40, 0x50)
+        )
+        for i in hits:
+            start = int(i)
+            starts = [start]
+            while start > 0 and int(b[start - 1]) in prefixes and len(starts) < 14:
+                start -= 1
+                starts.append(start)
+            for s in starts:
+                addr = page_va + s
+                if addr not in self._clflush_sites:
+                    self._clflush_sites.add(addr)
+                    self.uc.hook_add(UC_HOOK_CODE, self._clflush_hook, None, addr, addr)
+
+    def _clflush_hook(self, uc, address: int, size: int, _ud) -> None:
+        try:
+            ins = self.instruction(uc.reg_read(X.UC_X86_REG_RIP))
+            if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
+                return
+            self._clflush(self._operand_address(ins))
+        except HardwareFault:
+            pass  # the engine raises the same fault when it executes the instruction
+
+    def _clflush(self, va: int) -> None:
+        core = self.core
+        t = core.translation(va, Access.READ)
+        slot = core._slot(t, Access.READ)
+        line = t.page_pa | (va & 0xFC0)
+        self.frames.write_back_line(slot, line)
+        core._cache.clflush(line, slot)
+
+    def _operand_address(self, ins) -> int:
+        bitness = self.bitness
+        return dec.memory_address(
+            ins,
+            self.uc.reg_read,
+            lambda seg: self.segment(dec.segment_index(seg)).base,
+            bitness,
+        )
+
+    # ---- the host's side: VMRUN ---------------------------------------------------------
+    def run(self, core: Core, gm: GuestMode, vmcb: Any, regs: dict[str, int]) -> Exit:
+        """Run the guest until its next #VMEXIT. Called on the host's thread."""
+        self.core, self.gm, self._vmcb, self._regs = core, gm, vmcb, regs
+        gm.frames = self.frames
+        self._preempt = False  # a timer that fired as the last run ended is not this run's
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="vcpu", daemon=True)
+            self._thread.start()
+        self._go.release()
+        while not self._done.acquire(timeout=TIME_SLICE):
+            self._preempt = True
+            self.uc.emu_stop()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert self._exit is not None
+        return self._exit
+
+    def kill(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._kill = True
+            self.uc.emu_stop()
+            self._go.release()
+            self._thread.join(timeout=5)
+
+    # ---- the engine's thread ------------------------------------------------------------
+    def _main(self) -> None:
+        while True:
+            self._go.acquire()
+            if self._kill:
+                return
+            try:
+                self._load_state()
+                exit_ = self._execute()
+            except BaseException as exc:  # noqa: BLE001 - a bug: the host sees it
+                self._error = exc
+                exit_ = None
+            if self._kill:
+                return
+            self._leave(exit_)
+
+    def _leave(self, exit_: Exit | None) -> None:
+        """Hand an exit to the host: memory written back, registers into the VMCB."""
+        try:
+            self.frames.end_run()
+            if exit_ is not None:
+                self._save_state()
+        except BaseException as exc:  # noqa: BLE001
+            self._error = exc
+        self._exit = exit_
+        self._done.release()
+
+    def _resume(self) -> bool:
+        """Wait inside a hook for the next VMRUN; False if the vCPU is being destroyed."""
+        self._go.acquire()
+        if self._kill:
+            self.uc.emu_stop()
+            return False
+        self._load_state(in_instruction=True)
+        return True
+
+    def _load_state(self, in_instruction: bool = False) -> None:
+        """Registers from the VMCB save area and the hypervisor's GPRs (VMRUN's load)."""
+        v, uc, core = self._vmcb, self.uc, self.core
+        state = self._vmcb_state()
+        if state != self._loaded:
+            self._set_efer(core.efer)
+            uc.reg_write(X.UC_X86_REG_CR4, core.cr4)
+            uc.reg_write(X.UC_X86_REG_CR3, core.cr3)
+            uc.reg_write(X.UC_X86_REG_CR0, core.cr0)
+            uc.reg_write(X.UC_X86_REG_CR2, v.cr2)
+            for name, reg in (("gdtr", X.UC_X86_REG_GDTR), ("idtr", X.UC_X86_REG_IDTR)):
+                uc.reg_write(reg, (0, getattr(v, f"{name}_base"), getattr(v, f"{name}_limit"), 0))
+            hidden = HiddenState(uc)
+            for index, name in list(enumerate(SEG_NAMES)) + [(7, "tr")]:
+                hidden.set_segment(
+                    index,
+                    Segment.from_attrib(
+                        getattr(v, f"{name}_selector"),
+                        getattr(v, f"{name}_base"),
+                        getattr(v, f"{name}_limit"),
+                        getattr(v, f"{name}_attrib"),
+                    ),
+                )
+            hidden.commit()
+            uc.reg_write(X.UC_X86_REG_RFLAGS, v.rflags | 2)
+            uc.reg_write(X.UC_X86_REG_RSP, v.rsp)
+        if not in_instruction:
+            uc.reg_write(X.UC_X86_REG_RIP, v.rip)
+        uc.reg_write(X.UC_X86_REG_RAX, v.rax)
+        for name in GPRS:
+            uc.reg_write(UC_GPR[name], self._regs.get(name, 0))
+        # The engine's TLB caches the model's TLB and points at frames: keep it only if
+        # neither moved on since the last exit.
+        stale = self.frames.revalidate()
+        if stale or state != self._loaded or self._tlb_key != self._model_tlb_key():
+            self._flush_tlb()
+        if not in_instruction:
+            self.frames.recycle(self.uc.ctl_flush_tb)
+        if v.event_inj & (1 << 31):
+            vector = v.event_inj & 0xFF
+            error = v.event_inj >> 32 if v.event_inj & (1 << 11) else None
+            self._pending_event = (vector, error)
+            v.event_inj = 0
+
+    _STATE = (
+        "rsp",
+        "rflags",
+        "cr2",
+        "cs_selector",
+        "cs_base",
+        "cs_attrib",
+        "ss_selector",
+        "ss_attrib",
+        "ds_base",
+        "es_base",
+        "fs_base",
+        "gs_base",
+        "gdtr_base",
+        "gdtr_limit",
+        "idtr_base",
+        "idtr_limit",
+        "tr_base",
+        "cr0",
+        "cr3",
+        "cr4",
+        "efer",
+    )
+
+    def _model_tlb_key(self) -> tuple:
+        core = self.core
+        return (id(core), core.asid, core.tlb_epoch)
+
+    def _vmcb_state(self) -> tuple:
+        """The save-area state the engine holds; a hypervisor that changed any of it (a
+        reset, an attack lab) gets it loaded at the next VMRUN. RIP is loaded every time."""
+        v = self._vmcb
+        return tuple(getattr(v, f) for f in self._STATE)
+
+    def _save_state(self) -> None:
+        """#VMEXIT's save: registers into the VMCB save area and the hypervisor's GPRs."""
+        v, uc = self._vmcb, self.uc
+        v.rip = uc.reg_read(X.UC_X86_REG_RIP)
+        v.rsp = uc.reg_read(X.UC_X86_REG_RSP)
+        v.rax = uc.reg_read(X.UC_X86_REG_RAX)
+        v.rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
+        v.cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+        hidden = HiddenState(uc)
+        for index, name in list(enumerate(SEG_NAMES)) + [(7, "tr")]:
+            seg = hidden.segment(index)
+            setattr(v, f"{name}_selector", seg.selector)
+            setattr(v, f"{name}_base", seg.base)
+            setattr(v, f"{name}_limit", seg.limit)
+            setattr(v, f"{name}_attrib", seg.attrib)
+        for name, reg in (("gdtr", X.UC_X86_REG_GDTR), ("idtr", X.UC_X86_REG_IDTR)):
+            _, base, limit, _ = uc.reg_read(reg)
+            setattr(v, f"{name}_base", base)
+            setattr(v, f"{name}_limit", limit)
+        self._tlb_key = self._model_tlb_key()
+        self.core._cpl = hidden.hflags & 3
+        v.cpl = self.core._cpl
+        self._regs["rax"] = v.rax
+        for name in GPRS:
+            self._regs[name] = uc.reg_read(UC_GPR[name])
+        self.core.cr2 = v.cr2
+        core = self.core
+        # vmrun() writes the core's control registers into the VMCB after this.
+        self._loaded = self._vmcb_state()[:-4] + (core.cr0, core.cr3, core.cr4, core.efer)
+
+    def _execute(self) -> Exit:
+        uc = self.uc
+        while True:
+            if self._pending_event is not None:
+                vector, error = self._pending_event
+                self._pending_event = None
+                exit_ = self._deliver(
+                    vector, error, uc.reg_read(X.UC_X86_REG_RIP), f"injected {vector_name(vector)}"
+                )
+                if exit_ is not None:
+                    return exit_
+            if self._kill:
+                return Exit(EXIT_SHUTDOWN, detail={"reason": "the vCPU was destroyed"})
+            if self._preempt:
+                self._preempt = False
+                return Exit(EXIT_INTR)
+            self._stop, self._fault = None, None
+            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            try:
+                uc.emu_start(rip, 0)  # ends where hooks, intercepts and faults stop it
+            except UcError as err:
+                exit_ = self._engine_error(err)
+            else:
+                exit_ = self._stopped()
+            if exit_ is not None:
+                return exit_
+
+    def _engine_error(self, err: UcError) -> Exit | None:
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        if err.errno == UC_ERR_EXCEPTION and self._fault is not None:
+            fault = self._fault
+            if isinstance(fault, NestedPageFault):
+                return Exit(EXIT_NPF, fault.error_code, fault.gpa, detail={"reason": fault.reason})
+            if isinstance(fault, PageFault):
+                cr2 = self._exact_cr2(fault, rip)
+                self.core.cr2 = cr2
+                self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
+                return self._deliver(14, fault.error_code, rip, str(fault))
+            return self._deliver(fault.vector, getattr(fault, "error_code", 0), rip, str(fault))
+        if err.errno == UC_ERR_INSN_INVALID:
+            return self._invalid_opcode(rip)
+        return self._shutdown(f"the engine stopped: {err} at rip {rip:#x}")
+
+    def _exact_cr2(self, fault: PageFault, rip: int) -> int:
+        """The engine reports the page; CR2 is the address the instruction used."""
+        page = fault.address & ~0xFFF
+        if fault.error_code & (1 << 4):  # instruction fetch
+            lin = self.linear(rip)
+            return lin if lin & ~0xFFF == page else page
+        try:
+            ea = self._operand_address(self.instruction(rip))
+        except (HardwareFault, ValueError):
+            return fault.address
+        return ea if ea & ~0xFFF == page else page
+
+    def _stopped(self) -> Exit | None:
+        stop, self._stop = self._stop, None
+        if stop is None:
+            return None  # a host timer stop: checked at the top of the loop
+        kind = stop[0]
+        if kind == "svm":
+            return self._intercept(stop[1], stop[2])
+        if kind == "exception":
+            _, vector, error, rip = stop
+            return self._deliver(vector, error, rip, f"{vector_name(vector)}")
+        if kind == "exit":
+            return stop[1]
+        return None
+
+    def _intr(self, uc, intno: int, _ud) -> None:
+        """QEMU raises an exception or an SVM intercept: stop, the model handles it."""
+        if intno >= 0x100:
+            self._stop = ("svm", intno - 0x100, HiddenState(uc).error_code)
+        else:
+            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            error = HiddenState(uc).error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
+            self._stop = ("exception", intno, error, rip)
+        uc.emu_stop()
+
+    def _deliver(self, vector: int, error: int | None, rip: int, reason: str) -> Exit | None:
+        try:
+            deliver(self, vector, error, rip, reason)
+        except NestedPageFault as fault:
+            self._pending_event = (vector, error)
+            return Exit(EXIT_NPF, fault.error_code, fault.gpa, detail={"reason": fault.reason})
+        except TripleFault as tf:
+            return self._shutdown(f"triple fault: {tf}")
+        return None
+
+    def _shutdown(self, reason: str) -> Exit:
+        self.note(reason)
+        return Exit(EXIT_SHUTDOWN, detail={"reason": reason})
+
+    # ---- intercepted instructions -----------------------------------------------------------
+    def _vmexit(self, code: int, **detail) -> Exit:
+        """#VMEXIT for the intercepted instruction at RIP, with its NEXT_RIP."""
+        return Exit(code, next_rip=self.instruction().next_ip, detail=detail)
+
+    def _skip(self) -> None:
+        ins = self.instruction()
+        self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+
+    def _intercept(self, code: int, info1: int) -> Exit | None:
+        gm, uc, core = self.gm, self.uc, self.core
+        misc1, misc2 = gm.intercept_misc1, gm.intercept_misc2
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        if code == EXIT_CPUID:
+            leaf, sub = uc.reg_read(X.UC_X86_REG_RAX), uc.reg_read(X.UC_X86_REG_RCX)
+            if misc1 & INTERCEPT_CPUID:
+                return self._vmexit(code, leaf=leaf & 0xFFFF_FFFF)
+            values = core.cpuid(leaf & 0xFFFF_FFFF, sub & 0xFFFF_FFFF)
+            for reg, value in zip(
+                (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX),
+                values,
+                strict=True,
+            ):
+                uc.reg_write(reg, value)
+            self._skip()
+            return None
+        if code == EXIT_MSR:
+            return self._msr(write=bool(info1))
+        if code == EXIT_HLT:
+            if misc1 & INTERCEPT_HLT:
+                return self._vmexit(code)
+            self._skip()
+            return Exit(EXIT_HLT, next_rip=uc.reg_read(X.UC_X86_REG_RIP))
+        if code == EXIT_INVLPG:
+            ins = self.instruction()
+            va = self._operand_address(ins)
+            if misc1 & INTERCEPT_INVLPG:
+                return Exit(code, va, 0, next_rip=ins.next_ip)
+            core.invlpg(va)
+            self._flush_tlb()
+            uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+            return None
+        if code in (EXIT_WBINVD, EXIT_INVD):
+            if misc2 & INTERCEPT_WBINVD:
+                return self._vmexit(code)
+            core.wbinvd()  # MODEL: INVD writes back too (dropping dirty lines loses data)
+            self.frames.invalidate()  # the engine's copies are cache lines too: now gone
+            self._flush_tlb()
+            self._skip()
+            return None
+        if EXIT_WRITE_CR0 <= code < EXIT_WRITE_CR0 + 16:
+            return self._write_cr(code - EXIT_WRITE_CR0)
+        if code == EXIT_VMRUN:
+            return self._vmexit(code)
+        return self._shutdown(f"unexpected intercept {code:#x} at {rip:#x}")
+
+    def _write_cr(self, n: int) -> Exit | None:
+        uc, core = self.uc, self.core
+        ins = self.instruction()
+        if ins.mnemonic == dec.Mnemonic.CLTS:
+            value = core.cr0 & ~(1 << 3)
+        elif ins.mnemonic == dec.Mnemonic.LMSW:
+            src = (
+                dec.register_value(uc.reg_read, ins.op0_register)
+                if ins.op0_kind == 0
+                else struct.unpack("<H", self.memory.read(self._operand_address(ins), 2))[0]
+            )
+            value = (core.cr0 & ~0xE) | (src & 0xF) | (core.cr0 & 1)
+        else:
+            value = dec.register_value(uc.reg_read, ins.op1_register)
+        try:
+            if n == 0:
+                core.write_cr0(value)
+                uc.reg_write(X.UC_X86_REG_CR0, core.cr0)
+                self._set_efer(core.efer)
+            elif n == 3:
+                core.write_cr3(value)
+                uc.reg_write(X.UC_X86_REG_CR3, core.cr3)
+            elif n == 4:
+                core.write_cr4(value)
+                uc.reg_write(X.UC_X86_REG_CR4, core.cr4)
+        except GeneralProtection as gp:
+            return self._deliver(13, 0, ins.ip, str(gp))
+        self._flush_tlb()
+        uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+        return None
+
+    def _msr(self, write: bool) -> Exit | None:
+        uc, core, gm = self.uc, self.core, self.gm
+        index = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFF_FFFF
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        value = (uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFF_FFFF) << 32 | (
+            uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFF_FFFF
+        )
+        try:
+            if index == msr.SEV_STATUS:
+                # MODEL: answered by the hardware, never intercepted (docs/model.md).
+                if write:
+                    raise GeneralProtection("SEV_STATUS is read-only")
+                result = gm.sev_status
+            elif index in (msr.EFER, msr.PAT):
+                if write:
+                    core.wrmsr(index, value)
+                    self._set_efer(core.efer)
+                    self._flush_tlb()
+                    result = None
+                else:
+                    result = core.rdmsr(index)
+            elif gm.intercept_misc1 & INTERCEPT_MSR_PROT:
+                ins = self.instruction()
+                return Exit(
+                    EXIT_MSR,
+                    int(write),
+                    0,
+                    next_rip=ins.next_ip,
+                    detail={"msr": index, **({"value": value} if write else {})},
+                )
+            else:
+                raise GeneralProtection(f"MSR {index:#x} in a guest without MSR intercepts")
+        except GeneralProtection as gp:
+            return self._deliver(13, 0, rip, str(gp))
+        if result is not None:
+            uc.reg_write(X.UC_X86_REG_RAX, result & 0xFFFF_FFFF)
+            uc.reg_write(X.UC_X86_REG_RDX, result >> 32)
+        uc.reg_write(X.UC_X86_REG_RIP, rip + 2)
+        return None
+
+    def _invalid_opcode(self, rip: int) -> Exit | None:
+        """#UD from the engine: VMMCALL, RDRAND and CLFLUSHOPT are the model's to perform."""
+        uc = self.uc
+        try:
+            ins = self.instruction(rip)
+        except HardwareFault as fault:
+            return self._deliver(6, None, rip, f"#UD, and the instruction is unreadable ({fault})")
+        mnemonic = ins.mnemonic
+        if mnemonic == dec.Mnemonic.VMMCALL:
+            if self.gm.intercept_misc2 & INTERCEPT_VMMCALL:
+                nr = uc.reg_read(X.UC_X86_REG_RAX)
+                return Exit(EXIT_VMMCALL, next_rip=ins.next_ip, detail={"nr": nr})
+        elif mnemonic == dec.Mnemonic.RDRAND and ins.op_count == 1:
+            size = dec.iced.RegisterInfo(ins.op0_register).size
+            value = int.from_bytes(self.machine.rdrand.random_bytes(size, "rdrand"), "little")
+            full = dec.uc_register(ins.op0_register)
+            uc.reg_write(
+                full, value if size >= 4 else (uc.reg_read(full) & ~((1 << 8 * size) - 1)) | value
+            )
+            flags = uc.reg_read(X.UC_X86_REG_RFLAGS) & ~0x8D5
+            uc.reg_write(X.UC_X86_REG_RFLAGS, flags | 1)  # CF = 1: a value is ready
+            uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+            return None
+        elif mnemonic == dec.Mnemonic.CLFLUSHOPT:
+            try:
+                self._clflush(self._operand_address(ins))
+            except HardwareFault as fault:
+                return self._deliver(
+                    getattr(fault, "vector", 13), getattr(fault, "error_code", 0), rip, str(fault)
+                )
+            uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+            return None
+        return self._deliver(6, None, rip, f"#UD at {rip:#x}: {ins}")
+
+    # ---- port I/O: completed in place ----------------------------------------------------------
+    def _in(self, uc, port: int, size: int, _ud) -> int:
+        return self._io(port, size, None)
+
+    def _out(self, uc, port: int, size: int, value: int, _ud) -> None:
+        self._io(port, size, value)
+
+    def _io(self, port: int, size: int, value: int | None) -> int:
+        uc = self.uc
+        mask = (1 << 8 * size) - 1
+        if not self.gm.intercept_misc1 & INTERCEPT_IOIO_PROT:
+            return mask  # no device answers
+        ins = self.instruction(uc.reg_read(X.UC_X86_REG_RIP))
+        info1 = (
+            port << IOIO_PORT_SHIFT
+            | IOIO_SIZE_BITS.get(size, 0)
+            | (IOIO_TYPE_IN if value is None else 0)
+        )
+        if value is not None:
+            uc.reg_write(X.UC_X86_REG_RAX, (uc.reg_read(X.UC_X86_REG_RAX) & ~mask) | value)
+        exit_ = Exit(
+            EXIT_IOIO,
+            info1,
+            ins.next_ip,
+            next_rip=ins.next_ip,
+            detail={"port": port, **({"value": value} if value is not None else {})},
+        )
+        self._leave(exit_)
+        if not self._resume():
+            return 0
+        return uc.reg_read(X.UC_X86_REG_RAX) & mask
