@@ -97,6 +97,38 @@ class HostSystem:
         vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY, policy=policy)
         return vm
 
+    def start_x86_guest(
+        self,
+        name: str,
+        workload: str = "secret",
+        memory: int = 16 << 20,
+        sev: bool = True,
+        policy: int = 0,
+        firmware: bytes | None = None,
+    ) -> Vm:
+        """A VM whose vCPU executes real code: a firmware image (the package's real-code
+        guest by default) mapped below 4 GiB as QEMU's -bios, the workload in fw_cfg, and
+        for SEV the image encrypted and measured (LAUNCH_UPDATE_DATA) before it runs."""
+        from sevsim.api import fwcfg
+        from sevsim.guest import x86 as x86_guest
+        from sevsim.host.vmm import FwCfgDevice
+
+        vm = self.kvm.create_vm(memory, sev=sev, name=name, x86=True)
+        image = x86_guest.image() if firmware is None else firmware
+        base = vm.load_firmware(image)
+        directory, items = fwcfg.file_directory({x86_guest.WORKLOAD_FILE: workload.encode()})
+        items[fwcfg.FILE_DIR] = directory
+        items[fwcfg.SIGNATURE] = b"QEMU"
+        items[fwcfg.RAM_SIZE] = memory.to_bytes(8, "little")
+        device = FwCfgDevice(vm, items)
+        vm.io_ports.update({fwcfg.PORT_SELECTOR: device, fwcfg.PORT_DATA: device})
+        if sev:
+            vm.sev_launch_start(policy)
+            vm.sev_launch_update_data(base, len(image))
+            vm.sev_launch_measure()
+            vm.sev_launch_finish()
+        return vm
+
     @property
     def kds(self) -> KeyDistributionService:
         return KeyDistributionService(self.data_dir)

@@ -52,7 +52,7 @@ def vm() -> None:
 
 @vm.command("firmware")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--size", default="2M", show_default=True, help="Image size (a 4 KiB multiple).")
+@click.option("--size", default="2M", show_default=True, help="Image size (a 64 KiB multiple).")
 @json_option
 def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
     """Write the model's guest firmware image (OVMF's role): a firmware-sized volume, the
@@ -69,12 +69,32 @@ def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
         click.echo(f"Guest firmware ({len(image)} bytes) written to {out}.")
 
 
+@vm.command("guest-image")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def guest_image_cmd(out: Path, as_json: bool) -> None:
+    """Write the real-code guest (64 KiB of x86 machine code, built from the sources in
+    sevsim/guest/x86) for `vm run --bios`. Choose what it does with
+    --fw-cfg name=opt/sevsim/workload,string='WORDS': secret, pf, gp, selfmod, alias,
+    alias-flush, spin, alu:N, mem:N (default: secret). It also boots on plain QEMU."""
+    from sevsim.guest import x86 as x86_guest
+
+    image = x86_guest.image()
+    atomic_write(out, image, 0o644)
+    if as_json:
+        click.echo(json.dumps({"image": str(out), "size": len(image)}))
+    else:
+        click.echo(f"Real-code guest ({len(image)} bytes) written to {out}.")
+
+
 @vm.command("run")
 @_platform_options
 @click.option(
     "--bios",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The firmware image (e.g. from 'sevsim vm firmware'); mapped to end at 4 GiB.",
+    help="The firmware image, as QEMU's -bios: any image whose size is a multiple of "
+    "64 KiB (up to 16 MiB), mapped to end at 4 GiB; the vCPUs execute it from the reset "
+    "vector (0xFFFFFFF0). Images from 'sevsim vm firmware' run the model's firmware program.",
 )
 @click.option(
     "--incoming",
@@ -100,6 +120,13 @@ def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
 @click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64), help="vCPUs.")
 @click.option(
     "--sev-policy", default="0x1", show_default=True, help="The guest policy (decimal or 0x...)."
+)
+@click.option(
+    "--sev/--no-sev",
+    default=True,
+    show_default=True,
+    help="--no-sev runs the same image as an ordinary VM (QEMU without a sev-guest object), "
+    "to compare what the hypervisor sees.",
 )
 @click.option(
     "--dh-cert-file",
@@ -141,10 +168,12 @@ def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
 @click.option("--daemonize", is_flag=True, help="Detach once the VM is ready (needs --qmp).")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path))
 def run_cmd(**opts: Any) -> None:
-    """Launch an SEV guest on the platform in the state directory, the way QEMU does: the
+    """Launch a guest on the platform in the state directory, the way QEMU does. An SEV
     guest is created with LAUNCH_START (with the owner's session when given), the firmware
-    — and with --kernel the SEV hashes table — encrypted and measured, then it waits for
-    'cont' on QMP."""
+    — and with --kernel the SEV hashes table — encrypted and measured; then the vCPUs run
+    the firmware from the reset vector (with --qmp, after 'cont'). A guest that dies
+    (triple fault, a vCPU stuck without exits) ends the command with exit status 1 and its
+    reason in the console log."""
     if opts["daemonize"] and not opts["qmp"]:
         raise click.UsageError("--daemonize needs --qmp: a detached VM must be reachable")
     sources = [k for k in ("bios", "incoming", "restore") if opts[k]]
@@ -154,6 +183,8 @@ def run_cmd(**opts: Any) -> None:
         opts[k] for k in ("kernel", "dh_cert_file", "session_file", "fw_cfg")
     ):
         raise click.UsageError("an incoming or restored guest takes everything from its stream")
+    if not opts["sev"] and not opts["bios"]:
+        raise click.UsageError("--no-sev goes with --bios (migration and snapshots are SEV's)")
     try:
         qmp_path = socket_path(opts["qmp"]) if opts["qmp"] else None
         policy = int(opts["sev_policy"], 0)
@@ -165,7 +196,8 @@ def run_cmd(**opts: Any) -> None:
         firmware=opts["bios"],
         memory=parse_size(opts["memory"], "--memory"),
         smp=opts["smp"],
-        policy=policy,
+        policy=policy if opts["sev"] else 0,
+        sev=opts["sev"],
         dh_cert_file=opts["dh_cert_file"],
         session_file=opts["session_file"],
         kernel=opts["kernel"],
@@ -214,17 +246,21 @@ def run_cmd(**opts: Any) -> None:
         _signal_ready()
     else:
         what = {"inmigrate": "waiting for a migration", "running": "running"}.get(
-            vmm.status, "paused after LAUNCH_MEASURE"
+            vmm.status, "paused after LAUNCH_MEASURE" if config.sev else "paused"
         )
-        click.echo(f"SEV guest {what}; QMP on {qmp_path}", err=True)
+        kind = "SEV guest" if config.sev else "VM"
+        click.echo(f"{kind} {what}; QMP on {qmp_path}", err=True)
     signal.signal(signal.SIGTERM, lambda *_: server.done.set())
     try:
         server.serve_forever()
     finally:
+        died = vmm.guest_died
         vmm.quit()
         system.close()
         if opts["pidfile"]:
             Path(opts["pidfile"]).unlink(missing_ok=True)
+    if died is not None:
+        raise SystemExit(f"sevsim vm: the guest stopped: {died.reason}: {died.detail}")
 
 
 def _tcp(spec: str) -> str:
@@ -275,6 +311,8 @@ def _run_to_completion(vmm: Vmm, system: HostSystem, as_json: bool) -> None:
                 f"disk: {disk['reads']} reads ({disk['bytes_read']} bytes), "
                 f"{disk['writes']} writes ({disk['bytes_written']} bytes)"
             )
+    if any(e["reason"] not in ("DONE", "HLT") for e in exits):
+        raise SystemExit(1)  # the guest died (triple fault, stuck, internal error)
 
 
 @vm.command("disk")
@@ -307,7 +345,9 @@ def disk_cmd(path: Path, size: str, as_json: bool) -> None:
 def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
     """Send one QMP command to a running VM and print its return value as JSON, e.g.
     `sevsim vm qmp unix:qmp.sock query-sev-launch-measure` or
-    `sevsim vm qmp qmp.sock sev-inject-launch-secret '{"packet-header": ..., "secret": ...}'`."""
+    `sevsim vm qmp qmp.sock sev-inject-launch-secret '{"packet-header": ..., "secret": ...}'`
+    or, for QEMU's human monitor, `sevsim vm qmp qmp.sock human-monitor-command
+    '{"command-line": "info registers"}'` (also `x /8xg ADDR`, `xp`, `info tlb`, `info mem`)."""
     try:
         args = json.loads(arguments) if arguments else {}
         if not isinstance(args, dict):
@@ -316,7 +356,11 @@ def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        click.echo(json.dumps(client.execute(command, **args), indent=2))
+        result = client.execute(command, **args)
+        if isinstance(result, str):  # human-monitor-command: HMP's own text
+            click.echo(result, nl=False)
+        else:
+            click.echo(json.dumps(result, indent=2))
     except QmpError as exc:
         raise click.ClickException(f"{exc.error_class}: {exc}") from None
     finally:

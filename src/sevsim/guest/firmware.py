@@ -45,6 +45,15 @@ READY_MESSAGE = b"sevsim guest ready"
 VOLUME_HEADER = b"_FVH sevsim model guest firmware volume 1\n"
 
 
+def is_model_image(image: bytes) -> bool:
+    """An image made by ``build_image``: its code is this Python program's (a VMM runs it
+    on the Python guest engine; any other image runs as real code from the reset vector)."""
+    size = len(image)
+    if size < MIN_SIZE:
+        return False
+    return image[code_offset(size) : code_offset(size) + PAGE_4K] == PROGRAM.code
+
+
 def code_offset(size: int) -> int:
     """Where the program's code image sits in an image of ``size`` bytes."""
     return size - 2 * PAGE_4K

@@ -47,6 +47,7 @@ from sevsim.soc.svm import (
     EVENTINJ_VALID,
     EXIT_CPUID,
     EXIT_HLT,
+    EXIT_INTR,
     EXIT_INVALID,
     EXIT_IOIO,
     EXIT_MSR,
@@ -74,6 +75,10 @@ from sevsim.soc.svm import (
 EFER_SVME = 1 << 12
 CR0_ET = 1 << 4
 DEFAULT_GUEST_PAT = 0x0007_0406_0007_0406  # the PAT's power-on value
+MAX_FIRMWARE = 16 << 20  # the flash window below 4 GiB that the VMM maps
+PC_LOWMEM_LIMIT, PC_LOWMEM = 0xE000_0000, 0xC000_0000  # QEMU pc: RAM below 4 GiB
+RFLAGS_IF = 1 << 9
+EFER_SVME = 1 << 12
 NPT_TABLE = P | RW | US | A | D  # nested walks are user accesses: every level needs US
 NPT_LEAF = P | RW | US | A | D
 
@@ -87,6 +92,7 @@ COM1_LSR = COM1 + 5  # line status: bit 5 = transmitter empty
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 MSR_APIC_BASE = 0x1B
 GP_VECTOR = 13
+EVENTINJ_ERROR_VALID = 1 << 11  # EV: push the error code in bits 63:32
 
 
 class KvmError(RuntimeError):
@@ -216,11 +222,14 @@ class Kvm:
         return asid
 
     # ---- VMs ----------------------------------------------------------------------------
-    def create_vm(self, memory: int, vcpus: int = 1, sev: bool = False, name: str = "") -> Vm:
-        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT)."""
+    def create_vm(
+        self, memory: int, vcpus: int = 1, sev: bool = False, name: str = "", x86: bool = False
+    ) -> Vm:
+        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT). ``x86``: the
+        vCPUs execute real machine code (else the model's Python guest programs run)."""
         if sev and not self.sev_supported:
             raise KvmError("SEV is not supported or not initialised", err=errno.ENOTTY)
-        return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}")
+        return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}", x86=x86)
 
 
 @dataclass
@@ -255,7 +264,9 @@ class SerialPort:
 
 
 class Vm:
-    def __init__(self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str) -> None:
+    def __init__(
+        self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str, x86: bool = False
+    ) -> None:
         if memory <= 0 or memory % PAGE_4K:
             raise ValueError("guest memory must be a positive multiple of 4 KiB")
         if nr_vcpus < 1:
@@ -273,8 +284,19 @@ class Vm:
         self.dead: RunExit | None = None
         self.destroyed = False
         self.slots: list[MemSlot] = []
+        self.aliases: list[MemSlot] = []  # regions that show another slot's pages (isa-bios)
+        self.x86 = x86
+        # A vCPU that runs this many host time slices in a row without any other exit is
+        # stuck (spinning, or executing garbage that loops): the VM is stopped.
+        self.spin_budget = 200
         self.huge_pages = True  # map 2 MiB frames with one NPT entry where possible
-        self.add_memory(0, memory)
+        if x86 and memory > PC_LOWMEM_LIMIT:
+            # QEMU's pc machine: RAM stops at 3 GiB below the 4 GiB line (the hole holds the
+            # flash, the APIC and PCI); the rest is above 4 GiB.
+            self.add_memory(0, PC_LOWMEM)
+            self.add_memory(1 << 32, memory - PC_LOWMEM)
+        else:
+            self.add_memory(0, memory)
         # Devices the VMM puts on I/O ports (KVM_EXIT_IO goes to them); the console is COM1.
         serial = SerialPort(self.console)
         self.io_ports: dict[int, Any] = dict.fromkeys(range(COM1, COM1 + 8), serial)
@@ -312,7 +334,21 @@ class Vm:
         self.slots.append(slot)
         return slot
 
+    def add_alias(self, gpa: int, size: int, target_gpa: int) -> MemSlot:
+        """Guest-physical [gpa, gpa+size) shows the pages of [target_gpa, ...) (QEMU's alias
+        regions, e.g. the isa-bios window below 1 MiB); it hides whatever slot is below."""
+        target = self.slot_of(target_gpa, size)
+        if target is None:
+            raise ValueError(f"alias target {target_gpa:#x} is not in one memslot")
+        alias = MemSlot(gpa, size, target.hva + target_gpa - target.gpa)
+        alias.populated.update(range(size // PAGE_4K))  # the target is written already
+        self.aliases.append(alias)
+        return alias
+
     def slot_of(self, gpa: int, n: int = 1) -> MemSlot | None:
+        for slot in self.aliases:
+            if gpa in slot:
+                return slot if gpa + n <= slot.gpa + slot.size else None
         for slot in self.slots:
             if gpa in slot:
                 return slot if gpa + n <= slot.gpa + slot.size else None
@@ -380,7 +416,8 @@ class Vm:
         holds the GPA (MMIO, for a VMM to emulate)."""
         encrypted = self.kernel.sme_active
         huge = gpa & ~(PAGE_2M - 1)
-        if self.huge_pages and self.slot_of(huge, PAGE_2M) is not None:
+        under_alias = any(a.gpa < huge + PAGE_2M and huge < a.gpa + a.size for a in self.aliases)
+        if self.huge_pages and not under_alias and self.slot_of(huge, PAGE_2M) is not None:
             self._hva_of(huge, PAGE_2M)
             self.npt.map(huge, self.spa(huge), PAGE_2M, NPT_LEAF, encrypted=encrypted)
             return True
@@ -680,6 +717,24 @@ class Vm:
         self.sev_launch_finish()
         return measurement
 
+    def load_firmware(self, image: bytes) -> int:
+        """QEMU's -bios: the image ends at 4 GiB, and its last 128 KiB (at most) also show
+        below 1 MiB (isa-bios); every vCPU is reset to fetch at 0xFFFFFFF0. Returns the
+        image's base GPA (what an SEV launch encrypts and measures)."""
+        if not image or len(image) % 0x1_0000 or len(image) > MAX_FIRMWARE:
+            raise ValueError(
+                f"a firmware image must be a non-zero multiple of 64 KiB up to "
+                f"{MAX_FIRMWARE >> 20} MiB ({len(image)} bytes)"
+            )
+        base = (1 << 32) - len(image)
+        self.add_memory(base, len(image))
+        self.write(base, image)
+        isa = min(len(image), 0x2_0000)
+        self.add_alias(0x10_0000 - isa, isa, base + len(image) - isa)
+        for vcpu in self.vcpus:
+            vcpu.reset()
+        return base
+
     # ---- running ----------------------------------------------------------------------------
     def run(self, max_rounds: int = 10_000) -> list[RunExit]:
         """Run every vCPU round-robin until each is done or the VM died; a vCPU that halts
@@ -764,9 +819,33 @@ class Vcpu:
             rip=0,
             g_pat=DEFAULT_GUEST_PAT,
         )
+        if self.vm.x86:
+            kernel.core.machine.use_x86(self.vmcb_addr)
+            self.reset()
+        self._spins = 0
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.vm.name}#{self.index} core {self.core_index}>"
+
+    def reset(self) -> None:
+        """The architectural reset state (KVM/QEMU's vCPU reset): real mode, CS selector
+        0xF000 with base 0xFFFF0000 and RIP 0xFFF0, so the first fetch is at 0xFFFFFFF0;
+        RDX holds the processor signature (CPUID 1 EAX)."""
+        data = {f"{seg}_{f}": 0 for seg in ("es", "ss", "ds", "fs", "gs") for f in ("selector",
+                                                                                 "base")}
+        data.update({f"{seg}_limit": 0xFFFF for seg in ("es", "ss", "ds", "fs", "gs", "cs")})
+        data.update({f"{seg}_attrib": 0x93 for seg in ("es", "ss", "ds", "fs", "gs")})
+        self.set_vmcb(
+            **data,
+            cs_selector=0xF000, cs_base=0xFFFF_0000, cs_attrib=0x9B,
+            gdtr_base=0, gdtr_limit=0xFFFF, idtr_base=0, idtr_limit=0xFFFF,
+            ldtr_selector=0, ldtr_base=0, ldtr_limit=0xFFFF, ldtr_attrib=0x82,
+            tr_selector=0, tr_base=0, tr_limit=0xFFFF, tr_attrib=0x8B,
+            rip=0xFFF0, rsp=0, rax=0, rflags=2, cr0=0x6000_0010, cr3=0, cr4=0, cr2=0,
+            efer=EFER_SVME, cpl=0,
+        )
+        self.regs.clear()
+        self.regs["rdx"] = self.vm.kernel.core.cpuid(1)[0]
 
     # ---- the VMCB, in host memory ------------------------------------------------------------
     def vmcb(self) -> Any:
@@ -785,13 +864,23 @@ class Vcpu:
         while True:
             if vm.dead is not None:
                 return vm.dead
-            core = vm.kvm.cpu(self.core_index)
-            self._pre_run(core)
-            exit_ = core.vmrun(self.vmcb_addr, self.regs)
-            self.exits += 1
-            result = self._handle(exit_)
+            result = self._handle(self._vmrun())
             if result is not None:
                 return result
+
+    def _vmrun(self) -> Exit:
+        core = self.vm.kvm.cpu(self.core_index)
+        self._pre_run(core)
+        exit_ = core.vmrun(self.vmcb_addr, self.regs)
+        self.exits += 1
+        return exit_
+
+    def run_once(self) -> Exit:
+        """One VMRUN and KVM's handling of its exit (a debugger's or a test's single step
+        of KVM_RUN's loop); the raw exit is returned."""
+        exit_ = self._vmrun()
+        self._handle(exit_)
+        return exit_
 
     def _pre_run(self, core: Core) -> None:
         """pre_sev_run / pre_svm_run: all vCPUs of an SEV guest share its ASID, so the TLB
@@ -804,10 +893,21 @@ class Vcpu:
         self.set_vmcb(
             asid=self.asid,
             tlb_control=TLB_CONTROL_FLUSH_ASID if flush else TLB_CONTROL_DO_NOTHING,
+            rax=self.regs.get("rax", 0),  # svm_vcpu_run: RAX lives in the VMCB
         )
 
     def _handle(self, e: Exit) -> RunExit | None:
         vm = self.vm
+        if e.code != EXIT_INTR:
+            self._spins = 0
+        if e.code == EXIT_INTR:
+            # The host's timer ended the time slice; KVM goes back in. A vCPU that never
+            # exits otherwise is stuck: spinning, or executing garbage that loops.
+            self._spins += 1
+            if self._spins < vm.spin_budget:
+                return None
+            vm.dead = RunExit("STUCK", f"no exit in {self._spins} time slices: the vCPU spins", e)
+            return vm.dead
         if e.code == EXIT_NPF:
             gpa = e.info2
             self.npfs.append((gpa, e.info1))
@@ -822,17 +922,25 @@ class Vcpu:
             leaf, subleaf = self.regs.get("rax", 0), self.regs.get("rcx", 0)
             values = self.cpuid(leaf & 0xFFFF_FFFF, subleaf & 0xFFFF_FFFF)
             self.regs.update(zip(("rax", "rbx", "rcx", "rdx"), values, strict=True))
+            self._skip(e)
             return None
         if e.code == EXIT_MSR:
-            self._msr(write=bool(e.info1))
+            if self._msr(write=bool(e.info1)):
+                self._skip(e)
             return None
         if e.code == EXIT_IOIO:
             self._ioio(e.info1)
+            self._skip(e)
             return None
         if e.code == EXIT_VMMCALL:
             self._hypercall()
+            self._skip(e)
             return None
         if e.code == EXIT_HLT:
+            self._skip(e)
+            if e.next_rip and not self.vmcb().rflags & RFLAGS_IF:
+                # Halted with interrupts off: nothing modelled (INIT, NMI) can wake it.
+                return RunExit("DONE", "halted with interrupts disabled", e)
             return RunExit("DONE" if e.detail.get("finished") else "HLT", "", e)
         if e.code == EXIT_SHUTDOWN:
             vm.dead = RunExit("SHUTDOWN", e.detail.get("reason", "triple fault"), e)
@@ -842,6 +950,11 @@ class Vcpu:
             return vm.dead
         vm.dead = RunExit("INTERNAL_ERROR", f"unhandled exit {e.name}", e)
         return vm.dead
+
+    def _skip(self, e: Exit) -> None:
+        """kvm_skip_emulated_instruction: RIP moves to NEXT_RIP (real-code vCPUs)."""
+        if e.next_rip:
+            self.set_vmcb(rip=e.next_rip)
 
     # ---- emulation ---------------------------------------------------------------------------
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
@@ -865,14 +978,17 @@ class Vcpu:
             return (0, 0, 0, 0)  # no nested SVM for the guest
         return host(leaf, subleaf)
 
-    def _msr(self, write: bool) -> None:
-        index = self.regs.get("rcx", 0)
+    def _msr(self, write: bool) -> bool:
+        """True if the MSR access was emulated (RIP moves on), False if #GP was injected."""
+        index = self.regs.get("rcx", 0) & 0xFFFF_FFFF
         if index == MSR_APIC_BASE and not write:
             value = 0xFEE0_0000 | 1 << 11 | (1 << 8 if self.index == 0 else 0)
             self.regs.update(rax=value & 0xFFFF_FFFF, rdx=value >> 32)
-            return
+            return True
         # Anything else: #GP into the guest, as KVM does without ignore_msrs.
-        self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_TYPE_EXCEPTION | GP_VECTOR)
+        self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_ERROR_VALID | EVENTINJ_TYPE_EXCEPTION
+                      | GP_VECTOR)  # error code 0 in bits 63:32
+        return False
 
     def _ioio(self, info1: int) -> None:
         """KVM_EXIT_IO: the device on the port handles it; no device reads all ones."""

@@ -29,6 +29,7 @@ ARGUMENTS = {  # what each command accepts; any other argument is an error, as i
     "sev-inject-launch-secret": {"packet-header", "secret", "gpa"},
     "migrate-set-parameters": {"sev-pdh", "sev-plat-cert", "sev-amd-cert"},
     "migrate": {"uri"},
+    "human-monitor-command": {"command-line", "cpu-index"},
 }
 
 
@@ -92,6 +93,9 @@ class QmpServer:
             ),
             "migrate": lambda a: vmm.migrate(_arg(a, "uri", str)) or {},
             "query-migrate": lambda a: vmm.query_migrate(),
+            "human-monitor-command": lambda a: vmm.human_monitor_command(
+                _arg(a, "command-line", str), _arg(a, "cpu-index", int, required=False)
+            ),
             "cont": lambda a: vmm.cont() or {},
             "stop": lambda a: vmm.stop() or {},
             "quit": self._quit,

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
+from sevsim.guest import firmware as guest_firmware
 from sevsim.host import migration
-from sevsim.host.kvm import COM1, KvmError, RunExit, SerialPort, Vm
+from sevsim.host.kvm import COM1, MAX_FIRMWARE, KvmError, RunExit, SerialPort, Vm
+from sevsim.host.monitor import Monitor, MonitorError
 from sevsim.host.virtio_blk import DiskError, VirtioBlkDevice
 from sevsim.system import HostSystem
 
@@ -59,6 +61,7 @@ class VmConfig:
     append: str | None = None
     console: Path | None = None
     fw_cfg_files: dict[str, bytes] = field(default_factory=dict)  # QEMU's -fw_cfg name=…
+    sev: bool = True  # False: an ordinary VM (QEMU without a sev-guest object)
     disk: Path | None = None  # a raw image for a virtio block device
     disk_access_platform: bool = True  # offer VIRTIO_F_ACCESS_PLATFORM (QEMU iommu_platform)
 
@@ -129,6 +132,11 @@ class ConsoleFile(SerialPort):
             line = self.sink[self.sink.rfind(b"\n", 0, len(self.sink) - 1) + 1 :]
             self.file.write(bytes(line))
 
+    def note(self, line: bytes) -> None:
+        """A line of the VMM's own (not the guest's) in the console log."""
+        if self.file is not None:
+            self.file.write(line)
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -163,40 +171,67 @@ class Vmm:
         cfg = self.config
         if cfg.memory < MIN_MEMORY or cfg.memory % 4096:
             raise VmmError(f"--memory must be a multiple of 4 KiB of at least {MIN_MEMORY >> 20}M")
-        if not self.firmware or len(self.firmware) % 4096:
-            raise VmmError("the firmware image must be a non-empty multiple of 4 KiB")
-        if len(self.firmware) > 16 << 20:
-            raise VmmError("a flash image larger than 16 MiB does not fit below 4 GiB here")
+        size = len(self.firmware)
+        if not size or size % 0x1_0000:
+            raise VmmError(
+                f"could not load PC BIOS {str(cfg.firmware)!r}: the image must be a non-empty "
+                f"multiple of 64 KiB, as QEMU's -bios requires ({size} bytes)"
+            )
+        if size > MAX_FIRMWARE:
+            raise VmmError(f"a flash image larger than {MAX_FIRMWARE >> 20} MiB does not fit below "
+                           "4 GiB here")
         if (cfg.dh_cert_file is None) != (cfg.session_file is None):
             raise VmmError("dh-cert-file and session-file go together")
+        if not cfg.sev and (cfg.dh_cert_file or cfg.policy):
+            raise VmmError("--no-sev: an ordinary VM has no launch session and no SEV policy")
+        if guest_firmware.is_model_image(self.firmware):
+            vm = self._start_model_firmware()
+        else:
+            vm = self._create(cfg.memory, cfg.smp, x86=True)
+            flash = vm.load_firmware(self.firmware)
+        if not cfg.sev:
+            if cfg.kernel is not None:
+                self._load_kernel_hashes(vm, measure=False)
+            return
+        godh = session = None
+        if cfg.dh_cert_file is not None:
+            godh = _read_base64(cfg.dh_cert_file, "dh-cert-file")
+            session = _read_base64(cfg.session_file, "session-file")
+        flash = ovmf.flash_base(size)
+        try:
+            vm.sev_launch_start(cfg.policy, godh, session)
+            vm.sev_launch_update_data(flash, size)
+            if cfg.kernel is not None:
+                self._load_kernel_hashes(vm, measure=True)
+            self.measurement = vm.sev_launch_measure()
+        except KvmError as exc:
+            raise VmmError(f"sev_launch: {exc}") from None
+
+    def _start_model_firmware(self) -> Vm:
+        """The model's own firmware (``sevsim vm firmware``): a Python guest program, started
+        at the entry point of its footer table's reset block (MODEL, docs/model.md)."""
+        if not self.config.sev:
+            raise VmmError("the model firmware (sevsim vm firmware) runs in SEV guests only")
         entry = ovmf.reset_address(self.table)
         if entry is None:
             raise VmmError("the firmware has no SEV reset block: no entry point for the vCPUs")
-        vm = self._create(cfg.memory, cfg.smp)
+        vm = self._create(self.config.memory, self.config.smp)
         flash = ovmf.flash_base(len(self.firmware))
         vm.add_memory(flash, len(self.firmware))
         vm.write(flash, self.firmware)
         for vcpu in vm.vcpus:
             vcpu.set_vmcb(rip=entry)
-        godh = session = None
-        if cfg.dh_cert_file is not None:
-            godh = _read_base64(cfg.dh_cert_file, "dh-cert-file")
-            session = _read_base64(cfg.session_file, "session-file")
-        try:
-            vm.sev_launch_start(cfg.policy, godh, session)
-            vm.sev_launch_update_data(flash, len(self.firmware))
-            if cfg.kernel is not None:
-                self._measure_kernel_hashes(vm)
-            self.measurement = vm.sev_launch_measure()
-        except KvmError as exc:
-            raise VmmError(f"sev_launch: {exc}") from None
+        return vm
 
-    def _create(self, memory: int, smp: int) -> Vm:
-        """The SEV guest with its RAM, its console and fw_cfg."""
+    def _create(self, memory: int, smp: int, x86: bool = False) -> Vm:
+        """The guest (SEV unless --no-sev) with its RAM, its console and fw_cfg."""
+        kind = "SEV guest" if self.config.sev else "VM"
         try:
-            vm = self.vm = self.kvm.create_vm(memory, vcpus=smp, sev=True, name="vm")
+            vm = self.vm = self.kvm.create_vm(
+                memory, vcpus=smp, sev=self.config.sev, name="vm", x86=x86
+            )
         except KvmError as exc:
-            raise VmmError(f"cannot create the SEV guest: {exc}") from None
+            raise VmmError(f"cannot create the {kind}: {exc}") from None
         self.console = ConsoleFile(vm.console, self.config.console)
         for port in range(COM1, COM1 + 8):
             vm.io_ports[port] = self.console
@@ -266,11 +301,13 @@ class Vmm:
             fwcfg.CMDLINE_DATA: cmdline,
         }
 
-    def _measure_kernel_hashes(self, vm: Vm) -> None:
+    def _load_kernel_hashes(self, vm: Vm, measure: bool) -> None:
         """QEMU's kernel-hashes: the padded SEV hashes table, written into the firmware's
-        hashes area and measured with LAUNCH_UPDATE_DATA."""
+        hashes area and (SEV) measured with LAUNCH_UPDATE_DATA."""
         area = ovmf.area(self.table, ovmf.SEV_HASH_TABLE_RV_GUID)
         if area is None:
+            if not measure:
+                return  # QEMU adds the table only for SEV guests
             raise VmmError("SEV: kernel specified but the guest firmware has no hashes table GUID")
         cfg = self.config
         table = guidtable.sev_hashes_table(
@@ -281,7 +318,8 @@ class Vmm:
         if len(table) > area[1]:
             raise VmmError("SEV: the hashes table does not fit the firmware's hashes area")
         vm.write(area[0], table)
-        vm.sev_launch_update_data(area[0], len(table))
+        if measure:
+            vm.sev_launch_update_data(area[0], len(table))
 
     # ---- what QMP asks ---------------------------------------------------------------------
     def guest_state(self) -> str:
@@ -290,6 +328,8 @@ class Vmm:
         return SEV_STATES.get(status.state if status else 0, "uninit")
 
     def query_sev(self) -> dict[str, Any]:
+        if not self.config.sev:
+            raise VmmError("SEV feature is not available")  # QEMU, without a sev-guest object
         major, minor, build = self.system.sev.api_version or (0, 0, 0)
         return {
             "enabled": True,
@@ -349,12 +389,25 @@ class Vmm:
                 raise VmmError(f"SEV: failed to get the attestation report: {exc}") from None
         return {"data": base64.b64encode(report).decode()}
 
+    def human_monitor_command(self, line: str, cpu_index: int | None = None) -> str:
+        """QMP human-monitor-command: HMP's info registers, x, xp, info tlb, info mem."""
+        with self.lock:
+            if self.vm is None or self.vm.destroyed:
+                raise VmmError("no guest")
+            monitor = Monitor(self.vm)
+            try:
+                if cpu_index is not None:
+                    monitor.execute(f"cpu {cpu_index}")
+                return monitor.execute(line)
+            except MonitorError as exc:
+                return f"{exc}\n"  # HMP prints its errors as output
+
     # ---- run state -------------------------------------------------------------------------
     def cont(self) -> None:
         with self.lock:
             if self.status == "shutdown":
                 raise VmmError("the guest has shut down")
-            if self.status == "prelaunch":
+            if self.status == "prelaunch" and self.config.sev:
                 try:
                     self.vm.sev_launch_finish()  # QEMU: when the VM first runs
                 except KvmError as exc:
@@ -396,13 +449,32 @@ class Vmm:
                     done.add(vcpu.index)
                     self.exits.append(exit_)
                 if vm.dead is not None:
-                    with self.lock:
-                        self.status = "shutdown"
-                    self._emit("SHUTDOWN", {"guest": True, "reason": "guest-reset"})
+                    self._guest_died(vcpu.index, vm.dead)
                     return
             if halted:
                 time.sleep(TIMER_TICK)  # every vCPU waits in HLT: until the next timer tick
         self._parked.set()
+
+    def _guest_died(self, index: int, dead: RunExit) -> None:
+        """The guest cannot go on: a triple fault (QEMU with -no-reboot: 'shutdown'), or a
+        vCPU KVM cannot run (stuck, internal error: 'internal-error'). The reason goes to
+        the console log, as QEMU writes it to its log."""
+        status = "shutdown" if dead.reason == "SHUTDOWN" else "internal-error"
+        line = f"sevsim: vCPU {index} stopped: {dead.reason}: {dead.detail}\n"
+        with self.lock:
+            if self.status == "shutdown":
+                return  # 'quit' tore the guest down: that is not the guest dying
+            if self.console is not None:
+                self.console.note(line.encode())
+            self.status = status
+        if status == "shutdown":
+            self._emit("SHUTDOWN", {"guest": True, "reason": "guest-reset"})
+        else:
+            self._emit("GUEST_PANICKED", {"action": "pause", "info": {"type": dead.reason}})
+
+    @property
+    def guest_died(self) -> RunExit | None:
+        return None if self.vm is None else self.vm.dead
 
     def pause_vcpus(self, timeout: float = 30.0) -> None:
         """Stop the vCPUs at their next exit and wait until none is inside the guest."""

@@ -9,9 +9,9 @@
  * IP = 0xFFF0. Real hardware (and QEMU) sets CS.base = 0xFFFF0000, so the
  * first fetch is at 0xFFFFFFF0, the last 16 bytes of the flash image. The
  * image's top 64 KiB is also visible at 0xF0000-0xFFFFF (the legacy BIOS
- * alias), and sevsim's engine starts with CS.base = 0xF0000. Both windows hold
- * the same 64 KiB, at the same 16-bit offsets, so this code is written to work
- * in either: only near (IP-relative) jumps and CS-relative operands whose
+ * alias), where a CPU runs once a far jump reloads CS with 0xF000 (CS.base =
+ * 0xF0000). Both windows hold the same 64 KiB, at the same 16-bit offsets, so
+ * this code is written to work in either: only near (IP-relative) jumps and CS-relative operands whose
  * offset is the address minus IMAGE_BASE. The one far jump at the end names a
  * full 32-bit linear address, which is the same in both cases.
  */

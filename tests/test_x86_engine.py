@@ -1,0 +1,245 @@
+"""The vCPU executes real x86 code through the model's encrypted memory path.
+
+The guest is the package's real-code firmware (src/sevsim/guest/x86): it boots from the
+reset vector, detects SEV, builds its page tables and shares a page as Linux does. These
+tests look at what it prints, what the hypervisor and DRAM hold, and how it dies."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from sevsim.attacks.physical import ColdBootDump
+from sevsim.guest import x86 as x86_guest
+from sevsim.profiles import PROFILES
+from sevsim.soc.svm import EXIT_INTR
+from sevsim.system import HostSystem
+
+SYM = x86_guest.symbols()
+MARKER = b"sevsim secret:"
+
+
+def boot(host: HostSystem, workload: str = "secret", sev: bool = True, name: str = "g", **options):
+    vm = host.start_x86_guest(name, workload, sev=sev, **options)
+    exits = vm.run(max_rounds=200)
+    return vm, exits, vm.console_text()
+
+
+def spin_until_preempted(vm) -> None:
+    """Run the `spin` workload until the host's timer stops it inside its loop."""
+    vcpu = vm.vcpus[0]
+    for _ in range(500):
+        exit_ = vcpu.run_once()
+        if exit_.code == EXIT_INTR and "spinning" in vm.console_text():
+            return
+    raise AssertionError("the guest never spun")
+
+
+def published_hash(console: str) -> bytes:
+    m = re.search(r"secret at 0x200000, sha256 ([0-9a-f]{64})", console)
+    assert m, console
+    return bytes.fromhex(m.group(1))
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("sev", [True, False], ids=["sev", "plain"])
+def test_the_real_code_guest_boots_on_every_profile(profile, sev):
+    with HostSystem.start(PROFILES[profile].with_(seed=7)) as host:
+        vm, exits, console = boot(host, sev=sev)
+        assert exits[0].reason == "DONE", (exits, console)
+        assert "sevsim-guest: done" in console
+        if sev:
+            cbit = PROFILES[profile].cbit
+            assert f"SEV active, C-bit {cbit}, SEV_STATUS 0x1" in console
+        else:
+            assert "SEV not active" in console
+        vm.destroy()
+
+
+def test_private_and_shared_pages_as_guest_hypervisor_and_dram_see_them():
+    with HostSystem.start(PROFILES["milan"].with_(seed=3)) as host:
+        vm, exits, console = boot(host)
+        digest = published_hash(console)
+        secret_gpa, shared_gpa = SYM["SECRET_GPA"], SYM["SHARED_GPA"]
+        host.kernel.wbinvd_on_all_cpus()
+        # The hypervisor's mapping of the private page: ciphertext, no marker.
+        private = vm.read(secret_gpa, 64)
+        assert MARKER not in private
+        # The shared page: what the guest published, in the clear.
+        shared = vm.read(shared_gpa, 56)
+        assert shared[:13] == b"SEVSIM-SHARED"
+        assert int.from_bytes(shared[16:24], "little") == secret_gpa
+        assert shared[24:56] == digest
+        # The guest told KVM, as Linux does (KVM_HC_MAP_GPA_RANGE, decrypted).
+        assert (shared_gpa, 1) in vm.shared_ranges
+        # DRAM: the marker nowhere; the published hash is there (shared, host key or clear).
+        dump = ColdBootDump(host.machine)
+        assert dump.find(MARKER) == []
+        # The page tables were written with paging off: forced private, so ciphertext.
+        pml4 = vm.read(SYM["PML4_GPA"], 8)
+        assert int.from_bytes(pml4, "little") & 0xFFF_FFFF_F000 != SYM["PDPT_GPA"]
+
+
+def test_an_ordinary_vm_keeps_everything_in_the_clear():
+    with HostSystem.start(PROFILES["milan"].with_(seed=3)) as host:
+        vm, exits, console = boot(host, sev=False)
+        assert vm.read(SYM["SECRET_GPA"], len(MARKER)) == MARKER
+        pml4 = int.from_bytes(vm.read(SYM["PML4_GPA"], 8), "little")
+        assert pml4 & 0xFFF_FFFF_F000 == SYM["PDPT_GPA"] and pml4 & 1
+        assert vm.shared_ranges == []  # no SEV: nothing to tell the hypervisor
+
+
+def test_page_faults_and_general_protection_go_through_the_guest_idt():
+    with HostSystem.start(PROFILES["rome"].with_(seed=1)) as host:
+        vm, exits, console = boot(host, "pf gp")
+        assert exits[0].reason == "DONE", console
+        assert re.search(
+            r"exception page-fault \(#14\) at rip=0x[0-9a-f]+ error=0x0 "
+            r"cr2=0x100000000",
+            console,
+        ), console
+        assert "exception general-protection (#13)" in console
+        assert "pf ok" in console and "gp ok" in console
+
+
+def test_self_modifying_code_runs_its_new_bytes():
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm, exits, console = boot(host, "selfmod")
+        assert "sevsim-guest: selfmod 1 2" in console
+
+
+def test_a_spinning_guest_is_preempted_and_stopped():
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("spinner", "spin")
+        vm.spin_budget = 4
+        exits = vm.run(max_rounds=50)
+        assert exits[0].reason == "STUCK"
+        assert exits[0].exit.code == EXIT_INTR
+        assert "spinning" in vm.console_text()
+
+
+def test_hypervisor_changes_to_code_are_fetched_at_the_next_vmrun():
+    """An ordinary VM spins in `jmp .`; the hypervisor rewrites those bytes in guest memory
+    between two VMRUNs: the next run executes the new instruction (no stale translation)."""
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("spinner", "spin", sev=False)
+        vcpu = vm.vcpus[0]
+        spin_until_preempted(vm)
+        rip = vcpu.vmcb().rip  # linear = GPA here: long mode, identity map
+        assert vm.read(rip, 2) == b"\xeb\xfe"
+        vm.write(rip, b"\xf4")  # HLT
+        exits = vm.run(max_rounds=50)
+        assert exits[0].reason == "DONE"
+
+
+def test_sev_ciphertext_rewritten_by_the_hypervisor_decodes_to_garbage():
+    """The same in an SEV guest: the hypervisor cannot write code, only ciphertext; the
+    guest fetches it fresh and it decodes to garbage — the guest crashes, it does not spin."""
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("spinner", "spin")
+        vm.spin_budget = 20
+        vcpu = vm.vcpus[0]
+        spin_until_preempted(vm)
+        rip = vcpu.vmcb().rip
+        page = rip & ~0xFFF
+        vm.write(page, bytes(range(256)) * 16)  # through the host's mapping: not the guest key
+        exits = vm.run(max_rounds=50)
+        assert exits[0].reason in ("SHUTDOWN", "STUCK"), exits
+        assert exits[0].reason == "SHUTDOWN"
+
+
+def test_a_firmware_whose_idt_is_unusable_triple_faults():
+    """A real-mode image: LIDT with limit 0, then UD2 — #UD cannot be delivered, nor #DF."""
+    code = bytes.fromhex("2e0f011ef8ff0f0b") + bytes.fromhex("000000000000")
+    image = b"\xf4" * (0x1_0000 - 16) + code.ljust(16, b"\xf4")
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        for sev in (False, True):
+            vm = host.start_x86_guest(f"bad{sev}", sev=sev, firmware=image)
+            exits = vm.run(max_rounds=10)
+            assert exits[0].reason == "SHUTDOWN"
+            assert "triple fault" in exits[0].detail
+            vm.destroy()
+
+
+def test_wrong_asid_decodes_garbage_and_shuts_down_without_leaking():
+    with HostSystem.start(PROFILES["milan"].with_(seed=5)) as host:
+        alpha, _, _ = boot(host, name="alpha")
+        beta, _, _ = boot(host, name="beta")
+        alpha.vcpus[0].asid, beta.vcpus[0].asid = beta.asid, alpha.asid
+        for vm in (alpha, beta):
+            vm.spin_budget = 20
+            exits = vm.run(max_rounds=50)
+            assert exits[0].reason == "SHUTDOWN", exits
+            seen = bytes(vm.console) + str(exits[0].detail).encode()
+            seen += b"".join(v.to_bytes(8, "little") for v in vm.vcpus[0].regs.values())
+            assert MARKER not in seen
+
+
+def test_firmware_images_must_be_64_kib_multiples():
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.kvm.create_vm(16 << 20, x86=True)
+        with pytest.raises(ValueError, match="multiple of 64 KiB"):
+            vm.load_firmware(b"\x90" * 1000)
+        vm.destroy()
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_the_aliasing_lesson_with_real_code(profile):
+    """Guest code flips a page's C-bit without flushing its dirty C=1 lines, writes new data
+    through C=0, flushes it to DRAM and runs WBINVD: without HwEnforcedCacheCoh the stale
+    lines land on top. With the flush first (Linux's order) nothing is lost anywhere."""
+    with HostSystem.start(PROFILES[profile].with_(seed=2)) as host:
+        vm, exits, console = boot(host, "alias alias-flush")
+        lost = 0 if PROFILES[profile].sme_coherent else 64
+        assert f"alias {lost} of 64 lines lost" in console, console
+        assert "alias-flush 0 of 64 lines lost" in console, console
+
+
+# ---- vm run --bios: any image, as QEMU's -bios ---------------------------------------------
+def vm_run(args: list[str], tmp_path, capsys) -> tuple[int, str, str]:
+    from sevsim.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["vm", "run", "--state", str(tmp_path / "state"), "--memory", "32M", *args])
+    out, err = capsys.readouterr()
+    return exc.value.code or 0, out, err
+
+
+def guest_image_file(tmp_path) -> str:
+    path = tmp_path / "guest.fd"
+    path.write_bytes(x86_guest.image())
+    return str(path)
+
+
+def test_vm_run_boots_any_firmware_image_in_sev_and_ordinary_vms(tmp_path, capsys):
+    image = guest_image_file(tmp_path)
+    work = "name=opt/sevsim/workload,string=secret gp"
+    code, out, _ = vm_run(["--bios", image, "--fw-cfg", work], tmp_path, capsys)
+    assert code == 0
+    assert out.startswith("launch measurement: ")
+    assert "SEV active" in out and "gp ok" in out and "sevsim-guest: done" in out
+    code, out, _ = vm_run(["--bios", image, "--no-sev"], tmp_path, capsys)
+    assert code == 0
+    assert "launch measurement" not in out and "SEV not active" in out
+
+
+def test_vm_run_refuses_an_image_of_another_size_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.fd"
+    bad.write_bytes(b"\x90" * 70_000)
+    code, out, err = vm_run(["--bios", str(bad)], tmp_path, capsys)
+    assert code != 0
+    assert "multiple of 64 KiB" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "state" / "vm-console.log").exists()
+
+
+def test_a_guest_that_dies_ends_vm_run_with_its_reason(tmp_path, capsys):
+    code_ = bytes.fromhex("2e0f011ef8ff" "0f0b") + bytes(6)
+    bad = tmp_path / "triple.fd"
+    bad.write_bytes(b"\xf4" * (0x1_0000 - 16) + code_.ljust(16, b"\xf4"))
+    code, out, _ = vm_run(["--bios", str(bad)], tmp_path, capsys)
+    assert code == 1
+    assert "vCPU stopped: SHUTDOWN" in out and "triple fault" in out
+    log = (tmp_path / "state" / "vm-console.log").read_text()
+    assert "sevsim: vCPU 0 stopped: SHUTDOWN" in log
