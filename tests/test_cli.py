@@ -79,10 +79,10 @@ def test_demo_passes_every_check(capsys):
     secret = views["secret"]
     assert bytes.fromhex(secret["cpu_reads"]).startswith(b"TOP SECRET")
     assert b"TOP SECRET" not in bytes.fromhex(secret["dram_holds"])
-    # The SEV part: the guest reads its secret, the hypervisor and DRAM do not.
+    # The SEV part (real-code guests): the guest reads its secret, hypervisor and DRAM do not.
     alpha = views["alpha's secret"]
     guest_reads = bytes.fromhex(alpha["cpu_reads"])
-    assert guest_reads.startswith(b"alpha secret ")
+    assert guest_reads.startswith(b"sevsim secret:") and len(guest_reads) == 46
     assert bytes.fromhex(alpha["host_reads"]) != guest_reads
     assert bytes.fromhex(alpha["dram_holds"]) != guest_reads
     plain = views["plain's secret"]

@@ -1,25 +1,46 @@
 """The SEV part of the demo: two SEV guests and an ordinary VM on one host.
 
-The hypervisor (``sevsim.host.kvm``) does only what KVM can: it runs the guests, reads their
-memory through its own mappings, and talks to the firmware through /dev/sev. The guests'
-own view (what the guest kernel read) comes from the guest program itself, and the ASID
-table shows the firmware's per-ASID bookkeeping — both are the observer's windows a
-teaching tool needs; neither is reachable from host code.
+The guests are real x86 code (``sevsim.guest.x86``): they boot from the reset vector,
+detect SEV, build page tables with the C-bit, keep a random secret in a private page and
+publish its hash in a shared one. The hypervisor (``sevsim.host.kvm``) does only what KVM
+can: it runs the guests, reads their memory through its own mappings, and talks to the
+firmware through /dev/sev. The guests' own view (what a debugger inside the guest would
+read, ``Machine.guest_view``) and the ASID table (the firmware's per-ASID bookkeeping) are
+the observer's windows a teaching tool needs; neither is reachable from host code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
 
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.demo.steps import Step, Table, View
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import RunExit, Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
 
-GUEST_MEMORY = 4 << 20
+GUEST_MEMORY = 16 << 20
+SECRET_GPA = x86_guest.symbols()["SECRET_GPA"]
+SHARED_GPA = x86_guest.symbols()["SHARED_GPA"]
+MARKER = b"sevsim secret:"  # the guest keeps it before its 32 random bytes
+SWAPPED_BUDGET = 20  # time slices a vCPU run with the wrong key may spin before it is stopped
+
+
+@dataclass
+class GuestReport:
+    """What a guest itself sees: its console, and its memory read as it reads it."""
+
+    sev: bool
+    c_bit: int | None
+    secret: bytes  # the marker and the 32 random bytes, from its private page
+    secret_gpa: int
+    shared_gpa: int
+    published: bytes  # its shared page: magic, the secret's GPA, SHA-256 of the secret
 ASID_COLUMNS = ["moment", "ASID", "guest", "key slot holds", "firmware", "KVM"]
 
 
@@ -42,15 +63,26 @@ class _Story:
         self.key_of: dict[int, str] = {}  # ASID -> whose VEK the slot holds (narration)
 
     def start(self, name: str, sev: bool = True) -> Vm:
-        vm = self.system.start_guest(name, GUEST_MEMORY, sev=sev, secret=name)
+        vm = self.system.start_x86_guest(name, "secret", memory=GUEST_MEMORY, sev=sev)
         if sev:
             self.key_of[vm.asid] = f"{name}'s VEK"
         self.vms[name] = vm
         return vm
 
-    def report(self, vm: Vm):
-        """The guest's own view: what its kernel returned (observer's window)."""
-        return self.machine.observe_guest(vm.vcpus[0].vmcb_addr)
+    def report(self, vm: Vm) -> GuestReport:
+        """The guest's own view (observer's window): its console and its memory."""
+        console = vm.console_text()
+        found = re.search(r"SEV active, C-bit (\d+)", console)
+        view = self.machine.guest_view
+        vmcb = vm.vcpus[0].vmcb_addr
+        return GuestReport(
+            sev=found is not None,
+            c_bit=int(found.group(1)) if found else None,
+            secret=view(vmcb, SECRET_GPA, len(MARKER) + 32),
+            secret_gpa=SECRET_GPA,
+            shared_gpa=SHARED_GPA,
+            published=view(vmcb, SHARED_GPA, 56),
+        )
 
     def asid_rows(self, moment: str) -> list[list[str]]:
         fw = self.machine._psp  # the firmware's private bookkeeping, shown for teaching
@@ -130,10 +162,12 @@ def _launch_step(story: _Story) -> Step:
         "KVM) takes an ASID, has the firmware create the guest (LAUNCH_START) and load a fresh "
         "VEK into that ASID's key slot (ACTIVATE), encrypt and measure the launch image in "
         "place (LAUNCH_UPDATE_DATA, LAUNCH_MEASURE) and let it run (LAUNCH_FINISH). The "
-        "ordinary VM gets an ASID above the SEV range and no key. Each guest kernel detects "
-        "SEV (CPUID 0x8000001F and the SEV_STATUS MSR), builds its page tables with the "
-        "C-bit on its private memory, keeps a random secret in a private page and publishes "
-        "its hash in a page it shares with the host (set_memory_decrypted).",
+        "ordinary VM gets an ASID above the SEV range and no key. Each guest is real x86 "
+        "code that starts at the reset vector: in real and protected mode every access of "
+        "an SEV guest is private; it detects SEV (CPUID 0x8000001F and the SEV_STATUS MSR), "
+        "builds its page tables with the C-bit, enters long mode, keeps a random secret in "
+        "a private page and publishes its hash in a page it shares with the host "
+        "(set_memory_decrypted: flush, clear the C-bit, INVLPG, tell KVM).",
     )
     for name, vm in story.vms.items():
         kind = f"SEV, handle {vm.handle}" if vm.sev else "no SEV"
@@ -173,8 +207,11 @@ def _views_step(story: _Story) -> Step:
         mapping = f"guest C=1, ASID {vm.asid}" if vm.sev else f"no SEV, ASID {vm.asid}"
         view = story.view(f"{name}'s secret", vm, rep.secret_gpa, rep.secret, mapping)
         s.views.append(view)
-        digest = hashlib.sha256(rep.secret).hexdigest().encode()
-        s.check(f"{name} reads its secret (its published hash matches)", digest in rep.published)
+        digest = hashlib.sha256(rep.secret[len(MARKER) :]).digest()
+        s.check(
+            f"{name} reads its secret (its published hash matches)",
+            rep.secret.startswith(MARKER) and rep.published[24:56] == digest,
+        )
         if vm.sev:
             s.check(
                 f"the hypervisor reads only garbage for {name}'s secret",
@@ -205,15 +242,17 @@ def _swap_step(story: _Story) -> Step:
     alpha, beta = story.vms["alpha"], story.vms["beta"]
     secrets = {vm.name: story.report(vm).secret for vm in (alpha, beta)}
     alpha.vcpus[0].asid, beta.vcpus[0].asid = beta.asid, alpha.asid
+    for vm in (alpha, beta):
+        vm.spin_budget = SWAPPED_BUDGET  # garbage may loop: the host timer stops it
     exits = {vm.name: vm.vcpus[0].run() for vm in (alpha, beta)}
     s = Step(
         "The hypervisor swaps the two guests' ASIDs",
         "The hardware only checks that the ASID in a VMCB is a valid, enabled SEV ASID; it "
         "does not know which guest owns it. Run with beta's ASID, alpha's page-table walk "
-        "and instruction fetch use beta's key: alpha's own pages decrypt to garbage, the "
-        "core finds no instruction and cannot deliver the fault (the IDT is garbage too), "
-        'and the guest shuts down — "security by crash". (CrossLine showed that the '
-        "accesses made before the crash can still leak; see docs/model.md.)",
+        "and instruction fetch use beta's key: alpha's own code decrypts to garbage, which "
+        "the core executes until an instruction faults; the fault cannot be delivered (the "
+        "IDT decrypts to garbage too), and the guest shuts down — \"security by crash\". "
+        "(CrossLine showed that the accesses made before the crash can still leak.)",
         facts=[
             (f"{name} with the other's ASID", f"{e.reason}: {e.detail}")
             for name, e in exits.items()
@@ -223,7 +262,7 @@ def _swap_step(story: _Story) -> Step:
         vm = story.vms[name]
         s.check(
             f"{name} run with {other}'s ASID crashes",
-            exits[name].reason in ("SHUTDOWN", "INTERNAL_ERROR"),
+            exits[name].reason in ("SHUTDOWN", "INTERNAL_ERROR", "STUCK"),
         )
         leaked = secrets[other] in bytes(vm.console) or any(
             secrets[other] in str(v).encode() for v in vm.vcpus[0].regs.values()
