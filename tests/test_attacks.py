@@ -115,6 +115,18 @@ def test_attack_command_line(capsys):
 
 
 @pytest.mark.parametrize("profile", ["milan", "naples"])
+def test_crossline_exec_runs_the_victims_own_load_to_decrypt_its_secret(profile):
+    """Variant 2 with real code: the attacker's VM, with the victim's ASID, executes the
+    victim's `mov (%rdi,%rcx,8),%r8` over the victim's page; RAX after the #NPF holds the
+    plaintext, 8 bytes per VMRUN."""
+    r = run("crossline-exec", profile)
+    f = r.figures
+    assert f["exits"] == ["NPF"] * 6 and f["bytes_recovered"] == 48
+    assert f["marker_recovered"] and f["secret_recovered"] and r.succeeded
+    assert any("mov (%rdi,%rcx,8),%r8" in step for step in r.steps)
+
+
+@pytest.mark.parametrize("profile", ["milan", "naples"])
 def test_crossline_dumps_the_victims_real_page_tables(profile):
     r = run("crossline", profile)
     f = r.figures

@@ -10,7 +10,7 @@ from sevsim.guest import kernel as guest_kernel
 from sevsim.host.kvm import NPT_LEAF, KvmError
 from sevsim.profiles import MachineProfile
 from sevsim.soc.nested import EFER_SVME
-from sevsim.soc.paging import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME
+from sevsim.soc.paging import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RW
 from sevsim.soc.svm import (
     EXIT_NPF,
     NP_ENABLE,
@@ -72,32 +72,45 @@ def host_read(profile: MachineProfile, r: AttackResult) -> None:
     "wrong-asid",
     "Security by crash: a guest run with another guest's ASID",
     """The hardware checks only that a VMCB's ASID is a valid SEV ASID, not whose it is.
-    The hypervisor runs guest alpha with beta's ASID: alpha's code, page tables and data
-    are fetched with beta's key, decrypt to garbage, and the vCPU cannot even deliver the
-    resulting fault — a triple fault, #VMEXIT(SHUTDOWN). The attacker looks at everything
+    The hypervisor runs guest alpha (real x86 code) with beta's ASID: alpha's code, page
+    tables and data are fetched with beta's key and decrypt to garbage; the CPU executes
+    that garbage until an instruction faults, and cannot deliver the fault — the IDT is
+    garbage too — so it triple-faults, #VMEXIT(SHUTDOWN). The attacker looks at everything
     the crash gives it — exit codes, registers, the console — for either guest's secret.""",
     "the wrong key makes the victim's code undecodable: it crashes before it can run "
     "(CrossLine shows what leaks before the crash; see the crossline attack)",
 )
 def wrong_asid(profile: MachineProfile, r: AttackResult) -> None:
+    from sevsim.guest import x86 as x86_guest
+
+    secret_gpa = x86_guest.symbols()["SECRET_GPA"]
     with HostSystem.start(profile) as system:
-        alpha, beta = start_guest(system, "alpha"), start_guest(system, "beta")
+        alpha = system.start_x86_guest("alpha", "secret", policy=POLICY_NODBG)
+        beta = system.start_x86_guest("beta", "secret", policy=POLICY_NODBG)
         for vm in (alpha, beta):
             vm.run()
-        secrets = {vm.name: victim_view(system, vm).secret for vm in (alpha, beta)}
+        # The narrator's window (never the attacker's): each guest's own secret page.
+        secrets = {
+            vm.name: system.machine.guest_view(vm.vcpus[0].vmcb_addr, secret_gpa, 46)
+            for vm in (alpha, beta)
+        }
         r.step(f"alpha has ASID {alpha.asid}, beta ASID {beta.asid}; both ran to completion")
         alpha.vcpus[0].asid, beta.vcpus[0].asid = beta.asid, alpha.asid
+        for vm in (alpha, beta):
+            vm.spin_budget = 20  # garbage may loop: the host's timer stops it
         exits = {vm.name: vm.vcpus[0].run() for vm in (alpha, beta)}
         leaked = False
         for vm in (alpha, beta):
             e = exits[vm.name]
             r.step(f"{vm.name} run with the other's ASID: {e.reason} ({e.detail})")
             seen = bytes(vm.console) + str(e.detail).encode()
-            seen += b"".join(str(v).encode() for v in vm.vcpus[0].regs.values())
-            leaked |= any(s in seen for s in secrets.values())
+            seen += b"".join(v.to_bytes(8, "little") for v in vm.vcpus[0].regs.values())
+            leaked |= any(s[14:22] in seen or s[22:30] in seen for s in secrets.values())
         r.figures = {
             "exits": {name: e.reason for name, e in exits.items()},
-            "crashed": all(e.reason in ("SHUTDOWN", "INTERNAL_ERROR") for e in exits.values()),
+            "crashed": all(
+                e.reason in ("SHUTDOWN", "INTERNAL_ERROR", "STUCK") for e in exits.values()
+            ),
             "secret_seen": leaked,
         }
         r.succeeded = leaked
@@ -372,3 +385,119 @@ def _probe(core, vcpu, asid: int, slot: int) -> int | None:
     if exit_.code == EXIT_NPF and exit_.info1 & NPF_GUEST_PAGE_TABLE:
         return exit_.info2 & ~(PAGE - 1)
     return None
+
+
+# ---- CrossLine variant 2: the victim's own instructions as a decryption oracle ------------
+SECRET_MARKER = b"sevsim secret:"
+CODE64_ATTRIB, DATA_ATTRIB = 0xA9B, 0xC93  # VMCB segment attributes: 64-bit code, flat data
+
+
+@attack(
+    "crossline-exec",
+    "CrossLine variant 2: the victim's instructions, run by another VM, decrypt for it",
+    """The victim is a real-code SEV guest. The hypervisor builds a VM of its own with the
+    victim's ASID and maps into its nested page table just what one instruction needs: the
+    victim's page-table pages, the code page holding a load instruction it knows from the
+    victim's (public, measured) firmware — `mov (%rdi,%rcx,8),%r8` in a copy loop — and,
+    read-only, the victim page it wants to read. It points RIP at the load, RDI at the page,
+    and runs. The fetch and the walk decrypt with the victim's key, so the CPU executes the
+    victim's real code: the load decrypts 8 bytes of the victim's page into R8, the next
+    instructions add them to RAX, and the store after them faults on the read-only page:
+    #VMEXIT(NPF). SEV does not protect the register state, so RAX is the plaintext. One
+    VMRUN per 8 bytes, then the victim's secret is the hypervisor's.""",
+    "SEV-ES: the registers live in the encrypted VMSA, so nothing is read after the exit "
+    "(the variant fails); SEV-SNP's RMP check of ASID and GPA stops the accesses (not "
+    "modelled)",
+)
+def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
+    from sevsim.guest import x86 as x86_guest
+    from sevsim.soc.x86.decode import decode, disassemble
+
+    image, sym = x86_guest.image(), x86_guest.symbols()
+    base = (1 << 32) - len(image)
+    # The attacker reads the public firmware: the first 8-byte load in mem_loop's copy loop.
+    code = image[sym["mem_loop"] - base :]
+    gadget = next(
+        ip
+        for ip, raw, text in disassemble(code, sym["mem_loop"], 64, 40)
+        if text.startswith("mov (%rdi,%rcx,8),%r8")
+    )
+    listing = [text for _, _, text in disassemble(image[gadget - base :], gadget, 64, 4)]
+    with HostSystem.start(profile) as system:
+        victim = system.start_x86_guest("victim", "secret", policy=POLICY_NODBG)
+        victim.run()
+        target = sym["SECRET_GPA"]
+        truth = system.machine.guest_view(victim.vcpus[0].vmcb_addr, target, 48)
+        v = victim.vcpus[0].vmcb()
+        r.step(
+            f"the victim (ASID {victim.asid}) has booted; its CR3 is {v.cr3:#x} (in the clear "
+            f"in its VMCB); the gadget is at {gadget:#x}: " + "; ".join(listing[:3])
+        )
+        attacker = system.kvm.create_vm(PAGE * 1024, sev=False, name="attacker", x86=True)
+        encrypted = system.kernel.sme_active
+        tables = [
+            sym["PML4_GPA"],
+            sym["PDPT_GPA"],
+            *range(sym["PD_GPA"], sym["PD_GPA"] + 4 * PAGE, PAGE),
+            sym["SPLIT_PT_GPA"],
+        ]
+        for gpa in [*tables, gadget & ~(PAGE - 1)]:
+            attacker.npt.map(gpa, victim.spa(gpa), PAGE, NPT_LEAF, encrypted)
+        read_only = NPT_LEAF & ~RW
+        attacker.npt.map(target, victim.spa(target), PAGE, read_only, encrypted)
+        r.step(
+            f"the attacker's NPT maps the victim's {len(tables)} page-table pages, the "
+            f"gadget's code page and, read-only, the victim page at GPA {target:#x}"
+        )
+        vcpu = attacker.vcpus[0]
+        core = system.kvm.cpu(vcpu.core_index)
+        segs = {f"{s}_{f}": 0 for s in ("ds", "es", "fs", "gs", "ss") for f in ("selector", "base")}
+        leaked = b""
+        exits = []
+        for index in range(6):
+            vcpu.set_vmcb(
+                **segs,
+                cs_selector=0x18,
+                cs_base=0,
+                cs_limit=0xFFFF_FFFF,
+                cs_attrib=CODE64_ATTRIB,
+                ss_attrib=DATA_ATTRIB,
+                ds_attrib=DATA_ATTRIB,
+                es_attrib=DATA_ATTRIB,
+                asid=victim.asid,
+                nested_ctl=NP_ENABLE | SEV_ENABLE,
+                tlb_control=TLB_CONTROL_FLUSH_ASID,
+                cr0=CR0_PE | CR0_PG,
+                cr3=v.cr3,
+                cr4=CR4_PAE,
+                efer=EFER_LME | EFER_LMA | EFER_SVME,
+                rip=gadget,
+                rax=0,
+                rflags=2,
+                event_inj=0,
+            )
+            regs = {"rdi": target, "rcx": index}
+            exit_ = core.vmrun(vcpu.vmcb_addr, regs)
+            exits.append(exit_.name)
+            after = vcpu.vmcb()
+            if exit_.code != EXIT_NPF:
+                r.step(f"VMRUN {index}: {exit_.name} — {exit_.detail}")
+                break
+            word = after.rax.to_bytes(8, "little")
+            leaked += word
+            stopped = decode(image[after.rip - base : after.rip - base + 15], after.rip, 64)
+            r.step(
+                f"VMRUN {index}: #NPF (write to GPA {exit_.info2:#x}) at {after.rip:#x} "
+                f"({stopped}); RAX = {after.rax:#018x} → {word!r}"
+            )
+        r.figures = {
+            "vmruns": len(exits),
+            "exits": exits,
+            "gadget": f"{gadget:#x}",
+            "bytes_recovered": len(leaked),
+            "marker_recovered": leaked.startswith(SECRET_MARKER),
+            "secret_recovered": leaked[: len(truth)] == truth,
+        }
+        r.succeeded = leaked[: len(truth)] == truth
+        attacker.destroy()
+        victim.destroy()
