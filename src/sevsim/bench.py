@@ -11,6 +11,11 @@ ratios are what docs/performance.md tracks).
 * guest loads: the same loads inside an SEV guest (guest page walk, nested walk and the
   guest's key, all cached after a warm-up), timed by the guest between HLT exits, against
   the same bare loop timed by the host in between.
+* guest code: the real-code guest's register-only loop (``alu_loop``) and its loop of
+  8-byte loads and stores over 8 MiB of private memory (``mem_loop``) in an SEV guest —
+  every access translated, keyed and cached by the model — against the same functions
+  called on the bare engine (Unicorn, flat memory, no model), same run; and the
+  instructions per second of each.
 * launch: LAUNCH_UPDATE_DATA + LAUNCH_MEASURE of a 64 MiB image through the mailbox (the
   firmware reads the plaintext, hashes it and writes it back under the VEK), against raw
   AES-128-ECB plus SHA-256 of the same bytes.
@@ -23,6 +28,8 @@ ratios are what docs/performance.md tracks).
   the same bytes to a fresh file.
 * sparse memory: RSS growth of a fresh process that creates a machine with 1 TiB of DRAM
   and touches 64 MiB of it.
+* guest memory: RSS growth of a fresh process in which a 4 GiB SEV guest boots the
+  real-code guest, against the memory it touched.
 
 Each figure is the median of several rounds; model and baseline alternate within a round.
 """
@@ -51,11 +58,14 @@ TARGETS = {
     "bulk_decrypt_ratio": ">= 0.25",
     "load_ratio": ">= 0.2",
     "guest_load_ratio": ">= 0.15",
+    "guest_alu_ratio": ">= 0.5",
+    "guest_mem_ratio": ">= 0.25",
     "launch_ratio": ">= 0.5",
     "migrate_ratio": ">= 0.4",
     "migrate_rss_growth_ratio": "<= 1.5",
     "bounce_io_ratio": ">= 0.2",
     "sparse_rss_mib": "<= 2 * touched_mib + 150",
+    "guest_boot_rss_mib": "<= 2 * guest_boot_touched_mib + 150",
 }
 
 Progress = Callable[[str], None]
@@ -185,6 +195,80 @@ def bench_guest_loads(count: int, rounds: int, progress: Progress) -> dict[str, 
     return {
         "guest_load_ratio": base / guest,
         "guest_loads_per_s": count / guest,
+    }
+
+
+ALU_INSNS = 5  # per iteration of alu_loop (guest/x86/src/workloads.S)
+MEM_FILL_INSNS, MEM_INSNS = 4, 7  # per word of mem_loop's fill pass, and of each round
+
+
+def _bare_call(function: str, *args: int) -> float:
+    """Call a function of the real-code guest on the bare engine: flat memory, no model."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn import x86_const as X
+
+    from sevsim.guest import x86 as x86_guest
+
+    image, sym = x86_guest.image(), x86_guest.symbols()
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map((1 << 32) - len(image), len(image))
+    uc.mem_write((1 << 32) - len(image), image)
+    uc.mem_map(0, 16 * MiB)
+    ret = 0x1000
+    uc.mem_write(ret, b"\xf4")
+    uc.mem_write(0x7FFF8, ret.to_bytes(8, "little"))
+    uc.reg_write(X.UC_X86_REG_RSP, 0x7FFF8)
+    for reg, value in zip(
+        (X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RDX)[: len(args)], args, strict=True
+    ):
+        uc.reg_write(reg, value)
+    t = time.perf_counter()
+    uc.emu_start(sym[function], ret)
+    return time.perf_counter() - t
+
+
+def _guest_phase(vm: Any, start: str, end: str) -> float:
+    """Wall time from the guest printing ``start`` to it printing ``end`` (host exits
+    included: that is the model's cost)."""
+    vcpu = vm.vcpus[0]
+    while start not in vm.console_text():
+        vcpu.run_once()
+    t = time.perf_counter()
+    while end not in vm.console_text():
+        exit_ = vcpu.run_once()
+        if vm.dead is not None:
+            raise RuntimeError(f"benchmark guest stopped: {vm.dead.reason} {vm.dead.detail}")
+        del exit_
+    return time.perf_counter() - t
+
+
+def bench_guest_code(iterations: int, rounds: int, progress: Progress) -> dict[str, float]:
+    """``alu_loop`` and ``mem_loop`` in an SEV guest against the bare engine."""
+    from sevsim.system import HostSystem
+
+    words = 8 * MiB // 8
+    work = f"alu:{iterations} mem:{rounds}"
+    progress("guest code: the bare engine")
+    bare_alu = min(_bare_call("alu_loop", iterations) for _ in range(3))
+    bare_mem = min(_bare_call("mem_loop", 0x40_0000, 8 * MiB, rounds) for _ in range(3))
+    progress("guest code: an SEV guest")
+    with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
+        vm = system.start_x86_guest("bench", work, memory=16 * MiB)
+        vm.spin_budget = 1 << 30
+        guest_alu = _guest_phase(vm, f"workload {work}\n", "sevsim-guest: alu")
+        guest_mem = _guest_phase(vm, "sevsim-guest: alu ", "sevsim-guest: mem")
+        vm.destroy()
+    alu_insns = ALU_INSNS * iterations
+    mem_insns = MEM_FILL_INSNS * words + MEM_INSNS * words * rounds
+    return {
+        "guest_alu_ratio": bare_alu / guest_alu,
+        "guest_mem_ratio": bare_mem / guest_mem,
+        "guest_mips": {
+            "alu": alu_insns / guest_alu / 1e6,
+            "alu_bare": alu_insns / bare_alu / 1e6,
+            "mem": mem_insns / guest_mem / 1e6,
+            "mem_bare": mem_insns / bare_mem / 1e6,
+        },
     }
 
 
@@ -454,16 +538,42 @@ def sparse_child(touch: int) -> dict[str, float]:
     }
 
 
-def bench_sparse(touch: int, progress: Progress) -> dict[str, float]:
-    progress(f"sparse memory: 1 TiB machine, {touch >> 20} MiB touched (child process)")
-    code = (
-        "import json; from sevsim.bench import sparse_child; "
-        f"print(json.dumps(sparse_child({touch})))"
-    )
+def guest_memory_child(memory: int) -> dict[str, float]:
+    """Run in a fresh process: RSS growth for an SEV guest of ``memory`` bytes booted with
+    the real-code guest, against what it touched (DRAM pages written)."""
+    from sevsim.system import HostSystem
+
+    with HostSystem.start(get_profile("milan").with_(dram_size=memory + 4 * GiB)) as system:
+        written = system.machine.dram.written_bytes
+        before = rss_bytes()
+        vm = system.start_x86_guest("big", "secret", memory=memory)
+        if vm.run()[0].reason != "DONE":
+            raise RuntimeError(f"the guest did not boot: {vm.console_text()[-200:]}")
+        after = rss_bytes()
+        touched = system.machine.dram.written_bytes - written
+    return {
+        "guest_boot_memory_gib": memory / GiB,
+        "guest_boot_touched_mib": touched / MiB,
+        "guest_boot_rss_mib": (after - before) / MiB,
+    }
+
+
+def _child(call: str) -> dict[str, Any]:
+    code = f"import json; from sevsim.bench import *; print(json.dumps({call}))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"sparse-memory child failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{call} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout)
+
+
+def bench_guest_memory(memory: int, progress: Progress) -> dict[str, float]:
+    progress(f"guest memory: a {memory >> 30} GiB SEV guest boots (child process)")
+    return _child(f"guest_memory_child({memory})")
+
+
+def bench_sparse(touch: int, progress: Progress) -> dict[str, float]:
+    progress(f"sparse memory: 1 TiB machine, {touch >> 20} MiB touched (child process)")
+    return _child(f"sparse_child({touch})")
 
 
 def environment() -> dict[str, Any]:
@@ -500,21 +610,29 @@ def run_bench(quick: bool = False, progress: Progress | None = None) -> dict[str
     result.update(bench_bulk(size, rounds, progress))
     result.update(bench_loads(20_000 if quick else 200_000, rounds, progress))
     result.update(bench_guest_loads(20_000 if quick else 200_000, rounds, progress))
+    result.update(
+        bench_guest_code(20_000_000 if quick else 200_000_000, 4 if quick else 16, progress)
+    )
     result.update(bench_launch(size, rounds, progress))
     result.update(bench_migrate(32 * MiB if quick else 256 * MiB, progress))
     result.update(bench_bounce_io(8 * MiB if quick else 64 * MiB, rounds, progress))
     result.update(bench_sparse(8 * MiB if quick else 64 * MiB, progress))
+    result.update(bench_guest_memory(4 * GiB, progress))
     result["targets"] = TARGETS
     result["targets_met"] = {
         "bulk_encrypt_ratio": result["bulk_encrypt_ratio"] >= 0.25,
         "bulk_decrypt_ratio": result["bulk_decrypt_ratio"] >= 0.25,
         "load_ratio": result["load_ratio"] >= 0.2,
         "guest_load_ratio": result["guest_load_ratio"] >= 0.15,
+        "guest_alu_ratio": result["guest_alu_ratio"] >= 0.5,
+        "guest_mem_ratio": result["guest_mem_ratio"] >= 0.25,
         "launch_ratio": result["launch_ratio"] >= 0.5,
         "migrate_ratio": result["migrate_ratio"] >= 0.4,
         "migrate_rss_growth_ratio": result["migrate_rss_growth_ratio"] <= 1.5,
         "bounce_io_ratio": result["bounce_io_ratio"] >= 0.2,
         "sparse_rss_mib": result["sparse_rss_mib"] <= 2 * result["touched_mib"] + 150,
+        "guest_boot_rss_mib": result["guest_boot_rss_mib"]
+        <= 2 * result["guest_boot_touched_mib"] + 150,
     }
     result["environment"] = environment()
     return result

@@ -20,13 +20,15 @@ def bench(quick: bool, as_json: bool) -> int:
     """Measure the model's speed and memory against baselines taken in the same run.
 
     Ratios compare the model with raw AES-128-ECB (bulk encryption), with a bare
-    struct.unpack_from loop (loads on the host and inside an SEV guest), with raw ECB plus
+    struct.unpack_from loop (loads on the host and inside an SEV guest), with the bare
+    instruction engine (the real-code guest's loops in an SEV guest), with raw ECB plus
     SHA-256 (LAUNCH_UPDATE_DATA + LAUNCH_MEASURE), with the raw crypto two firmwares do
     (migrating a 256 MiB guest over loopback), with a plain Python file write (an SEV
     guest's disk writes through bounce buffers), and RSS growth with the memory actually
-    used. Each is the median of several rounds (the best round of each side for the disk
-    writes, where page-cache allocation is bimodal). Takes about half a minute (a few
-    seconds with --quick). See docs/performance.md.
+    used (a 1 TiB machine; a 4 GiB SEV guest after boot). Each is the median of several
+    rounds (the best round of each side for the disk writes, where page-cache allocation
+    is bimodal). Takes about a minute (a few seconds with --quick). See
+    docs/performance.md.
     """
     console = Console(stderr=True)
     with Progress(
@@ -57,6 +59,8 @@ def bench(quick: bool, as_json: bool) -> int:
         ("baseline_loads_per_s", "{:,.0f}"),
         ("guest_load_ratio", "{:.3f}"),
         ("guest_loads_per_s", "{:,.0f}"),
+        ("guest_alu_ratio", "{:.3f}"),
+        ("guest_mem_ratio", "{:.3f}"),
         ("launch_ratio", "{:.3f}"),
         ("launch_gbps", "{:.2f} GB/s"),
         ("migrate_ratio", "{:.3f}"),
@@ -67,11 +71,15 @@ def bench(quick: bool, as_json: bool) -> int:
         ("plain_write_mbps", "{:.1f} MB/s"),
         ("sparse_rss_mib", "{:.1f} MiB"),
         ("touched_mib", "{:.0f} MiB"),
+        ("guest_boot_rss_mib", "{:.1f} MiB"),
+        ("guest_boot_touched_mib", "{:.1f} MiB"),
     ):
         target = result["targets"].get(key, "")
         if key in met:
             target += "  [green]met[/green]" if met[key] else "  [red]missed[/red]"
         table.add_row(key, fmt.format(result[key]), target)
+    for name, mips in result["guest_mips"].items():
+        table.add_row(f"guest_mips.{name}", f"{mips:,.0f}", "")
     Console().print(table)
     env = result["environment"]
     Console().print(
