@@ -105,6 +105,7 @@ class HostSystem:
         sev: bool = True,
         policy: int = 0,
         firmware: bytes | None = None,
+        vcpus: int = 1,
     ) -> Vm:
         """A VM whose vCPU executes real code: a firmware image (the package's real-code
         guest by default) mapped below 4 GiB as QEMU's -bios, the workload in fw_cfg, and
@@ -113,7 +114,7 @@ class HostSystem:
         from sevsim.guest import x86 as x86_guest
         from sevsim.host.vmm import FwCfgDevice
 
-        vm = self.kvm.create_vm(memory, sev=sev, name=name, x86=True)
+        vm = self.kvm.create_vm(memory, vcpus=vcpus, sev=sev, name=name, x86=True)
         image = x86_guest.image() if firmware is None else firmware
         base = vm.load_firmware(image)
         directory, items = fwcfg.file_directory({x86_guest.WORKLOAD_FILE: workload.encode()})

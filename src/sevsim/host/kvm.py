@@ -35,6 +35,7 @@ from sevsim import crypto
 from sevsim.api import commands as cmd
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
+from sevsim.host import lapic
 from sevsim.host.kernel import PAGE_OFFSET, HostKernel
 from sevsim.host.sev import SevDevice
 from sevsim.pagetables import LinearWindow, PageTables
@@ -71,6 +72,7 @@ from sevsim.soc.svm import (
     VMCB,
     Exit,
 )
+from sevsim.soc.x86.decode import Mnemonic, OpKind, Register, RegisterInfo, decode, disassemble
 
 EFER_SVME = 1 << 12
 CR0_ET = 1 << 4
@@ -310,6 +312,7 @@ class Vm:
             table_flags=NPT_TABLE,
         )
         self.asid = kvm.asids.new() if sev else kvm.plain_asid()
+        self._ipi_source: Vcpu | None = None  # the vCPU whose APIC is sending an IPI
         self.vcpus = [Vcpu(self, i) for i in range(nr_vcpus)]
 
     def __repr__(self) -> str:
@@ -741,7 +744,7 @@ class Vm:
         yields to the others (a timer wakes it in the next round)."""
         last: list[RunExit | None] = [None] * len(self.vcpus)
         for _ in range(max_rounds):
-            runnable = [v for v in self.vcpus if _runnable(last[v.index])]
+            runnable = [v for v in self.vcpus if not v.parked and _runnable(last[v.index])]
             if not runnable or self.dead:
                 break
             for vcpu in runnable:
@@ -750,7 +753,24 @@ class Vm:
                     break
         else:
             raise KvmError(f"{self.name}: the vCPUs did not finish in {max_rounds} rounds")
-        return [self.dead or e or RunExit("HLT") for e in last]
+        return [
+            self.dead or e or (RunExit("WAIT_SIPI", PARKED) if v.parked else RunExit("HLT"))
+            for v, e in zip(self.vcpus, last, strict=True)
+        ]
+
+    def send_ipi(self, mode: int, vector: int, target: int) -> None:
+        """An INIT or STARTUP IPI from a vCPU's local APIC (target: an APIC ID, or -1 for
+        all the others): INIT puts the target back in reset, waiting for STARTUP; STARTUP
+        starts a waiting one in real mode at vector << 12 (CS vector << 8, IP 0)."""
+        for vcpu in self.vcpus:
+            if target not in (-1, vcpu.index) or (target == -1 and vcpu is self._ipi_source):
+                continue
+            if mode == lapic.DM_INIT:
+                vcpu.reset()
+                vcpu.parked = True
+            elif mode == lapic.DM_STARTUP and vcpu.parked:
+                vcpu.set_vmcb(cs_selector=vector << 8, cs_base=vector << 12, rip=0)
+                vcpu.parked = False
 
     def console_text(self) -> str:
         return self.console.decode("utf-8", "replace")
@@ -786,6 +806,30 @@ class Vm:
         self.destroyed = True
 
 
+PARKED = "waiting for a STARTUP IPI"
+_REG_NAMES = {
+    getattr(Register, n.upper()): n
+    for n in (
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "rsi",
+        "rdi",
+        "rbp",
+        "rsp",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+    )
+}
+
+
 def _runnable(last: RunExit | None) -> bool:
     return last is None or last.reason == "HLT"
 
@@ -819,6 +863,9 @@ class Vcpu:
             rip=0,
             g_pat=DEFAULT_GUEST_PAT,
         )
+        # Real-code vCPUs have a local APIC; the others (APs) wait for a STARTUP IPI.
+        self.apic = lapic.LocalApic(self.index, self._send_ipi) if self.vm.x86 else None
+        self.parked = self.vm.x86 and self.index > 0
         if self.vm.x86:
             kernel.core.machine.use_x86(self.vmcb_addr)
             self.reset()
@@ -827,22 +874,49 @@ class Vcpu:
     def __repr__(self) -> str:
         return f"<Vcpu {self.vm.name}#{self.index} core {self.core_index}>"
 
+    def _send_ipi(self, mode: int, vector: int, target: int) -> None:
+        self.vm._ipi_source = self
+        try:
+            self.vm.send_ipi(mode, vector, target)
+        finally:
+            self.vm._ipi_source = None
+
     def reset(self) -> None:
         """The architectural reset state (KVM/QEMU's vCPU reset): real mode, CS selector
         0xF000 with base 0xFFFF0000 and RIP 0xFFF0, so the first fetch is at 0xFFFFFFF0;
         RDX holds the processor signature (CPUID 1 EAX)."""
-        data = {f"{seg}_{f}": 0 for seg in ("es", "ss", "ds", "fs", "gs") for f in ("selector",
-                                                                                 "base")}
+        data = {
+            f"{seg}_{f}": 0 for seg in ("es", "ss", "ds", "fs", "gs") for f in ("selector", "base")
+        }
         data.update({f"{seg}_limit": 0xFFFF for seg in ("es", "ss", "ds", "fs", "gs", "cs")})
         data.update({f"{seg}_attrib": 0x93 for seg in ("es", "ss", "ds", "fs", "gs")})
         self.set_vmcb(
             **data,
-            cs_selector=0xF000, cs_base=0xFFFF_0000, cs_attrib=0x9B,
-            gdtr_base=0, gdtr_limit=0xFFFF, idtr_base=0, idtr_limit=0xFFFF,
-            ldtr_selector=0, ldtr_base=0, ldtr_limit=0xFFFF, ldtr_attrib=0x82,
-            tr_selector=0, tr_base=0, tr_limit=0xFFFF, tr_attrib=0x8B,
-            rip=0xFFF0, rsp=0, rax=0, rflags=2, cr0=0x6000_0010, cr3=0, cr4=0, cr2=0,
-            efer=EFER_SVME, cpl=0,
+            cs_selector=0xF000,
+            cs_base=0xFFFF_0000,
+            cs_attrib=0x9B,
+            gdtr_base=0,
+            gdtr_limit=0xFFFF,
+            idtr_base=0,
+            idtr_limit=0xFFFF,
+            ldtr_selector=0,
+            ldtr_base=0,
+            ldtr_limit=0xFFFF,
+            ldtr_attrib=0x82,
+            tr_selector=0,
+            tr_base=0,
+            tr_limit=0xFFFF,
+            tr_attrib=0x8B,
+            rip=0xFFF0,
+            rsp=0,
+            rax=0,
+            rflags=2,
+            cr0=0x6000_0010,
+            cr3=0,
+            cr4=0,
+            cr2=0,
+            efer=EFER_SVME,
+            cpl=0,
         )
         self.regs.clear()
         self.regs["rdx"] = self.vm.kernel.core.cpuid(1)[0]
@@ -864,6 +938,8 @@ class Vcpu:
         while True:
             if vm.dead is not None:
                 return vm.dead
+            if self.parked:
+                return RunExit("WAIT_SIPI", PARKED)
             result = self._handle(self._vmrun())
             if result is not None:
                 return result
@@ -913,10 +989,13 @@ class Vcpu:
             self.npfs.append((gpa, e.info1))
             if vm.map_gpa(gpa):
                 return None
-            # No memslot: MMIO. KVM cannot decode an SEV guest's encrypted instruction.
-            vm.dead = RunExit(
-                "INTERNAL_ERROR", f"emulation failure: access to GPA {gpa:#x} (no memory there)", e
-            )
+            if self.apic is not None and lapic.APIC_BASE <= gpa < lapic.APIC_BASE + lapic.APIC_SIZE:
+                problem = self._emulate_mmio(gpa, self.apic)
+                if problem is None:
+                    return None
+            else:
+                problem = "no memory or device there"
+            vm.dead = RunExit("INTERNAL_ERROR", f"emulation failure: GPA {gpa:#x}: {problem}", e)
             return vm.dead
         if e.code == EXIT_CPUID:
             leaf, subleaf = self.regs.get("rax", 0), self.regs.get("rcx", 0)
@@ -950,6 +1029,44 @@ class Vcpu:
             return vm.dead
         vm.dead = RunExit("INTERNAL_ERROR", f"unhandled exit {e.name}", e)
         return vm.dead
+
+    def _emulate_mmio(self, gpa: int, device: lapic.LocalApic) -> str | None:
+        """KVM's MMIO emulation of a MOV: the instruction's bytes come from the VMCB (the
+        hardware's decode assists; KVM cannot read an SEV guest's code), the address from
+        EXITINFO2. Returns what went wrong, or None."""
+        v = self.vmcb()
+        code = v.insn_bytes[: v.insn_len]
+        if not code:
+            return "no instruction bytes (decode assists gave none)"
+        long_mode = v.efer & 1 << 10 and v.cs_attrib & 0x200
+        bitness = 64 if long_mode else (32 if v.cr0 & 1 and v.cs_attrib & 0x400 else 16)
+        ins = decode(code, v.rip, bitness)
+        if ins.mnemonic not in (Mnemonic.MOV, Mnemonic.MOVZX) or ins.op_count != 2:
+            return f"cannot emulate {disassemble(code, v.rip, bitness, 1)[0][2]!r}"
+        offset = gpa - lapic.APIC_BASE
+        if ins.op0_kind == OpKind.REGISTER:  # a load
+            value = device.read(offset)
+            self._set_register(ins.op0_register, value)
+        elif ins.op1_kind == OpKind.REGISTER:  # a store from a register
+            device.write(offset, self._register(ins.op1_register))
+        else:  # a store of an immediate
+            device.write(offset, ins.immediate(1))
+        self.set_vmcb(rip=v.rip + ins.len, rax=self.regs.get("rax", v.rax))
+        return None
+
+    def _register(self, reg: int) -> int:
+        full = RegisterInfo(reg).full_register
+        value = self.regs.get(_REG_NAMES[full], 0)
+        return value & (1 << 8 * RegisterInfo(reg).size) - 1
+
+    def _set_register(self, reg: int, value: int) -> None:
+        name = _REG_NAMES[RegisterInfo(reg).full_register]
+        size = RegisterInfo(reg).size
+        if size >= 4:
+            self.regs[name] = value & (1 << 8 * size) - 1  # a 32-bit write zero-extends
+        else:
+            mask = (1 << 8 * size) - 1
+            self.regs[name] = self.regs.get(name, 0) & ~mask | value & mask
 
     def _skip(self, e: Exit) -> None:
         """kvm_skip_emulated_instruction: RIP moves to NEXT_RIP (real-code vCPUs)."""
@@ -986,8 +1103,9 @@ class Vcpu:
             self.regs.update(rax=value & 0xFFFF_FFFF, rdx=value >> 32)
             return True
         # Anything else: #GP into the guest, as KVM does without ignore_msrs.
-        self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_ERROR_VALID | EVENTINJ_TYPE_EXCEPTION
-                      | GP_VECTOR)  # error code 0 in bits 63:32
+        self.set_vmcb(
+            event_inj=EVENTINJ_VALID | EVENTINJ_ERROR_VALID | EVENTINJ_TYPE_EXCEPTION | GP_VECTOR
+        )  # error code 0 in bits 63:32
         return False
 
     def _ioio(self, info1: int) -> None:

@@ -431,10 +431,12 @@ class Vmm:
     def _run_vcpus(self) -> None:
         vm = self.vm
         done: set[int] = set()
-        while len(done) < len(vm.vcpus):
+        # Until every vCPU has finished, or all that have not wait for a STARTUP IPI (which
+        # only a running vCPU could send).
+        while any(v.index not in done and not v.parked for v in vm.vcpus):
             halted = True
             for vcpu in vm.vcpus:
-                if vcpu.index in done:
+                if vcpu.index in done or vcpu.parked:
                     continue
                 if not self._running.is_set():
                     self._parked.set()  # a migration (or 'stop') waits for this

@@ -530,6 +530,8 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         if stale is not None:
             stale.kill()
     v.next_rip = exit_.next_rip
+    insn = exit_.detail.get("insn_bytes", b"") if exit_.code == EXIT_NPF else b""
+    v.insn_len, v.insn_bytes = len(insn), insn.ljust(15, b"\0")
     return finish(exit_)
 
 

@@ -55,6 +55,8 @@ VMCB = Layout(
     (0x0B0, "Q", "ncr3"),
     (0x0C0, "I", "clean"),
     (0x0C8, "Q", "next_rip"),
+    (0x0D0, "B", "insn_len"),  # decode assists: the bytes of the instruction that took #NPF
+    (0x0D1, "15s", "insn_bytes"),
     (0x108, "Q", "vmsa_pa"),
     (SAVE + 0x000, "H", "es_selector"),
     (SAVE + 0x002, "H", "es_attrib"),

@@ -15,6 +15,9 @@ import iced_x86 as iced
 from unicorn import x86_const as X
 
 Mnemonic = iced.Mnemonic
+OpKind = iced.OpKind
+Register = iced.Register
+RegisterInfo = iced.RegisterInfo
 MAX_INSN = 15
 
 # iced register -> Unicorn register of the same name (64-bit GPRs, CRs, segment regs).

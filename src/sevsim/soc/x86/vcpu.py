@@ -52,7 +52,7 @@ from unicorn import (
 from unicorn import x86_const as X
 
 from sevsim.soc import msr
-from sevsim.soc.faults import GeneralProtection, HardwareFault, NestedPageFault, PageFault
+from sevsim.soc.faults import PF_ID, GeneralProtection, HardwareFault, NestedPageFault, PageFault
 from sevsim.soc.paging import Access
 from sevsim.soc.svm import (
     EXIT_CPUID,
@@ -78,6 +78,7 @@ from sevsim.soc.svm import (
     IOIO_PORT_SHIFT,
     IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
+    NPF_FINAL_GPA,
     Exit,
 )
 from sevsim.soc.x86 import decode as dec
@@ -569,9 +570,19 @@ class X86Vcpu:
         if err.errno == UC_ERR_EXCEPTION and self._fault is not None:
             fault = self._fault
             if isinstance(fault, NestedPageFault):
-                return Exit(EXIT_NPF, fault.error_code, fault.gpa, detail={"reason": fault.reason})
+                gpa = fault.gpa
+                if fault.error_code & NPF_FINAL_GPA:
+                    # The engine reports the page; the access's offset is the address's.
+                    fetch = bool(fault.error_code & PF_ID)
+                    gpa |= self._exact_address(self._fault_va, fetch, rip) & 0xFFF
+                return Exit(
+                    EXIT_NPF,
+                    fault.error_code,
+                    gpa,
+                    detail={"reason": fault.reason, "insn_bytes": self._insn_bytes(rip)},
+                )
             if isinstance(fault, PageFault):
-                cr2 = self._exact_cr2(fault, rip)
+                cr2 = self._exact_address(fault.address, bool(fault.error_code & PF_ID), rip)
                 self.core.cr2 = cr2
                 self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
                 return self._deliver(14, fault.error_code, rip, str(fault))
@@ -580,16 +591,31 @@ class X86Vcpu:
             return self._invalid_opcode(rip)
         return self._shutdown(f"the engine stopped: {err} at rip {rip:#x}")
 
-    def _exact_cr2(self, fault: PageFault, rip: int) -> int:
-        """The engine reports the page; CR2 is the address the instruction used."""
-        page = fault.address & ~0xFFF
-        if fault.error_code & (1 << 4):  # instruction fetch
+    def _insn_bytes(self, rip: int) -> bytes:
+        """Decode assists: the bytes of the instruction at RIP as the CPU fetched them (with
+        the guest's key), which the hardware puts in the VMCB on a #NPF — how KVM emulates
+        MMIO for an SEV guest whose memory it cannot read."""
+        try:
+            ins = self.instruction(rip)
+        except HardwareFault:
+            return b""
+        lin = self.linear(rip)
+        try:
+            return self.memory.read(lin, ins.len, Access.FETCH)
+        except HardwareFault:
+            return b""
+
+    def _exact_address(self, page_va: int, fetch: bool, rip: int) -> int:
+        """The engine reports a fault's page; the architecture reports the address the
+        instruction used (CR2, and the offset of a #NPF's GPA)."""
+        page = page_va & ~0xFFF
+        if fetch:
             lin = self.linear(rip)
             return lin if lin & ~0xFFF == page else page
         try:
             ea = self._operand_address(self.instruction(rip))
         except (HardwareFault, ValueError):
-            return fault.address
+            return page_va
         return ea if ea & ~0xFFF == page else page
 
     def _stopped(self) -> Exit | None:
