@@ -235,7 +235,7 @@ def test_vm_run_refuses_an_image_of_another_size_in_one_line(tmp_path, capsys):
 
 
 def test_a_guest_that_dies_ends_vm_run_with_its_reason(tmp_path, capsys):
-    code_ = bytes.fromhex("2e0f011ef8ff" "0f0b") + bytes(6)
+    code_ = bytes.fromhex("2e0f011ef8ff0f0b") + bytes(6)
     bad = tmp_path / "triple.fd"
     bad.write_bytes(b"\xf4" * (0x1_0000 - 16) + code_.ljust(16, b"\xf4"))
     code, out, _ = vm_run(["--bios", str(bad)], tmp_path, capsys)
@@ -266,11 +266,7 @@ APIC_PIECES = {
 
 
 def apic_image() -> bytes:
-    image = bytearray(0x1_0000)
-    for offset, code in APIC_PIECES.items():
-        piece = bytes.fromhex(code)
-        image[offset : offset + len(piece)] = piece
-    return bytes(image)
+    return pieces_image(APIC_PIECES)
 
 
 @pytest.mark.parametrize("sev", [True, False], ids=["sev", "plain"])
@@ -294,3 +290,51 @@ def test_an_ap_without_a_startup_ipi_never_runs():
         exits = vm.run(max_rounds=200)
         assert exits[0].reason == "DONE" and exits[1].reason == "WAIT_SIPI"
         assert vm.vcpus[1].exits == 0
+
+
+# Real mode: IVT[13] -> a handler that prints 'G'; then RDMSR of an MSR KVM does not know.
+#   start: cli; xor %ax,%ax; mov %ax,%ds; mov %ax,%ss; mov $0x7000,%sp;
+#   movw $handler,13*4; movw $0xf000,13*4+2; mov $0x12345678,%ecx; rdmsr;
+#   mov $'X',%al; jmp out; handler: mov $'G',%al; out: mov $0x3f8,%dx; out %al,%dx; cli; hlt
+GP_PIECES = {
+    0xFF00: "fa31c08ed88ed0bc0070c706340022ffc706360000f066b9785634120f32b058eb02b047baf803ee"
+    "faf4ebfd",
+    0xFFF0: "e90dff",
+}
+
+
+def pieces_image(pieces: dict[int, str]) -> bytes:
+    image = bytearray(0x1_0000)
+    for offset, code in pieces.items():
+        piece = bytes.fromhex(code)
+        image[offset : offset + len(piece)] = piece
+    return bytes(image)
+
+
+@pytest.mark.parametrize("sev", [True, False], ids=["sev", "plain"])
+def test_an_injected_gp_goes_through_the_real_mode_ivt(sev):
+    """KVM answers an unknown MSR with #GP through EVENTINJ; the engine delivers it at the
+    next VMRUN through the guest's interrupt vector table, read with the guest's key."""
+    with HostSystem.start(PROFILES["rome"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("gp", sev=sev, firmware=pieces_image(GP_PIECES))
+        exits = vm.run(max_rounds=20)
+        assert exits[0].reason == "DONE" and bytes(vm.console) == b"G"
+
+
+def test_query_status_shows_a_guest_that_died(tmp_path):
+    from sevsim.host.vmm import VmConfig, Vmm
+
+    firmware = tmp_path / "triple.fd"
+    code = bytes.fromhex("2e0f011ef8ff0f0b") + bytes(6)
+    firmware.write_bytes(b"\xf4" * (0x1_0000 - 16) + code.ljust(16, b"\xf4"))
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        config = VmConfig(firmware=firmware, memory=32 << 20, console=tmp_path / "console.log")
+        vmm = Vmm(host, config)
+        events = []
+        vmm.on_event = lambda name, data: events.append(name)
+        vmm.start()
+        vmm.cont()
+        assert vmm.wait_idle(timeout=30)
+        assert vmm.status == "shutdown" and "SHUTDOWN" in events
+        assert "triple fault" in (tmp_path / "console.log").read_text()
+        vmm.quit()
