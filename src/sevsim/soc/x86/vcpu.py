@@ -585,7 +585,8 @@ class X86Vcpu:
                 cr2 = self._exact_address(fault.address, bool(fault.error_code & PF_ID), rip)
                 self.core.cr2 = cr2
                 self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
-                return self._deliver(14, fault.error_code, rip, str(fault))
+                exact = PageFault(cr2, fault.error_code, fault.reason)
+                return self._deliver(14, fault.error_code, rip, str(exact))
             return self._deliver(fault.vector, getattr(fault, "error_code", 0), rip, str(fault))
         if err.errno == UC_ERR_INSN_INVALID:
             return self._invalid_opcode(rip)
