@@ -26,6 +26,9 @@ FOUR_GIB = 1 << 32
 RAM = 64 << 20  # what the QEMU runs below give the guest
 PREFIX = "sevsim-guest: "
 M64 = (1 << 64) - 1
+# The attack lab's victims: their fixed pages (layout.h).
+VICTIM_GPAS = {"BALANCE_GPA": 0x204000, "FLAGS_GPA": 0x205000, "INBOX_BUFFER_GPA": 0x206000,
+               "SETTING_GPA": 0x207000, "INBOX_SHARED_GPA": 0x208000}
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(
@@ -67,8 +70,8 @@ def test_symbol_file():
     assert list(syms) == sorted(syms)
     image_base = FOUR_GIB - IMAGE.stat().st_size
     required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop", "idt",
-                "SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA", "PML4_GPA",
-                "SPLIT_PT_GPA"}
+                "yield_to_host", "SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA",
+                "PML4_GPA", "SPLIT_PT_GPA", *VICTIM_GPAS}
     assert required <= set(syms)
     for name, addr in syms.items():
         assert isinstance(addr, int), name
@@ -79,18 +82,42 @@ def test_symbol_file():
     assert (syms["SECRET_GPA"], syms["SHARED_GPA"], syms["PML4_GPA"]) == (
         0x200000, 0x201000, 0x10000)
     assert (syms["ALIAS_GPA"], syms["ALIAS_FLUSH_GPA"]) == (0x202000, 0x203000)
-    # The pages made shared are distinct 4 KiB pages of the one 2 MiB page the firmware
-    # splits (into the table at SPLIT_PT_GPA), all below the guest's 12 MiB minimum.
-    shared = [syms[n] for n in ("SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA")]
-    assert len(set(shared)) == len(shared)
-    assert all(gpa % 4096 == 0 and gpa >> 21 == 1 for gpa in shared)
+    assert {n: syms[n] for n in VICTIM_GPAS} == VICTIM_GPAS
+    # The pages made shared and the victims' pages are distinct 4 KiB pages of the one
+    # 2 MiB page the firmware splits (into the table at SPLIT_PT_GPA), all below the
+    # guest's 12 MiB minimum.
+    pages = [syms[n] for n in ("SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA",
+                               *VICTIM_GPAS)]
+    assert len(set(pages)) == len(pages)
+    assert all(gpa % 4096 == 0 and gpa >> 21 == 1 for gpa in pages)
     assert syms["SPLIT_PT_GPA"] == 0x16000
-    for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop"):
+    for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop", "yield_to_host"):
         assert image_base <= syms[code] < FOUR_GIB - 16, code
     # The functions are in the image, not in the 0xFF padding.
     image = IMAGE.read_bytes()
     for code in ("alu_loop", "mem_loop"):
         assert image[syms[code] - image_base] != 0xFF, code
+
+
+def yield_resume_rip() -> int:
+    """Where a vCPU halted in yield_to_host() resumes: the CLI just after `sti; hlt`."""
+    syms = json.loads(SYMS.read_text())
+    image = IMAGE.read_bytes()
+    start = syms["yield_to_host"] - (FOUR_GIB - len(image))
+    at = image.index(bytes([0xFB, 0xF4, 0xFA]), start, start + 128)  # sti; hlt; cli
+    return FOUR_GIB - len(image) + at + 2
+
+
+def test_yield_to_host_is_sti_hlt_cli_once():
+    """One HLT site for every yield, reached with only the reserved RFLAGS bit set."""
+    syms = json.loads(SYMS.read_text())
+    image = IMAGE.read_bytes()
+    start = syms["yield_to_host"] - (FOUR_GIB - len(image))
+    body = image[start:start + 128]
+    body = body[:body.index(0xC3) + 1]  # up to its RET (no C3 byte in its instructions)
+    assert body.count(bytes([0xFB, 0xF4, 0xFA])) == 1  # sti; hlt; cli
+    assert bytes([0x6A, 0x02, 0x9D]) in body  # push $2; popfq
+    assert yield_resume_rip() - syms["yield_to_host"] < len(body)
 
 
 # --- QEMU -------------------------------------------------------------------------
@@ -242,7 +269,9 @@ def test_qemu_spin_never_returns():
         assert not any(ln and "selfmod" in ln and "workload" not in ln for ln in q.lines)
 
 
-def _qmp(path: Path, *commands: dict) -> None:
+def _qmp(path: Path, *commands: dict) -> list:
+    """Runs the commands on a fresh QMP connection; returns their "return" values."""
+    results = []
     deadline = time.monotonic() + 5
     while True:
         try:
@@ -262,8 +291,38 @@ def _qmp(path: Path, *commands: dict) -> None:
             while True:
                 reply = json.loads(f.readline())
                 if "return" in reply:
+                    results.append(reply["return"])
                     break
                 assert "error" not in reply, reply
+    return results[1:]
+
+
+def _hmp(path: Path, command: str) -> str:
+    return _qmp(path, {"execute": "human-monitor-command",
+                       "arguments": {"command-line": command}})[0]
+
+
+def _pmem(path: Path, tmp_path: Path, size: int = 0x209000) -> bytes:
+    dump = tmp_path / "mem.bin"
+    _qmp(path, {"execute": "pmemsave", "arguments": {"val": 0, "size": size,
+                                                    "filename": str(dump)}})
+    return dump.read_bytes()
+
+
+def _wait_halted_in_yield(path: Path, timeout: float = 8.0) -> str:
+    """Polls `info registers` until the CPU sleeps in yield_to_host(): HLT=1, RIP just
+    after the HLT, RFLAGS.IF=1. Returns the register dump."""
+    deadline = time.monotonic() + timeout
+    want = yield_resume_rip()
+    while True:
+        regs = _hmp(path, "info registers")
+        rip = int(re.search(r"RIP=([0-9a-f]+)", regs).group(1), 16)
+        rfl = int(re.search(r"RFL=([0-9a-f]+)", regs).group(1), 16)
+        if "HLT=1" in regs and rip == want and rfl & 0x200:
+            return regs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not halted in yield_to_host:\n{regs}")
+        time.sleep(0.05)
 
 
 @needs_qemu
@@ -298,6 +357,83 @@ def test_qemu_secret_and_shared_page_in_memory(tmp_path):
     assert pde & 0x80 == 0 and pde & ~0xFFF == 0x16000  # split into the table at 0x16000
     assert entry(0x16000 + 8) == 0x201000 | 0x3  # present, writable, no C-bit without SEV
     assert entry(0x12000) == 0x83  # 2 MiB pages elsewhere
+
+
+# --- the attack lab's victims on plain QEMU ---------------------------------------------
+#
+# On sevsim a victim's `sti; hlt` (yield_to_host) is an exit that the hypervisor answers
+# by running the vCPU again later. Plain QEMU has nothing to wake it (the 8259s are masked,
+# the local APIC is as reset leaves it): each victim waits for good at its first yield.
+# So here only what comes before that yield is checked: the console, the CPU's state (in
+# HLT, interrupts on, registers cleared) and memory.
+
+BOOT = ["booting", "SEV not active", "sha256 self-test ok"]
+
+
+def _pte(mem: bytes, gpa: int) -> int:
+    """The 4 KiB PTE of gpa in the split table, without Accessed and Dirty."""
+    return int.from_bytes(mem[0x16000 + 8 * (gpa >> 12 & 511):][:8], "little") & ~0x60
+
+
+def _guest(lines: list[str]) -> list[str]:
+    return [ln[len(PREFIX):] for ln in lines if ln.startswith(PREFIX)]
+
+
+@needs_qemu
+@pytest.mark.parametrize("workload, before_yield", [
+    ("balance", []), ("flags", []), ("inbox", ["inbox at 0x208000"])])
+def test_qemu_victim_waits_for_good_at_its_first_yield(tmp_path, workload, before_yield):
+    sock = tmp_path / "qmp.sock"
+    with Qemu(workload, qmp=sock) as q:
+        q.wait_for(rf"^sevsim-guest: workload {workload}$")
+        regs = _wait_halted_in_yield(sock)
+        assert "II=0" in regs  # not in STI's interrupt shadow any more: truly waiting
+        assert "RFL=00000202" in regs  # only IF and the reserved bit: no flag tells anything
+        # Every general-purpose register but RSP was cleared before the HLT.
+        for reg in ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10",
+                    "R11", "R12", "R13", "R14", "R15"):
+            assert re.search(rf"\b{reg}\s*=0{{16}}\b", regs), (reg, regs)
+        time.sleep(0.5)
+        mem = _pmem(sock, tmp_path)
+        assert q.proc.poll() is None
+        assert "HLT=1" in _hmp(sock, "info registers")
+        out = _guest([ln for ln in q.lines if ln is not None])
+    assert out == [*BOOT, f"workload {workload}", *before_yield]
+    for gpa in VICTIM_GPAS.values():
+        assert _pte(mem, gpa) == gpa | 0x3  # split: present, writable, no C-bit without SEV
+    if workload == "balance":
+        assert mem[0x204000:0x204010] == b"balance: 100 EUR"
+    elif workload == "flags":
+        key = mem[0x205100:0x205110]
+        assert re.fullmatch(rb"[01]{16}", key), key
+        assert mem[0x205000:0x205010] == b"flag: " + key[:1] + b" " * 9
+    else:
+        assert mem[0x207000:0x207010] == b"role: user      "
+
+
+@needs_qemu
+def test_qemu_victim_after_other_workloads(tmp_path):
+    """Workloads before a victim run as usual; the victim stops the list at its yield."""
+    sock = tmp_path / "qmp.sock"
+    with Qemu("secret inbox selfmod", qmp=sock) as q:
+        q.wait_for(r"^sevsim-guest: inbox at 0x208000$")
+        _wait_halted_in_yield(sock)
+        time.sleep(0.3)
+        mem = _pmem(sock, tmp_path)
+        out = _guest([ln for ln in q.lines if ln is not None])
+    assert out[:4] == [*BOOT, "workload secret inbox selfmod"]
+    assert re.fullmatch(SHA_RE, out[4]), out
+    assert out[5:] == ["shared page at 0x201000", "inbox at 0x208000"]
+    assert mem[0x201000:0x201010] == b"SEVSIM-SHARED\0\0\0"
+    assert mem[0x207000:0x207010] == b"role: user      "
+    assert mem[0x206000:0x207000] == bytes(0x1000)  # nothing copied before the yield
+    assert mem[0x208000:0x209000] == bytes(0x1000)  # the guest never writes the mailbox
+
+
+@needs_qemu
+def test_qemu_flags_without_rdrand_halts():
+    out = run_guest("flags", cpu="qemu64", until=r"rdrand failed")
+    assert out[-1] == "rdrand failed (CPUID.01H:ECX.RDRAND is 0)"
 
 
 def test_mem_model_small():

@@ -38,6 +38,19 @@ entry32:
 
 	movl	$STACK_TOP, %esp
 
+	/*
+	 * Mask every line of both 8259 PICs (OCW1). A BIOS programs the PICs
+	 * before it enables interrupts; this firmware never programs them and
+	 * has no handlers for device interrupts (its IDT holds the 32
+	 * exception vectors only), so it masks them all, once, before any
+	 * `sti` (yield_to_host): whatever state the PICs are in after reset, no
+	 * device interrupt can reach an exception stub. On sevsim no device
+	 * raises interrupts, and the hypervisor ignores these two writes.
+	 */
+	movb	$0xFF, %al
+	outb	%al, $PIC1_DATA
+	outb	%al, $PIC2_DATA
+
 	/* Zero the boot-info block: "not SEV" until proven otherwise. */
 	movl	$BOOT_INFO_GPA, %edi
 	movl	$(BOOT_INFO_SIZE / 4), %ecx

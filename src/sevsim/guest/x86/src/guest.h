@@ -111,8 +111,16 @@ int sha256_self_test(void);
  * or -1 if there is no fw_cfg device or no such file. */
 int fw_cfg_read_file(const char *name, char *buf, size_t size);
 
+/* --- rdrand.c ----------------------------------------------------------- */
+int rdrand_supported(void);		/* CPUID.01H:ECX.RDRAND */
+int rdrand64(uint64_t *v);		/* 1 if *v is random, 0 if RDRAND gave none */
+uint64_t rdrand64_or_halt(void);	/* says "rdrand failed" and halts without one */
+
 /* --- mem_encrypt.c ------------------------------------------------------ */
 int sev_active(void);
+/* The PTE of the 4 KiB page at gpa in SPLIT_REGION_GPA's 2 MiB region,
+ * splitting the region's large page first if no one has yet. */
+volatile uint64_t *split_large_page(uint64_t gpa);
 int enc_cache_flush_required(void);
 void clflush_page(uint64_t va);
 void set_page_decrypted(uint64_t gpa, int flush);
@@ -130,6 +138,12 @@ void exception_handler(struct trap_frame *f);
 uint64_t alu_loop(uint64_t n);
 uint64_t mem_loop(uint64_t base, uint64_t bytes, uint64_t rounds);
 uint64_t probe_read8(uint64_t addr);	/* ~0 if the read faulted */
+void yield_to_host(void);		/* sti; hlt; cli, with the registers cleared */
+
+/* --- victims.c ---------------------------------------------------------- */
+void workload_balance(void);
+void workload_flags(void);
+void workload_inbox(void);
 
 /* --- main.c ------------------------------------------------------------- */
 noreturn void main(void);

@@ -38,6 +38,14 @@
 #define SHARED_GPA      0x201000        /* page shared with the hypervisor (C-bit clear) */
 #define ALIAS_GPA       0x202000        /* `alias`: made shared without a cache flush */
 #define ALIAS_FLUSH_GPA 0x203000        /* `alias-flush`: made shared after a cache flush */
+/* The attack lab's victims (victims.c): private pages, and one shared page. */
+#define BALANCE_GPA     0x204000        /* `balance`: "balance: 100 EUR", then " 40" */
+#define FLAGS_GPA       0x205000        /* `flags`: "flag: 0" / "flag: 1", one per key bit */
+#define FLAGS_KEY_OFFSET 0x100          /* the key's 16 bits as '0'/'1' at FLAGS_GPA + this */
+#define INBOX_BUFFER_GPA 0x206000       /* `inbox`: private copy of the delivered message */
+#define SETTING_GPA     0x207000        /* `inbox`: the private setting "role: user" */
+#define INBOX_SHARED_GPA 0x208000       /* `inbox`: page shared with the host, its mailbox */
+#define INBOX_MESSAGE_SIZE 64           /* bytes copied from the mailbox into the buffer */
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
 #define MEM_LOOP_GPA    0x400000        /* 8 MiB worked over by mem_loop() */
 #define MEM_LOOP_BYTES  0x800000
@@ -48,6 +56,7 @@
 
 #define SECRET_MARKER   "sevsim secret:"
 #define SHARED_MAGIC    "SEVSIM-SHARED"
+#define SETTING_TEXT    "role: user"    /* space-padded to 16 bytes at SETTING_GPA */
 
 /* --- struct boot_info at BOOT_INFO_GPA: byte offsets, for the assembly. -- */
 #define BI_SEV_STATUS   0x00    /* u64: SEV_STATUS MSR (0 when not read) */
@@ -84,6 +93,9 @@
 #define PTE_PS          (1 << 7)        /* page size: a 2 MiB page in a PDE */
 
 #define KVM_HC_MAP_GPA_RANGE 12         /* include/uapi/linux/kvm_para.h */
+
+#define PIC1_DATA       0x21            /* 8259 master: interrupt mask register (OCW1) */
+#define PIC2_DATA       0xA1            /* 8259 slave: interrupt mask register (OCW1) */
 
 #ifndef __ASSEMBLER__
 #include <stdint.h>

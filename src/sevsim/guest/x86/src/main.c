@@ -7,30 +7,8 @@
 
 #define WORKLOAD_FILE	"opt/sevsim/workload"
 #define WORKLOAD_MAX	256
-#define RDRAND_TRIES	100	/* per 64-bit word, as Intel's DRNG guide suggests (10 there) */
 
 /* --- secret -------------------------------------------------------------- */
-
-static int rdrand_supported(void)
-{
-	uint32_t a, b, c, d;
-
-	cpuid(1, &a, &b, &c, &d);
-	return (c >> 30) & 1;		/* CPUID.01H:ECX bit 30 = RDRAND */
-}
-
-/* RDRAND sets CF=1 when it delivered a random number; CF=0 means the DRNG
- * had none ready just now, so retry a bounded number of times. */
-static int rdrand64(uint64_t *v)
-{
-	for (int i = 0; i < RDRAND_TRIES; i++) {
-		uint8_t ok;
-		__asm__ volatile("rdrand %0" : "=r"(*v), "=@ccc"(ok));
-		if (ok)
-			return 1;
-	}
-	return 0;
-}
 
 /*
  * A secret in private memory, and a message about it in a shared page:
@@ -216,6 +194,12 @@ static void run_workload(const char *w)
 	} else if (streq(w, "gp")) {
 		/* Bits 63:48 are not copies of bit 47: a non-canonical address. */
 		expect_fault("gp", 0x8000000000000000ULL, 13);
+	} else if (streq(w, "balance")) {
+		workload_balance();
+	} else if (streq(w, "flags")) {
+		workload_flags();
+	} else if (streq(w, "inbox")) {
+		workload_inbox();
 	} else if (streq(w, "selfmod")) {
 		workload_selfmod();
 	} else if (streq(w, "spin")) {

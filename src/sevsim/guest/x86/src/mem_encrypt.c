@@ -38,10 +38,10 @@ int sev_active(void)
  * at SPLIT_PT_GPA; later calls find the split done and only look the PTE up.
  * Each new PTE keeps the attributes of the large page: present, writable and,
  * under SEV, the C-bit. This tiny firmware has one such table, so it splits
- * one 2 MiB region only (SPLIT_REGION_GPA, which holds SHARED_GPA and the
- * alias pages); asking for another one halts.
+ * one 2 MiB region only (SPLIT_REGION_GPA, which holds SHARED_GPA, the alias
+ * pages and the attack lab's victim pages); asking for another one halts.
  */
-static volatile uint64_t *split_large_page(uint64_t gpa)
+volatile uint64_t *split_large_page(uint64_t gpa)
 {
 	uint64_t me_mask = BOOT_INFO->me_mask;
 	uint64_t base = gpa & ~(uint64_t)(LARGE_PAGE_SIZE - 1);

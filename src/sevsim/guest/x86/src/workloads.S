@@ -3,8 +3,8 @@
  * workloads.S - small functions in hand-written assembly, with the System V
  * calling convention (arguments in RDI, RSI, RDX; result in RAX), exported
  * by name in sevsim-guest.sym.json so that a bare emulator can call them too.
- * They use no memory but their arguments and no stack beyond the return
- * address.
+ * alu_loop, mem_loop and probe_read8 use no memory but their arguments (and
+ * the boot-info block) and no stack beyond the return address.
  */
 #include "layout.h"
 
@@ -87,6 +87,62 @@ probe_read8:
 	jmp	2f
 1:	movq	$-1, %rax			/* resumed here after an exception */
 2:	movq	$0, BOOT_INFO_GPA + BI_RESUME_RIP	/* unregister */
+	ret
+
+/*
+ * void yield_to_host(void)
+ *
+ * Let the hypervisor run, and come back: `sti; hlt; cli`. On sevsim a HLT is
+ * an exit to the hypervisor; with RFLAGS.IF=1 the vCPU only sleeps, and the
+ * hypervisor runs it again later (it delivers no interrupt, so the guest goes
+ * on right after the HLT, with `cli`). With IF=0
+ * (halt_forever's `cli; hlt`) the vCPU has finished for good. The attack
+ * lab's victims yield between their steps so that the host can act between
+ * them. On plain QEMU nothing wakes the CPU (the 8259s are masked, the local
+ * APIC is left as reset leaves it): the guest waits there for good.
+ *
+ * Under SEV (without -ES) the hypervisor sees the guest's registers at every
+ * exit, in the VMCB. So that the host learns only what memory tells it, the
+ * callee-saved registers go to the (private) stack and every general-purpose
+ * register but RSP is zeroed; RFLAGS is set to 0x2 (arithmetic flags clear,
+ * DF=0), so no flag carries a value either. The host sees RIP (always here)
+ * and RSP. Clobbers the caller-saved registers (System V), returns nothing.
+ */
+	.globl	yield_to_host
+	.balign	16
+yield_to_host:
+	pushq	%rbx
+	pushq	%rbp
+	pushq	%r12
+	pushq	%r13
+	pushq	%r14
+	pushq	%r15
+	xorl	%eax, %eax
+	xorl	%ebx, %ebx
+	xorl	%ecx, %ecx
+	xorl	%edx, %edx
+	xorl	%esi, %esi
+	xorl	%edi, %edi
+	xorl	%ebp, %ebp
+	xorl	%r8d, %r8d
+	xorl	%r9d, %r9d
+	xorl	%r10d, %r10d
+	xorl	%r11d, %r11d
+	xorl	%r12d, %r12d
+	xorl	%r13d, %r13d
+	xorl	%r14d, %r14d
+	xorl	%r15d, %r15d
+	pushq	$0x2				/* RFLAGS: only the reserved bit 1 */
+	popfq
+	sti					/* IF=1: the HLT below sleeps, not ends */
+	hlt					/* exit to the hypervisor */
+	cli
+	popq	%r15
+	popq	%r14
+	popq	%r13
+	popq	%r12
+	popq	%rbp
+	popq	%rbx
 	ret
 
 	.section .note.GNU-stack, "", @progbits
