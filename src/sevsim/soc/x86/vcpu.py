@@ -51,7 +51,6 @@ from unicorn import (
 )
 from unicorn import x86_const as X
 
-from sevsim.soc import msr
 from sevsim.soc.faults import PF_ID, GeneralProtection, HardwareFault, NestedPageFault, PageFault
 from sevsim.soc.paging import Access
 from sevsim.soc.svm import (
@@ -64,17 +63,9 @@ from sevsim.soc.svm import (
     EXIT_MSR,
     EXIT_NPF,
     EXIT_SHUTDOWN,
-    EXIT_VMMCALL,
     EXIT_VMRUN,
     EXIT_WBINVD,
-    EXIT_WRITE_CR0,
-    INTERCEPT_CPUID,
-    INTERCEPT_HLT,
-    INTERCEPT_INVLPG,
     INTERCEPT_IOIO_PROT,
-    INTERCEPT_MSR_PROT,
-    INTERCEPT_VMMCALL,
-    INTERCEPT_WBINVD,
     IOIO_PORT_SHIFT,
     IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
@@ -82,6 +73,7 @@ from sevsim.soc.svm import (
     Exit,
 )
 from sevsim.soc.x86 import decode as dec
+from sevsim.soc.x86 import insn
 from sevsim.soc.x86.delivery import TripleFault, deliver, vector_name
 from sevsim.soc.x86.frames import PAGE, FrameCache
 from sevsim.soc.x86.hidden import CS, SEG_NAMES, HiddenState, Segment, check_layout
@@ -169,7 +161,9 @@ class X86Vcpu:
         self._shadow[PAGE:] = 0xFF
         uc.mem_map_ptr(SHADOW_BASE, len(self._shadow), UC_PROT_ALL, self._shadow.ctypes.data)
         self.frames = FrameCache(
-            self._map_chunk, machine.cache, self._flush_tlb,
+            self._map_chunk,
+            machine.cache,
+            self.flush_tlb,
             lambda: [core._drop_fast() for core in machine.cores],
         )
         self.memory = GuestMemory(self)
@@ -205,11 +199,11 @@ class X86Vcpu:
     def _map_chunk(self, addr: int, buf: np.ndarray) -> None:
         self.uc.mem_map_ptr(addr, len(buf), UC_PROT_ALL, buf.ctypes.data)
 
-    def _flush_tlb(self) -> None:
+    def flush_tlb(self) -> None:
         """Drop the engine's TLB (the binding of unicorn 2.1.4 has no wrapper for it)."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
-    def _set_efer(self, value: int) -> None:
+    def set_efer(self, value: int) -> None:
         hidden = HiddenState(self.uc)
         hidden.efer = value & ~(1 << 12)  # the engine's own SVME stays off
         hidden.commit()
@@ -347,19 +341,11 @@ class X86Vcpu:
             ins = self.instruction(uc.reg_read(X.UC_X86_REG_RIP))
             if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
                 return
-            self._clflush(self._operand_address(ins))
+            insn.clflush(self, self.operand_address(ins))
         except HardwareFault:
             pass  # the engine raises the same fault when it executes the instruction
 
-    def _clflush(self, va: int) -> None:
-        core = self.core
-        t = core.translation(va, Access.READ)
-        slot = core._slot(t, Access.READ)
-        line = t.page_pa | (va & 0xFC0)
-        self.frames.write_back_line(slot, line)
-        core._cache.clflush(line, slot)
-
-    def _operand_address(self, ins) -> int:
+    def operand_address(self, ins) -> int:
         bitness = self.bitness
         return dec.memory_address(
             ins,
@@ -435,7 +421,7 @@ class X86Vcpu:
         v, uc, core = self._vmcb, self.uc, self.core
         state = self._vmcb_state()
         if state != self._loaded:
-            self._set_efer(core.efer)
+            self.set_efer(core.efer)
             uc.reg_write(X.UC_X86_REG_CR4, core.cr4)
             uc.reg_write(X.UC_X86_REG_CR3, core.cr3)
             uc.reg_write(X.UC_X86_REG_CR0, core.cr0)
@@ -465,7 +451,7 @@ class X86Vcpu:
         # neither moved on since the last exit.
         stale = self.frames.revalidate()
         if stale or state != self._loaded or self._tlb_key != self._model_tlb_key():
-            self._flush_tlb()
+            self.flush_tlb()
         if not in_instruction:
             self.frames.recycle(self.uc.ctl_flush_tb)
         if v.event_inj & (1 << 31):
@@ -544,7 +530,7 @@ class X86Vcpu:
             if self._pending_event is not None:
                 vector, error = self._pending_event
                 self._pending_event = None
-                exit_ = self._deliver(
+                exit_ = self.deliver_exception(
                     vector, error, uc.reg_read(X.UC_X86_REG_RIP), f"injected {vector_name(vector)}"
                 )
                 if exit_ is not None:
@@ -586,11 +572,13 @@ class X86Vcpu:
                 self.core.cr2 = cr2
                 self.uc.reg_write(X.UC_X86_REG_CR2, cr2)
                 exact = PageFault(cr2, fault.error_code, fault.reason)
-                return self._deliver(14, fault.error_code, rip, str(exact))
-            return self._deliver(fault.vector, getattr(fault, "error_code", 0), rip, str(fault))
+                return self.deliver_exception(14, fault.error_code, rip, str(exact))
+            return self.deliver_exception(
+                fault.vector, getattr(fault, "error_code", 0), rip, str(fault)
+            )
         if err.errno == UC_ERR_INSN_INVALID:
-            return self._invalid_opcode(rip)
-        return self._shutdown(f"the engine stopped: {err} at rip {rip:#x}")
+            return insn.invalid_opcode(self, rip)
+        return self.shutdown(f"the engine stopped: {err} at rip {rip:#x}")
 
     def _insn_bytes(self, rip: int) -> bytes:
         """Decode assists: the bytes of the instruction at RIP as the CPU fetched them (with
@@ -614,7 +602,7 @@ class X86Vcpu:
             lin = self.linear(rip)
             return lin if lin & ~0xFFF == page else page
         try:
-            ea = self._operand_address(self.instruction(rip))
+            ea = self.operand_address(self.instruction(rip))
         except (HardwareFault, ValueError):
             return page_va
         return ea if ea & ~0xFFF == page else page
@@ -625,10 +613,10 @@ class X86Vcpu:
             return None  # a host timer stop: checked at the top of the loop
         kind = stop[0]
         if kind == "svm":
-            return self._intercept(stop[1], stop[2])
+            return insn.intercept(self, stop[1], stop[2])
         if kind == "exception":
             _, vector, error, rip = stop
-            return self._deliver(vector, error, rip, f"{vector_name(vector)}")
+            return self.deliver_exception(vector, error, rip, f"{vector_name(vector)}")
         if kind == "exit":
             return stop[1]
         return None
@@ -643,180 +631,30 @@ class X86Vcpu:
             self._stop = ("exception", intno, error, rip)
         uc.emu_stop()
 
-    def _deliver(self, vector: int, error: int | None, rip: int, reason: str) -> Exit | None:
+    def deliver_exception(
+        self, vector: int, error: int | None, rip: int, reason: str
+    ) -> Exit | None:
         try:
             deliver(self, vector, error, rip, reason)
         except NestedPageFault as fault:
             self._pending_event = (vector, error)
             return Exit(EXIT_NPF, fault.error_code, fault.gpa, detail={"reason": fault.reason})
         except TripleFault as tf:
-            return self._shutdown(f"triple fault: {tf}")
+            return self.shutdown(f"triple fault: {tf}")
         return None
 
-    def _shutdown(self, reason: str) -> Exit:
+    def shutdown(self, reason: str) -> Exit:
         self.note(reason)
         return Exit(EXIT_SHUTDOWN, detail={"reason": reason})
 
     # ---- intercepted instructions -----------------------------------------------------------
-    def _vmexit(self, code: int, **detail) -> Exit:
+    def vmexit(self, code: int, **detail) -> Exit:
         """#VMEXIT for the intercepted instruction at RIP, with its NEXT_RIP."""
         return Exit(code, next_rip=self.instruction().next_ip, detail=detail)
 
-    def _skip(self) -> None:
+    def skip(self) -> None:
         ins = self.instruction()
         self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
-
-    def _intercept(self, code: int, info1: int) -> Exit | None:
-        gm, uc, core = self.gm, self.uc, self.core
-        misc1, misc2 = gm.intercept_misc1, gm.intercept_misc2
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
-        if code == EXIT_CPUID:
-            leaf, sub = uc.reg_read(X.UC_X86_REG_RAX), uc.reg_read(X.UC_X86_REG_RCX)
-            if misc1 & INTERCEPT_CPUID:
-                return self._vmexit(code, leaf=leaf & 0xFFFF_FFFF)
-            values = core.cpuid(leaf & 0xFFFF_FFFF, sub & 0xFFFF_FFFF)
-            for reg, value in zip(
-                (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX),
-                values,
-                strict=True,
-            ):
-                uc.reg_write(reg, value)
-            self._skip()
-            return None
-        if code == EXIT_MSR:
-            return self._msr(write=bool(info1))
-        if code == EXIT_HLT:
-            if misc1 & INTERCEPT_HLT:
-                return self._vmexit(code)
-            self._skip()
-            return Exit(EXIT_HLT, next_rip=uc.reg_read(X.UC_X86_REG_RIP))
-        if code == EXIT_INVLPG:
-            ins = self.instruction()
-            va = self._operand_address(ins)
-            if misc1 & INTERCEPT_INVLPG:
-                return Exit(code, va, 0, next_rip=ins.next_ip)
-            core.invlpg(va)
-            self._flush_tlb()
-            uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
-            return None
-        if code in (EXIT_WBINVD, EXIT_INVD):
-            if misc2 & INTERCEPT_WBINVD:
-                return self._vmexit(code)
-            core.wbinvd()  # MODEL: INVD writes back too (dropping dirty lines loses data)
-            self.frames.invalidate()  # the engine's copies are cache lines too: now gone
-            self._flush_tlb()
-            self._skip()
-            return None
-        if EXIT_WRITE_CR0 <= code < EXIT_WRITE_CR0 + 16:
-            return self._write_cr(code - EXIT_WRITE_CR0)
-        if code == EXIT_VMRUN:
-            return self._vmexit(code)
-        return self._shutdown(f"unexpected intercept {code:#x} at {rip:#x}")
-
-    def _write_cr(self, n: int) -> Exit | None:
-        uc, core = self.uc, self.core
-        ins = self.instruction()
-        if ins.mnemonic == dec.Mnemonic.CLTS:
-            value = core.cr0 & ~(1 << 3)
-        elif ins.mnemonic == dec.Mnemonic.LMSW:
-            src = (
-                dec.register_value(uc.reg_read, ins.op0_register)
-                if ins.op0_kind == 0
-                else struct.unpack("<H", self.memory.read(self._operand_address(ins), 2))[0]
-            )
-            value = (core.cr0 & ~0xE) | (src & 0xF) | (core.cr0 & 1)
-        else:
-            value = dec.register_value(uc.reg_read, ins.op1_register)
-        try:
-            if n == 0:
-                core.write_cr0(value)
-                uc.reg_write(X.UC_X86_REG_CR0, core.cr0)
-                self._set_efer(core.efer)
-            elif n == 3:
-                core.write_cr3(value)
-                uc.reg_write(X.UC_X86_REG_CR3, core.cr3)
-            elif n == 4:
-                core.write_cr4(value)
-                uc.reg_write(X.UC_X86_REG_CR4, core.cr4)
-        except GeneralProtection as gp:
-            return self._deliver(13, 0, ins.ip, str(gp))
-        self._flush_tlb()
-        uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
-        return None
-
-    def _msr(self, write: bool) -> Exit | None:
-        uc, core, gm = self.uc, self.core, self.gm
-        index = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFF_FFFF
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
-        value = (uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFF_FFFF) << 32 | (
-            uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFF_FFFF
-        )
-        try:
-            if index == msr.SEV_STATUS:
-                # MODEL: answered by the hardware, never intercepted (docs/model.md).
-                if write:
-                    raise GeneralProtection("SEV_STATUS is read-only")
-                result = gm.sev_status
-            elif index in (msr.EFER, msr.PAT):
-                if write:
-                    core.wrmsr(index, value)
-                    self._set_efer(core.efer)
-                    self._flush_tlb()
-                    result = None
-                else:
-                    result = core.rdmsr(index)
-            elif gm.intercept_misc1 & INTERCEPT_MSR_PROT:
-                ins = self.instruction()
-                return Exit(
-                    EXIT_MSR,
-                    int(write),
-                    0,
-                    next_rip=ins.next_ip,
-                    detail={"msr": index, **({"value": value} if write else {})},
-                )
-            else:
-                raise GeneralProtection(f"MSR {index:#x} in a guest without MSR intercepts")
-        except GeneralProtection as gp:
-            return self._deliver(13, 0, rip, str(gp))
-        if result is not None:
-            uc.reg_write(X.UC_X86_REG_RAX, result & 0xFFFF_FFFF)
-            uc.reg_write(X.UC_X86_REG_RDX, result >> 32)
-        uc.reg_write(X.UC_X86_REG_RIP, rip + 2)
-        return None
-
-    def _invalid_opcode(self, rip: int) -> Exit | None:
-        """#UD from the engine: VMMCALL, RDRAND and CLFLUSHOPT are the model's to perform."""
-        uc = self.uc
-        try:
-            ins = self.instruction(rip)
-        except HardwareFault as fault:
-            return self._deliver(6, None, rip, f"#UD, and the instruction is unreadable ({fault})")
-        mnemonic = ins.mnemonic
-        if mnemonic == dec.Mnemonic.VMMCALL:
-            if self.gm.intercept_misc2 & INTERCEPT_VMMCALL:
-                nr = uc.reg_read(X.UC_X86_REG_RAX)
-                return Exit(EXIT_VMMCALL, next_rip=ins.next_ip, detail={"nr": nr})
-        elif mnemonic == dec.Mnemonic.RDRAND and ins.op_count == 1:
-            size = dec.iced.RegisterInfo(ins.op0_register).size
-            value = int.from_bytes(self.machine.rdrand.random_bytes(size, "rdrand"), "little")
-            full = dec.uc_register(ins.op0_register)
-            uc.reg_write(
-                full, value if size >= 4 else (uc.reg_read(full) & ~((1 << 8 * size) - 1)) | value
-            )
-            flags = uc.reg_read(X.UC_X86_REG_RFLAGS) & ~0x8D5
-            uc.reg_write(X.UC_X86_REG_RFLAGS, flags | 1)  # CF = 1: a value is ready
-            uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
-            return None
-        elif mnemonic == dec.Mnemonic.CLFLUSHOPT:
-            try:
-                self._clflush(self._operand_address(ins))
-            except HardwareFault as fault:
-                return self._deliver(
-                    getattr(fault, "vector", 13), getattr(fault, "error_code", 0), rip, str(fault)
-                )
-            uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
-            return None
-        return self._deliver(6, None, rip, f"#UD at {rip:#x}: {ins}")
 
     # ---- port I/O: completed in place ----------------------------------------------------------
     def _in(self, uc, port: int, size: int, _ud) -> int:
