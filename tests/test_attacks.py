@@ -68,11 +68,11 @@ def test_replay_makes_the_guest_read_its_old_balance(engine):
 
 
 def test_the_balance_victim_reads_its_own_payment_when_left_alone():
-    """The control experiment: without the replay the guest reads 40."""
+    """The control experiment: without the replay the real-code guest reads 40."""
     with HostSystem.start(get_profile("milan").with_(seed=4)) as system:
-        vm = start_guest(system, "victim", workload="balance")
-        vm.run()
-        assert victim_view(system, vm).steps == [b"balance:  40 EUR".ljust(16)]
+        vm = system.start_x86_guest("victim", "balance")
+        assert [e.reason for e in vm.run()] == ["DONE"]
+        assert "sevsim-guest: balance read back: balance:  40 EUR" in vm.console_text()
 
 
 def test_ciphertext_side_channel_recovers_the_key_up_to_one_bit_of_guessing():

@@ -7,6 +7,7 @@ import time
 
 from sevsim.attacks.lab import AttackResult, RawGuestMemory, attack, start_guest, victim_view
 from sevsim.guest import kernel as guest_kernel
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import NPT_LEAF, KvmError
 from sevsim.profiles import MachineProfile
 from sevsim.soc.nested import EFER_SVME
@@ -21,6 +22,7 @@ from sevsim.soc.svm import (
 from sevsim.soc.tweak import TweakFunction, xe_constants
 from sevsim.system import HostSystem
 
+X86_SYMBOLS = x86_guest.symbols()  # the real-code guest's fixed addresses (public firmware)
 POLICY_DEBUG = 0x0  # debugging allowed
 POLICY_NODBG = 0x1
 
@@ -131,11 +133,11 @@ def wrong_asid(profile: MachineProfile, r: AttackResult) -> None:
 )
 def replay(profile: MachineProfile, r: AttackResult) -> None:
     with HostSystem.start(profile) as system:
-        vm = start_guest(system, "victim", workload="balance")
+        vm = system.start_x86_guest("victim", "balance", policy=POLICY_NODBG)
         vcpu = vm.vcpus[0]
-        gpa = guest_kernel.DATA_BASE
+        gpa = X86_SYMBOLS["BALANCE_GPA"]
         raw = RawGuestMemory(system, vm, gpa)
-        first = vcpu.run()  # balance 100 written; the guest waits in HLT
+        first = vcpu.run()  # balance 100 written; the guest yields (HLT)
         saved = raw.read(0, 16)
         r.step(f"after the first write the page holds {saved.hex()} (saved)")
         vcpu.run()  # balance 40 written
@@ -144,16 +146,21 @@ def replay(profile: MachineProfile, r: AttackResult) -> None:
         raw.write(0, saved)
         r.step("the hypervisor writes the saved ciphertext back")
         rest = vcpu.run()
-        view = victim_view(system, vm)
-        read = view.steps[-1] if view and view.steps else b""
-        r.step(f"the guest reads {read.decode(errors='replace').strip()!r}")
+        read = _console_value(vm, "balance read back: ")
+        r.step(f"the guest reads {read!r}")
         r.figures = {
             "exits": [first.reason, rest.reason],
             "ciphertext_changed_with_the_value": saved != after,
-            "guest_read": read.decode(errors="replace").strip(),
+            "guest_read": read,
         }
-        r.succeeded = read.startswith(b"balance: 100")
+        r.succeeded = read == "balance: 100 EUR"
         vm.destroy()
+
+
+def _console_value(vm, prefix: str) -> str:
+    """What the guest printed after ``prefix`` on its last such console line."""
+    lines = [line for line in vm.console_text().splitlines() if prefix in line]
+    return lines[-1].split(prefix, 1)[1] if lines else ""
 
 
 @attack(
@@ -171,16 +178,18 @@ def replay(profile: MachineProfile, r: AttackResult) -> None:
 )
 def ciphertext_side_channel(profile: MachineProfile, r: AttackResult) -> None:
     with HostSystem.start(profile) as system:
-        vm = start_guest(system, "victim", workload="flags")
+        vm = system.start_x86_guest("victim", "flags", policy=POLICY_NODBG)
         vcpu = vm.vcpus[0]
-        raw = RawGuestMemory(system, vm, guest_kernel.DATA_BASE)
+        gpa = X86_SYMBOLS["FLAGS_GPA"]
+        raw = RawGuestMemory(system, vm, gpa)
         seen: list[bytes] = []
         while len(seen) < 16 and vcpu.run().reason == "HLT":
             seen.append(raw.read(0, 16))
         vcpu.run()
         classes: dict[bytes, int] = {}
         bits = "".join(str(classes.setdefault(c, len(classes))) for c in seen)
-        key = victim_view(system, vm).secret.decode()
+        # The narrator's window (never the attacker's): the key the guest keeps.
+        key = system.machine.guest_view(vm.vcpus[0].vmcb_addr, gpa + 0x100, 16).decode()
         inverse = bits.translate(str.maketrans("01", "10"))
         r.step(f"{len(seen)} ciphertexts of the flag, {len(classes)} distinct")
         r.step(f"classes in order: {bits} (or {inverse})")
@@ -227,10 +236,10 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
     tweak = TweakFunction(constants, profile.maxphyaddr)
     xex = profile.engine_mode == "xex"
     with HostSystem.start(profile) as system:
-        vm = start_guest(system, "victim", workload="inbox")
+        vm = system.start_x86_guest("victim", "inbox", policy=POLICY_NODBG)
         vcpu = vm.vcpus[0]
-        buffer_gpa = guest_kernel.DATA_BASE  # the guest kernel's first data pages
-        setting_gpa = buffer_gpa + 4096
+        buffer_gpa = X86_SYMBOLS["INBOX_BUFFER_GPA"]  # known from the public firmware
+        setting_gpa = X86_SYMBOLS["SETTING_GPA"]
         vcpu.run()  # setting written, shared page announced; the guest waits for a message
         shared_gpa = vm.shared_ranges[-1][0]  # the guest told KVM (KVM_HC_MAP_GPA_RANGE)
         a, b = vm.spa(buffer_gpa), vm.spa(setting_gpa)
@@ -251,8 +260,11 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
         how = "XORed with T(a) ⊕ T(b) and " if xex else ""
         r.step(f"{how}moves the ciphertext from {a:#x} over the setting at {b:#x}: {moved.hex()}")
         vcpu.run()
-        read = victim_view(system, vm).steps[-1]
-        r.step(f"the guest reads its setting: {read!r}")
+        # The narrator's window: the 16 bytes the guest reads (it prints them too).
+        read = system.machine.guest_view(vm.vcpus[0].vmcb_addr, setting_gpa, 16)
+        r.step(
+            f"the guest reads its setting: {read!r} (it prints {_console_value(vm, 'setting: ')!r})"
+        )
         r.figures = {
             "engine": profile.engine_mode,
             "tweak": "per boot" if xex and not profile.xex_fixed_tweak else "fixed",
