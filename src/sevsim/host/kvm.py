@@ -72,7 +72,15 @@ from sevsim.soc.svm import (
     VMCB,
     Exit,
 )
-from sevsim.soc.x86.decode import Mnemonic, OpKind, Register, RegisterInfo, decode, disassemble
+from sevsim.soc.x86.decode import (
+    GPR_NAMES,
+    Mnemonic,
+    OpKind,
+    Register,
+    RegisterInfo,
+    decode,
+    disassemble,
+)
 
 EFER_SVME = 1 << 12
 CR0_ET = 1 << 4
@@ -807,27 +815,7 @@ class Vm:
 
 
 PARKED = "waiting for a STARTUP IPI"
-_REG_NAMES = {
-    getattr(Register, n.upper()): n
-    for n in (
-        "rax",
-        "rbx",
-        "rcx",
-        "rdx",
-        "rsi",
-        "rdi",
-        "rbp",
-        "rsp",
-        "r8",
-        "r9",
-        "r10",
-        "r11",
-        "r12",
-        "r13",
-        "r14",
-        "r15",
-    )
-}
+_REG_NAMES = {getattr(Register, name.upper()): name for name in GPR_NAMES}
 
 
 def _runnable(last: RunExit | None) -> bool:

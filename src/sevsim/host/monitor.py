@@ -16,7 +16,7 @@ import shlex
 import struct
 from typing import TYPE_CHECKING
 
-from sevsim.soc.x86.decode import disassemble
+from sevsim.soc.x86.decode import GPR_NAMES, disassemble
 from sevsim.soc.x86.hidden import Segment
 
 if TYPE_CHECKING:
@@ -72,47 +72,8 @@ class Monitor:
     def info_registers(self) -> str:
         v = self.vcpu.vmcb()
         regs = self.vcpu.regs
-        gpr = {
-            "rax": v.rax,
-            **{
-                k: regs.get(k, 0)
-                for k in (
-                    "rbx",
-                    "rcx",
-                    "rdx",
-                    "rsi",
-                    "rdi",
-                    "rbp",
-                    "r8",
-                    "r9",
-                    "r10",
-                    "r11",
-                    "r12",
-                    "r13",
-                    "r14",
-                    "r15",
-                )
-            },
-            "rsp": v.rsp,
-        }
-        names = [
-            "rax",
-            "rbx",
-            "rcx",
-            "rdx",
-            "rsi",
-            "rdi",
-            "rbp",
-            "rsp",
-            "r8",
-            "r9",
-            "r10",
-            "r11",
-            "r12",
-            "r13",
-            "r14",
-            "r15",
-        ]
+        gpr = {name: regs.get(name, 0) for name in GPR_NAMES} | {"rax": v.rax, "rsp": v.rsp}
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", *GPR_NAMES[8:]]
         lines = []
         for i in range(0, 16, 4):
             lines.append(" ".join(f"{n.upper():<3}={gpr[n]:016x}" for n in names[i : i + 4]))

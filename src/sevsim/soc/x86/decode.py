@@ -19,6 +19,9 @@ OpKind = iced.OpKind
 Register = iced.Register
 RegisterInfo = iced.RegisterInfo
 MAX_INSN = 15
+# The 64-bit general-purpose registers, in the order of their encodings (and of QEMU's
+# `info registers`); their lower-case names are the keys of KVM's copy of a guest's GPRs.
+GPR_NAMES = "rax rcx rdx rbx rsp rbp rsi rdi r8 r9 r10 r11 r12 r13 r14 r15".split()
 
 # iced register -> Unicorn register of the same name (64-bit GPRs, CRs, segment regs).
 _NAMES = {getattr(iced.Register, n): n for n in dir(iced.Register) if n.isupper()}

@@ -49,7 +49,15 @@ CHUNK_FRAMES = 512  # frames are mapped 2 MiB at a time
 
 class Frame:
     __slots__ = (
-        "addr", "view", "snapshot", "slot", "page_pa", "gen", "version", "executed", "written"
+        "addr",
+        "view",
+        "snapshot",
+        "slot",
+        "page_pa",
+        "gen",
+        "version",
+        "executed",
+        "written",
     )
 
     def __init__(self, addr: int, view: np.ndarray) -> None:
@@ -142,8 +150,7 @@ class FrameCache:
         """HwEnforcedCacheCoh: the engine's copies of this page in other domains are written
         back and dropped before this domain uses it, as the cache does with its lines."""
         others = [
-            f for f in self._live
-            if f.page_pa == page_pa and f.slot != slot and f.gen == self.gen
+            f for f in self._live if f.page_pa == page_pa and f.slot != slot and f.gen == self.gen
         ]
         if not others:
             return

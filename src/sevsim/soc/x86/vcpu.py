@@ -91,22 +91,8 @@ ENGINE_INTERCEPTS = sum(
 )
 CR_WRITES = (1 << 0) | (1 << 3) | (1 << 4)
 TIME_SLICE = 0.05  # seconds of guest execution between host timer exits
-GPRS = (
-    "rbx",
-    "rcx",
-    "rdx",
-    "rsi",
-    "rdi",
-    "rbp",
-    "r8",
-    "r9",
-    "r10",
-    "r11",
-    "r12",
-    "r13",
-    "r14",
-    "r15",
-)
+# The GPRs that KVM keeps for the guest (RAX and RSP live in the VMCB save area).
+GPRS = tuple(n for n in dec.GPR_NAMES if n not in ("rax", "rsp"))
 UC_GPR = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPRS + ("rax", "rsp")}
 EFER_LMA = 1 << 10
 
