@@ -360,11 +360,14 @@ class X86Vcpu:
         return self._exit
 
     def kill(self) -> None:
+        """The vCPU ends (its VMCB is freed): stop the engine's thread, and hand what its
+        frames hold to the model's cache, as a cache level that goes away would."""
         if self._thread is not None and self._thread.is_alive():
             self._kill = True
             self.uc.emu_stop()
             self._go.release()
             self._thread.join(timeout=5)
+        self.frames.write_back()
 
     # ---- the engine's thread ------------------------------------------------------------
     def _main(self) -> None:
