@@ -14,7 +14,9 @@ from sevsim.soc.paging import CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LM
 ALL_PROFILES = list(PROFILES)
 NON_COHERENT = [name for name, p in PROFILES.items() if not p.sme_coherent]
 COHERENT = [name for name, p in PROFILES.items() if p.sme_coherent]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The project's own copy of the public test data it needs (real AMD certificates, published
+# known-answer inputs; tests/testdata/README.md says where each comes from).
+TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 
 def make_machine(name: str = "milan", state_dir=None, **changes) -> Machine:

@@ -1,4 +1,4 @@
-"""Certificate formats against the real AMD certificates (../shared/testdata), round trips,
+"""Certificate formats against the real AMD certificates (tests/testdata), round trips,
 tamper rejection and malformed input."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import SHARED
+from conftest import TESTDATA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +21,7 @@ from sevsim.certs.chain import (
 )
 from sevsim.certs.sev import BODY_SIZE, CertError, SevCert, Usage, firmware_validate
 
-CERTS = SHARED / "testdata" / "amd-sev-certs"
+CERTS = TESTDATA / "amd-sev-certs"
 PLATFORMS = ["naples", "rome", "milan"]
 ALL_GENS = ["naples", "rome", "milan", "genoa", "turin"]
 

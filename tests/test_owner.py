@@ -9,7 +9,7 @@ import os
 import uuid
 
 import pytest
-from conftest import SHARED, RawMailbox, make_machine
+from conftest import TESTDATA, RawMailbox, make_machine
 from cryptography.hazmat.primitives import hashes
 from test_guest_firmware import IMAGE_PA, MEASURE_PA, activate, cmd, launch_start, pdh_cert, ready
 
@@ -22,7 +22,7 @@ from sevsim.api.status import Status
 from sevsim.certs.sev import EC_FIELD, SevCert
 from sevsim.owner import measure, secret, session
 
-VECTORS = SHARED / "testdata" / "vectors"
+VECTORS = TESTDATA / "vectors"
 SEVCTL = VECTORS / "sevctl"
 SSM = VECTORS / "sev-snp-measure"
 OVMF_TRIMMED = SEVCTL / "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"

@@ -7,12 +7,12 @@ import base64
 import json
 
 import pytest
-from conftest import SHARED
+from conftest import TESTDATA
 
 from sevsim.certs.chain import decode_chain
 from sevsim.cli import main
 
-SEVCTL = SHARED / "testdata" / "vectors" / "sevctl"
+SEVCTL = TESTDATA / "vectors" / "sevctl"
 OVMF = SEVCTL / "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
 MEASURED = "oMDewIouJSpbpNRHj7Mk3p08H2dPZQdsZMU14qIymBnDE/q1EcIWsVBbGy6pkDxA"
 

@@ -67,9 +67,9 @@ def test_verify_chain_reports_the_broken_link_and_exit_codes(env, capsys):
 
 
 def test_real_amd_chain_verifies_from_the_command_line(tmp_path, capsys):
-    from conftest import SHARED
+    from conftest import TESTDATA
 
-    d = SHARED / "testdata" / "amd-sev-certs" / "milan"
+    d = TESTDATA / "amd-sev-certs" / "milan"
     chain = b"".join((d / f"{n}.cert").read_bytes() for n in ("pdh", "pek", "oca", "cek"))
     (tmp_path / "milan.cert").write_bytes(chain)
     code, out, _ = run(["verify-chain", str(tmp_path / "milan.cert"), "--root", "milan"], capsys)
