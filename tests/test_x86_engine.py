@@ -338,3 +338,18 @@ def test_query_status_shows_a_guest_that_died(tmp_path):
         assert vmm.status == "shutdown" and "SHUTDOWN" in events
         assert "triple fault" in (tmp_path / "console.log").read_text()
         vmm.quit()
+
+
+def test_a_vmcb_that_intercepts_cr3_writes_gets_them_as_exits():
+    """KVM does not intercept CR writes of an NPT guest; a hypervisor that does sees each
+    MOV to CR3 as #VMEXIT(CR3_WRITE) with the source GPR in EXITINFO1 (decode assists)."""
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("cr", sev=False)
+        vcpu = vm.vcpus[0]
+        vcpu.set_vmcb(intercept_cr=1 << (16 + 3))
+        for _ in range(200):
+            exit_ = vcpu._vmrun()
+            if exit_.code == 0x13:
+                break
+            vcpu._handle(exit_)
+        assert exit_.code == 0x13 and exit_.info1 >> 63 and exit_.next_rip

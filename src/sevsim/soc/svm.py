@@ -185,6 +185,8 @@ NPF_GUEST_PAGE_TABLE = 1 << 33  # the fault is on a guest page-table access
 
 
 def exit_name(code: int) -> str:
+    if EXIT_WRITE_CR0 <= code < EXIT_WRITE_CR0 + 16:
+        return f"CR{code - EXIT_WRITE_CR0}_WRITE"
     if EXIT_EXCP_BASE <= code < EXIT_EXCP_BASE + 32:
         return f"EXCP({code - EXIT_EXCP_BASE})"
     return EXIT_NAMES.get(code, f"{code:#x}")

@@ -38,6 +38,11 @@ def uc_register(reg: int) -> int:
     return getattr(X, f"UC_X86_REG_{_NAMES[full]}")
 
 
+def full_name(reg: int) -> str:
+    """The lower-case name of the 64-bit register that holds ``reg`` (e.g. EAX -> rax)."""
+    return _NAMES[iced.RegisterInfo(reg).full_register].lower()
+
+
 def register_value(read: Callable[[int], int], reg: int) -> int:
     """The value of an iced register operand (of any size)."""
     size = iced.RegisterInfo(reg).size

@@ -96,6 +96,13 @@ def write_cr(cpu: X86Vcpu, n: int) -> Exit | None:
     """MOV to CRn, LMSW or CLTS: the model checks and applies it, the engine follows."""
     uc, core = cpu.uc, cpu.core
     ins = cpu.instruction()
+    if cpu.gm.vmcb.intercept_cr >> (16 + n) & 1:
+        # The VMCB intercepts writes to CRn: EXITINFO1 bit 63 says the GPR number in bits
+        # 3:0 is valid (decode assists), for MOV to CRn only.
+        info1 = 0
+        if ins.mnemonic == dec.Mnemonic.MOV:
+            info1 = 1 << 63 | dec.GPR_NAMES.index(dec.full_name(ins.op1_register))
+        return Exit(EXIT_WRITE_CR0 + n, info1, next_rip=ins.next_ip)
     if ins.mnemonic == dec.Mnemonic.CLTS:
         value = core.cr0 & ~(1 << 3)
     elif ins.mnemonic == dec.Mnemonic.LMSW:
