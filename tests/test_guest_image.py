@@ -69,8 +69,8 @@ def test_symbol_file():
     syms = json.loads(text)
     assert list(syms) == sorted(syms)
     image_base = FOUR_GIB - IMAGE.stat().st_size
-    required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop", "idt",
-                "yield_to_host", "SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA",
+    required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop",
+                "load_loop", "idt", "yield_to_host", "LOADS_GPA", "SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA",
                 "PML4_GPA", "SPLIT_PT_GPA", *VICTIM_GPAS}
     assert required <= set(syms)
     for name, addr in syms.items():
@@ -91,11 +91,16 @@ def test_symbol_file():
     assert len(set(pages)) == len(pages)
     assert all(gpa % 4096 == 0 and gpa >> 21 == 1 for gpa in pages)
     assert syms["SPLIT_PT_GPA"] == 0x16000
-    for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop", "yield_to_host"):
+    # loads' 256 KiB lies between selfmod's code page and mem_loop's 8 MiB.
+    assert syms["LOADS_GPA"] == 0x340000
+    assert syms["SELFMOD_GPA"] + 4096 <= syms["LOADS_GPA"]
+    assert syms["LOADS_GPA"] + LOADS_BYTES <= syms["MEM_LOOP_GPA"]
+    for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop", "load_loop",
+                 "yield_to_host"):
         assert image_base <= syms[code] < FOUR_GIB - 16, code
     # The functions are in the image, not in the 0xFF padding.
     image = IMAGE.read_bytes()
-    for code in ("alu_loop", "mem_loop"):
+    for code in ("alu_loop", "mem_loop", "load_loop"):
         assert image[syms[code] - image_base] != 0xFF, code
 
 
@@ -136,6 +141,21 @@ def mem_model(nbytes: int, rounds: int) -> int:
     """What mem_loop(base, nbytes, rounds) returns (see workloads.S)."""
     n = nbytes // 8
     return (rounds * n * (n - 1) // 2 + n * rounds * (rounds - 1) // 2) & M64
+
+
+LOADS_BYTES = 256 << 10  # the `loads` workload's region at LOADS_GPA
+
+
+def loads_model(nbytes: int, count: int) -> int:
+    """What load_loop(base, nbytes, count) returns over memory holding q[i] = i (see
+    workloads.S): the word at byte offset o holds o // 8."""
+    x, total = 0x9E3779B97F4A7C15, 0
+    for _ in range(count):
+        x ^= (x << 13) & M64
+        x ^= x >> 7
+        x ^= (x << 17) & M64
+        total += (x & (nbytes - 8)) // 8
+    return total & M64
 
 
 class Qemu:
@@ -197,9 +217,9 @@ SHA_RE = r"secret at 0x200000, sha256 ([0-9a-f]{64})"
 
 @needs_qemu
 def test_qemu_workloads():
-    out = run_guest("secret pf gp selfmod alu:1000 mem:1 nonsense")
+    out = run_guest("secret pf gp selfmod alu:1000 mem:1 loads:1000 nonsense")
     assert out[:4] == ["booting", "SEV not active", "sha256 self-test ok",
-                       "workload secret pf gp selfmod alu:1000 mem:1 nonsense"]
+                       "workload secret pf gp selfmod alu:1000 mem:1 loads:1000 nonsense"]
     rest = out[4:]
     assert re.fullmatch(SHA_RE, rest[0]), rest
     assert rest[1] == "shared page at 0x201000"
@@ -212,8 +232,9 @@ def test_qemu_workloads():
     assert rest[6] == "selfmod 1 2"
     assert rest[7] == f"alu {alu_model(1000):x}"
     assert rest[8] == f"mem {mem_model(8 << 20, 1):x}"
-    assert rest[9] == "unknown workload nonsense"
-    assert rest[10:] == ["done"]
+    assert rest[9] == f"loads {loads_model(LOADS_BYTES, 1000):x}"
+    assert rest[10] == "unknown workload nonsense"
+    assert rest[11:] == ["done"]
 
 
 @needs_qemu
@@ -446,3 +467,17 @@ def test_mem_model_small():
             total += x
             q[i] = x + 1
     assert mem_model(n_bytes, rounds) == total
+
+
+def test_loads_model_small():
+    # loads_model against a plain xorshift64 over a filled list.
+    n_bytes, count = 64, 50
+    q = list(range(n_bytes // 8))
+    x, total = 0x9E3779B97F4A7C15, 0
+    for _ in range(count):
+        x = (x ^ (x << 13)) % 2**64
+        x = x ^ (x >> 7)
+        x = (x ^ (x << 17)) % 2**64
+        total += q[(x % n_bytes) // 8]
+    assert loads_model(n_bytes, count) == total
+    assert loads_model(n_bytes, 0) == 0

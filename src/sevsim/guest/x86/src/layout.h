@@ -47,6 +47,8 @@
 #define INBOX_SHARED_GPA 0x208000       /* `inbox`: page shared with the host, its mailbox */
 #define INBOX_MESSAGE_SIZE 64           /* bytes copied from the mailbox into the buffer */
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
+#define LOADS_GPA       0x340000        /* 256 KiB read at random by `loads` (load_loop()) */
+#define LOADS_BYTES     0x40000
 #define MEM_LOOP_GPA    0x400000        /* 8 MiB worked over by mem_loop() */
 #define MEM_LOOP_BYTES  0x800000
 

@@ -150,6 +150,18 @@ static void workload_selfmod(void)
 	say("selfmod %u %u", first, second);
 }
 
+/* --- loads: 8-byte loads at pseudo-random addresses ------------------------ */
+
+/* q[i] = i over the LOADS_BYTES at LOADS_GPA, then count random loads there. */
+static uint64_t workload_loads(uint64_t count)
+{
+	volatile uint64_t *q = (volatile uint64_t *)LOADS_GPA;
+
+	for (uint64_t i = 0; i < LOADS_BYTES / 8; i++)
+		q[i] = i;
+	return load_loop(LOADS_GPA, LOADS_BYTES, count);
+}
+
 /* --- the workload list ------------------------------------------------------ */
 
 /* Decimal digits only, at least one, no overflow. */
@@ -211,6 +223,8 @@ static void run_workload(const char *w)
 		say("alu %lx", alu_loop(n));
 	} else if (starts_with(w, "mem:") && parse_u64(w + 4, &n)) {
 		say("mem %lx", mem_loop(MEM_LOOP_GPA, MEM_LOOP_BYTES, n));
+	} else if (starts_with(w, "loads:") && parse_u64(w + 6, &n)) {
+		say("loads %lx", workload_loads(n));
 	} else {
 		say("unknown workload %s", w);
 	}

@@ -3,8 +3,8 @@
  * workloads.S - small functions in hand-written assembly, with the System V
  * calling convention (arguments in RDI, RSI, RDX; result in RAX), exported
  * by name in sevsim-guest.sym.json so that a bare emulator can call them too.
- * alu_loop, mem_loop and probe_read8 use no memory but their arguments (and
- * the boot-info block) and no stack beyond the return address.
+ * alu_loop, mem_loop, load_loop and probe_read8 use no memory but their
+ * arguments (and the boot-info block) and no stack beyond the return address.
  */
 #include "layout.h"
 
@@ -67,6 +67,44 @@ mem_loop:
 	jb	3b
 	decq	%rdx
 	jnz	2b
+9:	ret
+
+/*
+ * uint64_t load_loop(uint64_t base, uint64_t bytes, uint64_t count)
+ *
+ * count 8-byte loads at pseudo-random, 8-byte aligned places in
+ * [base, base + bytes); bytes is a power of two, at least 8. No stores.
+ *     x = 0x9E3779B97F4A7C15                  (xorshift64 state, odd so never 0)
+ *     repeat count times:
+ *         x ^= x << 13;  x ^= x >> 7;  x ^= x << 17
+ *         sum += *(uint64_t *)(base + (x & (bytes - 8)))
+ *     return sum   (mod 2^64)
+ * It reads whatever memory holds: the `loads` workload fills it first with
+ * q[i] = i (so a load at offset o gives o / 8); over its 256 KiB,
+ * count = 1000 gives 0xfecc3a.
+ */
+	.globl	load_loop
+	.balign	16
+load_loop:
+	leaq	-8(%rsi), %rsi			/* mask: bytes - 8 */
+	xorl	%eax, %eax			/* sum */
+	movabsq	$0x9E3779B97F4A7C15, %rcx	/* x */
+	testq	%rdx, %rdx
+	jz	9f
+1:	movq	%rcx, %r8
+	shlq	$13, %r8
+	xorq	%r8, %rcx			/* x ^= x << 13 */
+	movq	%rcx, %r8
+	shrq	$7, %r8
+	xorq	%r8, %rcx			/* x ^= x >> 7 */
+	movq	%rcx, %r8
+	shlq	$17, %r8
+	xorq	%r8, %rcx			/* x ^= x << 17 */
+	movq	%rcx, %r8
+	andq	%rsi, %r8			/* offset: x & (bytes - 8) */
+	addq	(%rdi, %r8), %rax		/* sum += load */
+	decq	%rdx
+	jnz	1b
 9:	ret
 
 /*
