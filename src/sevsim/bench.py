@@ -8,11 +8,9 @@ ratios are what docs/performance.md tracks).
   buffers).
 * loads: 8-byte loads at random addresses through a long-mode core whose TLB and cache
   hit, against a bare Python loop of ``struct.unpack_from`` at the same offsets.
-* guest loads: the same loads inside an SEV guest (guest page walk, nested walk and the
-  guest's key, all cached after a warm-up), timed by the guest between HLT exits, against
-  the same bare loop timed by the host in between.
-* guest code: the real-code guest's register-only loop (``alu_loop``) and its loop of
-  8-byte loads and stores over 8 MiB of private memory (``mem_loop``) in an SEV guest —
+* guest code: the real-code guest's register-only loop (``alu_loop``), its loop of 8-byte
+  loads and stores over 8 MiB of private memory (``mem_loop``) and its 8-byte loads at
+  pseudo-random addresses of 256 KiB (``load_loop``) in an SEV guest —
   every access translated, keyed and cached by the model — against the same functions
   called on the bare engine (Unicorn, flat memory, no model), same run; and the
   instructions per second of each.
@@ -158,48 +156,10 @@ def bench_loads(count: int, rounds: int, progress: Progress) -> dict[str, float]
     }
 
 
-def bench_guest_loads(count: int, rounds: int, progress: Progress) -> dict[str, float]:
-    """8-byte loads inside an SEV guest (nested translation, guest TLB and cache hits),
-    timed by the guest, against the bare loop of ``bench_loads`` timed by the host between
-    the guest's rounds."""
-    from sevsim.system import HostSystem
-
-    progress("guest loads: starting an SEV guest")
-    memory = 4 * MiB
-    with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
-        vm = system.start_guest("bench", memory, workload=f"loads:{count}:{rounds}")
-        span = 256 * 1024  # the guest's workload: the same offsets over the same span
-        rng = random.Random(1)
-        offsets = [rng.randrange(0, span // 8) * 8 for _ in range(count)]
-        buf = bytearray(span)
-        unpack = struct.unpack_from
-
-        def baseline() -> None:
-            for off in offsets:
-                unpack("<Q", buf, off)
-
-        base_t = []
-        vcpu = vm.vcpus[0]
-        for r in range(rounds + 1):
-            exit_ = vcpu.run()
-            if exit_.reason == "DONE":
-                break
-            if exit_.reason != "HLT":
-                raise RuntimeError(f"benchmark guest stopped: {exit_.reason} {exit_.detail}")
-            progress(f"guest loads x{count}, round {r + 1}/{rounds}")
-            base_t.append(_timed(baseline))
-        report = system.machine.observe_guest(vcpu.vmcb_addr)
-        vm.destroy()
-    guest_t = report.loads["times"]
-    base, guest = statistics.median(base_t), statistics.median(guest_t)
-    return {
-        "guest_load_ratio": base / guest,
-        "guest_loads_per_s": count / guest,
-    }
-
-
 ALU_INSNS = 5  # per iteration of alu_loop (guest/x86/src/workloads.S)
 MEM_FILL_INSNS, MEM_INSNS = 4, 7  # per word of mem_loop's fill pass, and of each round
+LOAD_INSNS = 14  # per load of load_loop (xorshift step, mask, load and add, loop)
+LOADS_BYTES = 256 * 1024  # the guest's load_loop region
 
 
 def _bare_call(function: str, *args: int) -> float:
@@ -243,31 +203,43 @@ def _guest_phase(vm: Any, start: str, end: str) -> float:
 
 
 def bench_guest_code(iterations: int, rounds: int, progress: Progress) -> dict[str, float]:
-    """``alu_loop`` and ``mem_loop`` in an SEV guest against the bare engine."""
+    """``alu_loop``, ``mem_loop`` and ``load_loop`` in an SEV guest against the same
+    functions on the bare engine."""
+    from sevsim.guest import x86 as x86_guest
     from sevsim.system import HostSystem
 
     words = 8 * MiB // 8
-    work = f"alu:{iterations} mem:{rounds}"
+    loads = iterations
+    work = f"alu:{iterations} mem:{rounds} loads:{loads}"
     progress("guest code: the bare engine")
     bare_alu = min(_bare_call("alu_loop", iterations) for _ in range(3))
     bare_mem = min(_bare_call("mem_loop", 0x40_0000, 8 * MiB, rounds) for _ in range(3))
+    loads_gpa = x86_guest.symbols()["LOADS_GPA"]
+    bare_loads = min(_bare_call("load_loop", loads_gpa, LOADS_BYTES, loads) for _ in range(3))
     progress("guest code: an SEV guest")
     with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
         vm = system.start_x86_guest("bench", work, memory=16 * MiB)
         vm.spin_budget = 1 << 30
         guest_alu = _guest_phase(vm, f"workload {work}\n", "sevsim-guest: alu")
         guest_mem = _guest_phase(vm, "sevsim-guest: alu ", "sevsim-guest: mem")
+        # The loads' phase includes filling the 256 KiB (a few ms): the TLB is then warm.
+        guest_loads = _guest_phase(vm, "sevsim-guest: mem ", "sevsim-guest: loads")
         vm.destroy()
     alu_insns = ALU_INSNS * iterations
     mem_insns = MEM_FILL_INSNS * words + MEM_INSNS * words * rounds
+    load_insns = LOAD_INSNS * loads
     return {
         "guest_alu_ratio": bare_alu / guest_alu,
         "guest_mem_ratio": bare_mem / guest_mem,
+        "guest_load_ratio": bare_loads / guest_loads,
+        "guest_loads_per_s": loads / guest_loads,
         "guest_mips": {
             "alu": alu_insns / guest_alu / 1e6,
             "alu_bare": alu_insns / bare_alu / 1e6,
             "mem": mem_insns / guest_mem / 1e6,
             "mem_bare": mem_insns / bare_mem / 1e6,
+            "loads": load_insns / guest_loads / 1e6,
+            "loads_bare": load_insns / bare_loads / 1e6,
         },
     }
 
@@ -609,7 +581,6 @@ def run_bench(quick: bool = False, progress: Progress | None = None) -> dict[str
     result: dict[str, Any] = {"quick": quick}
     result.update(bench_bulk(size, rounds, progress))
     result.update(bench_loads(20_000 if quick else 200_000, rounds, progress))
-    result.update(bench_guest_loads(20_000 if quick else 200_000, rounds, progress))
     result.update(
         bench_guest_code(20_000_000 if quick else 200_000_000, 4 if quick else 16, progress)
     )
