@@ -246,15 +246,3 @@ class FrameCache:
             flush_translations()
             self._free.extend(self._retired)
             self._retired = []
-
-    def drop_all(self, flush_translations) -> None:
-        """Forget every frame (after a write-back): the next run reloads what it touches."""
-        self.write_back()
-        flush_translations()
-        self._free.extend(self._by_key.values())
-        self._free.extend(self._retired)
-        self._retired = []
-        self._by_key.clear()
-        self._by_page.clear()
-        self._live = []
-        self.gen += 1
