@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import sevsim.guest
-
-X86 = Path(sevsim.guest.__file__).resolve().parent / "x86"
+# The sources and the shipped files in the repository (the package may be installed
+# elsewhere: see test_the_package_ships_the_repositorys_image).
+X86 = Path(__file__).resolve().parents[1] / "src" / "sevsim" / "guest" / "x86"
 IMAGE = X86 / "sevsim-guest.fd"
 SYMS = X86 / "sevsim-guest.sym.json"
 BUILD = X86 / "build.sh"
@@ -70,8 +70,8 @@ def test_symbol_file():
     assert list(syms) == sorted(syms)
     image_base = FOUR_GIB - IMAGE.stat().st_size
     required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop",
-                "load_loop", "idt", "yield_to_host", "LOADS_GPA", "SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA",
-                "PML4_GPA", "SPLIT_PT_GPA", *VICTIM_GPAS}
+                "load_loop", "idt", "yield_to_host", "LOADS_GPA", "SECRET_GPA", "SHARED_GPA",
+                "ALIAS_GPA", "ALIAS_FLUSH_GPA", "PML4_GPA", "SPLIT_PT_GPA", *VICTIM_GPAS}
     assert required <= set(syms)
     for name, addr in syms.items():
         assert isinstance(addr, int), name
@@ -481,3 +481,11 @@ def test_loads_model_small():
         total += q[(x % n_bytes) // 8]
     assert loads_model(n_bytes, count) == total
     assert loads_model(n_bytes, 0) == 0
+
+
+def test_the_package_ships_the_repositorys_image():
+    """What `pip install .` puts in the package is the image and symbols built here."""
+    from sevsim.guest import x86 as x86_guest
+
+    assert x86_guest.image() == IMAGE.read_bytes()
+    assert x86_guest.symbols() == json.loads(SYMS.read_text())
