@@ -353,3 +353,18 @@ def test_a_vmcb_that_intercepts_cr3_writes_gets_them_as_exits():
                 break
             vcpu._handle(exit_)
         assert exit_.code == 0x13 and exit_.info1 >> 63 and exit_.next_rip
+
+
+def test_the_engines_frames_stay_bounded_and_the_data_survives():
+    """mem:2 writes and reads 8 MiB (2,048 pages) twice; with room for 256 frames the
+    engine starts over at VMRUNs, writing everything back — the checksum is still right."""
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("mem", "mem:2")
+        engine = host.machine.x86_vcpu(vm.vcpus[0].vmcb_addr & ~host.machine.cbit_mask)
+        engine.frames.max_frames = 256
+        vm.spin_budget = 10_000
+        assert vm.run(max_rounds=100)[0].reason == "DONE"
+        n, rounds = (8 << 20) // 8, 2
+        expected = (rounds * n * (n - 1) // 2 + n * rounds * (rounds - 1) // 2) % (1 << 64)
+        assert f"sevsim-guest: mem {expected:x}" in vm.console_text()
+        assert engine.frames.stats["shrinks"] > 0

@@ -45,6 +45,7 @@ PAGE = 4096
 LINE = 64
 FRAME_BASE = 1 << 40  # where frames live in the engine's physical address space
 CHUNK_FRAMES = 512  # frames are mapped 2 MiB at a time
+MAX_FRAMES = 16384  # 64 MiB of frames (and as much of snapshots): past it, start over
 
 
 class Frame:
@@ -87,7 +88,8 @@ class FrameCache:
         self._live: list[Frame] = []  # frames loaded in this run
         self._scratch = np.empty(PAGE, dtype=np.uint8)
         self.gen = 0
-        self.stats = {"fills": 0, "reloads": 0, "lines_written_back": 0}
+        self.max_frames = MAX_FRAMES
+        self.stats = {"fills": 0, "reloads": 0, "lines_written_back": 0, "shrinks": 0}
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -239,6 +241,19 @@ class FrameCache:
                 stale += 1
         self._live = keep
         return stale
+
+    def shrink_if_full(self) -> bool:
+        """Between two runs: past ``max_frames``, write every frame back and drop them all
+        (the next run reloads what it touches), so the engine's memory stays bounded
+        however much memory a guest touches. True if it did."""
+        if len(self._by_key) <= self.max_frames:
+            return False
+        self.invalidate()
+        self.stats["shrinks"] += 1
+        self._retired.extend(self._by_key.values())
+        self._by_key.clear()
+        self._by_page.clear()
+        return True
 
     def recycle(self, flush_translations) -> None:
         """Reuse retired frames once the engine's translated code has been flushed."""

@@ -438,8 +438,9 @@ class X86Vcpu:
             uc.reg_write(UC_GPR[name], self._regs.get(name, 0))
         # The engine's TLB caches the model's TLB and points at frames: keep it only if
         # neither moved on since the last exit.
+        shrunk = not in_instruction and self.frames.shrink_if_full()
         stale = self.frames.revalidate()
-        if stale or state != self._loaded or self._tlb_key != self._model_tlb_key():
+        if shrunk or stale or state != self._loaded or self._tlb_key != self._model_tlb_key():
             self.flush_tlb()
         if not in_instruction:
             self.frames.recycle(self.uc.ctl_flush_tb)
