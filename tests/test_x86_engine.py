@@ -368,3 +368,37 @@ def test_the_engines_frames_stay_bounded_and_the_data_survives():
         expected = (rounds * n * (n - 1) // 2 + n * rounds * (rounds - 1) // 2) % (1 << 64)
         assert f"sevsim-guest: mem {expected:x}" in vm.console_text()
         assert engine.frames.stats["shrinks"] > 0
+
+
+# Real mode: write 'W' over a byte of its own image (ROM: dropped), print that byte ('R'),
+# then read an address with nothing behind it (QEMU's unassigned memory: all ones).
+ROM_PIECES = {
+    0xFF00: "b800f08ed8c60680ff57a080ffbaf803ee66bbffffff00678a03eefaf4ebfd",
+    0xFF80: "52",
+    0xFFF0: "e90dff",
+}
+
+
+@pytest.mark.parametrize("sev", [True, False], ids=["sev", "plain"])
+def test_the_firmware_is_rom_and_unassigned_memory_reads_all_ones(sev):
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("rom", sev=sev, firmware=pieces_image(ROM_PIECES))
+        assert vm.run(max_rounds=20)[0].reason == "DONE"
+        assert bytes(vm.console) == b"R\xff"
+
+
+def test_the_cmos_holds_the_memory_sizes_qemu_stores_there():
+    from sevsim.host.cmos import Cmos
+
+    rtc = Cmos(below_4g=0xC000_0000, above_4g=1 << 30, cpus=4)
+
+    def read(index: int) -> int:
+        rtc.io_out(0x70, index, 1)
+        return rtc.io_in(0x71, 1)
+
+    assert read(0x15) | read(0x16) << 8 == 640  # KiB of base memory
+    assert read(0x34) | read(0x35) << 8 == (0xC000_0000 - (16 << 20)) >> 16
+    assert read(0x5B) | read(0x5C) << 8 | read(0x5D) << 16 == (1 << 30) >> 16
+    assert read(0x5F) == 3 and read(0x0D) == 0x80
+    seconds = read(0x00)
+    assert seconds >> 4 < 6 and seconds & 0xF < 10  # BCD

@@ -254,6 +254,7 @@ class MemSlot:
     size: int
     hva: int
     populated: set[int] = field(default_factory=set)  # page indexes
+    readonly: bool = False  # KVM_MEM_READONLY: ROM; the guest's writes exit as MMIO
 
     def __contains__(self, gpa: int) -> bool:
         return self.gpa <= gpa < self.gpa + self.size
@@ -333,7 +334,7 @@ class Vm:
         return pa
 
     # ---- guest memory: slots of host pages, seen through the host's own mapping -----------
-    def add_memory(self, gpa: int, size: int) -> MemSlot:
+    def add_memory(self, gpa: int, size: int, readonly: bool = False) -> MemSlot:
         """A new memslot of ``size`` bytes at ``gpa`` (physically contiguous host pages)."""
         if gpa % PAGE_4K or size <= 0 or size % PAGE_4K:
             raise ValueError("memslots are whole 4 KiB pages")
@@ -341,7 +342,7 @@ class Vm:
             raise ValueError(f"memslot at {gpa:#x} overlaps another")
         # 2 MiB-aligned backing, as QEMU asks for (MADV_HUGEPAGE): lets #NPF map huge pages.
         hva = self.kernel.alloc_pages(size // PAGE_4K, zero=False, align=PAGE_2M)
-        slot = MemSlot(gpa, size, hva)
+        slot = MemSlot(gpa, size, hva, readonly=readonly)
         self.slots.append(slot)
         return slot
 
@@ -351,7 +352,7 @@ class Vm:
         target = self.slot_of(target_gpa, size)
         if target is None:
             raise ValueError(f"alias target {target_gpa:#x} is not in one memslot")
-        alias = MemSlot(gpa, size, target.hva + target_gpa - target.gpa)
+        alias = MemSlot(gpa, size, target.hva + target_gpa - target.gpa, readonly=target.readonly)
         alias.populated.update(range(size // PAGE_4K))  # the target is written already
         self.aliases.append(alias)
         return alias
@@ -426,17 +427,19 @@ class Vm:
         page, as KVM maps THP-backed memory), else with a 4 KiB page. False when no memslot
         holds the GPA (MMIO, for a VMM to emulate)."""
         encrypted = self.kernel.sme_active
+        slot = self.slot_of(gpa)
+        leaf = NPT_LEAF & ~RW if slot is not None and slot.readonly else NPT_LEAF
         huge = gpa & ~(PAGE_2M - 1)
         under_alias = any(a.gpa < huge + PAGE_2M and huge < a.gpa + a.size for a in self.aliases)
         if self.huge_pages and not under_alias and self.slot_of(huge, PAGE_2M) is not None:
             self._hva_of(huge, PAGE_2M)
-            self.npt.map(huge, self.spa(huge), PAGE_2M, NPT_LEAF, encrypted=encrypted)
+            self.npt.map(huge, self.spa(huge), PAGE_2M, leaf, encrypted=encrypted)
             return True
         page = gpa & ~0xFFF
         if self.slot_of(page) is None:
             return False
         self._hva_of(page, PAGE_4K)
-        self.npt.map(page, self.spa(page), PAGE_4K, NPT_LEAF, encrypted=encrypted)
+        self.npt.map(page, self.spa(page), PAGE_4K, leaf, encrypted=encrypted)
         return True
 
     # ---- SEV launch (KVM_SEV_* ioctls) -------------------------------------------------------
@@ -738,7 +741,7 @@ class Vm:
                 f"{MAX_FIRMWARE >> 20} MiB ({len(image)} bytes)"
             )
         base = (1 << 32) - len(image)
-        self.add_memory(base, len(image))
+        self.add_memory(base, len(image), readonly=True)  # ROM, as QEMU maps -bios
         self.write(base, image)
         isa = min(len(image), 0x2_0000)
         self.add_alias(0x10_0000 - isa, isa, base + len(image) - isa)
@@ -815,6 +818,27 @@ class Vm:
 
 
 PARKED = "waiting for a STARTUP IPI"
+NPF_WRITE = 1 << 1  # #NPF EXITINFO1: the access was a write
+
+
+class _Rom:
+    """What stands behind a read-only memslot for a guest's write: nothing."""
+
+    def read(self, offset: int) -> int:
+        return 0
+
+    def write(self, offset: int, value: int) -> None:
+        pass
+
+
+class _Unassigned(_Rom):
+    """No device at all: reads give all ones, writes vanish (QEMU's unassigned memory)."""
+
+    def read(self, offset: int) -> int:
+        return (1 << 64) - 1
+
+
+ROM, UNASSIGNED = _Rom(), _Unassigned()
 _REG_NAMES = {getattr(Register, name.upper()): name for name in GPR_NAMES}
 
 
@@ -975,10 +999,21 @@ class Vcpu:
         if e.code == EXIT_NPF:
             gpa = e.info2
             self.npfs.append((gpa, e.info1))
-            if vm.map_gpa(gpa):
+            slot = vm.slot_of(gpa)
+            if slot is not None and slot.readonly and e.info1 & NPF_WRITE:
+                # A write to ROM: KVM exits to the VMM as MMIO, which drops it.
+                problem = self._emulate_mmio(gpa, ROM, gpa)
+                if problem is None:
+                    return None
+            elif vm.map_gpa(gpa):
                 return None
-            if self.apic is not None and lapic.APIC_BASE <= gpa < lapic.APIC_BASE + lapic.APIC_SIZE:
-                problem = self._emulate_mmio(gpa, self.apic)
+            elif self.apic is not None and 0 <= gpa - lapic.APIC_BASE < lapic.APIC_SIZE:
+                problem = self._emulate_mmio(gpa, self.apic, lapic.APIC_BASE)
+                if problem is None:
+                    return None
+            elif vm.x86:
+                # Nothing there: the VMM answers as QEMU's unassigned memory does.
+                problem = self._emulate_mmio(gpa, UNASSIGNED, gpa)
                 if problem is None:
                     return None
             else:
@@ -1018,7 +1053,7 @@ class Vcpu:
         vm.dead = RunExit("INTERNAL_ERROR", f"unhandled exit {e.name}", e)
         return vm.dead
 
-    def _emulate_mmio(self, gpa: int, device: lapic.LocalApic) -> str | None:
+    def _emulate_mmio(self, gpa: int, device: Any, base: int) -> str | None:
         """KVM's MMIO emulation of a MOV: the instruction's bytes come from the VMCB (the
         hardware's decode assists; KVM cannot read an SEV guest's code), the address from
         EXITINFO2. Returns what went wrong, or None."""
@@ -1031,7 +1066,7 @@ class Vcpu:
         ins = decode(code, v.rip, bitness)
         if ins.mnemonic not in (Mnemonic.MOV, Mnemonic.MOVZX) or ins.op_count != 2:
             return f"cannot emulate {disassemble(code, v.rip, bitness, 1)[0][2]!r}"
-        offset = gpa - lapic.APIC_BASE
+        offset = gpa - base
         if ins.op0_kind == OpKind.REGISTER:  # a load
             value = device.read(offset)
             self._set_register(ins.op0_register, value)

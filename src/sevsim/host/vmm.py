@@ -26,8 +26,18 @@ from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
 from sevsim.guest import firmware as guest_firmware
-from sevsim.host import migration
-from sevsim.host.kvm import COM1, MAX_FIRMWARE, KvmError, RunExit, SerialPort, Vm
+from sevsim.host import cmos, migration
+from sevsim.host.cmos import Cmos
+from sevsim.host.kvm import (
+    COM1,
+    MAX_FIRMWARE,
+    PC_LOWMEM,
+    PC_LOWMEM_LIMIT,
+    KvmError,
+    RunExit,
+    SerialPort,
+    Vm,
+)
 from sevsim.host.monitor import Monitor, MonitorError
 from sevsim.host.virtio_blk import DiskError, VirtioBlkDevice
 from sevsim.system import HostSystem
@@ -235,6 +245,9 @@ class Vmm:
         self.console = ConsoleFile(vm.console, self.config.console)
         for port in range(COM1, COM1 + 8):
             vm.io_ports[port] = self.console
+        below = min(memory, PC_LOWMEM) if memory > PC_LOWMEM_LIMIT else memory
+        rtc = Cmos(below_4g=below, above_4g=memory - below, cpus=smp)
+        vm.io_ports.update({cmos.PORT_INDEX: rtc, cmos.PORT_DATA: rtc})
         device = FwCfgDevice(vm, self._fw_cfg_items())
         for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
             vm.io_ports[port] = device
