@@ -16,6 +16,7 @@ runs: a wrong build fails loudly instead of misbehaving.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
 
@@ -199,3 +200,40 @@ def check_layout(uc: Uc) -> None:
     finally:
         for reg, value in saved.items():
             uc.reg_write(reg, value)
+
+
+# Where ``no_exit_request`` sits in Unicorn's own ``uc_struct`` (include/uc_priv.h of the
+# pinned build): it follows a run of fields whose values are known, found by scanning.
+_UC_STRUCT_SCAN = 8192
+_PAGE_FIELDS = "<IIQQiii"  # target_page_size/align, host page sizes, icache line, context
+_NO_EXIT_REQUEST = 50  # bytes after target_page_size; init_done is the next byte
+
+
+def stop_only_between_blocks(uc: Uc) -> None:
+    """Let a stop from another thread (the host's time slice) take effect only where a
+    translated block starts.
+
+    Unicorn 2.1.4 checks for a requested stop after every memory access inside a block
+    and leaves RIP at the instruction that made the access. After the store of a
+    read-modify-write instruction (``inc [mem]``, ``xchg``, ``add [mem], reg``) the
+    instruction has taken effect but RIP still points at it, so the next run executes it
+    again: an asynchronous ``emu_stop`` corrupts the guest about once per stop. Unicorn
+    keeps a switch that leaves those checks out of translated code (``no_exit_request``,
+    for ARM IT blocks); the check at each block's start stays, and a stop there is exact.
+    Must be set before the first block is translated."""
+    uc.reg_read(X.UC_X86_REG_RIP)  # Unicorn completes its struct on first use
+    base = uc._uch.value
+    raw = ctypes.string_at(base, _UC_STRUCT_SCAN)
+    hits = []
+    for off in range(0, _UC_STRUCT_SCAN - 64, 8):
+        page, _, host_page, real_host_page, _, _, context = struct.unpack_from(
+            _PAGE_FIELDS, raw, off
+        )
+        if (page, host_page, real_host_page, context) == (4096, 4096, 4096, CONTEXT_SIZE):
+            hits.append(off)
+    flags = raw[hits[0] + _NO_EXIT_REQUEST - 2 : hits[0] + _NO_EXIT_REQUEST + 2] if hits else b""
+    if len(hits) != 1 or flags != b"\0\0\0\1":  # hook_insert, first_tb, no_exit_request, init_done
+        raise RuntimeError(
+            "the Unicorn engine layout is not the one sevsim knows: install unicorn==2.1.4"
+        )
+    ctypes.memset(base + hits[0] + _NO_EXIT_REQUEST, 1, 1)

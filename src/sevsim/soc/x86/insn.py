@@ -1,7 +1,7 @@
 """Instructions whose effect belongs to the model (QEMU's misc_helper.c in spirit).
 
-The engine stops before each of them (an SVM intercept, a #UD, or a code hook for
-CLFLUSH, see ``vcpu.py``); here the model decides: a #VMEXIT to the hypervisor when the
+The engine stops before each of them (an SVM intercept, a #UD, or an engine exit
+for CLFLUSH, see ``vcpu.py``); here the model decides: a #VMEXIT to the hypervisor when the
 *VMCB* intercepts the instruction (exit code, EXITINFO1/2, NEXT_RIP), else it performs
 the instruction on the model — CPUID of the core, EFER/PAT writes and SEV_STATUS reads,
 MOV to CR0/CR3/CR4 with the model's #GP rules, INVLPG on the model's TLB, WBINVD on the

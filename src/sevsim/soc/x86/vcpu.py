@@ -12,13 +12,15 @@ The engine decodes and executes; the model keeps everything else:
   stop *before* the instruction, as a #VMEXIT does. The model then either exits to the
   hypervisor (the VMCB intercepts it: exit code, EXITINFO1/2, NEXT_RIP) or performs the
   instruction itself and moves RIP on. VMMCALL, RDRAND and CLFLUSHOPT reach the model as
-  #UD; CLFLUSH through a code hook placed where a fetched page holds one. IN and OUT are
+  #UD; CLFLUSH through an engine exit placed where a fetched page holds one. IN and OUT are
   completed in place: the engine stops inside the instruction, the hypervisor handles the
   IOIO exit, and the instruction finishes with its answer.
 * **Exceptions** are delivered by ``delivery.py`` through the guest's IVT or IDT.
 * **Time.** The engine runs on its own thread; the host's VMRUN waits for the next exit.
   A guest that does not exit within a time slice is stopped (#VMEXIT(INTR), like the host
-  timer interrupt KVM's guests take), so code that spins cannot hang the host.
+  timer interrupt KVM's guests take), so code that spins cannot hang the host. The stop
+  lands only between translated blocks (``hidden.stop_only_between_blocks``), never
+  between an instruction's store and its end.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from unicorn import (
     UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
     UC_ERR_INSN_INVALID,
-    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_TLB_FILL,
@@ -76,7 +77,14 @@ from sevsim.soc.x86 import decode as dec
 from sevsim.soc.x86 import insn
 from sevsim.soc.x86.delivery import TripleFault, deliver, vector_name
 from sevsim.soc.x86.frames import PAGE, FrameCache
-from sevsim.soc.x86.hidden import CS, SEG_NAMES, HiddenState, Segment, check_layout
+from sevsim.soc.x86.hidden import (
+    CS,
+    SEG_NAMES,
+    HiddenState,
+    Segment,
+    check_layout,
+    stop_only_between_blocks,
+)
 
 if TYPE_CHECKING:
     from sevsim.soc.core import Core
@@ -134,6 +142,7 @@ class X86Vcpu:
         self.machine = machine
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         check_layout(uc)
+        stop_only_between_blocks(uc)  # the host's time slice must not split an instruction
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         # No end address: the engine stops only where the model stops it (an empty set of
         # exits also spares the TLB lookups of an `until` address that is not guest code).
@@ -298,8 +307,10 @@ class X86Vcpu:
         return True
 
     def _scan_clflush(self, page_va: int, view: np.ndarray) -> None:
-        """CLFLUSH (0F AE /7 with a memory operand) runs inside the engine as a no-op: hook
-        every place on this page where one may start, so the model can flush the line."""
+        """CLFLUSH (0F AE /7 with a memory operand) is a no-op inside the engine: make every
+        place on this page where one may start an engine exit, so the model flushes the
+        line. (Exits, not code hooks: with any code hook installed Unicorn 2.1.4 does not
+        write RIP back when another thread stops it between chained blocks.)"""
         b = view
         hits = np.flatnonzero(
             (b[:-2] == 0x0F)
@@ -310,6 +321,7 @@ class X86Vcpu:
         prefixes = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3} | set(
             range(0x40, 0x50)
         )
+        added = False
         for i in hits:
             start = int(i)
             starts = [start]
@@ -320,16 +332,33 @@ class X86Vcpu:
                 addr = page_va + s
                 if addr not in self._clflush_sites:
                     self._clflush_sites.add(addr)
-                    self.uc.hook_add(UC_HOOK_CODE, self._clflush_hook, None, addr, addr)
+                    added = True
+        if added:
+            self.uc.ctl_set_exits(sorted(self._clflush_sites))
 
-    def _clflush_hook(self, uc, address: int, size: int, _ud) -> None:
+    def _clflush_site(self, rip: int) -> Exit | None:
+        """The engine stopped at a possible CLFLUSH (it translates an exit as an
+        intercepted HLT, RIP at the instruction). Flush the line and step over it; if the
+        bytes there are no CLFLUSH after all, the place stops being an exit."""
         try:
-            ins = self.instruction(uc.reg_read(X.UC_X86_REG_RIP))
-            if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
-                return
+            ins = self.instruction(rip)
+        except HardwareFault as fault:
+            return self.deliver_exception(
+                getattr(fault, "vector", 14), getattr(fault, "error_code", 0), rip, str(fault)
+            )
+        if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
+            self._clflush_sites.discard(self.linear(rip))
+            self.uc.ctl_set_exits(sorted(self._clflush_sites))
+            self.uc.ctl_flush_tb()  # the block translated with the exit goes
+            return None
+        try:
             insn.clflush(self, self.operand_address(ins))
-        except HardwareFault:
-            pass  # the engine raises the same fault when it executes the instruction
+        except HardwareFault as fault:
+            return self.deliver_exception(
+                getattr(fault, "vector", 13), getattr(fault, "error_code", 0), rip, str(fault)
+            )
+        self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+        return None
 
     def operand_address(self, ins) -> int:
         bitness = self.bitness
@@ -603,12 +632,13 @@ class X86Vcpu:
             return None  # a host timer stop: checked at the top of the loop
         kind = stop[0]
         if kind == "svm":
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            if stop[1] == EXIT_HLT and self.linear(rip) in self._clflush_sites:
+                return self._clflush_site(rip)
             return insn.intercept(self, stop[1], stop[2])
         if kind == "exception":
             _, vector, error, rip = stop
             return self.deliver_exception(vector, error, rip, f"{vector_name(vector)}")
-        if kind == "exit":
-            return stop[1]
         return None
 
     def _intr(self, uc, intno: int, _ud) -> None:
