@@ -27,8 +27,13 @@ RAM = 64 << 20  # what the QEMU runs below give the guest
 PREFIX = "sevsim-guest: "
 M64 = (1 << 64) - 1
 # The attack lab's victims: their fixed pages (layout.h).
-VICTIM_GPAS = {"BALANCE_GPA": 0x204000, "FLAGS_GPA": 0x205000, "INBOX_BUFFER_GPA": 0x206000,
-               "SETTING_GPA": 0x207000, "INBOX_SHARED_GPA": 0x208000}
+VICTIM_GPAS = {
+    "BALANCE_GPA": 0x204000,
+    "FLAGS_GPA": 0x205000,
+    "INBOX_BUFFER_GPA": 0x206000,
+    "SETTING_GPA": 0x207000,
+    "INBOX_SHARED_GPA": 0x208000,
+}
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(
@@ -69,9 +74,25 @@ def test_symbol_file():
     syms = json.loads(text)
     assert list(syms) == sorted(syms)
     image_base = FOUR_GIB - IMAGE.stat().st_size
-    required = {"reset_vector", "entry32", "entry64", "main", "alu_loop", "mem_loop",
-                "load_loop", "idt", "yield_to_host", "LOADS_GPA", "SECRET_GPA", "SHARED_GPA",
-                "ALIAS_GPA", "ALIAS_FLUSH_GPA", "PML4_GPA", "SPLIT_PT_GPA", *VICTIM_GPAS}
+    required = {
+        "reset_vector",
+        "entry32",
+        "entry64",
+        "main",
+        "alu_loop",
+        "mem_loop",
+        "load_loop",
+        "idt",
+        "yield_to_host",
+        "LOADS_GPA",
+        "SECRET_GPA",
+        "SHARED_GPA",
+        "ALIAS_GPA",
+        "ALIAS_FLUSH_GPA",
+        "PML4_GPA",
+        "SPLIT_PT_GPA",
+        *VICTIM_GPAS,
+    }
     assert required <= set(syms)
     for name, addr in syms.items():
         assert isinstance(addr, int), name
@@ -80,14 +101,18 @@ def test_symbol_file():
     assert syms["reset_vector"] == FOUR_GIB - 16
     assert syms["IMAGE_BASE"] == image_base
     assert (syms["SECRET_GPA"], syms["SHARED_GPA"], syms["PML4_GPA"]) == (
-        0x200000, 0x201000, 0x10000)
+        0x200000,
+        0x201000,
+        0x10000,
+    )
     assert (syms["ALIAS_GPA"], syms["ALIAS_FLUSH_GPA"]) == (0x202000, 0x203000)
     assert {n: syms[n] for n in VICTIM_GPAS} == VICTIM_GPAS
     # The pages made shared and the victims' pages are distinct 4 KiB pages of the one
     # 2 MiB page the firmware splits (into the table at SPLIT_PT_GPA), all below the
     # guest's 12 MiB minimum.
-    pages = [syms[n] for n in ("SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA",
-                               *VICTIM_GPAS)]
+    pages = [
+        syms[n] for n in ("SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA", *VICTIM_GPAS)
+    ]
     assert len(set(pages)) == len(pages)
     assert all(gpa % 4096 == 0 and gpa >> 21 == 1 for gpa in pages)
     assert syms["SPLIT_PT_GPA"] == 0x16000
@@ -95,8 +120,15 @@ def test_symbol_file():
     assert syms["LOADS_GPA"] == 0x340000
     assert syms["SELFMOD_GPA"] + 4096 <= syms["LOADS_GPA"]
     assert syms["LOADS_GPA"] + LOADS_BYTES <= syms["MEM_LOOP_GPA"]
-    for code in ("entry32", "entry64", "main", "alu_loop", "mem_loop", "load_loop",
-                 "yield_to_host"):
+    for code in (
+        "entry32",
+        "entry64",
+        "main",
+        "alu_loop",
+        "mem_loop",
+        "load_loop",
+        "yield_to_host",
+    ):
         assert image_base <= syms[code] < FOUR_GIB - 16, code
     # The functions are in the image, not in the 0xFF padding.
     image = IMAGE.read_bytes()
@@ -118,8 +150,8 @@ def test_yield_to_host_is_sti_hlt_cli_once():
     syms = json.loads(SYMS.read_text())
     image = IMAGE.read_bytes()
     start = syms["yield_to_host"] - (FOUR_GIB - len(image))
-    body = image[start:start + 128]
-    body = body[:body.index(0xC3) + 1]  # up to its RET (no C3 byte in its instructions)
+    body = image[start : start + 128]
+    body = body[: body.index(0xC3) + 1]  # up to its RET (no C3 byte in its instructions)
     assert body.count(bytes([0xFB, 0xF4, 0xFA])) == 1  # sti; hlt; cli
     assert bytes([0x6A, 0x02, 0x9D]) in body  # push $2; popfq
     assert yield_resume_rip() - syms["yield_to_host"] < len(body)
@@ -162,14 +194,37 @@ class Qemu:
     """One QEMU TCG run of the image; its console (COM1 on stdio) read line by line."""
 
     def __init__(self, workload: str | None, cpu: str = "qemu64,+rdrand", qmp: Path | None = None):
-        cmd = [QEMU, "-machine", "pc", "-cpu", cpu, "-nographic", "-no-reboot", "-m", "64M",
-               "-bios", str(IMAGE), "-serial", "stdio", "-display", "none", "-monitor", "none"]
+        cmd = [
+            QEMU,
+            "-machine",
+            "pc",
+            "-cpu",
+            cpu,
+            "-nographic",
+            "-no-reboot",
+            "-m",
+            "64M",
+            "-bios",
+            str(IMAGE),
+            "-serial",
+            "stdio",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ]
         if workload is not None:
             cmd += ["-fw_cfg", f"name=opt/sevsim/workload,string={workload}"]
         if qmp is not None:
             cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
         self.lines: list[str | None] = []  # None marks the end of output
         self._new = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -209,7 +264,7 @@ def run_guest(workload: str | None, until: str = r"^sevsim-guest: (done|halted)$
     with Qemu(workload, **kw) as q:
         lines = q.wait_for(until)
     guest = [ln for ln in lines if ln.startswith(PREFIX)]
-    return [ln[len(PREFIX):] for ln in guest]
+    return [ln[len(PREFIX) :] for ln in guest]
 
 
 SHA_RE = r"secret at 0x200000, sha256 ([0-9a-f]{64})"
@@ -218,16 +273,26 @@ SHA_RE = r"secret at 0x200000, sha256 ([0-9a-f]{64})"
 @needs_qemu
 def test_qemu_workloads():
     out = run_guest("secret pf gp selfmod alu:1000 mem:1 loads:1000 nonsense")
-    assert out[:4] == ["booting", "SEV not active", "sha256 self-test ok",
-                       "workload secret pf gp selfmod alu:1000 mem:1 loads:1000 nonsense"]
+    assert out[:4] == [
+        "booting",
+        "SEV not active",
+        "sha256 self-test ok",
+        "workload secret pf gp selfmod alu:1000 mem:1 loads:1000 nonsense",
+    ]
     rest = out[4:]
     assert re.fullmatch(SHA_RE, rest[0]), rest
     assert rest[1] == "shared page at 0x201000"
-    assert re.fullmatch(r"exception page-fault \(#14\) at rip=0xffff[0-9a-f]{4} error=0x0 "
-                        r"cr2=0x100000000", rest[2]), rest[2]
+    assert re.fullmatch(
+        r"exception page-fault \(#14\) at rip=0xffff[0-9a-f]{4} error=0x0 "
+        r"cr2=0x100000000",
+        rest[2],
+    ), rest[2]
     assert rest[3] == "pf ok"
-    assert re.fullmatch(r"exception general-protection \(#13\) at rip=0xffff[0-9a-f]{4} "
-                        r"error=0x0 cr2=0x[0-9a-f]+", rest[4]), rest[4]
+    assert re.fullmatch(
+        r"exception general-protection \(#13\) at rip=0xffff[0-9a-f]{4} "
+        r"error=0x0 cr2=0x[0-9a-f]+",
+        rest[4],
+    ), rest[4]
     assert rest[5] == "gp ok"
     assert rest[6] == "selfmod 1 2"
     assert rest[7] == f"alu {alu_model(1000):x}"
@@ -241,8 +306,12 @@ def test_qemu_workloads():
 def test_qemu_alias_workloads_need_sev():
     """Plain QEMU has no SEV: the cache-alias lessons say so and the boot goes on."""
     out = run_guest("secret alias alias-flush pf")
-    assert out[:4] == ["booting", "SEV not active", "sha256 self-test ok",
-                       "workload secret alias alias-flush pf"]
+    assert out[:4] == [
+        "booting",
+        "SEV not active",
+        "sha256 self-test ok",
+        "workload secret alias alias-flush pf",
+    ]
     assert re.fullmatch(SHA_RE, out[4]), out
     assert out[5:8] == ["shared page at 0x201000", "alias needs SEV", "alias-flush needs SEV"]
     assert out[8].startswith("exception page-fault (#14)"), out
@@ -256,8 +325,13 @@ def test_qemu_alias_alone_leaves_memory_alone(tmp_path):
     with Qemu("alias alias-flush", qmp=sock) as q:
         lines = q.wait_for(r"^sevsim-guest: done$")
         dump = tmp_path / "mem.bin"
-        _qmp(sock, {"execute": "pmemsave",
-                    "arguments": {"val": 0, "size": 0x204000, "filename": str(dump)}})
+        _qmp(
+            sock,
+            {
+                "execute": "pmemsave",
+                "arguments": {"val": 0, "size": 0x204000, "filename": str(dump)},
+            },
+        )
         mem = dump.read_bytes()
     assert "sevsim-guest: alias needs SEV" in lines
     assert "sevsim-guest: alias-flush needs SEV" in lines
@@ -319,14 +393,16 @@ def _qmp(path: Path, *commands: dict) -> list:
 
 
 def _hmp(path: Path, command: str) -> str:
-    return _qmp(path, {"execute": "human-monitor-command",
-                       "arguments": {"command-line": command}})[0]
+    return _qmp(path, {"execute": "human-monitor-command", "arguments": {"command-line": command}})[
+        0
+    ]
 
 
 def _pmem(path: Path, tmp_path: Path, size: int = 0x209000) -> bytes:
     dump = tmp_path / "mem.bin"
-    _qmp(path, {"execute": "pmemsave", "arguments": {"val": 0, "size": size,
-                                                    "filename": str(dump)}})
+    _qmp(
+        path, {"execute": "pmemsave", "arguments": {"val": 0, "size": size, "filename": str(dump)}}
+    )
     return dump.read_bytes()
 
 
@@ -354,8 +430,13 @@ def test_qemu_secret_and_shared_page_in_memory(tmp_path):
     with Qemu("secret", qmp=sock) as q:
         lines = q.wait_for(r"^sevsim-guest: done$")
         dump = tmp_path / "mem.bin"
-        _qmp(sock, {"execute": "pmemsave",
-                    "arguments": {"val": 0, "size": 0x202000, "filename": str(dump)}})
+        _qmp(
+            sock,
+            {
+                "execute": "pmemsave",
+                "arguments": {"val": 0, "size": 0x202000, "filename": str(dump)},
+            },
+        )
         mem = dump.read_bytes()
     digest = re.search(SHA_RE, "\n".join(lines)).group(1)
 
@@ -371,7 +452,7 @@ def test_qemu_secret_and_shared_page_in_memory(tmp_path):
     assert shared[24:56].hex() == digest
 
     def entry(gpa: int) -> int:  # without the Accessed and Dirty bits the CPU sets
-        return int.from_bytes(mem[gpa:gpa + 8], "little") & ~0x60
+        return int.from_bytes(mem[gpa : gpa + 8], "little") & ~0x60
 
     assert entry(0x10000) & ~0xFFF == 0x11000  # PML4[0] -> PDPT
     pde = entry(0x12000 + 8)  # PD 0, entry 1: 0x200000-0x3FFFFF
@@ -393,16 +474,17 @@ BOOT = ["booting", "SEV not active", "sha256 self-test ok"]
 
 def _pte(mem: bytes, gpa: int) -> int:
     """The 4 KiB PTE of gpa in the split table, without Accessed and Dirty."""
-    return int.from_bytes(mem[0x16000 + 8 * (gpa >> 12 & 511):][:8], "little") & ~0x60
+    return int.from_bytes(mem[0x16000 + 8 * (gpa >> 12 & 511) :][:8], "little") & ~0x60
 
 
 def _guest(lines: list[str]) -> list[str]:
-    return [ln[len(PREFIX):] for ln in lines if ln.startswith(PREFIX)]
+    return [ln[len(PREFIX) :] for ln in lines if ln.startswith(PREFIX)]
 
 
 @needs_qemu
-@pytest.mark.parametrize("workload, before_yield", [
-    ("balance", []), ("flags", []), ("inbox", ["inbox at 0x208000"])])
+@pytest.mark.parametrize(
+    "workload, before_yield", [("balance", []), ("flags", []), ("inbox", ["inbox at 0x208000"])]
+)
 def test_qemu_victim_waits_for_good_at_its_first_yield(tmp_path, workload, before_yield):
     sock = tmp_path / "qmp.sock"
     with Qemu(workload, qmp=sock) as q:
@@ -411,8 +493,23 @@ def test_qemu_victim_waits_for_good_at_its_first_yield(tmp_path, workload, befor
         assert "II=0" in regs  # not in STI's interrupt shadow any more: truly waiting
         assert "RFL=00000202" in regs  # only IF and the reserved bit: no flag tells anything
         # Every general-purpose register but RSP was cleared before the HLT.
-        for reg in ("RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "R8", "R9", "R10",
-                    "R11", "R12", "R13", "R14", "R15"):
+        for reg in (
+            "RAX",
+            "RBX",
+            "RCX",
+            "RDX",
+            "RSI",
+            "RDI",
+            "RBP",
+            "R8",
+            "R9",
+            "R10",
+            "R11",
+            "R12",
+            "R13",
+            "R14",
+            "R15",
+        ):
             assert re.search(rf"\b{reg}\s*=0{{16}}\b", regs), (reg, regs)
         time.sleep(0.5)
         mem = _pmem(sock, tmp_path)

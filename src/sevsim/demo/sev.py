@@ -41,6 +41,8 @@ class GuestReport:
     secret_gpa: int
     shared_gpa: int
     published: bytes  # its shared page: magic, the secret's GPA, SHA-256 of the secret
+
+
 ASID_COLUMNS = ["moment", "ASID", "guest", "key slot holds", "firmware", "KVM"]
 
 
@@ -251,7 +253,7 @@ def _swap_step(story: _Story) -> Step:
         "does not know which guest owns it. Run with beta's ASID, alpha's page-table walk "
         "and instruction fetch use beta's key: alpha's own code decrypts to garbage, which "
         "the core executes until an instruction faults; the fault cannot be delivered (the "
-        "IDT decrypts to garbage too), and the guest shuts down — \"security by crash\". "
+        'IDT decrypts to garbage too), and the guest shuts down — "security by crash". '
         "(CrossLine showed that the accesses made before the crash can still leak.)",
         facts=[
             (f"{name} with the other's ASID", f"{e.reason}: {e.detail}")

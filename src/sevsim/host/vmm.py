@@ -188,8 +188,9 @@ class Vmm:
                 f"multiple of 64 KiB, as QEMU's -bios requires ({size} bytes)"
             )
         if size > MAX_FIRMWARE:
-            raise VmmError(f"a flash image larger than {MAX_FIRMWARE >> 20} MiB does not fit below "
-                           "4 GiB here")
+            raise VmmError(
+                f"a flash image larger than {MAX_FIRMWARE >> 20} MiB does not fit below 4 GiB here"
+            )
         if (cfg.dh_cert_file is None) != (cfg.session_file is None):
             raise VmmError("dh-cert-file and session-file go together")
         if not cfg.sev and (cfg.dh_cert_file or cfg.policy):

@@ -371,9 +371,7 @@ class Core:
             return False
         if access == Access.WRITE:
             return (
-                t.dirty
-                and (t.writable or (self._cpl < 3 and not self._cfg.wp))
-                and t.npt_writable
+                t.dirty and (t.writable or (self._cpl < 3 and not self._cfg.wp)) and t.npt_writable
             )
         if access == Access.FETCH:
             return not t.nx and not (self._cpl < 3 and t.user and self._cfg.smep)
