@@ -74,16 +74,11 @@ def test_symbol_file():
     syms = json.loads(text)
     assert list(syms) == sorted(syms)
     image_base = FOUR_GIB - IMAGE.stat().st_size
+    functions = ("entry32", "entry64", "main", "alu_loop", "mem_loop", "load_loop", "yield_to_host")
     required = {
         "reset_vector",
-        "entry32",
-        "entry64",
-        "main",
-        "alu_loop",
-        "mem_loop",
-        "load_loop",
+        *functions,
         "idt",
-        "yield_to_host",
         "LOADS_GPA",
         "SECRET_GPA",
         "SHARED_GPA",
@@ -120,16 +115,8 @@ def test_symbol_file():
     assert syms["LOADS_GPA"] == 0x340000
     assert syms["SELFMOD_GPA"] + 4096 <= syms["LOADS_GPA"]
     assert syms["LOADS_GPA"] + LOADS_BYTES <= syms["MEM_LOOP_GPA"]
-    for code in (
-        "entry32",
-        "entry64",
-        "main",
-        "alu_loop",
-        "mem_loop",
-        "load_loop",
-        "yield_to_host",
-    ):
-        assert image_base <= syms[code] < FOUR_GIB - 16, code
+    for name in functions:
+        assert image_base <= syms[name] < FOUR_GIB - 16, name
     # The functions are in the image, not in the 0xFF padding.
     image = IMAGE.read_bytes()
     for code in ("alu_loop", "mem_loop", "load_loop"):
