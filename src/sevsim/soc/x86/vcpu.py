@@ -343,22 +343,33 @@ class X86Vcpu:
         try:
             ins = self.instruction(rip)
         except HardwareFault as fault:
-            return self.deliver_exception(
-                getattr(fault, "vector", 14), getattr(fault, "error_code", 0), rip, str(fault)
-            )
+            return self._model_fault(fault, rip, self.linear(rip))
         if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
             self._clflush_sites.discard(self.linear(rip))
             self.uc.ctl_set_exits(sorted(self._clflush_sites))
             self.uc.ctl_flush_tb()  # the block translated with the exit goes
             return None
+        va = self.operand_address(ins)
         try:
-            insn.clflush(self, self.operand_address(ins))
+            insn.clflush(self, va)
         except HardwareFault as fault:
-            return self.deliver_exception(
-                getattr(fault, "vector", 13), getattr(fault, "error_code", 0), rip, str(fault)
-            )
+            return self._model_fault(fault, rip, va)
         self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
         return None
+
+    def _model_fault(self, fault: HardwareFault, rip: int, va: int) -> Exit | None:
+        """A fault the model raised performing the instruction at RIP on address va: a
+        #VMEXIT(NPF) for the hypervisor, or an exception for the guest."""
+        if isinstance(fault, NestedPageFault):
+            gpa = fault.gpa | (va & 0xFFF if fault.error_code & NPF_FINAL_GPA else 0)
+            detail = {"reason": fault.reason, "insn_bytes": self._insn_bytes(rip)}
+            return Exit(EXIT_NPF, fault.error_code, gpa, detail=detail)
+        if isinstance(fault, PageFault):
+            self.core.cr2 = fault.address
+            self.uc.reg_write(X.UC_X86_REG_CR2, fault.address)
+        return self.deliver_exception(
+            fault.vector, getattr(fault, "error_code", 0), rip, str(fault)
+        )
 
     def operand_address(self, ins) -> int:
         bitness = self.bitness
