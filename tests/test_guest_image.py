@@ -311,15 +311,7 @@ def test_qemu_alias_alone_leaves_memory_alone(tmp_path):
     sock = tmp_path / "qmp.sock"
     with Qemu("alias alias-flush", qmp=sock) as q:
         lines = q.wait_for(r"^sevsim-guest: done$")
-        dump = tmp_path / "mem.bin"
-        _qmp(
-            sock,
-            {
-                "execute": "pmemsave",
-                "arguments": {"val": 0, "size": 0x204000, "filename": str(dump)},
-            },
-        )
-        mem = dump.read_bytes()
+        mem = _pmem(sock, tmp_path, 0x204000)
     assert "sevsim-guest: alias needs SEV" in lines
     assert "sevsim-guest: alias-flush needs SEV" in lines
     assert mem[0x202000:0x204000] == bytes(0x2000)
@@ -416,15 +408,7 @@ def test_qemu_secret_and_shared_page_in_memory(tmp_path):
     sock = tmp_path / "qmp.sock"
     with Qemu("secret", qmp=sock) as q:
         lines = q.wait_for(r"^sevsim-guest: done$")
-        dump = tmp_path / "mem.bin"
-        _qmp(
-            sock,
-            {
-                "execute": "pmemsave",
-                "arguments": {"val": 0, "size": 0x202000, "filename": str(dump)},
-            },
-        )
-        mem = dump.read_bytes()
+        mem = _pmem(sock, tmp_path, 0x202000)
     digest = re.search(SHA_RE, "\n".join(lines)).group(1)
 
     secret_page = mem[0x200000:0x201000]
