@@ -178,7 +178,6 @@ def msr_access(cpu: X86Vcpu, write: bool) -> Exit | None:
 def invalid_opcode(cpu: X86Vcpu, rip: int) -> Exit | None:
     """#UD from the engine: VMMCALL, RDRAND and CLFLUSHOPT are the model's to perform;
     anything else is the guest's #UD."""
-    """#UD from the engine: VMMCALL, RDRAND and CLFLUSHOPT are the model's to perform."""
     uc = cpu.uc
     try:
         ins = cpu.instruction(rip)
@@ -203,12 +202,11 @@ def invalid_opcode(cpu: X86Vcpu, rip: int) -> Exit | None:
         uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
         return None
     elif mnemonic == dec.Mnemonic.CLFLUSHOPT:
+        va = cpu.operand_address(ins)
         try:
-            clflush(cpu, cpu.operand_address(ins))
+            clflush(cpu, va)
         except HardwareFault as fault:
-            return cpu.deliver_exception(
-                getattr(fault, "vector", 13), getattr(fault, "error_code", 0), rip, str(fault)
-            )
+            return cpu.model_fault(fault, rip, va)
         uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
         return None
     return cpu.deliver_exception(6, None, rip, f"#UD at {rip:#x}: {ins}")

@@ -343,7 +343,7 @@ class X86Vcpu:
         try:
             ins = self.instruction(rip)
         except HardwareFault as fault:
-            return self._model_fault(fault, rip, self.linear(rip))
+            return self.model_fault(fault, rip, self.linear(rip))
         if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
             self._clflush_sites.discard(self.linear(rip))
             self.uc.ctl_set_exits(sorted(self._clflush_sites))
@@ -353,11 +353,11 @@ class X86Vcpu:
         try:
             insn.clflush(self, va)
         except HardwareFault as fault:
-            return self._model_fault(fault, rip, va)
+            return self.model_fault(fault, rip, va)
         self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
         return None
 
-    def _model_fault(self, fault: HardwareFault, rip: int, va: int) -> Exit | None:
+    def model_fault(self, fault: HardwareFault, rip: int, va: int) -> Exit | None:
         """A fault the model raised performing the instruction at RIP on address va: a
         #VMEXIT(NPF) for the hypervisor, or an exception for the guest."""
         if isinstance(fault, NestedPageFault):
