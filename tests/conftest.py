@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sevsim.pagetables import PageTables
+from sevsim.platform import Platform
 from sevsim.profiles import PROFILES, get_profile
 from sevsim.soc import Machine, MachineCheck, msr
 from sevsim.soc.paging import CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, EFER_LME, EFER_NXE
@@ -19,10 +20,18 @@ COHERENT = [name for name, p in PROFILES.items() if p.sme_coherent]
 TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 
-def make_machine(name: str = "milan", state_dir=None, **changes) -> Machine:
+def make_machine(name: str = "milan", **changes) -> Machine:
+    """The silicon alone (no Secure Processor): caches, engine, cores."""
     changes.setdefault("seed", 1234)
     changes.setdefault("dram_size", 4 << 30)
-    return Machine(get_profile(name).with_(**changes), state_dir=state_dir)
+    return Machine(get_profile(name).with_(**changes))
+
+
+def make_platform(name: str = "milan", state_dir=None, **changes) -> Platform:
+    """The silicon with its Secure Processor and SEV firmware behind the mailbox."""
+    changes.setdefault("seed", 1234)
+    changes.setdefault("dram_size", 4 << 30)
+    return Platform(get_profile(name).with_(**changes), state_dir=state_dir)
 
 
 def make_memctl(name: str = "milan", **changes):
@@ -115,10 +124,12 @@ class RawMailbox:
     CMD_PA = 0x10_0000  # the command buffer
     DATA_PA = 0x20_0000  # room for certificates and other data
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, platform: Platform) -> None:
         from sevsim.api.commands import CMDRESP_CMD_SHIFT, CMDRESP_RESP
 
-        self.machine = machine
+        self.platform = platform
+        self.machine = machine = platform.machine
+        self.mailbox = platform.mailbox
         self._shift, self._resp = CMDRESP_CMD_SHIFT, CMDRESP_RESP
         self.phys = Phys(machine)
 
@@ -129,7 +140,7 @@ class RawMailbox:
         return self.phys.read(pa, n)
 
     def ring(self, command: int, addr: int) -> int:
-        mb = self.machine.mailbox
+        mb = self.mailbox
         regs = mb.registers
         mb.write32(regs["cmdbuff_addr_lo"], addr & 0xFFFFFFFF)
         mb.write32(regs["cmdbuff_addr_hi"], addr >> 32)

@@ -9,7 +9,7 @@ import hmac
 import os
 
 import pytest
-from conftest import RawMailbox, make_machine
+from conftest import RawMailbox, make_platform
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, settings
@@ -30,7 +30,7 @@ MEASURE_PA = 0x30_0000
 
 @pytest.fixture
 def mb() -> RawMailbox:
-    return ready(RawMailbox(make_machine("milan")))
+    return ready(RawMailbox(make_platform("milan")))
 
 
 def ready(mb: RawMailbox) -> RawMailbox:
@@ -159,7 +159,7 @@ def test_guest_status_of_an_unknown_handle_succeeds_with_state_zero(mb):
     [Command.ACTIVATE, Command.DEACTIVATE, Command.DECOMMISSION, Command.LAUNCH_FINISH],
 )
 def test_guest_commands_need_working_then_a_valid_handle(command):
-    mb = ready(RawMailbox(make_machine("milan")))
+    mb = ready(RawMailbox(make_platform("milan")))
     # INIT is not WORKING: the state is checked before the handle.
     assert cmd(mb, command, handle=1) == Status.INVALID_PLATFORM_STATE
     launch_start(mb)
@@ -167,7 +167,7 @@ def test_guest_commands_need_working_then_a_valid_handle(command):
 
 
 def test_launch_start_needs_init_or_working():
-    mb = RawMailbox(make_machine("milan"))
+    mb = RawMailbox(make_platform("milan"))
     assert launch_start(mb)[0] == Status.INVALID_PLATFORM_STATE
 
 
@@ -178,7 +178,7 @@ def test_shutdown_discards_every_guest(mb):
     ready(mb)
     assert guest_status(mb, h).state == 0
     assert platform_state(mb) == (PlatformState.INIT, 0)
-    assert mb.machine._asid_enabled.get(5, 0) == 0
+    assert mb.machine.chip.valid_ccxs(5) == 0
 
 
 # ---- ACTIVATE / DEACTIVATE / DF_FLUSH / DECOMMISSION (§7.3) -------------------------------
@@ -195,11 +195,11 @@ def test_activate_checks_in_firmware_order(mb):
     state = fw.asid_state(7)
     assert state["handle"] == h1 and state["allocated"] == 1 and state["clean"] == 0
     # Not RUNNING yet: the key is installed, the ASID stays disabled until LAUNCH_FINISH.
-    assert mb.machine._asid_enabled.get(7, 0) == 0
+    assert mb.machine.chip.valid_ccxs(7) == 0
 
 
 def test_activate_before_df_flush_needs_it():
-    mb = RawMailbox(make_machine("milan"))
+    mb = RawMailbox(make_platform("milan"))
     assert mb.init() == Status.SUCCESS  # every ASID dirty after INIT
     _, h = launch_start(mb)
     assert activate(mb, h, 3) == Status.DF_FLUSH_REQUIRED
@@ -227,13 +227,13 @@ def launched(mb, asid, policy=0, pages=1) -> int:
 def test_asid_reuse_needs_deactivate_wbinvd_and_df_flush(mb):
     m, fw = mb.machine, mb.machine._psp
     h = launched(mb, 9)
-    assert m._asid_enabled[9] == 1  # RUNNING: enabled on the (one) CCX
+    assert m.chip.valid_ccxs(9) == 1  # RUNNING: enabled on the (one) CCX
     assert fw.asid_state(9)["in_use"] == 1
     assert cmd(mb, Command.DECOMMISSION, handle=h) == Status.ACTIVE  # still holds ASID 9
     assert cmd(mb, Command.DEACTIVATE, handle=h) == Status.SUCCESS
     assert cmd(mb, Command.DEACTIVATE, handle=h) == Status.INACTIVE
     assert fw.asid_state(9) == {"handle": 0, "dirty": 1, "clean": 0, "allocated": 0, "in_use": 0}
-    assert m._asid_enabled[9] == 0
+    assert m.chip.valid_ccxs(9) == 0
     assert cmd(mb, Command.DECOMMISSION, handle=h) == Status.SUCCESS
     _, h2 = launch_start(mb)
     assert activate(mb, h2, 9) == Status.DF_FLUSH_REQUIRED
@@ -259,7 +259,7 @@ def test_deactivate_before_running_returns_the_asid_clean(mb):
 
 
 def test_activate_ex_selects_ccxs_by_apic_id():
-    mb = ready(RawMailbox(make_machine("rome", cores=8)))  # two CCXs of four cores
+    mb = ready(RawMailbox(make_platform("rome", cores=8)))  # two CCXs of four cores
     m = mb.machine
     _, h = launch_start(mb)
 
@@ -286,12 +286,12 @@ def test_activate_ex_selects_ccxs_by_apic_id():
     cmd(mb, Command.LAUNCH_UPDATE_DATA, handle=h, paddr=IMAGE_PA, len=16)
     measure(mb, h)
     assert cmd(mb, Command.LAUNCH_FINISH, handle=h) == Status.SUCCESS
-    assert m._asid_enabled[6] == 0b11
+    assert m.chip.valid_ccxs(6) == 0b11
 
 
 def test_sev_es_and_plain_sev_asid_ranges():
     # An SEV-ES capable part whose BIOS reserves ASIDs 1..99 for SEV-ES guests.
-    mb = RawMailbox(make_machine("milan", sev_edx=100))
+    mb = RawMailbox(make_platform("milan", sev_edx=100))
     tmr = 0x100_0000
     assert mb.init(flags=c.CONFIG_FLAG_ES, tmr_paddr=tmr, tmr_len=1 << 20) == Status.SUCCESS
     mb.wbinvd_all()
@@ -331,7 +331,7 @@ def test_launch_update_data_encrypts_in_place_and_extends_the_digest(mb):
     status, blob, _ = measure(mb, h)
     assert status == Status.SUCCESS
     digest = hashlib.sha256(image).digest()
-    api = mb.machine._psp.api_version
+    api = mb.platform._firmware.api_version
     assert blob[:32] == expected_measurement(api, 0x1, digest, blob[32:], bytes(16))
 
 
@@ -378,7 +378,7 @@ def test_launch_with_an_owner_session(mb):
     mb.write(IMAGE_PA, image)
     cmd(mb, Command.LAUNCH_UPDATE_DATA, handle=h, paddr=IMAGE_PA, len=4096)
     status, blob, _ = measure(mb, h)
-    api = mb.machine._psp.api_version
+    api = mb.platform._firmware.api_version
     digest = hashlib.sha256(image).digest()
     assert blob[:32] == expected_measurement(api, policy, digest, blob[32:], tik)
     assert blob[:32] != expected_measurement(api, policy, digest, blob[32:], bytes(16))
@@ -438,7 +438,7 @@ def test_key_sharing_follows_noks_and_policy_equality(mb):
 
 
 def test_running_out_of_handles_is_resource_limit():
-    mb = ready(RawMailbox(make_machine("milan")))
+    mb = ready(RawMailbox(make_platform("milan")))
     fw = mb.machine._psp
     from sevsim.psp.guest import GUEST_COUNT_MAX
 
@@ -465,7 +465,7 @@ class GuestLifecycle(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mb = ready(RawMailbox(make_machine("rome", dram_size=1 << 30)))
+        self.mb = ready(RawMailbox(make_platform("rome", dram_size=1 << 30)))
         self.guests: dict[int, dict] = {}  # handle -> {"state", "asid"}
         self.asid_owner: dict[int, int] = {}
         self.dirty: set[int] = set()

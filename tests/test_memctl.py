@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_machine, make_memctl
+from conftest import make_machine, make_memctl, make_platform
 
 import sevsim.soc.memctl as memctl_module
 import sevsim.soc.tweak as tweak_module
@@ -47,7 +47,7 @@ def test_tsme_stores_c0_and_c1_identically():
 
 
 def test_key_port_belongs_to_the_psp():
-    m = make_machine("milan")
+    m = make_platform("milan").machine
     with pytest.raises(PermissionError):
         m.memctl.key_port()  # the PSP took it at power-on
 
@@ -148,7 +148,7 @@ def test_no_public_attribute_or_output_exposes_key_bytes(monkeypatch, created_ke
     kernel.boot()
     va = kernel.alloc_pages(1)
     kernel.write(va, b"guest-visible data")
-    port = m._psp._hw.key_port  # the firmware's port, to put a guest key in a slot
+    port = m.memctl.key_port()  # no PSP on this bench: the test holds the key-slot port
     port.load(3, os.urandom(16))
     m.memctl.read(0x1000, 64, 3)
     m.memctl.read(0x1000, 64, 4)  # an empty slot gets a key of its own

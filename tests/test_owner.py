@@ -9,7 +9,7 @@ import os
 import uuid
 
 import pytest
-from conftest import TESTDATA, RawMailbox, make_machine
+from conftest import TESTDATA, RawMailbox, make_platform
 from cryptography.hazmat.primitives import hashes
 from test_guest_firmware import IMAGE_PA, MEASURE_PA, activate, cmd, launch_start, pdh_cert, ready
 
@@ -165,7 +165,7 @@ def test_guid_tables_parse_back():
 # ---- the owner and the firmware ---------------------------------------------------------------
 @pytest.fixture
 def mb() -> RawMailbox:
-    return ready(RawMailbox(make_machine("milan")))
+    return ready(RawMailbox(make_platform("milan")))
 
 
 def launched_with_owner(mb, policy: int, image: bytes):

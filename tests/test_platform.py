@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import RawMailbox, boot_host, make_machine
+from conftest import RawMailbox, boot_host, make_platform
 
 import sevsim.fsutil as fsutil_module
 import sevsim.psp.firmware as firmware_module
@@ -23,7 +23,7 @@ from sevsim.host.sev import SevIoctl
 from sevsim.owner.trust import choose_root
 from sevsim.paths import data_dir
 from sevsim.psp.persistent import NV_LENGTH
-from sevsim.soc.machine import PlatformMismatch
+from sevsim.platform import PlatformMismatch
 
 
 def test_probe_initialises_like_linux():
@@ -32,8 +32,8 @@ def test_probe_initialises_like_linux():
         assert st.state == PlatformState.INIT and (st.api_major, st.api_minor) == (1, 51)
         assert system.sev.log == ["SEV API:1.51 build:3", "SEV firmware initialized"]
         # The driver's buffers are kernel memory: the mailbox was given C-bit addresses.
-        assert system.machine.mailbox.read32(
-            system.machine.mailbox.registers["cmdbuff_addr_hi"]
+        assert system.platform.mailbox.read32(
+            system.platform.mailbox.registers["cmdbuff_addr_hi"]
         ) & (system.kernel.me_mask >> 32)
 
 
@@ -82,12 +82,12 @@ def test_state_directory_keeps_the_identity_and_reset_changes_it(tmp_path):
 
 def test_a_state_directory_serves_one_process_and_one_profile(tmp_path):
     state = tmp_path / "plat"
-    holder = make_machine("milan", state_dir=state)
+    holder = make_platform("milan", state_dir=state)
     with pytest.raises(LockBusy):
         fsutil_module.FileLock(state / ".lock", timeout=0.2, what="platform")
     holder.close()
     with pytest.raises(PlatformMismatch):
-        make_machine("rome", state_dir=state)
+        make_platform("rome", state_dir=state)
 
 
 def test_identity_persists_across_processes(tmp_path):
@@ -129,10 +129,10 @@ def test_corrupt_flash_gives_secure_data_invalid(tmp_path):
     blob = bytearray((state / "spi.bin").read_bytes())
     blob[40] ^= 1
     (state / "spi.bin").write_bytes(bytes(blob))
-    machine = make_machine("milan", seed=None, state_dir=state)
-    mb = RawMailbox(machine)
+    platform = make_platform("milan", seed=None, state_dir=state)
+    mb = RawMailbox(platform)
     assert mb.init() == Status.SECURE_DATA_INVALID
-    machine.close()
+    platform.close()
 
 
 def test_init_ex_keeps_the_identity_in_the_nv_file(tmp_path):
@@ -164,7 +164,7 @@ def test_corrupt_nv_file_is_erased_and_init_retried(tmp_path):
 
 
 def test_init_ex_field_checks():
-    mb = RawMailbox(make_machine("genoa"))
+    mb = RawMailbox(make_platform("genoa"))
 
     def init_ex(**fields):
         return mb.cmd(Command.INIT_EX, c.INIT_EX.build(**fields))[0]

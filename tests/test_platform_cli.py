@@ -148,10 +148,10 @@ def test_bad_arguments(env, capsys, args, code):
 
 def test_a_busy_platform_is_a_clear_error(env, capsys):
     from sevsim.paths import default_state_dir
+    from sevsim.platform import Platform
     from sevsim.profiles import ROME
-    from sevsim.soc import Machine
 
-    holder = Machine(ROME, state_dir=default_state_dir("rome"))
+    holder = Platform(ROME, state_dir=default_state_dir("rome"))
     try:
         code, _, err = run(["platform", "status"], capsys)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import RawMailbox, make_machine
+from conftest import RawMailbox, make_platform
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -21,7 +21,7 @@ DATA = RawMailbox.DATA_PA
 
 @pytest.fixture
 def mb() -> RawMailbox:
-    return RawMailbox(make_machine("milan"))
+    return RawMailbox(make_platform("milan"))
 
 
 def status_of(mb: RawMailbox):
@@ -39,12 +39,12 @@ def ready(mb: RawMailbox) -> RawMailbox:
 
 # ---- the door --------------------------------------------------------------------------
 def test_cmdresp_protocol(mb):
-    regs = mb.machine.mailbox.registers
+    regs = mb.mailbox.registers
     assert regs["cmdresp"] == 0x10980  # Milan: Linux's sevv2 register set
     assert mb.ring(Command.NOP, 0) == Status.SUCCESS
-    reg = mb.machine.mailbox.read32(regs["cmdresp"])
+    reg = mb.mailbox.read32(regs["cmdresp"])
     assert reg == 0x8000_0000 | (Command.NOP << 16)  # RESP, command id, status 0
-    assert make_machine("naples").mailbox.registers["cmdresp"] == 0x10580  # sevv1
+    assert make_platform("naples").mailbox.registers["cmdresp"] == 0x10580  # sevv1
 
 
 @pytest.mark.parametrize(
@@ -126,12 +126,12 @@ def test_init_checks(mb, fields, raw_patch, expected):
 
 
 def test_init_with_sev_es_on_naples_is_invalid_config():
-    mb = RawMailbox(make_machine("naples"))
+    mb = RawMailbox(make_platform("naples"))
     assert mb.init(flags=1, tmr_paddr=0x50_0000, tmr_len=1 << 20) == Status.INVALID_CONFIG
 
 
 def test_init_needs_smee():
-    mb = RawMailbox(make_machine("milan", smee=False))
+    mb = RawMailbox(make_platform("milan", smee=False))
     assert mb.init() == Status.HWERROR_PLATFORM
 
 
@@ -184,7 +184,7 @@ def test_get_id_works_in_any_state_and_probes_its_length(mb):
     # An independent computation: Q = CUK·G on secp256k1, X || Y big-endian.
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    cuk = mb.machine._psp._fuses.cuk
+    cuk = mb.platform._firmware._fuses.cuk
     d = int.from_bytes(cuk, "little") % (identity.SECP256K1_N - 1) + 1
     q = ec.derive_private_key(d, ec.SECP256K1()).public_key().public_numbers()
     assert chip == q.x.to_bytes(32, "big") + q.y.to_bytes(32, "big")
@@ -215,7 +215,7 @@ def test_firmware_keys_and_certificates(mb):
 
     from sevsim.crypto import kdf
 
-    cuk = mb.machine._psp._fuses.cuk
+    cuk = mb.platform._firmware._fuses.cuk
     rdata = kdf(hashlib.sha256(cuk).digest(), b"sev-chip-endorsement-key", b"", 448)
     d = int.from_bytes(rdata, "little") % (identity.P384_N - 1) + 1
     assert (
@@ -304,7 +304,7 @@ def test_bad_imports_are_refused_and_change_nothing(mb, tmp_path):
     bad = bytearray(signed.raw)
     bad[0x414 + 8 + 5] ^= 1  # a bit of the OCA signature
     assert _import(mb, bytes(bad), oca.raw) == Status.BAD_SIGNATURE
-    foreign = RawMailbox(make_machine("milan", seed=99))
+    foreign = RawMailbox(make_platform("milan", seed=99))
     ready(foreign)
     foreign_pek = owner_ca.sign_csr(_csr(foreign), key, oca)
     assert _import(mb, foreign_pek.raw, oca.raw) == Status.INVALID_CERTIFICATE  # not our PEK
@@ -315,7 +315,7 @@ def test_bad_imports_are_refused_and_change_nothing(mb, tmp_path):
 # ---- DF_FLUSH and WBINVD ---------------------------------------------------------------------
 def test_df_flush_needs_wbinvd_on_every_core(mb):
     assert mb.init() == Status.SUCCESS
-    fw = mb.machine._psp
+    fw = mb.platform._firmware
     assert fw.asid_state(5)["dirty"] == 1  # every ASID is dirty after INIT
     assert mb.cmd(Command.DF_FLUSH)[0] == Status.WBINVD_REQUIRED
     mb.machine.cores[0].wbinvd()
@@ -326,8 +326,8 @@ def test_df_flush_needs_wbinvd_on_every_core(mb):
 
 
 def test_df_flush_cleans_asids_per_ccx():
-    mb = RawMailbox(make_machine("rome", cores=8))  # two CCXs of four cores
-    fw = mb.machine._psp
+    mb = RawMailbox(make_platform("rome", cores=8))  # two CCXs of four cores
+    fw = mb.platform._firmware
     assert mb.init() == Status.SUCCESS
     for core in mb.machine.cores[:4]:
         core.wbinvd()
@@ -346,7 +346,7 @@ class PlatformStates(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mb = RawMailbox(make_machine("rome", dram_size=1 << 30))
+        self.mb = RawMailbox(make_platform("rome", dram_size=1 << 30))
         self.state = PlatformState.UNINIT
         self.flushed = False
 
@@ -403,7 +403,7 @@ class PlatformStates(RuleBasedStateMachine):
         for i in cores:
             self.mb.machine.cores[i].wbinvd()
         status, _ = self.mb.cmd(Command.DF_FLUSH)
-        done = self.mb.machine._psp._hw.wbinvd_done()
+        done = self.mb.platform._firmware._hw.wbinvd_done()
         assert status == (Status.SUCCESS if all(done) else Status.WBINVD_REQUIRED)
 
     @rule()
@@ -420,7 +420,7 @@ class PlatformStates(RuleBasedStateMachine):
         assert st.state == self.state
         if self.state == PlatformState.UNINIT:
             assert (st.platform_flags, st.config_flags, st.guest_count) == (0, 0, 0)
-        assert not self.mb.machine._psp.internal_errors
+        assert not self.mb.platform._firmware.internal_errors
 
 
 TestPlatformStates = PlatformStates.TestCase

@@ -451,7 +451,7 @@ def test_destroy_tears_down_in_kvm_order(milan):
     assert asid in kvm.asids.reclaim
     assert host.machine._psp.asid_state(asid)["handle"] == 0
     assert all(
-        (v.vmcb_addr & ~host.machine.cbit_mask) not in host.machine._guest_threads for v in vm.vcpus
+        (v.vmcb_addr & ~host.machine.cbit_mask) not in host.machine.guest_threads for v in vm.vcpus
     )
     assert guest_status_state(kvm, handle) == 0  # the handle is free again
 

@@ -20,7 +20,7 @@ from sevsim.guest import kernel as guest_kernel
 from sevsim.host import HostKernel
 from sevsim.host.kvm import Kvm, Vm
 from sevsim.host.sev import IoctlResult, SevDevice
-from sevsim.paths import data_dir as default_data_dir
+from sevsim.platform import Platform
 from sevsim.profiles import MachineProfile
 from sevsim.soc import Machine
 
@@ -45,10 +45,17 @@ class PlatformError(RuntimeError):
 
 @dataclass
 class HostSystem:
-    machine: Machine
+    platform: Platform
     kernel: HostKernel
     sev: SevDevice
-    data_dir: Path
+
+    @property
+    def machine(self) -> Machine:
+        return self.platform.machine
+
+    @property
+    def data_dir(self) -> Path:
+        return self.platform.data_dir
 
     @classmethod
     def start(
@@ -59,22 +66,21 @@ class HostSystem:
         data_dir: Path | None = None,
         cmdline: str = "mem_encrypt=on",
     ) -> HostSystem:
-        data = Path(data_dir) if data_dir is not None else default_data_dir()
-        machine = Machine(profile, state_dir=state_dir, data_dir=data)
+        platform = Platform(profile, state_dir=state_dir, data_dir=data_dir)
         try:
-            kernel = HostKernel(machine.cores[0], cmdline=cmdline)
+            kernel = HostKernel(platform.machine.cores[0], cmdline=cmdline)
             kernel.boot()
-            sev = SevDevice(kernel, machine.mailbox, init_ex_path=nv_file)
+            sev = SevDevice(kernel, platform.mailbox, init_ex_path=nv_file)
             probe = sev.probe()
             if not probe.ok:
                 raise PlatformError("SEV platform initialisation failed", probe)
         except BaseException:
-            machine.close()
+            platform.close()
             raise
-        return cls(machine, kernel, sev, data)
+        return cls(platform, kernel, sev)
 
     def close(self) -> None:
-        self.machine.close()
+        self.platform.close()
 
     def __enter__(self) -> HostSystem:
         return self

@@ -23,7 +23,7 @@ from sevsim.fsutil import LockBusy, atomic_write
 from sevsim.owner import ca as owner_ca
 from sevsim.paths import default_state_dir
 from sevsim.profiles import PROFILES, get_profile
-from sevsim.soc.machine import PlatformMismatch
+from sevsim.platform import PlatformMismatch
 from sevsim.system import HostSystem, PlatformError
 
 

@@ -26,7 +26,7 @@ from sevsim.host.virtio_blk import create_image
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.paths import default_state_dir
 from sevsim.profiles import get_profile
-from sevsim.soc.machine import PlatformMismatch
+from sevsim.platform import PlatformMismatch
 from sevsim.system import HostSystem, PlatformError
 
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -16,7 +16,7 @@ from sevsim.demo.steps import Step, View
 from sevsim.host import HostKernel
 from sevsim.host.sev import SevDevice
 from sevsim.owner.trust import choose_root
-from sevsim.paths import data_dir
+from sevsim.platform import Platform
 from sevsim.profiles import MachineProfile
 from sevsim.soc import Machine, msr
 from sevsim.system import HostSystem
@@ -44,7 +44,8 @@ def _view(
 
 def sme_story(profile: MachineProfile) -> list[Step]:
     steps = []
-    machine = Machine(profile)
+    platform = Platform(profile)
+    machine = platform.machine
     core = machine.cores[0]
     dump = ColdBootDump(machine)
 
@@ -109,9 +110,9 @@ def sme_story(profile: MachineProfile) -> list[Step]:
     steps.append(s)
 
     # 3. The SEV platform, and the guest owner checking who it is.
-    sev = SevDevice(kernel, machine.mailbox)
+    sev = SevDevice(kernel, platform.mailbox)
     probe = sev.probe()
-    system = HostSystem(machine, kernel, sev, data_dir())
+    system = HostSystem(platform, kernel, sev)
     steps.append(_authenticate_step(system, probe.ok))
 
     # 4. A secret through C=1, a public string through C=0.

@@ -52,6 +52,7 @@ from sevsim.soc.paging import (
     walk,
 )
 from sevsim.soc.svm import Exit
+from sevsim.soc.turns import taking_turns
 
 if TYPE_CHECKING:
     from sevsim.soc.machine import Machine
@@ -70,6 +71,7 @@ _SYSCFG_WRITABLE = sum(1 << b for b in (18, 19, 20, 21, 22, 24, 25))  # not 23: 
 class Core:
     def __init__(self, machine: Machine, index: int) -> None:
         self.machine = machine
+        self.turns = machine.turns
         self.index = index
         self._profile = machine.profile
         self._memctl = machine.memctl
@@ -173,6 +175,7 @@ class Core:
         else:
             self._drop_fast()
 
+    @taking_turns
     def switch_asid(self, asid: int) -> None:
         """Change the ASID the core runs with: the TLB tag, and the key a C=1 access uses.
         This is the part of VMRUN/#VMEXIT that concerns memory; the TLB of the previous
@@ -184,6 +187,7 @@ class Core:
         self._drop_fast()
 
     # ---- control registers -------------------------------------------------------------
+    @taking_turns
     def write_cr0(self, value: int) -> None:
         value &= 0xFFFF_FFFF
         if value & CR0_PG and not value & CR0_PE:
@@ -199,6 +203,7 @@ class Core:
         self.cr0 = value
         self._state_changed(flush_all=bool(changed & (CR0_PG | CR0_PE)))
 
+    @taking_turns
     def write_cr3(self, value: int) -> None:
         if self.long_mode:
             # Reserved: address bits the reduction removed (except the C-bit) up to bit 51.
@@ -212,6 +217,7 @@ class Core:
         self._cfg = self._walk_config()
         self._flush_tlb(keep_global=True)
 
+    @taking_turns
     def write_cr4(self, value: int) -> None:
         if self.long_mode and not value & CR4_PAE:
             raise GeneralProtection("cannot clear CR4.PAE in long mode")
@@ -229,6 +235,7 @@ class Core:
     def cpuid(self, leaf: int, subleaf: int = 0) -> Regs:
         return host_cpuid(self._profile, leaf, subleaf, self.index)
 
+    @taking_turns
     def rdmsr(self, index: int) -> int:
         m = self.machine
         if index == msr.EFER:
@@ -245,6 +252,7 @@ class Core:
             return self.vm_hsave_pa
         raise GeneralProtection(f"RDMSR of unimplemented or write-only MSR {index:#x}")
 
+    @taking_turns
     def wrmsr(self, index: int, value: int) -> None:
         m = self.machine
         if index == msr.EFER:
@@ -300,6 +308,7 @@ class Core:
             raise GeneralProtection(f"address {va:#x} is not a 64-bit value")
         return va & 0xFFFF_FFFF
 
+    @taking_turns
     def translate(self, va: int, access: Access = Access.READ) -> Translation:
         """Linear -> physical for one access, through the TLB (filling it on a miss)."""
         t = self.translation(va, access)
@@ -390,6 +399,7 @@ class Core:
             pos += length
         return pieces
 
+    @taking_turns
     def invlpg(self, va: int) -> None:
         """Drop the translation of the page holding va, whatever its size."""
         va = self._canonical(va)
@@ -405,6 +415,7 @@ class Core:
         self._drop_fast()
 
     # ---- memory accesses ---------------------------------------------------------------------
+    @taking_turns
     def load(self, va: int, size: int = 8) -> int:
         """A data load of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
         lines = self._fast_r.get(va >> 12)
@@ -419,6 +430,7 @@ class Core:
                         return _UNPACK[size](line, off)[0]
         return int.from_bytes(self.read(va, size), "little")
 
+    @taking_turns
     def store(self, va: int, size: int, value: int) -> None:
         """A data store of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
         entry = self._fast_w.get(va >> 12)
@@ -431,10 +443,12 @@ class Core:
                 return
         self.write(va, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
+    @taking_turns
     def read(self, va: int, n: int) -> bytes:
         """Read n bytes of data at va (crossing lines and pages as needed)."""
         return self._read(va, n, Access.READ)
 
+    @taking_turns
     def fetch(self, va: int, n: int) -> bytes:
         """Instruction fetch of n bytes at va: execute permission, fetch error codes."""
         return self._read(va, n, Access.FETCH)
@@ -447,6 +461,7 @@ class Core:
             return cache.read(pa, length, slot, memtype)
         return b"".join(cache.read(pa, length, slot, mt) for pa, slot, mt, length in pieces)
 
+    @taking_turns
     def write(self, va: int, data: bytes) -> None:
         """Write bytes at va; nothing is written if any page of the range faults."""
         pos = 0
@@ -458,11 +473,13 @@ class Core:
     # coherent with the lines of the same encryption domain, but they neither allocate
     # lines nor leave dirty ones (the data goes to DRAM at once). Other domains' lines are
     # left alone unless the part keeps domains coherent (hardware.md §4.1).
+    @taking_turns
     def read_stream(self, va: int, n: int) -> bytes:
         out = np.empty(n, dtype=np.uint8)
         self.read_stream_into(va, out)
         return out.tobytes()
 
+    @taking_turns
     def read_stream_into(self, va: int, out: np.ndarray) -> None:
         """``read_stream`` into a caller's uint8 buffer (a device's DMA buffer, say): the
         16-byte aligned runs go straight from the engine into it."""
@@ -475,12 +492,14 @@ class Core:
                 self._fabric.read_into(pa, piece, slot)
             pos += length
 
+    @taking_turns
     def write_stream(self, va: int, data: bytes) -> None:
         pos = 0
         for pa, slot, length in _physical_runs(self._pieces(va, len(data), Access.WRITE)):
             self._fabric.write(pa, data[pos : pos + length], slot)
             pos += length
 
+    @taking_turns
     def copy_stream(self, dst_va: int, src_va: int, n: int) -> None:
         """A streaming memcpy (non-temporal loads and stores) from src_va to dst_va: both
         ranges are translated first, so nothing moves if either faults."""
@@ -500,6 +519,7 @@ class Core:
             if d_off == d_len:
                 j, d_off = j + 1, 0
 
+    @taking_turns
     def copy(self, dst_va: int, src_va: int, n: int, chunk: int = 4096) -> None:
         """REP MOVSB: copy n bytes, a page at a time."""
         for off in range(0, n, chunk):
@@ -507,6 +527,7 @@ class Core:
             self.write(dst_va + off, self.read(src_va + off, length))
 
     # ---- SVM ----------------------------------------------------------------------------------
+    @taking_turns
     def vmrun(self, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         """VMRUN (RAX = the VMCB's physical address): run the guest until its #VMEXIT.
         ``regs`` are the guest's other general-purpose registers, which the hypervisor keeps
@@ -514,11 +535,13 @@ class Core:
         return vmrun(self, vmcb_addr, regs)
 
     # ---- cache control ---------------------------------------------------------------------
+    @taking_turns
     def clflush(self, va: int) -> None:
         """CLFLUSH: write back and drop the line of va in the domain of va's mapping."""
         t = self.translate(va, Access.READ)
         self._cache.clflush(t.page_pa | (va & 0xFFF), self._slot(t, Access.READ))
 
+    @taking_turns
     def clflush_range(self, va: int, n: int) -> None:
         """Linux's clflush_cache_range: CLFLUSH every line of [va, va+n)."""
         pos, end = va, va + n
@@ -533,16 +556,18 @@ class Core:
                 pos += length
                 pa += length
 
+    @taking_turns
     def wbinvd(self) -> int:
         """WBINVD: write back and invalidate every line; returns lines written back. Sets
         this core's WBINVD-done flag, which the SEV firmware checks at DF_FLUSH."""
         written = self._cache.wbinvd(invalidate=True)
-        self.machine._wbinvd_done[self.index] = True
+        self.machine.chip.note_wbinvd(self.index)
         return written
 
+    @taking_turns
     def wbnoinvd(self) -> int:
         written = self._cache.wbinvd(invalidate=False)
-        self.machine._wbinvd_done[self.index] = True
+        self.machine.chip.note_wbinvd(self.index)
         return written
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sevsim.soc.iommu import IommuFault, bdf
+from sevsim.soc.turns import taking_turns
 
 if TYPE_CHECKING:
     from sevsim.soc.machine import Machine
@@ -37,6 +38,7 @@ class BusMaster:
         if not 32 <= address_bits <= 64:
             raise ValueError("devices drive 32 to 64 address bits")
         self._machine = machine
+        self.turns = machine.turns
         self.device_id = device_id
         self.address_bits = address_bits
         self._address_mask = (1 << address_bits) - 1
@@ -48,6 +50,7 @@ class BusMaster:
     def __repr__(self) -> str:
         return f"<BusMaster {self.name} {self.address_bits}-bit DMA>"
 
+    @taking_turns
     def read(self, address: int, n: int) -> bytes:
         """A DMA read of n bytes at a bus address."""
         return b"".join(
@@ -55,6 +58,7 @@ class BusMaster:
             for pa, slot, length in self._route(address, n, write=False)
         )
 
+    @taking_turns
     def write(self, address: int, data: bytes) -> None:
         """A DMA write at a bus address; nothing is written if any part is refused."""
         pos = 0

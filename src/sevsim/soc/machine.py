@@ -1,24 +1,21 @@
-"""The machine: DRAM, the memory controller with its AES engine, the cache, the cores, and
-the AMD Secure Processor.
+"""The machine: DRAM, the memory controller with its AES engine, the cache, the cores, the
+IOMMU, and the chip state the cores share with the AMD Secure Processor.
 
-Constructing a ``Machine`` is a power-on: the memory controller draws the host key (and,
-in ``xex`` mode, the tweak constants), the BIOS options of the profile are latched into
-SYSCFG and HWCR, every core starts in real mode, and the PSP loads its SEV firmware, which
-starts UNINIT. Host software talks to the firmware only through ``machine.mailbox``.
-
-``state_dir`` makes the platform persistent: the chip's fuses and the firmware's SPI flash
-live there, so the next process powers on the same chip with the same keys. One process
-at a time holds a state directory (``close()`` releases it).
+Constructing a ``Machine`` is a power-on of the silicon: the memory controller draws the
+host key (and, in ``xex`` mode, the tweak constants), the BIOS options of the profile are
+latched into SYSCFG and HWCR, and every core starts in real mode. The Secure Processor and
+its firmware sit above this package (``sevsim.platform`` powers on the whole platform);
+``psp_port`` is what the firmware can reach here.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sevsim.profiles import MachineProfile
 from sevsim.soc import msr
 from sevsim.soc.cache import Cache
+from sevsim.soc.chip import ChipState
 from sevsim.soc.core import Core
 from sevsim.soc.dram import DRAM
 from sevsim.soc.engine import EngineMode
@@ -26,24 +23,14 @@ from sevsim.soc.fabric import FabricPort
 from sevsim.soc.iommu import Iommu
 from sevsim.soc.memctl import MemoryController
 from sevsim.soc.rng import EntropySource
-
-PROFILE_FILE = "profile"
-
-
-class PlatformMismatch(ValueError):
-    pass
+from sevsim.soc.turns import Turns
 
 
 class Machine:
-    def __init__(
-        self,
-        profile: MachineProfile,
-        engine_mode: EngineMode | None = None,
-        state_dir: Path | None = None,
-        data_dir: Path | None = None,
-    ) -> None:
+    def __init__(self, profile: MachineProfile, engine_mode: EngineMode | None = None) -> None:
         self.profile = profile
         self._entropy = EntropySource(profile.seed, f"machine/{profile.name}")
+        self.turns = Turns()  # who is running on the silicon (turns.py)
         self.dram = DRAM(profile.dram_size)
         self.memctl = MemoryController(profile, self.dram, self._entropy, engine_mode)
         self.rdrand = EntropySource(profile.seed, f"rdrand/{profile.name}")  # the cores' RNG
@@ -53,60 +40,19 @@ class Machine:
         self.iommu = Iommu(self)  # off until host software programs and enables it
         self.syscfg = profile.syscfg_bios | (msr.SYSCFG_MEM_ENCRYPT if profile.smee else 0)
         self.hwcr = msr.HWCR_SMMLOCK if profile.smmlock else 0
-        self._wbinvd_done = [False] * profile.cores
-        # Per ASID, the CCXs on which the firmware has enabled it (VMRUN checks this).
-        self._asid_enabled: dict[int, int] = {}
-        self._guest_threads: dict = {}  # VMCB PA -> the vCPU's execution context (svm.py)
+        self.chip = ChipState(profile.cores, profile.cores_per_ccx)
+        self.guest_threads: dict = {}  # VMCB PA -> the vCPU's execution context (svm.py)
         self._x86_vcpus: dict = {}  # VMCB PA -> the instruction engine of a real-code vCPU
         self.cores = [Core(self, i) for i in range(profile.cores)]
-        self.state_dir = None if state_dir is None else Path(state_dir)
-        self._lock = None
-        self._power_on_psp(data_dir)
-
-    def _power_on_psp(self, data_dir: Path | None) -> None:
-        # Imported here: the factory and the firmware sit above the silicon.
-        from sevsim.amd.fab import manufacture
-        from sevsim.amd.kds import KeyDistributionService
-        from sevsim.fsutil import FileLock
-        from sevsim.paths import data_dir as default_data_dir
-        from sevsim.psp.firmware import SevFirmware
-        from sevsim.psp.mailbox import Mailbox
-        from sevsim.psp.persistent import SpiFlash
-        from sevsim.soc.psp_port import PspHardware
-
-        if self.state_dir is not None:
-            self._lock = FileLock(self.state_dir / ".lock", what="platform")
-            recorded = self.state_dir / PROFILE_FILE
-            if recorded.exists() and recorded.read_text().strip() != self.profile.name:
-                self.close()
-                raise PlatformMismatch(
-                    f"{self.state_dir} holds a {recorded.read_text().strip()} platform, "
-                    f"not {self.profile.name}"
-                )
-            recorded.write_text(self.profile.name + "\n")
-        kds = KeyDistributionService(data_dir or default_data_dir())
-        fuses = manufacture(self.profile, self.state_dir, kds)
-        firmware = SevFirmware(
-            PspHardware(self),
-            fuses,
-            SpiFlash(self.state_dir),
-            self.profile,
-            EntropySource(self.profile.seed, f"psp/{self.profile.name}"),
-        )
-        self._psp = firmware
-        self.mailbox = Mailbox(self.profile.psp_mailbox, firmware.dispatch)
 
     def ccx_of(self, core_index: int) -> int:
         return core_index // self.profile.cores_per_ccx
-
-    def _asid_enabled_on(self, asid: int, core_index: int) -> bool:
-        return bool(self._asid_enabled.get(asid, 0) >> self.ccx_of(core_index) & 1)
 
     def observe_guest(self, vmcb_addr: int) -> Any:
         """What the guest program of this vCPU returned: its own view of things, or None
         while it runs. An observer's window for demos and tests — nothing on the host can
         read it (hardware has no such thing)."""
-        thread = self._guest_threads.get(vmcb_addr & ~self.cbit_mask)
+        thread = self.guest_threads.get(vmcb_addr & ~self.cbit_mask)
         return None if thread is None else thread.result
 
     def guest_view(self, vmcb_addr: int, va: int, n: int) -> bytes:
@@ -132,7 +78,7 @@ class Machine:
     def forget_vmcb(self, vmcb_addr: int) -> None:
         """The VMCB page is being freed: end the execution context of its vCPU. (Model
         plumbing: on hardware a vCPU that is never run again simply stops existing.)"""
-        thread = self._guest_threads.pop(vmcb_addr & ~self.cbit_mask, None)
+        thread = self.guest_threads.pop(vmcb_addr & ~self.cbit_mask, None)
         if thread is not None:
             thread.kill()
         engine = self._x86_vcpus.pop(vmcb_addr & ~self.cbit_mask, None)
@@ -140,16 +86,13 @@ class Machine:
             engine.kill()
 
     def close(self) -> None:
-        """Power off: end every guest and release the state directory for other processes."""
-        for thread in self._guest_threads.values():
+        """Power off: end every guest's execution context."""
+        for thread in self.guest_threads.values():
             thread.kill()
-        self._guest_threads.clear()
+        self.guest_threads.clear()
         for engine in self._x86_vcpus.values():
             engine.kill()
         self._x86_vcpus.clear()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
 
     @property
     def phys_bits(self) -> int:

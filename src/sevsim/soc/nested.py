@@ -492,7 +492,7 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         or (sev and not v.nested_ctl & NP_ENABLE)
         or (sev and v.asid > profile.max_asid)
         or (sev and not machine.hwcr & msr.HWCR_SMMLOCK)
-        or (sev and not machine._asid_enabled_on(v.asid, core.index))
+        or (sev and not machine.chip.asid_valid_on(v.asid, core.index))
     )
     if invalid:
         return finish(Exit(EXIT_INVALID))
@@ -510,7 +510,7 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
     if v.tlb_control in (TLB_CONTROL_FLUSH_ASID, TLB_CONTROL_FLUSH_ASID_LOCAL):
         core._flush_tlb(keep_global=v.tlb_control == TLB_CONTROL_FLUSH_ASID_LOCAL)
     core._cfg = core._walk_config()
-    threads = machine._guest_threads
+    threads = machine.guest_threads
     x86 = machine.x86_vcpu(vmcb_pa)
     try:
         if x86 is not None:
@@ -560,7 +560,7 @@ def _run_program(core: Core, v, regs: dict[str, int], threads: dict, vmcb_pa: in
                 if thread is None or thread.program is not program:
                     if thread is not None:
                         thread.kill()
-                    thread = GuestThread(program, GuestVcpu())
+                    thread = GuestThread(program, GuestVcpu(), machine.turns)
                     threads[vmcb_pa] = thread
                 event = v.event_inj if v.event_inj & EVENTINJ_VALID else 0
                 v.event_inj = 0  # taken

@@ -21,6 +21,7 @@ class PspHardware:
     def __init__(self, machine: Machine) -> None:
         profile = machine.profile
         self._machine = machine
+        self._chip = machine.chip
         self.key_port = machine.memctl.key_port()
         self.memory = machine.fabric
         self.key_slot = machine.memctl.key_slot
@@ -43,11 +44,10 @@ class PspHardware:
         return range(start, min(start + self._cores_per_ccx, self.cores))
 
     def wbinvd_done(self) -> list[bool]:
-        return list(self._machine._wbinvd_done)
+        return self._chip.wbinvd_done()
 
     def clear_wbinvd_done(self, cores: Iterable[int]) -> None:
-        for c in cores:
-            self._machine._wbinvd_done[c] = False
+        self._chip.clear_wbinvd_done(cores)
 
     def ccx_of_apic_id(self, apic_id: int) -> int | None:
         """A core's APIC id is its index here (CPUID 1 EBX[31:24])."""
@@ -55,10 +55,10 @@ class PspHardware:
 
     def enable_asid(self, asid: int, ccxs: int) -> None:
         """Clear the 'ASID invalid' state of an ASID on these CCXs: VMRUN may use it there."""
-        self._machine._asid_enabled[asid] = self._machine._asid_enabled.get(asid, 0) | ccxs
+        self._chip.enable_asid(asid, ccxs)
 
     def disable_asid(self, asid: int, ccxs: int) -> None:
-        self._machine._asid_enabled[asid] = self._machine._asid_enabled.get(asid, 0) & ~ccxs
+        self._chip.disable_asid(asid, ccxs)
 
     def smee_all_cores(self) -> bool:
         return bool(self._machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)

@@ -30,6 +30,7 @@ from typing import Any
 
 from sevsim.api.layout import Layout
 from sevsim.soc.faults import HardwareFault
+from sevsim.soc.turns import Turns
 
 VMCB_SIZE = 4096
 SAVE = 0x400  # the save area
@@ -251,9 +252,11 @@ class GuestKilled(BaseException):
 class GuestThread:
     """The execution context of one vCPU (one VMCB): the guest program's thread."""
 
-    def __init__(self, program: GuestProgram, vcpu: Any) -> None:
+    def __init__(self, program: GuestProgram, vcpu: Any, turns: Turns) -> None:
         self.program = program
         self.vcpu = vcpu
+        self._turns = turns
+        self._activity: object = None  # the VMRUN's turn, which the program runs in
         self._to_guest: threading.Semaphore = threading.Semaphore(0)
         self._to_host: threading.Semaphore = threading.Semaphore(0)
         self._exit: Exit | None = None
@@ -268,6 +271,7 @@ class GuestThread:
 
     def _main(self) -> None:
         self._to_guest.acquire()
+        self._turns.adopt(self._activity)
         try:
             if self._kill:
                 return
@@ -289,6 +293,7 @@ class GuestThread:
             # The program has ended: the vCPU sits in "cli; hlt" for good.
             return Exit(EXIT_HLT, detail={"finished": True})
         self._exit = None
+        self._activity = self._turns.activity()
         if not self._started:
             self._started = True
             self._thread.start()
@@ -305,6 +310,7 @@ class GuestThread:
         self._exit = exit_
         self._to_host.release()
         self._to_guest.acquire()
+        self._turns.adopt(self._activity)
         if self._kill:
             raise GuestKilled()
 
