@@ -22,8 +22,8 @@ from sevsim.fsutil import LockBusy
 from sevsim.host.sev import SevIoctl
 from sevsim.owner.trust import choose_root
 from sevsim.paths import data_dir
-from sevsim.psp.persistent import NV_LENGTH
 from sevsim.platform import PlatformMismatch
+from sevsim.psp.persistent import NV_LENGTH
 
 
 def test_probe_initialises_like_linux():

@@ -22,8 +22,8 @@ from sevsim.certs.sev import CERT_SIZE, CertError, SevCert
 from sevsim.fsutil import LockBusy, atomic_write
 from sevsim.owner import ca as owner_ca
 from sevsim.paths import default_state_dir
-from sevsim.profiles import PROFILES, get_profile
 from sevsim.platform import PlatformMismatch
+from sevsim.profiles import PROFILES, get_profile
 from sevsim.system import HostSystem, PlatformError
 
 

@@ -25,8 +25,8 @@ from sevsim.host.qmp import QmpClient, QmpError, QmpServer, socket_path
 from sevsim.host.virtio_blk import create_image
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.paths import default_state_dir
-from sevsim.profiles import get_profile
 from sevsim.platform import PlatformMismatch
+from sevsim.profiles import get_profile
 from sevsim.system import HostSystem, PlatformError
 
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
