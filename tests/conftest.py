@@ -108,6 +108,14 @@ def _sevsim_data_dir(tmp_path_factory):
         os.environ["SEVSIM_DATA"] = old
 
 
+def psp_port(machine: Machine):
+    """The PSP's inspection port on a bare machine (a booted host has
+    ``HostSystem.inspection_port()``): for tests that check the firmware's own state."""
+    from sevsim.psp.inspect import PspDebugPort
+
+    return PspDebugPort(machine._psp)
+
+
 class RawMailbox:
     """Issue firmware commands the way a minimal host would: buffers in plaintext memory at
     fixed physical addresses (no C-bit), CmdBufAddr, CmdResp, poll. No kernel needed."""

@@ -1001,18 +1001,6 @@ class SevFirmware:
         buf.len = cmd.ATTESTATION_REPORT.size
         return Status.SUCCESS
 
-    # ---- inspection for tests and debugging (no secrets) ---------------------------------------
-    def asid_state(self, asid: int) -> dict[str, int]:
-        """Per-CCX bitmasks of the ASID's firmware state, and the handle holding it (0: none)."""
-        holder = next((g.handle for g in self._guests.values() if g.asid == asid), 0)
-        return {
-            "handle": holder,
-            "dirty": self._asid_dirty[asid],
-            "clean": self._asid_clean[asid],
-            "allocated": self._asid_allocated[asid],
-            "in_use": self._asid_in_use[asid],
-        }
-
 
 def _scalar(key: ec.EllipticCurvePrivateKey) -> int:
     return key.private_numbers().private_value
