@@ -22,15 +22,15 @@ from collections.abc import Callable
 
 from sevsim.api.commands import Command
 from sevsim.api.status import PlatformState, Status
+from sevsim.psp.asids import ActivationWatcher
 from sevsim.psp.firmware import SevFirmware
 from sevsim.psp.guest import Guest
-
-ActivationWatcher = Callable[[int, bool, Status], None]
 
 
 class PspDebugPort:
     def __init__(self, firmware: SevFirmware) -> None:
         self._fw = firmware
+        self._ctx = firmware._ctx  # the state every command family shares
 
     def __repr__(self) -> str:
         return f"<PspDebugPort {self._fw!r}>"
@@ -52,12 +52,12 @@ class PspDebugPort:
     @property
     def cuk(self) -> bytes:
         """The chip-unique key from the fuses (GET_ID and the CEK derive from it)."""
-        return self._fw._fuses.cuk
+        return self._ctx.fuses.cuk
 
     def platform_keys(self) -> dict[str, int | None]:
         """The private scalars of the CEK, OCA (None when externally owned), PEK and PDH;
         empty while the platform is UNINIT."""
-        ident = self._fw._identity
+        ident = self._ctx.identity
         if ident is None:
             return {}
         p = ident.persistent
@@ -66,47 +66,39 @@ class PspDebugPort:
 
     def wbinvd_done(self) -> list[bool]:
         """The per-core WBINVD-done flags, as DF_FLUSH reads them."""
-        return self._fw._hw.wbinvd_done()
+        return self._ctx.hw.wbinvd_done()
 
     # ---- guests and ASIDs ---------------------------------------------------------------------
     def guest(self, handle: int) -> Guest | None:
         """The firmware's context of a guest (the live object), or None."""
-        return self._fw._guests.get(handle)
+        return self._ctx.guests.get(handle)
 
     def guests(self) -> list[Guest]:
-        return list(self._fw._guests.values())
+        return list(self._ctx.guests.values())
 
     def asid_state(self, asid: int) -> dict[str, int]:
         """Per-CCX bitmasks of the ASID's firmware state, and the handle holding it (0: none)."""
-        fw = self._fw
-        holder = next((g.handle for g in fw._guests.values() if g.asid == asid), 0)
+        table = self._ctx.asids
+        holder = next((g.handle for g in self._ctx.guests.values() if g.asid == asid), 0)
         return {
             "handle": holder,
-            "dirty": fw._asid_dirty[asid],
-            "clean": fw._asid_clean[asid],
-            "allocated": fw._asid_allocated[asid],
-            "in_use": fw._asid_in_use[asid],
+            "dirty": table.dirty[asid],
+            "clean": table.clean[asid],
+            "allocated": table.allocated[asid],
+            "in_use": table.in_use[asid],
         }
 
     # ---- memory ---------------------------------------------------------------------------
     def read(self, addr: int, size: int) -> bytes:
         """x86 memory as the firmware reads an address the host gives (C-bit: the host key);
         raises ``FirmwareError`` for an address the firmware would refuse."""
-        return self._fw._mem.read(addr, size)
+        return self._ctx.mem.read(addr, size)
 
     # ---- hooks for checkers and fault injection ---------------------------------------------
     def watch_activations(self, watcher: ActivationWatcher) -> None:
         """Call ``watcher(asid, dirty_before, status)`` after the last step of every ACTIVATE
         and ACTIVATE_EX that got past the handle and ASID-ownership checks."""
-        activate = self._fw._activate_common
-
-        def watched(guest, asid, ccxs):
-            dirty = bool(self._fw._asid_dirty[asid])
-            status = activate(guest, asid, ccxs)
-            watcher(asid, dirty, status)
-            return status
-
-        self._fw._activate_common = watched
+        self._fw._asids.watchers.append(watcher)
 
     def replace_handler(self, command: Command, handler: Callable[[object], Status]) -> None:
         """Run ``handler(buffer record)`` for ``command`` instead of the firmware's own: a
@@ -117,6 +109,6 @@ class PspDebugPort:
     def occupy_handles(self, count: int) -> None:
         """Take the ``count`` lowest free guest handles with placeholder contexts, so that
         a test reaches RESOURCE_LIMIT without launching a thousand guests."""
-        guests = self._fw._guests
+        guests = self._ctx.guests
         for _ in range(count):
             guests[next(h for h in range(1, len(guests) + 2) if h not in guests)] = object()
