@@ -22,7 +22,6 @@ from sevsim.psp.guest import Activation, Guest, GuestState
 from sevsim.psp.key_agreement import open_channel
 from sevsim.psp.x86mem import FirmwareError
 
-MEASUREMENT_SIZE = 48  # MEASURE 32 | MNONCE 16
 SCRATCH_CHUNK = 1 << 20  # MODEL: bulk copies go through a 1 MiB work buffer
 
 
@@ -69,8 +68,8 @@ class LaunchCommands:
     def launch_measure(self, buf) -> Status:
         ctx = self.ctx
         guest = self._launch_guest(buf.handle, GuestState.LUPDATE)
-        if buf.measure_len < MEASUREMENT_SIZE:
-            buf.measure_len = MEASUREMENT_SIZE
+        if buf.measure_len < cmd.MEASUREMENT.size:
+            buf.measure_len = cmd.MEASUREMENT.size
             return Status.INVALID_LENGTH
         launch_digest = guest.digest.digest()
         mnonce = ctx.trng.random_bytes(16, "mnonce")
@@ -82,7 +81,7 @@ class LaunchCommands:
             + launch_digest
             + mnonce,
         )
-        ctx.mem.write(buf.measure_paddr, measure + mnonce)
+        ctx.mem.write(buf.measure_paddr, cmd.MEASUREMENT.build(measure=measure, mnonce=mnonce))
         guest.measurement, guest.launch_digest = measure, launch_digest
         guest.transition(Command.LAUNCH_MEASURE)
         return Status.SUCCESS
