@@ -117,6 +117,12 @@ def _sevsim_data_dir(tmp_path_factory):
         os.environ["SEVSIM_DATA"] = old
 
 
+def psp_port(mb: RawMailbox):
+    """The PSP's inspection port of a test bench's platform (a booted host has
+    ``HostSystem.inspection_port()``): for tests that check the firmware's own state."""
+    return mb.platform.psp_debug_port()
+
+
 class RawMailbox:
     """Issue firmware commands the way a minimal host would: buffers in plaintext memory at
     fixed physical addresses (no C-bit), CmdBufAddr, CmdResp, poll. No kernel needed."""

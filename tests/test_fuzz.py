@@ -38,16 +38,15 @@ def test_the_checker_catches_an_internal_error_and_a_wrong_guest_change():
     fuzzer = MailboxFuzzer(seed=13)
     try:
         world = fuzzer.world
-        fw = world.fw
-        _, use = fw._handlers[int(Command.GUEST_STATUS)]
+        psp = world.psp
 
         def buggy(buf):  # a firmware bug: other guests lose their ASID, then an exception
-            for guest in fw._guests.values():
+            for guest in psp.guests():
                 if guest.handle != buf.handle:
                     guest.asid = 0
             raise KeyError("bug")
 
-        fw._handlers[int(Command.GUEST_STATUS)] = (buggy, use)
+        psp.replace_handler(Command.GUEST_STATUS, buggy)
         kernel = world.system.kernel
         buffer = cmd.GUEST_STATUS.build(handle=world.debuggable.handle)
         address = kernel.pa(world.cmd_page) | kernel.me_mask

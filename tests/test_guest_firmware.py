@@ -9,7 +9,7 @@ import hmac
 import os
 
 import pytest
-from conftest import RawMailbox, make_platform
+from conftest import RawMailbox, make_platform, psp_port
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, settings
@@ -191,7 +191,7 @@ def test_activate_checks_in_firmware_order(mb):
     assert activate(mb, h2, 7) == Status.ASID_OWNED  # one ASID, one guest
     assert activate(mb, h1, 8) == Status.ACTIVE  # the guest holds an ASID already
     assert guest_status(mb, h1).asid == 7
-    fw = mb.machine._psp
+    fw = psp_port(mb)
     state = fw.asid_state(7)
     assert state["handle"] == h1 and state["allocated"] == 1 and state["clean"] == 0
     # Not RUNNING yet: the key is installed, the ASID stays disabled until LAUNCH_FINISH.
@@ -225,7 +225,7 @@ def launched(mb, asid, policy=0, pages=1) -> int:
 
 
 def test_asid_reuse_needs_deactivate_wbinvd_and_df_flush(mb):
-    m, fw = mb.machine, mb.machine._psp
+    m, fw = mb.machine, psp_port(mb)
     h = launched(mb, 9)
     assert m.chip.valid_ccxs(9) == 1  # RUNNING: enabled on the (one) CCX
     assert fw.asid_state(9)["in_use"] == 1
@@ -249,7 +249,7 @@ def test_asid_reuse_needs_deactivate_wbinvd_and_df_flush(mb):
 
 
 def test_deactivate_before_running_returns_the_asid_clean(mb):
-    fw = mb.machine._psp
+    fw = psp_port(mb)
     _, h = launch_start(mb)
     assert activate(mb, h, 4) == Status.SUCCESS
     assert cmd(mb, Command.DEACTIVATE, handle=h) == Status.SUCCESS
@@ -279,7 +279,7 @@ def test_activate_ex_selects_ccxs_by_apic_id():
     assert activate_ex([]) == Status.INVALID_PARAM
     assert activate_ex([99]) == Status.INVALID_PARAM
     assert activate_ex([5]) == Status.SUCCESS  # core 5: the second CCX
-    assert m._psp.asid_state(6)["allocated"] == 0b10
+    assert psp_port(mb).asid_state(6)["allocated"] == 0b10
     assert activate_ex([1], asid=7) == Status.ACTIVE  # more CCXs, but only on ASID 6
     assert activate_ex([1]) == Status.SUCCESS
     mb.write(IMAGE_PA, bytes(16))
@@ -331,7 +331,7 @@ def test_launch_update_data_encrypts_in_place_and_extends_the_digest(mb):
     status, blob, _ = measure(mb, h)
     assert status == Status.SUCCESS
     digest = hashlib.sha256(image).digest()
-    api = mb.platform._firmware.api_version
+    api = psp_port(mb).api_version
     assert blob[:32] == expected_measurement(api, 0x1, digest, blob[32:], bytes(16))
 
 
@@ -378,7 +378,7 @@ def test_launch_with_an_owner_session(mb):
     mb.write(IMAGE_PA, image)
     cmd(mb, Command.LAUNCH_UPDATE_DATA, handle=h, paddr=IMAGE_PA, len=4096)
     status, blob, _ = measure(mb, h)
-    api = mb.platform._firmware.api_version
+    api = psp_port(mb).api_version
     digest = hashlib.sha256(image).digest()
     assert blob[:32] == expected_measurement(api, policy, digest, blob[32:], tik)
     assert blob[:32] != expected_measurement(api, policy, digest, blob[32:], bytes(16))
@@ -439,11 +439,10 @@ def test_key_sharing_follows_noks_and_policy_equality(mb):
 
 def test_running_out_of_handles_is_resource_limit():
     mb = ready(RawMailbox(make_platform("milan")))
-    fw = mb.machine._psp
+    fw = psp_port(mb)
     from sevsim.psp.guest import GUEST_COUNT_MAX
 
-    for _ in range(GUEST_COUNT_MAX - 1):
-        fw._guests[len(fw._guests) + 1] = object()  # fill the table cheaply
+    fw.occupy_handles(GUEST_COUNT_MAX - 1)  # fill the table cheaply
     assert launch_start(mb)[0] == Status.SUCCESS  # the last free handle
     assert launch_start(mb)[0] == Status.RESOURCE_LIMIT
 

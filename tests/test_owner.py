@@ -9,7 +9,7 @@ import os
 import uuid
 
 import pytest
-from conftest import TESTDATA, RawMailbox, make_platform
+from conftest import TESTDATA, RawMailbox, make_platform, psp_port
 from cryptography.hazmat.primitives import hashes
 from test_guest_firmware import IMAGE_PA, MEASURE_PA, activate, cmd, launch_start, pdh_cert, ready
 
@@ -208,7 +208,7 @@ def test_owner_round_trip_with_the_firmware(mb):
     policy = pol.make(pol.PolicyFlag.NODBG, 1, 0)
     image = os.urandom(8192)
     owner, handle, blob = launched_with_owner(mb, policy, image)
-    major, minor, build = m._psp.api_version
+    major, minor, build = psp_port(mb).api_version
     verdict = measure.check(
         blob, owner.tik, major, minor, build, policy, measure.launch_digest(image)
     )

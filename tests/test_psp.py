@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import RawMailbox, make_platform
+from conftest import RawMailbox, make_platform, psp_port
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -80,7 +80,7 @@ def test_command_buffer_with_the_c_bit_is_read_with_the_host_key(mb):
     m.cache.write(0x30_0000, buf, host)  # an encrypted buffer, as an SME host writes it
     status, _ = mb.cmd(Command.GET_ID, addr=0x30_0000 | m.cbit_mask)
     assert status == Status.SUCCESS
-    assert mb.read(DATA, 64) == identity.chip_id(m._psp._fuses.cuk)
+    assert mb.read(DATA, 64) == identity.chip_id(psp_port(mb).cuk)
     # Without the C-bit the firmware reads the ciphertext: an unknown id_len, a wild address.
     assert mb.cmd(Command.GET_ID, addr=0x30_0000)[0] != Status.SUCCESS
 
@@ -184,7 +184,7 @@ def test_get_id_works_in_any_state_and_probes_its_length(mb):
     # An independent computation: Q = CUK·G on secp256k1, X || Y big-endian.
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    cuk = mb.platform._firmware._fuses.cuk
+    cuk = psp_port(mb).cuk
     d = int.from_bytes(cuk, "little") % (identity.SECP256K1_N - 1) + 1
     q = ec.derive_private_key(d, ec.SECP256K1()).public_key().public_numbers()
     assert chip == q.x.to_bytes(32, "big") + q.y.to_bytes(32, "big")
@@ -215,7 +215,7 @@ def test_firmware_keys_and_certificates(mb):
 
     from sevsim.crypto import kdf
 
-    cuk = mb.platform._firmware._fuses.cuk
+    cuk = psp_port(mb).cuk
     rdata = kdf(hashlib.sha256(cuk).digest(), b"sev-chip-endorsement-key", b"", 448)
     d = int.from_bytes(rdata, "little") % (identity.P384_N - 1) + 1
     assert (
@@ -315,7 +315,7 @@ def test_bad_imports_are_refused_and_change_nothing(mb, tmp_path):
 # ---- DF_FLUSH and WBINVD ---------------------------------------------------------------------
 def test_df_flush_needs_wbinvd_on_every_core(mb):
     assert mb.init() == Status.SUCCESS
-    fw = mb.platform._firmware
+    fw = psp_port(mb)
     assert fw.asid_state(5)["dirty"] == 1  # every ASID is dirty after INIT
     assert mb.cmd(Command.DF_FLUSH)[0] == Status.WBINVD_REQUIRED
     mb.machine.cores[0].wbinvd()
@@ -327,7 +327,7 @@ def test_df_flush_needs_wbinvd_on_every_core(mb):
 
 def test_df_flush_cleans_asids_per_ccx():
     mb = RawMailbox(make_platform("rome", cores=8))  # two CCXs of four cores
-    fw = mb.platform._firmware
+    fw = psp_port(mb)
     assert mb.init() == Status.SUCCESS
     for core in mb.machine.cores[:4]:
         core.wbinvd()
@@ -403,7 +403,7 @@ class PlatformStates(RuleBasedStateMachine):
         for i in cores:
             self.mb.machine.cores[i].wbinvd()
         status, _ = self.mb.cmd(Command.DF_FLUSH)
-        done = self.mb.platform._firmware._hw.wbinvd_done()
+        done = psp_port(self.mb).wbinvd_done()
         assert status == (Status.SUCCESS if all(done) else Status.WBINVD_REQUIRED)
 
     @rule()
@@ -420,7 +420,7 @@ class PlatformStates(RuleBasedStateMachine):
         assert st.state == self.state
         if self.state == PlatformState.UNINIT:
             assert (st.platform_flags, st.config_flags, st.guest_count) == (0, 0, 0)
-        assert not self.mb.platform._firmware.internal_errors
+        assert not psp_port(self.mb).internal_errors
 
 
 TestPlatformStates = PlatformStates.TestCase
@@ -430,3 +430,20 @@ TestPlatformStates.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_host_guest_owner_and_attack_code_never_use_the_inspection_port():
+    """The port is a debugger's view (docs/firmware.md): none of the code that stands for
+    a real party may reach for it, nor for the firmware object behind it."""
+    from pathlib import Path
+
+    import sevsim
+
+    root = Path(sevsim.__file__).parent
+    offenders = [
+        str(path.relative_to(root))
+        for part in ("host", "guest", "owner", "attacks")
+        for path in (root / part).rglob("*.py")
+        if any(s in path.read_text() for s in ("psp.inspect", "inspection_port", "._psp"))
+    ]
+    assert offenders == []

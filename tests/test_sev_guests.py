@@ -394,7 +394,7 @@ def two_asid_host():
 def test_kvm_recycles_asids_only_after_wbinvd_and_df_flush():
     host, kvm = two_asid_host()
     with host:
-        fw = host.machine._psp
+        fw = host.inspection_port()
         a, _ = run_guest(kvm, "a")
         b, _ = run_guest(kvm, "b")
         assert (a.asid, b.asid) == (508, 509)
@@ -449,7 +449,7 @@ def test_destroy_tears_down_in_kvm_order(milan):
         host.sev.do_cmd = do_cmd
     assert commands == [Command.DEACTIVATE, Command.DECOMMISSION]
     assert asid in kvm.asids.reclaim
-    assert host.machine._psp.asid_state(asid)["handle"] == 0
+    assert host.inspection_port().asid_state(asid)["handle"] == 0
     assert all(
         (v.vmcb_addr & ~host.machine.cbit_mask) not in host.machine.guest_threads for v in vm.vcpus
     )

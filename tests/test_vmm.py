@@ -313,7 +313,7 @@ def test_no_launch_key_reaches_host_memory_qmp_or_logs(host, tmp_path):
     client.execute("query-sev-capabilities")
     client.execute("cont")
     vmm.wait_idle(30)
-    vek = host.machine._psp._guests[vmm.vm.handle].vek  # (the test peeks, to know what to seek)
+    vek = host.inspection_port().guest(vmm.vm.handle).vek  # (the test peeks, to know what to seek)
     keys = {"TEK": tek, "TIK": tik, "KEK": kek, "KIK": kik, "VEK": vek}
     client.execute("quit")
     thread.join(5)

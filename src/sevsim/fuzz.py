@@ -88,7 +88,7 @@ class World:
             self._populate()
         finally:
             SevDevice.do_cmd = original  # type: ignore[method-assign]
-        self.fw = self.system.machine._psp  # the checker's window into the firmware
+        self.psp = self.system.inspection_port()  # the checker's window into the firmware
         self.mailbox = self.system.machine.mailbox
         self.regs = self.mailbox.registers
         kernel = self.system.kernel
@@ -99,7 +99,7 @@ class World:
             for gpa in (*range(guest_kernel.PGT_BASE, guest_kernel.PGT_BASE + 0x4000, 4096),)
         ] + [self.sentinel.spa(guest_kernel.DATA_BASE)]
         kernel.wbinvd_on_all_cpus()  # DRAM current: no dirty line of the sentinel is left
-        self.sentinel_guest = self.fw._guests[self.sentinel.handle]  # (handles are reused)
+        self.sentinel_guest = self.psp.guest(self.sentinel.handle)  # (handles are reused)
         self.sentinel_state = self._sentinel_fingerprint()
 
     def _guest(self, name: str, policy: int, stage: str):
@@ -144,7 +144,7 @@ class World:
         self.export = self.system.export_chain(full=True)
 
     def _sentinel_fingerprint(self) -> tuple:
-        g = self.fw._guests.get(self.sentinel.handle)
+        g = self.psp.guest(self.sentinel.handle)
         digest = hashlib.sha256()
         for pa in self.sentinel_pages:
             digest.update(self.system.machine.dram.read(pa, 4096))
@@ -263,7 +263,7 @@ class MailboxFuzzer:
             return aimed
         if address != kernel.pa(w.cmd_page) | kernel.me_mask:
             try:
-                buffer = w.fw._mem.read(address, layout.size)
+                buffer = w.psp.read(address, layout.size)
             except Exception:  # noqa: BLE001 - the firmware will refuse this address too
                 return aimed
         record = layout.parse(buffer.ljust(layout.size, b"\0"))
@@ -283,7 +283,7 @@ class MailboxFuzzer:
         command, buffer, address, aimed = self._case()
         kernel = w.system.kernel
         kernel.write(w.cmd_page, buffer.ljust(4096, b"\0")[:4096])
-        errors_before = len(w.fw.internal_errors)
+        errors_before = len(w.psp.internal_errors)
         w.mailbox.write32(w.regs["cmdbuff_addr_lo"], address & 0xFFFF_FFFF)
         w.mailbox.write32(w.regs["cmdbuff_addr_hi"], (address >> 32) & 0xFFFF_FFFF)
         w.mailbox.write32(w.regs["cmdresp"], (command & 0x7FF) << cmd.CMDRESP_CMD_SHIFT)
@@ -297,18 +297,20 @@ class MailboxFuzzer:
             r.violations.append(f"{where}: CmdResp {reg:#x} does not complete the command")
         if status not in STATUSES:
             r.violations.append(f"{where}: status {status:#x} is not one the spec defines")
-        if len(w.fw.internal_errors) != errors_before:
-            r.violations.append(f"{where}: internal error {w.fw.internal_errors[-1]}")
-        if w.fw.state not in tuple(PlatformState):
-            r.violations.append(f"{where}: platform state {w.fw.state!r}")
-        asids = [g.asid for g in w.fw._guests.values() if g.asid]
+        errors = w.psp.internal_errors
+        if len(errors) != errors_before:
+            r.violations.append(f"{where}: internal error {errors[-1]}")
+        if w.psp.platform_state not in tuple(PlatformState):
+            r.violations.append(f"{where}: platform state {w.psp.platform_state!r}")
+        guests = w.psp.guests()
+        asids = [g.asid for g in guests if g.asid]
         if len(asids) != len(set(asids)):
             r.violations.append(f"{where}: two guests share an ASID {asids}")
-        for g in w.fw._guests.values():
+        for g in guests:
             if g.state not in tuple(GuestState):
                 r.violations.append(f"{where}: guest {g.handle} in state {g.state!r}")
-        alive = w.fw._guests.get(w.sentinel.handle) is w.sentinel_guest
-        if w.fw.state != PlatformState.WORKING or not alive or self._degraded is not None:
+        alive = w.psp.guest(w.sentinel.handle) is w.sentinel_guest
+        if w.psp.platform_state != PlatformState.WORKING or not alive or self._degraded is not None:
             # The platform was shut down or reset, or the sentinel decommissioned: fuzz this
             # state (UNINIT, INIT, guests gone) for a while, then build a fresh world.
             if self._degraded is None:
@@ -357,22 +359,18 @@ def asid_load(
     with tempfile.TemporaryDirectory(prefix="sevsim-load-") as tmp:
         system = HostSystem.start(profile, state_dir=Path(tmp) / "state")
         try:
-            fw, kvm = system.machine._psp, system.kvm
-            activate = fw._activate_common
+            kvm = system.kvm
 
-            def watched(guest, asid, ccxs):
+            def watch(asid: int, dirty: bool, status: Status) -> None:
                 nonlocal activations, dirty_refused
-                dirty = bool(fw._asid_dirty[asid])
-                status = activate(guest, asid, ccxs)
                 if status == Status.SUCCESS:
                     activations += 1
                     if dirty:
                         violations.append(f"ACTIVATE accepted dirty ASID {asid}")
                 elif dirty:
                     dirty_refused += 1
-                return status
 
-            fw._activate_common = watched
+            system.inspection_port().watch_activations(watch)
             running: deque = deque()
             for cycle in range(cycles):
                 if len(running) == alive:

@@ -22,6 +22,7 @@ from sevsim.host.kvm import Kvm, Vm
 from sevsim.host.sev import IoctlResult, SevDevice
 from sevsim.platform import Platform
 from sevsim.profiles import MachineProfile
+from sevsim.psp.inspect import PspDebugPort
 from sevsim.soc import Machine
 
 HINTS = {
@@ -87,6 +88,12 @@ class HostSystem:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def inspection_port(self) -> PspDebugPort:
+        """A debugger's view of this platform's PSP firmware (``sevsim.psp.inspect``), for
+        the fuzzer, the tamper campaign, the demo's narration and tests — never for host,
+        guest, owner or attack code."""
+        return self.platform.psp_debug_port()
 
     @functools.cached_property
     def kvm(self) -> Kvm:

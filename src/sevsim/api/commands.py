@@ -210,6 +210,9 @@ LAUNCH_MEASURE = Layout(
     (0x08, "Q", "measure_paddr"),
     (0x10, "I", "measure_len"),
 )
+MEASUREMENT = Layout(  # what LAUNCH_MEASURE writes at measure_paddr
+    "MEASUREMENT", 48, "sev-api.md §5.4", (0x00, "32s", "measure"), (0x20, "16s", "mnonce")
+)
 TRANSPORT = Layout(
     "TRANSPORT",
     0x38,

@@ -78,6 +78,32 @@ LAYOUT = Layout(
     (0x624, "512s", "sig2"),
 )
 
+# The public-key union at 0x010, by algorithm, and the ECDSA signature union (sev-api.md
+# §3.1). An RSA signature is one little-endian integer in the 512 bytes: no layout.
+EC_PUBKEY = Layout(
+    "SEV_EC_PUBKEY",
+    1028,
+    "sev-api.md §3.1",
+    (0x000, "I", "curve"),
+    (0x004, f"{EC_FIELD}s", "qx"),
+    (0x04C, f"{EC_FIELD}s", "qy"),
+)
+RSA_PUBKEY = Layout(
+    "SEV_RSA_PUBKEY",
+    1028,
+    "sev-api.md §3.1",
+    (0x000, "I", "modulus_size"),
+    (0x004, "512s", "pub_exp"),
+    (0x204, "512s", "modulus"),
+)
+ECDSA_SIG = Layout(
+    "SEV_ECDSA_SIG",
+    512,
+    "sev-api.md §3.1",
+    (0x000, f"{EC_FIELD}s", "r"),
+    (0x048, f"{EC_FIELD}s", "s"),
+)
+
 # Who may sign what (the firmware's sev_cert_validate, rule 4).
 ALLOWED_SIGNERS: dict[Usage, tuple[Usage, ...]] = {
     Usage.PDH: (Usage.PEK,),
@@ -103,33 +129,32 @@ def encode_public_key(key: PublicKeyType) -> bytes:
         if key.curve.name != "secp384r1":
             raise CertError("SEV certificates carry P-384 keys")
         n = key.public_numbers()
-        body = (
-            CURVE_P384.to_bytes(4, "little") + crypto.le(n.x, EC_FIELD) + crypto.le(n.y, EC_FIELD)
+        return EC_PUBKEY.build(
+            curve=CURVE_P384, qx=crypto.le(n.x, EC_FIELD), qy=crypto.le(n.y, EC_FIELD)
         )
-    else:
-        n = key.public_numbers()
-        bits = key.key_size
-        body = bits.to_bytes(4, "little") + crypto.le(n.e, 512) + crypto.le(n.n, 512)
-    return body.ljust(1028, b"\0")
+    n = key.public_numbers()
+    return RSA_PUBKEY.build(
+        modulus_size=key.key_size, pub_exp=crypto.le(n.e, 512), modulus=crypto.le(n.n, 512)
+    )
 
 
 def decode_public_key(algo: Algo, union: bytes) -> PublicKeyType:
     """Raises CertError for an unknown algorithm, a curve other than P-384, or a point that
     is not on the curve (the firmware's ecc_pubkey_is_valid)."""
     if algo.is_ec:
-        curve = int.from_bytes(union[0:4], "little")
-        if curve != CURVE_P384:
-            raise CertError(f"curve id {curve} is not P-384 (2)")
-        x, y = crypto.from_le(union[4:76]), crypto.from_le(union[76:148])
+        ec_key = EC_PUBKEY.parse(union)
+        if ec_key.curve != CURVE_P384:
+            raise CertError(f"curve id {ec_key.curve} is not P-384 (2)")
+        x, y = crypto.from_le(ec_key.qx), crypto.from_le(ec_key.qy)
         try:
             return crypto.p384_public_from_xy(x, y)
         except ValueError:
             raise CertError("the public key is not a point on P-384") from None
     if algo.is_rsa:
-        bits = int.from_bytes(union[0:4], "little")
-        if bits not in (2048, 4096):
-            raise CertError(f"RSA modulus size {bits} is not 2048 or 4096")
-        e, n = crypto.from_le(union[4:516]), crypto.from_le(union[516:1028])
+        rsa_key = RSA_PUBKEY.parse(union)
+        if rsa_key.modulus_size not in (2048, 4096):
+            raise CertError(f"RSA modulus size {rsa_key.modulus_size} is not 2048 or 4096")
+        e, n = crypto.from_le(rsa_key.pub_exp), crypto.from_le(rsa_key.modulus)
         try:
             return rsa.RSAPublicNumbers(e, n).public_key()
         except ValueError as exc:
@@ -240,7 +265,7 @@ class SevCert:
         digest = signer_algo.digest
         if signer_algo.is_ec:
             r, s = crypto.ecdsa_sign(key, self.body, digest)
-            sig = (crypto.le(r, EC_FIELD) + crypto.le(s, EC_FIELD)).ljust(512, b"\0")
+            sig = ECDSA_SIG.build(r=crypto.le(r, EC_FIELD), s=crypto.le(s, EC_FIELD))
         elif signer_algo.is_rsa:
             sig = crypto.rsa_pss_sign(key, self.body, digest)[::-1].ljust(512, b"\0")
         else:
@@ -272,7 +297,8 @@ class SevCert:
 
 def _slot_verifies(cert: SevCert, algo: Algo, sig: bytes, key: PublicKeyType) -> bool:
     if algo.is_ec and isinstance(key, ec.EllipticCurvePublicKey):
-        r, s = crypto.from_le(sig[:EC_FIELD]), crypto.from_le(sig[EC_FIELD : 2 * EC_FIELD])
+        halves = ECDSA_SIG.parse(sig)
+        r, s = crypto.from_le(halves.r), crypto.from_le(halves.s)
         return crypto.ecdsa_verify(key, r, s, cert.body, algo.digest)
     if algo.is_rsa and isinstance(key, rsa.RSAPublicKey):
         size = key.key_size // 8

@@ -87,11 +87,11 @@ class _Story:
         )
 
     def asid_rows(self, moment: str) -> list[list[str]]:
-        fw = self.machine._psp  # the firmware's private bookkeeping, shown for teaching
+        psp = self.system.inspection_port()  # the firmware's bookkeeping, shown for teaching
         names = {vm.handle: name for name, vm in self.vms.items() if vm.sev and not vm.destroyed}
         rows = []
         for asid in self.kvm.asids.range(es=False):
-            state = fw.asid_state(asid)
+            state = psp.asid_state(asid)
             firmware = ", ".join(
                 label
                 for key, label in (
@@ -279,7 +279,8 @@ def _recycle_step(story: _Story) -> Step:
     for name in ("alpha", "beta"):
         story.vms[name].destroy()
     rows += story.asid_rows("alpha and beta destroyed")
-    dirty = all(story.machine._psp.asid_state(a)["dirty"] for a in kvm.asids.range(es=False))
+    psp = story.system.inspection_port()
+    dirty = all(psp.asid_state(a)["dirty"] for a in kvm.asids.range(es=False))
     hasty = kvm.sev_cmd(Command.DF_FLUSH)
     rows += story.asid_rows(f"DF_FLUSH without WBINVD: {hasty.name}")
     gamma = story.start("gamma")

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from sevsim import crypto
 from sevsim.api import channel, guidtable
+from sevsim.api.commands import MEASUREMENT
 
-MEASUREMENT_SIZE = 48  # MEASURE ‖ MNONCE
+MEASUREMENT_SIZE = MEASUREMENT.size  # MEASURE ‖ MNONCE
 
 
 def launch_digest(
@@ -77,7 +78,8 @@ def check(
 ) -> Verdict:
     if len(reported) != MEASUREMENT_SIZE:
         raise ValueError(f"a launch measurement is {MEASUREMENT_SIZE} bytes, not {len(reported)}")
-    mnonce = reported[32:]
-    expected = measurement(tik, api_major, api_minor, build, policy, digest, mnonce) + mnonce
+    mnonce = MEASUREMENT.parse(reported).mnonce
+    measure = measurement(tik, api_major, api_minor, build, policy, digest, mnonce)
+    expected = MEASUREMENT.build(measure=measure, mnonce=mnonce)
     ok = crypto.equal(expected, reported)
     return Verdict(ok, expected, reported, digest, [] if ok else list(MISMATCH_CHECKLIST))

@@ -16,6 +16,7 @@ from sevsim.fsutil import FileLock
 from sevsim.paths import data_dir as default_data_dir
 from sevsim.profiles import MachineProfile
 from sevsim.psp.firmware import SevFirmware
+from sevsim.psp.inspect import PspDebugPort
 from sevsim.psp.mailbox import Mailbox
 from sevsim.psp.persistent import SpiFlash
 from sevsim.soc import Machine
@@ -65,7 +66,6 @@ class Platform:
             profile,
             EntropySource(profile.seed, f"psp/{profile.name}"),
         )
-        self.machine._psp = self._firmware  # TEMPORARY until the inspection port lands
         turns = self.machine.turns
 
         def dispatch(command: int, address: int) -> int:
@@ -74,11 +74,9 @@ class Platform:
 
         self.mailbox = Mailbox(profile.psp_mailbox, dispatch)
 
-    def psp_debug_port(self):  # noqa: ANN201 - imported lazily: only inspection tools use it
-        """The PSP's debug port (``sevsim.psp.inspect``): for the fuzzer, the tamper
-        campaign and the demo's teaching views, never for host, guest, owner or attack code."""
-        from sevsim.psp.inspect import PspDebugPort
-
+    def psp_debug_port(self) -> PspDebugPort:
+        """The PSP's debug port (``sevsim.psp.inspect``): for the fuzzer, the demo's teaching
+        views and tests, never for host, guest, owner or attack code."""
         return PspDebugPort(self._firmware)
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sevsim import crypto
+from sevsim.api.layout import Layout
 from sevsim.fsutil import atomic_write
 
 MAGIC = b"SEVSIMNV"
@@ -28,6 +29,19 @@ VERSION = 1
 NV_LENGTH = 32 * 1024
 ERASED = 0xFF  # erased flash, and an empty INIT_EX NV file (Linux docs: 32 KiB of 0xFF)
 SPI_FILE = "spi.bin"
+
+# MODEL: the real firmware's NV format is not public (sev-api.md §7.2 only names its
+# failure, SECURE_DATA_INVALID); this header precedes the AES-GCM ciphertext and tag.
+NV_HEADER = Layout(
+    "SEVSIM_NV_HEADER",
+    28,
+    "MODEL, sev-api.md §7.2",
+    (0x00, "8s", "magic"),
+    (0x08, "I", "version"),
+    (0x0C, "I", "length"),  # of the ciphertext and tag that follow
+    (0x10, "12s", "nonce"),
+)
+AAD_SIZE = NV_HEADER.field("length").offset  # magic and version are authenticated
 
 
 class SealError(ValueError):
@@ -53,24 +67,26 @@ def _seal_key(cuk: bytes) -> bytes:
 
 
 def seal(cuk: bytes, data: PersistentIdentity, nonce: bytes) -> bytes:
-    header = MAGIC + VERSION.to_bytes(4, "little")
+    header = NV_HEADER.new(magic=MAGIC, version=VERSION, nonce=nonce)
     body = json.dumps(asdict(data), sort_keys=True).encode()
-    sealed = AESGCM(_seal_key(cuk)).encrypt(nonce, body, header)
-    return header + len(sealed).to_bytes(4, "little") + nonce + sealed
+    aad = NV_HEADER.build(header)[:AAD_SIZE]
+    sealed = AESGCM(_seal_key(cuk)).encrypt(nonce, body, aad)
+    header.length = len(sealed)
+    return NV_HEADER.build(header) + sealed
 
 
 def unseal(cuk: bytes, blob: bytes) -> PersistentIdentity | None:
     """None for erased storage; raises SealError for anything else that does not open."""
     if not blob or all(b == ERASED for b in blob) or all(b == 0 for b in blob):
         return None
-    if len(blob) < 28 or blob[:8] != MAGIC or int.from_bytes(blob[8:12], "little") != VERSION:
+    header = NV_HEADER.parse(blob) if len(blob) >= NV_HEADER.size else None
+    if header is None or header.magic != MAGIC or header.version != VERSION:
         raise SealError("not sealed persistent data")
-    length = int.from_bytes(blob[12:16], "little")
-    nonce, sealed = blob[16:28], blob[28 : 28 + length]
-    if len(sealed) != length:
+    sealed = blob[NV_HEADER.size : NV_HEADER.size + header.length]
+    if len(sealed) != header.length:
         raise SealError("truncated persistent data")
     try:
-        body = AESGCM(_seal_key(cuk)).decrypt(nonce, sealed, blob[:12])
+        body = AESGCM(_seal_key(cuk)).decrypt(header.nonce, sealed, blob[:AAD_SIZE])
         return PersistentIdentity(**json.loads(body))
     except (InvalidTag, ValueError, TypeError) as exc:
         raise SealError(f"persistent data does not open: {type(exc).__name__}") from None

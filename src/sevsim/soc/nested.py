@@ -560,7 +560,7 @@ def _run_program(core: Core, v, regs: dict[str, int], threads: dict, vmcb_pa: in
                 if thread is None or thread.program is not program:
                     if thread is not None:
                         thread.kill()
-                    thread = GuestThread(program, GuestVcpu(), machine.turns)
+                    thread = GuestThread(program, GuestVcpu(), core.machine.turns)
                     threads[vmcb_pa] = thread
                 event = v.event_inj if v.event_inj & EVENTINJ_VALID else 0
                 v.event_inj = 0  # taken
