@@ -145,3 +145,49 @@ def test_every_qmp_command_refuses_malformed_arguments_and_the_server_lives_on(t
         thread.join(5)
         vmm.quit()
         host.close()
+
+
+# ---- usage errors at the edges: one line, the option named, nothing started -------------------
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("banana", "is not a number (decimal or 0x...)"),
+        ("0x1zz", "is not a number (decimal or 0x...)"),
+        ("0x100000000", "is not a 32-bit policy"),
+    ],
+)
+def test_every_policy_option_refuses_a_bad_policy_in_one_line(value, why, tmp_path, capsys):
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(bytes(64 << 10))
+    state, out = tmp_path / "state", tmp_path / "out"
+    commands = {
+        "--sev-policy": [
+            "vm", "run", "--state", str(state), "--bios", str(fw), "--sev-policy", value,
+        ],
+        "POLICY": ["owner", "session", "--dir", str(out), str(fw), value],
+        "--policy": [
+            "owner", "measure", "--firmware", str(fw), "--policy", value, "--api-major", "1",
+            "--api-minor", "55", "--build-id", "25", "--tik", str(fw), "--nonce", "A" * 22 + "==",
+        ],
+    }  # fmt: skip
+    for name, args in commands.items():
+        code, stdout, err = _run(args, capsys)
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("sevsim "), (name, err)
+        assert f"Invalid value for '{name}': '{value}' {why}" in err, (name, err)
+        assert "invalid literal" not in err and "Traceback" not in stdout + err
+    assert not state.exists() and not out.exists()
+
+
+def test_the_policy_type_takes_decimal_and_hex():
+    from sevsim.cli.options import POLICY
+
+    given = ("0x1", "5", "0X3", " 0x0005 ", 7, "0xffffffff")
+    assert [POLICY.convert(v, None, None) for v in given] == [1, 5, 3, 5, 7, 0xFFFF_FFFF]
