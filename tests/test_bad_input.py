@@ -191,3 +191,31 @@ def test_the_policy_type_takes_decimal_and_hex():
 
     given = ("0x1", "5", "0X3", " 0x0005 ", 7, "0xffffffff")
     assert [POLICY.convert(v, None, None) for v in given] == [1, 5, 3, 5, 7, 0xFFFF_FFFF]
+
+
+def test_vm_run_takes_dh_cert_and_session_together_or_not_at_all(tmp_path, capsys):
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(bytes(64 << 10))
+    godh = tmp_path / "vm_godh.b64"
+    godh.write_text("AAAA\n")
+    state = tmp_path / "state"
+    for flag in ("--dh-cert-file", "--session-file"):
+        args = ["vm", "run", "--state", str(state), "--bios", str(fw), flag, str(godh)]
+        code, out, err = _run(args, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("sevsim vm run: error: --dh-cert-file and --session-file go together")
+    assert not state.exists()  # refused before any platform was started
+
+
+def test_the_vmm_keeps_its_own_check_of_the_session_files(tmp_path):
+    from test_vmm import config
+
+    from sevsim.host.vmm import Vmm, VmmError
+    from sevsim.profiles import get_profile
+    from sevsim.system import HostSystem
+
+    with HostSystem.start(get_profile("rome").with_(seed=3, dram_size=1 << 30)) as host:
+        vmm = Vmm(host, config(tmp_path, session_file=None))
+        with pytest.raises(VmmError, match="go together"):
+            vmm.start()
+        vmm.quit()

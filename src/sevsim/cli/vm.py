@@ -189,6 +189,8 @@ def run_cmd(**opts: Any) -> None:
         raise click.UsageError("an incoming or restored guest takes everything from its stream")
     if not opts["sev"] and not opts["bios"]:
         raise click.UsageError("--no-sev goes with --bios (migration and snapshots are SEV's)")
+    if (opts["dh_cert_file"] is None) != (opts["session_file"] is None):
+        raise click.UsageError("--dh-cert-file and --session-file go together ('owner session')")
     try:
         qmp_path = socket_path(opts["qmp"]) if opts["qmp"] else None
     except ValueError as exc:
