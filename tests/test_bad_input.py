@@ -219,3 +219,17 @@ def test_the_vmm_keeps_its_own_check_of_the_session_files(tmp_path):
         with pytest.raises(VmmError, match="go together"):
             vmm.start()
         vmm.quit()
+
+
+@pytest.mark.parametrize("spec", ["nope.sock", "unix:nope.sock", "unix:nope.sock,server=on"])
+def test_vm_qmp_names_the_socket_it_cannot_reach(spec, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["vm", "qmp", spec, "query-status"], capsys)
+    assert code == 1 and out == ""
+    assert (
+        err == "sevsim: error: cannot connect to QMP socket nope.sock: No such file or directory\n"
+    )
+    (tmp_path / "nope.sock").write_text("")  # a path, but nobody listening
+    code, out, err = _run(["vm", "qmp", spec, "query-status"], capsys)
+    assert code == 1 and err.startswith("sevsim: error: cannot connect to QMP socket nope.sock: ")
+    assert err.count("\n") == 1

@@ -357,9 +357,14 @@ def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
         args = json.loads(arguments) if arguments else {}
         if not isinstance(args, dict):
             raise ValueError("ARGUMENTS must be a JSON object")
-        client = QmpClient(socket_path(socket_spec))
-    except (ValueError, OSError) as exc:
+        path = socket_path(socket_spec)
+    except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        client = QmpClient(path)
+    except (OSError, QmpError) as exc:  # no socket, nobody listening, not a QMP server
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise click.ClickException(f"cannot connect to QMP socket {path}: {reason}") from None
     try:
         result = client.execute(command, **args)
         if isinstance(result, str):  # human-monitor-command: HMP's own text
