@@ -233,3 +233,26 @@ def test_vm_qmp_names_the_socket_it_cannot_reach(spec, tmp_path, monkeypatch, ca
     code, out, err = _run(["vm", "qmp", spec, "query-status"], capsys)
     assert code == 1 and err.startswith("sevsim: error: cannot connect to QMP socket nope.sock: ")
     assert err.count("\n") == 1
+
+
+def test_verify_chain_says_first_what_is_wrong_with_the_input(platform_dir, tmp_path, capsys):
+    from sevsim.certs.sev import CERT_SIZE
+
+    _, good = platform_dir  # a full chain: PDH, PEK, OCA, CEK, ASK, ARK
+    pdh, pek = good[:CERT_SIZE], good[CERT_SIZE : 2 * CERT_SIZE]
+    files = {
+        "random, a chain's size": (os.urandom(4 * CERT_SIZE), "first certificate is not an SEV"),
+        "random, longer": (os.urandom(12000), "first certificate is not an SEV certificate"),
+        "zeros": (bytes(4 * CERT_SIZE), "first certificate is not an SEV certificate (version 0"),
+        "PEK first": (pek + pdh + good[2 * CERT_SIZE :], "first certificate is not a PDH (its"),
+        "short": (good[:100], "too short for a chain"),
+    }
+    for name, (data, says) in files.items():
+        path = tmp_path / "chain.cert"
+        path.write_bytes(data)
+        with pytest.raises(SystemExit) as exc:
+            main(["verify-chain", str(path)])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2 and out == "", (name, out)
+        assert err.count("\n") == 1 and says in err, (name, err)
+        assert "AMD" not in err and "✘" not in err, (name, err)  # no root was guessed
