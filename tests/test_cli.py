@@ -211,6 +211,27 @@ def test_demo_prints_a_step_before_running_the_next(monkeypatch, capsys):
     assert [s["title"] for s in json.loads(out)["steps"]] == ["The first step", "The second step"]
 
 
+def test_the_demo_leaves_nothing_in_the_kds_cache(tmp_path, monkeypatch, capsys):
+    """~/.local/share/sevsim/kds does not grow run after run: the demo's platforms are
+    throwaway chips, known to the simulated KDS only while they exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SEVSIM_DATA", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    kds = tmp_path / ".local" / "share" / "sevsim" / "kds"
+
+    def cached() -> list[str]:
+        return sorted(p.name for p in kds.iterdir()) if kds.exists() else []
+
+    rounds = []
+    for _ in range(2):
+        for part in ("--sev", "--migrate"):  # migrate: two platforms, one exports its chain
+            code, out, _ = run(["demo", part, "--seed", "7", "--json"], capsys)
+            assert code == 0 and json.loads(out)["ok"]
+        rounds.append(cached())
+    assert rounds[1] == rounds[0] == []
+    assert (tmp_path / ".local" / "share" / "sevsim" / "amd-sim-root").is_dir()  # made once
+
+
 def test_bench_quick_json(capsys):
     code, out, _ = run(["bench", "--quick", "--json"], capsys)
     data = json.loads(out)

@@ -44,9 +44,10 @@ def migrate_story(profile: MachineProfile) -> Story:
     yield Working("migrating a counting guest to another platform")
     with tempfile.TemporaryDirectory(prefix="sevsim-migrate-") as tmp:
         work = Path(tmp)
-        a = HostSystem.start(profile, state_dir=work / "A")
+        # Two throwaway platforms (no state directories): nothing of them outlives the demo.
+        a = HostSystem.start(profile)
         other = None if profile.seed is None else profile.seed + 1  # another chip
-        b = HostSystem.start(profile.with_(seed=other), state_dir=work / "B")
+        b = HostSystem.start(profile.with_(seed=other))
         try:
             s = _story(a, b, work)
         finally:
