@@ -145,3 +145,114 @@ def test_every_qmp_command_refuses_malformed_arguments_and_the_server_lives_on(t
         thread.join(5)
         vmm.quit()
         host.close()
+
+
+# ---- usage errors at the edges: one line, the option named, nothing started -------------------
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("banana", "is not a number (decimal or 0x...)"),
+        ("0x1zz", "is not a number (decimal or 0x...)"),
+        ("0x100000000", "is not a 32-bit policy"),
+    ],
+)
+def test_every_policy_option_refuses_a_bad_policy_in_one_line(value, why, tmp_path, capsys):
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(bytes(64 << 10))
+    state, out = tmp_path / "state", tmp_path / "out"
+    commands = {
+        "--sev-policy": [
+            "vm", "run", "--state", str(state), "--bios", str(fw), "--sev-policy", value,
+        ],
+        "POLICY": ["owner", "session", "--dir", str(out), str(fw), value],
+        "--policy": [
+            "owner", "measure", "--firmware", str(fw), "--policy", value, "--api-major", "1",
+            "--api-minor", "55", "--build-id", "25", "--tik", str(fw), "--nonce", "A" * 22 + "==",
+        ],
+    }  # fmt: skip
+    for name, args in commands.items():
+        code, stdout, err = _run(args, capsys)
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("sevsim "), (name, err)
+        assert f"Invalid value for '{name}': '{value}' {why}" in err, (name, err)
+        assert "invalid literal" not in err and "Traceback" not in stdout + err
+    assert not state.exists() and not out.exists()
+
+
+def test_the_policy_type_takes_decimal_and_hex():
+    from sevsim.cli.options import POLICY
+
+    given = ("0x1", "5", "0X3", " 0x0005 ", 7, "0xffffffff")
+    assert [POLICY.convert(v, None, None) for v in given] == [1, 5, 3, 5, 7, 0xFFFF_FFFF]
+
+
+def test_vm_run_takes_dh_cert_and_session_together_or_not_at_all(tmp_path, capsys):
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(bytes(64 << 10))
+    godh = tmp_path / "vm_godh.b64"
+    godh.write_text("AAAA\n")
+    state = tmp_path / "state"
+    for flag in ("--dh-cert-file", "--session-file"):
+        args = ["vm", "run", "--state", str(state), "--bios", str(fw), flag, str(godh)]
+        code, out, err = _run(args, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith("sevsim vm run: error: --dh-cert-file and --session-file go together")
+    assert not state.exists()  # refused before any platform was started
+
+
+def test_the_vmm_keeps_its_own_check_of_the_session_files(tmp_path):
+    from test_vmm import config
+
+    from sevsim.host.vmm import Vmm, VmmError
+    from sevsim.profiles import get_profile
+    from sevsim.system import HostSystem
+
+    with HostSystem.start(get_profile("rome").with_(seed=3, dram_size=1 << 30)) as host:
+        vmm = Vmm(host, config(tmp_path, session_file=None))
+        with pytest.raises(VmmError, match="go together"):
+            vmm.start()
+        vmm.quit()
+
+
+@pytest.mark.parametrize("spec", ["nope.sock", "unix:nope.sock", "unix:nope.sock,server=on"])
+def test_vm_qmp_names_the_socket_it_cannot_reach(spec, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["vm", "qmp", spec, "query-status"], capsys)
+    assert code == 1 and out == ""
+    assert (
+        err == "sevsim: error: cannot connect to QMP socket nope.sock: No such file or directory\n"
+    )
+    (tmp_path / "nope.sock").write_text("")  # a path, but nobody listening
+    code, out, err = _run(["vm", "qmp", spec, "query-status"], capsys)
+    assert code == 1 and err.startswith("sevsim: error: cannot connect to QMP socket nope.sock: ")
+    assert err.count("\n") == 1
+
+
+def test_verify_chain_says_first_what_is_wrong_with_the_input(platform_dir, tmp_path, capsys):
+    from sevsim.certs.sev import CERT_SIZE
+
+    _, good = platform_dir  # a full chain: PDH, PEK, OCA, CEK, ASK, ARK
+    pdh, pek = good[:CERT_SIZE], good[CERT_SIZE : 2 * CERT_SIZE]
+    files = {
+        "random, a chain's size": (os.urandom(4 * CERT_SIZE), "first certificate is not an SEV"),
+        "random, longer": (os.urandom(12000), "first certificate is not an SEV certificate"),
+        "zeros": (bytes(4 * CERT_SIZE), "first certificate is not an SEV certificate (version 0"),
+        "PEK first": (pek + pdh + good[2 * CERT_SIZE :], "first certificate is not a PDH (its"),
+        "short": (good[:100], "too short for a chain"),
+    }
+    for name, (data, says) in files.items():
+        path = tmp_path / "chain.cert"
+        path.write_bytes(data)
+        with pytest.raises(SystemExit) as exc:
+            main(["verify-chain", str(path)])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 2 and out == "", (name, out)
+        assert err.count("\n") == 1 and says in err, (name, err)
+        assert "AMD" not in err and "✘" not in err, (name, err)  # no root was guessed

@@ -158,6 +158,80 @@ def test_demo_renders_for_people():
     assert "Traceback" not in out.stderr
 
 
+def test_demo_shows_each_step_while_it_runs():
+    """The first step's panel reaches a pipe while the process is still running: the demo
+    streams its steps instead of printing them all at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sevsim", "demo", "--sev", "--seed", "7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines, running_at_first_title = [], None
+    for line in proc.stdout:  # line by line, as it arrives
+        lines.append(line)
+        if running_at_first_title is None and "1. Start two SEV guests" in line:
+            running_at_first_title = proc.poll() is None
+    err = proc.stderr.read()
+    assert proc.wait() == 0, err
+    assert running_at_first_title is True
+    assert "4. " in "".join(lines) and "checks passed" in lines[-1]
+    assert err == ""  # no progress line when stderr is not a terminal
+
+
+def test_demo_prints_a_step_before_running_the_next(monkeypatch, capsys):
+    """Each step is on stdout before the next one starts; --json prints one document, once,
+    at the end; the exit code follows the checks."""
+    import importlib
+
+    from sevsim.demo import Step, Working
+
+    demo_cli = importlib.import_module("sevsim.cli.demo")  # the module, not the command
+
+    seen = []
+
+    def fake_steps(profile, **parts):
+        yield Working("the first")
+        first = Step("The first step", "one")
+        first.check("it holds", True)
+        yield first
+        seen.append(capsys.readouterr().out)  # what was printed before step 2 ran
+        yield Working("the second")
+        second = Step("The second step", "two")
+        second.check("it fails", False)
+        yield second
+
+    monkeypatch.setattr(demo_cli, "demo_steps", fake_steps)
+    code, out, err = run(["demo"], capsys)
+    assert "1. The first step" in seen[0] and "The second step" not in seen[0]
+    assert code == 1 and "2. The second step" in out and "1 of 2 checks failed" in out
+    seen.clear()
+    code, out, err = run(["demo", "--json"], capsys)
+    assert seen == [""] and code == 1
+    assert [s["title"] for s in json.loads(out)["steps"]] == ["The first step", "The second step"]
+
+
+def test_the_demo_leaves_nothing_in_the_kds_cache(tmp_path, monkeypatch, capsys):
+    """~/.local/share/sevsim/kds does not grow run after run: the demo's platforms are
+    throwaway chips, known to the simulated KDS only while they exist."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SEVSIM_DATA", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    kds = tmp_path / ".local" / "share" / "sevsim" / "kds"
+
+    def cached() -> list[str]:
+        return sorted(p.name for p in kds.iterdir()) if kds.exists() else []
+
+    rounds = []
+    for _ in range(2):
+        for part in ("--sev", "--migrate"):  # migrate: two platforms, one exports its chain
+            code, out, _ = run(["demo", part, "--seed", "7", "--json"], capsys)
+            assert code == 0 and json.loads(out)["ok"]
+        rounds.append(cached())
+    assert rounds[1] == rounds[0] == []
+    assert (tmp_path / ".local" / "share" / "sevsim" / "amd-sim-root").is_dir()  # made once
+
+
 def test_bench_quick_json(capsys):
     code, out, _ = run(["bench", "--quick", "--json"], capsys)
     data = json.loads(out)

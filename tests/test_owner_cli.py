@@ -161,7 +161,7 @@ def test_vm_runs_to_completion_without_qmp(tmp_path, capsys):
         (["-m", "lots"], "not a size"),
         (["--daemonize"], "needs --qmp"),
         (["--append", "x"], "go with --kernel"),
-        (["--sev-policy", "zero"], "invalid literal"),
+        (["--sev-policy", "zero"], "'zero' is not a number (decimal or 0x...)"),
     ],
 )
 def test_vm_run_bad_input(tmp_path, capsys, args, message):

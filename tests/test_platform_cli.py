@@ -157,3 +157,41 @@ def test_a_busy_platform_is_a_clear_error(env, capsys):
     finally:
         holder.close()
     assert code == 1 and "in use by another process" in err
+
+
+def test_the_kds_keeps_only_the_chips_that_still_exist(tmp_path):
+    """A platform with a state directory is registered on disk until that directory is
+    gone; a platform without one is known to the process while it exists, never on disk."""
+    import gc
+    import shutil
+
+    from sevsim.amd.kds import KeyDistributionService, UnknownChip
+    from sevsim.profiles import get_profile
+    from sevsim.system import HostSystem
+
+    data, kds = tmp_path / "data", tmp_path / "data" / "kds"
+    profile = get_profile("naples").with_(dram_size=1 << 30)  # RSA-2048 roots: quick to make
+
+    def cached() -> set[str]:
+        return {p.stem for p in kds.glob("*.json")}
+
+    with HostSystem.start(profile, state_dir=tmp_path / "one", data_dir=data) as one:
+        first = one.export_chain()
+        one_id = one.chip_id().hex()
+        assert one.export_chain().encode() == first.encode()  # signed once, then served
+    assert cached() == {one_id} and (kds / f"{one_id}.cek").exists()
+    (kds / "0123abcd.json").write_text('{"generation": "naples", "cek": "00"}')  # older sevsim
+    shutil.rmtree(tmp_path / "one")  # a temporary platform, gone
+    with HostSystem.start(profile, state_dir=tmp_path / "two", data_dir=data) as two:
+        two_id = two.chip_id().hex()
+    assert cached() == {two_id} and sorted(p.name for p in kds.iterdir()) == [f"{two_id}.json"]
+    with HostSystem.start(profile.with_(seed=11), data_dir=data) as throwaway:
+        chip = throwaway.chip_id()
+        chain = throwaway.export_chain(full=True)
+        assert chain.cek.signers()[0] == Usage.ASK
+        assert throwaway.export_chain().cek == chain.cek
+    assert cached() == {two_id}  # nothing of the throwaway chip on disk
+    del throwaway
+    gc.collect()
+    with pytest.raises(UnknownChip):  # and, once it is gone, nothing in memory either
+        KeyDistributionService(data).cek_cert(chip)

@@ -2,7 +2,8 @@
 
 A platform with a state directory keeps its fuses there (``fuses.bin``), so the same chip
 comes back in every process; PLATFORM_RESET does not touch them (fuses are not flash).
-Without a state directory the fuses derive from the profile seed, or are random.
+Without a state directory the fuses derive from the profile seed, or are random, and the
+KDS knows the chip only while its fuses exist (``sevsim.amd.kds``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sevsim.amd.kds import KeyDistributionService
+from sevsim.amd.kds import FUSES_FILE, KeyDistributionService, Registration
 from sevsim.certs.sev import Algo, SevCert, Usage
 from sevsim.fsutil import atomic_write
 from sevsim.profiles import MachineProfile
 from sevsim.psp import identity
 from sevsim.soc.rng import EntropySource
-
-FUSES_FILE = "fuses.bin"
 
 
 @dataclass(frozen=True)
@@ -29,6 +28,8 @@ class ChipFuses:
     # root of their generation, so they accept simulated platforms and refuse real ones.
     ark_key_id: bytes = b""
     ark_hash: bytes = b""
+    # A chip without a state directory: the KDS's entry for it lives as long as this does.
+    kds_registration: Registration | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"<ChipFuses {self.generation} (chip-unique key not shown)>"
@@ -50,7 +51,6 @@ def manufacture(
     fuses = ChipFuses(generation, cuk)
     if kds is not None:
         ark = kds.ark(generation)
-        fuses = ChipFuses(generation, cuk, ark.key_id, ark.public_key_hash())
         cek = SevCert.create(
             Usage.CEK,
             Algo.ECDSA_SHA256,
@@ -58,5 +58,6 @@ def manufacture(
             profile.fw_api_major,
             profile.fw_api_minor,
         )
-        kds.register(identity.chip_id(cuk), generation, cek)
+        registration = kds.register(identity.chip_id(cuk), generation, cek, state_dir)
+        fuses = ChipFuses(generation, cuk, ark.key_id, ark.public_key_hash(), registration)
     return fuses

@@ -72,8 +72,8 @@ def decode_chain(data: bytes) -> SevChain:
     sev_len = 4 * CERT_SIZE
     if len(data) < sev_len:
         raise CertError(
-            f"a chain is PDH, PEK, OCA and CEK ({sev_len} bytes) optionally followed by "
-            f"ASK and ARK; this file has {len(data)} bytes"
+            f"too short for a chain: PDH, PEK, OCA and CEK take {sev_len} bytes (optionally "
+            f"followed by ASK and ARK); this file has {len(data)} bytes"
         )
     chain = SevChain(*(_sev(data, i, n) for i, n in enumerate(("PDH", "PEK", "OCA", "CEK"))))
     rest = data[sev_len:]
@@ -83,8 +83,35 @@ def decode_chain(data: bytes) -> SevChain:
             chain.ask = AmdCert.parse(rest[:ask_len])
             chain.ark = AmdCert.parse(rest[ask_len:])
         except CertError as exc:
+            check_shape(chain)  # garbage from the start: say so about its first certificate
             raise CertError(f"after the CEK: expected ASK and ARK: {exc}") from None
     return chain
+
+
+PLACES = [
+    ("first", "PDH", Usage.PDH),
+    ("second", "PEK", Usage.PEK),
+    ("third", "OCA", Usage.OCA),
+    ("fourth", "CEK", Usage.CEK),
+]
+
+
+def check_shape(chain: SevChain) -> None:
+    """Raise CertError, in words, if the chain's certificates are not SEV certificates in
+    their places (version 1; PDH, PEK, OCA, CEK in that order): input that is not a chain
+    at all, for which no root is worth choosing. A well-formed chain with a bad key or
+    signature passes: ``verify_chain`` says which link fails."""
+    for (place, name, usage), cert in zip(
+        PLACES, (chain.pdh, chain.pek, chain.oca, chain.cek), strict=True
+    ):
+        if cert.version != 1:
+            version = str(cert.version) if cert.version < 256 else f"{cert.version:#x}"
+            raise CertError(
+                f"the {place} certificate is not an SEV certificate (version {version}, not 1)"
+            )
+        if cert.usage != usage:
+            found = cert.usage.name if cert.usage is not None else f"{cert.fields.pubkey_usage:#x}"
+            raise CertError(f"the {place} certificate is not a {name} (its key usage is {found})")
 
 
 def decode_pdh(data: bytes) -> SevCert:

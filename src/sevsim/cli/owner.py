@@ -15,7 +15,7 @@ from sevsim.api import guidtable
 from sevsim.api import policy as pol
 from sevsim.certs.chain import decode_chain
 from sevsim.certs.sev import CERT_SIZE, CertError, SevCert
-from sevsim.cli.options import json_option
+from sevsim.cli.options import POLICY, json_option
 from sevsim.fsutil import atomic_write
 from sevsim.owner import ca as owner_ca
 from sevsim.owner import measure as measure_mod
@@ -92,7 +92,7 @@ def _key_file(path: Path, what: str) -> bytes:
 
 @owner.command("session")
 @click.argument("pdh_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("policy")
+@click.argument("policy", type=POLICY)
 @click.option("--name", default="vm", show_default=True, help="Prefix of the four files.")
 @click.option(
     "--dir",
@@ -110,7 +110,7 @@ def _key_file(path: Path, what: str) -> bytes:
 )
 @json_option
 def session_cmd(
-    pdh_file: Path, policy: str, name: str, directory: Path, root: str, as_json: bool
+    pdh_file: Path, policy: int, name: str, directory: Path, root: str, as_json: bool
 ) -> None:
     """Start a launch session with a platform: NAME_godh.b64, NAME_session.b64 (give them
     to the VMM, e.g. QEMU's dh-cert-file and session-file) and NAME_tek.bin, NAME_tik.bin
@@ -120,9 +120,6 @@ def session_cmd(
     [, ASK, ARK]) — then every link is verified first and nothing is written if one fails.
     POLICY is the guest policy (e.g. 0x1: no debugging).
     """
-    value = _int(policy, "POLICY")
-    if not 0 <= value < 1 << 32:
-        raise click.UsageError("POLICY is a 32-bit value")
     data = pdh_file.read_bytes()
     try:
         if len(data) == CERT_SIZE:
@@ -137,18 +134,18 @@ def session_cmd(
                     f"{failure.check}: {failure.reason}); no session written"
                 )
             pdh, verified = chain.pdh, report.root
-        started = session_mod.start(pdh, value)
+        started = session_mod.start(pdh, policy)
     except (CertError, TrustError) as exc:
         raise click.UsageError(f"{pdh_file}: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
     paths = started.write(directory, name)
     if as_json:
         out = {k: str(v) for k, v in paths.items()}
-        click.echo(json.dumps(out | {"policy": value, "chain_verified_against": verified}))
+        click.echo(json.dumps(out | {"policy": policy, "chain_verified_against": verified}))
         return
     if verified:
         click.echo(f"The chain verifies against the {verified} root.")
-    click.echo(f"Session for policy {value:#x} ({pol.describe(value)}):")
+    click.echo(f"Session for policy {policy:#x} ({pol.describe(policy)}):")
     for kind, path in paths.items():
         click.echo(f"  {kind:8} {path}")
 
@@ -159,7 +156,7 @@ def session_cmd(
 @click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--cmdline", help="The kernel command line given to the VMM (--append).")
 @click.option("--launch-digest", help="The launch digest itself (base64), instead of files.")
-@click.option("--policy", required=True, help="The guest policy (decimal or 0x...).")
+@click.option("--policy", required=True, type=POLICY, help="The guest policy (decimal or 0x...).")
 @click.option("--api-major", required=True, help="The platform's SEV API major version.")
 @click.option("--api-minor", required=True, help="... minor version.")
 @click.option("--build-id", required=True, help="... and firmware build.")
@@ -175,7 +172,7 @@ def measure_cmd(
     initrd: Path | None,
     cmdline: str | None,
     launch_digest: str | None,
-    policy: str,
+    policy: int,
     api_major: str,
     api_minor: str,
     build_id: str,
@@ -200,10 +197,9 @@ def measure_cmd(
         raise click.UsageError("--kernel/--initrd/--cmdline go with --firmware")
     if kernel is None and (initrd or cmdline is not None):
         raise click.UsageError("--initrd and --cmdline need --kernel (QEMU measures them with it)")
-    numbers = [
+    numbers = [policy] + [
         _int(v, n)
         for v, n in (
-            (policy, "--policy"),
             (api_major, "--api-major"),
             (api_minor, "--api-minor"),
             (build_id, "--build-id"),

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from sevsim.certs.sev import CertError
-from sevsim.cli.options import json_option
+from sevsim.cli.options import POLICY, json_option
 from sevsim.cli.platform import _platform_options
 from sevsim.fsutil import LockBusy, atomic_write
 from sevsim.guest import firmware as guest_firmware
@@ -119,7 +119,11 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
 @click.option("--memory", "-m", default="512M", show_default=True, help="Guest RAM.")
 @click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64), help="vCPUs.")
 @click.option(
-    "--sev-policy", default="0x1", show_default=True, help="The guest policy (decimal or 0x...)."
+    "--sev-policy",
+    type=POLICY,
+    default="0x1",
+    show_default=True,
+    help="The guest policy (decimal or 0x...).",
 )
 @click.option(
     "--sev/--no-sev",
@@ -185,9 +189,10 @@ def run_cmd(**opts: Any) -> None:
         raise click.UsageError("an incoming or restored guest takes everything from its stream")
     if not opts["sev"] and not opts["bios"]:
         raise click.UsageError("--no-sev goes with --bios (migration and snapshots are SEV's)")
+    if (opts["dh_cert_file"] is None) != (opts["session_file"] is None):
+        raise click.UsageError("--dh-cert-file and --session-file go together ('owner session')")
     try:
         qmp_path = socket_path(opts["qmp"]) if opts["qmp"] else None
-        policy = int(opts["sev_policy"], 0)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     profile = get_profile(opts["profile_name"])
@@ -196,7 +201,7 @@ def run_cmd(**opts: Any) -> None:
         firmware=opts["bios"],
         memory=parse_size(opts["memory"], "--memory"),
         smp=opts["smp"],
-        policy=policy if opts["sev"] else 0,
+        policy=opts["sev_policy"] if opts["sev"] else 0,
         sev=opts["sev"],
         dh_cert_file=opts["dh_cert_file"],
         session_file=opts["session_file"],
@@ -352,9 +357,14 @@ def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
         args = json.loads(arguments) if arguments else {}
         if not isinstance(args, dict):
             raise ValueError("ARGUMENTS must be a JSON object")
-        client = QmpClient(socket_path(socket_spec))
-    except (ValueError, OSError) as exc:
+        path = socket_path(socket_spec)
+    except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        client = QmpClient(path)
+    except (OSError, QmpError) as exc:  # no socket, nobody listening, not a QMP server
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise click.ClickException(f"cannot connect to QMP socket {path}: {reason}") from None
     try:
         result = client.execute(command, **args)
         if isinstance(result, str):  # human-monitor-command: HMP's own text

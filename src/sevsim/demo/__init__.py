@@ -2,7 +2,8 @@
 
 Each step says what happens, shows what the CPU sees next to what DRAM holds (the view of a
 physical attacker with a cold-boot dump) and, for guests, what the hypervisor reads; and it
-checks that the machine behaved as the architecture says. The CLI renders the steps; this
+checks that the machine behaved as the architecture says. The CLI renders the steps as
+each completes (``demo_steps`` yields them, with ``Working`` notes of what comes next); this
 package only runs them: ``sme`` (SME, TSME, the platform's identity), ``attest`` (launch
 attestation with a remote owner), ``sev`` (guests side by side), ``migrate``
 (a guest moving to another platform), ``io`` (an SEV guest's
@@ -11,6 +12,7 @@ disk, its bounce buffers, DMA) and ``attacks`` (the attack lab, staged and check
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +22,10 @@ from sevsim.demo.io import io_story
 from sevsim.demo.migrate import migrate_story
 from sevsim.demo.sev import sev_story
 from sevsim.demo.sme import sme_story, tsme_story
-from sevsim.demo.steps import Check, Step, Table, View
+from sevsim.demo.steps import Check, Step, Table, View, Working
 from sevsim.profiles import MachineProfile
 
-__all__ = ["Check", "DemoResult", "Step", "Table", "View", "run_demo"]
+__all__ = ["Check", "DemoResult", "Step", "Table", "View", "Working", "demo_steps", "run_demo"]
 
 
 @dataclass
@@ -64,7 +66,7 @@ class DemoResult:
         }
 
 
-def run_demo(
+def demo_steps(
     profile: MachineProfile,
     sme: bool = True,
     attest: bool = True,
@@ -73,23 +75,29 @@ def run_demo(
     tsme: bool = True,
     attacks: bool = True,
     migrate: bool = True,
-) -> DemoResult:
+) -> Iterator[Step | Working]:
     """The SME story (without TSME), launch attestation, SEV guests side by side, a
     migration, an SEV guest's disk and DMA, SME again with TSME, then the attacks; any of
-    them may be left out."""
-    steps = sme_story(profile.with_(tsme=False)) if sme else []
-    if attest:
-        steps += attest_story(profile.with_(tsme=False))
-    if sev:
-        steps += sev_story(profile.with_(tsme=False))
-    if migrate:
-        steps += migrate_story(profile.with_(tsme=False))
-    if io:
-        steps += io_story(profile.with_(tsme=False))
-    if tsme:
-        steps += tsme_story(profile.with_(tsme=True))
-    if attacks:
-        steps += attack_story(profile.with_(tsme=False))
+    them may be left out. Each step is yielded as soon as it is complete, after a
+    ``Working`` note of what is being done for it."""
+    plain, with_tsme = profile.with_(tsme=False), profile.with_(tsme=True)
+    parts = [
+        (sme, sme_story, plain),
+        (attest, attest_story, plain),
+        (sev, sev_story, plain),
+        (migrate, migrate_story, plain),
+        (io, io_story, plain),
+        (tsme, tsme_story, with_tsme),
+        (attacks, attack_story, plain),
+    ]
+    for wanted, story, story_profile in parts:
+        if wanted:
+            yield from story(story_profile)
+
+
+def run_demo(profile: MachineProfile, **parts: bool) -> DemoResult:
+    """All of ``demo_steps`` (the same keyword arguments), collected."""
+    steps = [s for s in demo_steps(profile, **parts) if isinstance(s, Step)]
     return DemoResult(profile.name, steps)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sevsim.attacks import ATTACKS, AttackResult
-from sevsim.demo.steps import Step
+from sevsim.demo.steps import Step, Story, Working
 from sevsim.profiles import MachineProfile
 
 Expect = Callable[[AttackResult, Step], None]
@@ -95,13 +95,14 @@ EXPECTED: dict[str, Expect] = {
 }
 
 
-def attack_story(profile: MachineProfile) -> list[Step]:
-    steps = []
+def attack_story(profile: MachineProfile) -> Story:
     for name, expect in EXPECTED.items():
         runs = [profile]
         if name == "cipher-move":  # both engines: the point is the difference
             runs = [profile.with_(engine_mode="xe"), profile.with_(engine_mode="xex")]
         for run_profile in runs:
+            engine = f" ({run_profile.engine_mode})" if len(runs) > 1 else ""
+            yield Working(f"staging the attack {name}{engine}")
             r = ATTACKS[name].run(run_profile)
             title = f"Attack: {r.title}" + (f" ({r.engine})" if len(runs) > 1 else "")
             s = Step(title, r.explanation)
@@ -115,5 +116,4 @@ def attack_story(profile: MachineProfile) -> list[Step]:
                 command += f" --engine {r.engine}"
             s.facts.append(("command", command))
             expect(r, s)
-            steps.append(s)
-    return steps
+            yield s

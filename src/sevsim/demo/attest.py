@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.certs.chain import verify_chain
-from sevsim.demo.steps import Step
+from sevsim.demo.steps import Step, Story, Working
 from sevsim.guest import firmware as guest_firmware
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.owner import measure, secret, session
@@ -28,17 +28,17 @@ SECRET = b"disk key: 7f3c9a11d2e84b60a5f1c0de"
 SECRET_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
 
 
-def attest_story(profile: MachineProfile) -> list[Step]:
+def attest_story(profile: MachineProfile) -> Story:
+    yield Working("the guest owner opens a session with a platform")
     system = HostSystem.start(profile)
     try:
         with tempfile.TemporaryDirectory(prefix="sevsim-owner-") as owner_dir:
-            return _story(system, Path(owner_dir))
+            yield from _story(system, Path(owner_dir))
     finally:
         system.close()
 
 
-def _story(system: HostSystem, owner_dir: Path) -> list[Step]:
-    steps = []
+def _story(system: HostSystem, owner_dir: Path) -> Story:
     firmware = owner_dir / "OVMF.fd"  # the owner and the VMM use the same published image
     firmware.write_bytes(guest_firmware.build_image())
     chain = system.export_chain()
@@ -60,9 +60,10 @@ def _story(system: HostSystem, owner_dir: Path) -> list[Step]:
         ],
     )
     s.check("the platform's chain verifies", report.ok)
-    steps.append(s)
+    yield s
 
     # The launch, paused before LAUNCH_FINISH; the owner checks the measurement.
+    yield Working("the VMM launches the guest; the owner checks the measurement")
     vmm = _vmm(system, firmware, files, POLICY)
     vmm.start()
     major, minor, build = system.sev.api_version
@@ -84,11 +85,13 @@ def _story(system: HostSystem, owner_dir: Path) -> list[Step]:
     )
     s.check("the owner's expected measurement matches", verdict.ok)
     s.check("the guest waits in LAUNCH_SECRET state", vmm.query_sev()["state"] == "launch-secret")
-    steps.append(s)
+    yield s
 
-    steps.append(_tamper_step(system, owner, owner_dir, firmware, files))
+    yield Working("launching a patched firmware and a weaker policy")
+    yield _tamper_step(system, owner, owner_dir, firmware, files)
 
     # The secret, and the guest using it.
+    yield Working("the owner sends a secret; the guest runs")
     entries = [(SECRET_GUID, SECRET)]
     vmm.inject_secret(*secret.secrets_table_packet_b64(owner.tek, owner.tik, blob, entries), None)
     vmm.cont()
@@ -116,9 +119,8 @@ def _story(system: HostSystem, owner_dir: Path) -> list[Step]:
         "the hypervisor reads only ciphertext in the secret area",
         SECRET not in vmm.vm.read(secret_gpa, 0xC00),
     )
-    steps.append(s)
     vmm.quit()
-    return steps
+    yield s
 
 
 def _vmm(system: HostSystem, firmware: Path, files: dict[str, Path], policy: int) -> Vmm:

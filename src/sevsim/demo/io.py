@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sevsim.attacks.physical import ColdBootDump
-from sevsim.demo.steps import Step, View
+from sevsim.demo.steps import Step, Story, View, Working
 from sevsim.guest import disk as guest_disk
 from sevsim.guest import firmware as guest_firmware
 from sevsim.guest import kernel as guest_kernel
@@ -36,17 +36,18 @@ DEVICE_ID = 0x0300  # 00:00.0 on bus 3: a NIC, say
 DEVICE_DATA = b"written by a device's DMA straight into the guest's page.".ljust(64, b".")
 
 
-def io_story(profile: MachineProfile) -> list[Step]:
+def io_story(profile: MachineProfile) -> Story:
+    yield Working("an SEV guest writes its disk through bounce buffers")
     system = HostSystem.start(profile)
     try:
         with tempfile.TemporaryDirectory(prefix="sevsim-io-") as tmp:
             work = Path(tmp)
             (work / "OVMF.fd").write_bytes(guest_firmware.build_image(64 << 10))
-            return [
-                _disk_step(system, work, encrypted=False),
-                _disk_step(system, work, encrypted=True),
-                _dma_step(system),
-            ]
+            yield _disk_step(system, work, encrypted=False)
+            yield Working("the same disk, encrypted with a key sent as a launch secret")
+            yield _disk_step(system, work, encrypted=True)
+            yield Working("a device's DMA at a private page")
+            yield _dma_step(system)
     finally:
         system.close()
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sevsim.attacks.physical import ColdBootDump
-from sevsim.demo.steps import Step
+from sevsim.demo.steps import Step, Story, Working
 from sevsim.guest import firmware as guest_firmware
 from sevsim.host.migration import TargetChain
 from sevsim.host.vmm import VmConfig, Vmm
@@ -40,20 +40,23 @@ def _wait(condition, timeout: float = 30) -> bool:
     return True
 
 
-def migrate_story(profile: MachineProfile) -> list[Step]:
+def migrate_story(profile: MachineProfile) -> Story:
+    yield Working("migrating a counting guest to another platform")
     with tempfile.TemporaryDirectory(prefix="sevsim-migrate-") as tmp:
         work = Path(tmp)
-        a = HostSystem.start(profile, state_dir=work / "A")
+        # Two throwaway platforms (no state directories): nothing of them outlives the demo.
+        a = HostSystem.start(profile)
         other = None if profile.seed is None else profile.seed + 1  # another chip
-        b = HostSystem.start(profile.with_(seed=other), state_dir=work / "B")
+        b = HostSystem.start(profile.with_(seed=other))
         try:
-            return _story(a, b, work)
+            s = _story(a, b, work)
         finally:
             a.close()
             b.close()
+    yield s
 
 
-def _story(a: HostSystem, b: HostSystem, work: Path) -> list[Step]:
+def _story(a: HostSystem, b: HostSystem, work: Path) -> Step:
     (work / "fw.fd").write_bytes(guest_firmware.build_image(64 << 10))
     src = Vmm(
         a,
@@ -119,7 +122,7 @@ def _story(a: HostSystem, b: HostSystem, work: Path) -> list[Step]:
         s.check("it resumed where it was (no restart from zero)", resumed and on_b[0] >= last_on_a)
         s.check("and keeps counting on the new platform", resumed and on_b[-1] > on_b[0])
         s.check("the same private memory is different ciphertext on B (a new VEK)", before != after)
-        return [s]
+        return s
     finally:
         src.quit()
         dst.quit()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
 from sevsim.attacks.physical import ColdBootDump
-from sevsim.demo.steps import Step, Table, View
+from sevsim.demo.steps import Step, Story, Table, View, Working
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import RunExit, Vm
 from sevsim.profiles import MachineProfile
@@ -135,18 +135,21 @@ class _Story:
         )
 
 
-def sev_story(profile: MachineProfile) -> list[Step]:
+def sev_story(profile: MachineProfile) -> Story:
     profile = two_sev_asids(profile)
+    yield Working("booting two SEV guests and an ordinary VM")
     system = HostSystem.start(profile)
     try:
         story = _Story(system)
-        steps = [_launch_step(story)]
-        steps.append(_views_step(story))
-        steps.append(_swap_step(story))
-        steps.append(_recycle_step(story))
+        yield _launch_step(story)
+        yield Working("reading each guest's secret as the guest, the hypervisor and DRAM")
+        yield _views_step(story)
+        yield Working("swapping the guests' ASIDs")
+        yield _swap_step(story)
+        yield Working("tearing guests down and recycling ASIDs")
+        yield _recycle_step(story)
         for vm in story.vms.values():
             vm.destroy()
-        return steps
     finally:
         system.close()
 

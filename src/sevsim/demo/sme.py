@@ -12,7 +12,7 @@ import hashlib
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.certs.chain import SevChain, builtin_root, verify_chain
 from sevsim.certs.sev import SevCert
-from sevsim.demo.steps import Step, View
+from sevsim.demo.steps import Step, Story, View, Working
 from sevsim.host import HostKernel
 from sevsim.host.sev import SevDevice
 from sevsim.owner.trust import choose_root
@@ -42,8 +42,8 @@ def _view(
     return View(label, mapping, pa, kernel.read(va, n), dump.read(pa, n))
 
 
-def sme_story(profile: MachineProfile) -> list[Step]:
-    steps = []
+def sme_story(profile: MachineProfile) -> Story:
+    yield Working(f"powering on an {profile.part}")
     platform = Platform(profile)
     machine = platform.machine
     core = machine.cores[0]
@@ -67,9 +67,10 @@ def sme_story(profile: MachineProfile) -> list[Step]:
     )
     s.check("CPUID reports SME", eax & 1)
     s.check("SYSCFG[23] MemEncryptionModEn is set", syscfg & msr.SYSCFG_MEM_ENCRYPT)
-    steps.append(s)
+    yield s
 
     # 2. Boot the host kernel with SME.
+    yield Working("booting Linux with mem_encrypt=on")
     kernel = HostKernel(core, cmdline="mem_encrypt=on")
     report = kernel.boot()
     banner = kernel.image[:48]
@@ -107,13 +108,14 @@ def sme_story(profile: MachineProfile) -> list[Step]:
         "the only plaintext copy left is in the work area's copy buffer",
         copies and copies == in_buffer,
     )
-    steps.append(s)
+    yield s
 
     # 3. The SEV platform, and the guest owner checking who it is.
+    yield Working("the guest owner authenticates the platform")
     sev = SevDevice(kernel, platform.mailbox)
     probe = sev.probe()
     system = HostSystem(platform, kernel, sev)
-    steps.append(_authenticate_step(system, probe.ok))
+    yield _authenticate_step(system, probe.ok)
 
     # 4. A secret through C=1, a public string through C=0.
     secret_va, public_va = _write_secret_and_public(kernel)
@@ -126,9 +128,10 @@ def sme_story(profile: MachineProfile) -> list[Step]:
     before = _view("secret, before write-back", "C=1", kernel, dump, secret_va, len(SECRET))
     s.views.append(before)
     s.check("before write-back, DRAM does not hold the secret yet", before.dram_holds != SECRET)
-    steps.append(s)
+    yield s
 
     # 5. Write back and compare.
+    yield Working("flushing the caches and searching the DRAM dump")
     written = core.wbinvd()
     secret_view = _view("secret", "C=1", kernel, dump, secret_va, len(SECRET))
     public_view = _view("public string", "C=0", kernel, dump, public_va, len(PUBLIC))
@@ -149,7 +152,7 @@ def sme_story(profile: MachineProfile) -> list[Step]:
         "the dump finds the public string at its address",
         dump.find(PUBLIC) == [public_view.physical_address],
     )
-    steps.append(s)
+    yield s
 
     # 6. The C-bit selects a key; it does not convert data.
     kernel.set_memory_decrypted(secret_va, 1)
@@ -166,8 +169,7 @@ def sme_story(profile: MachineProfile) -> list[Step]:
         "through C=0 the CPU reads the ciphertext, not the secret",
         flipped.cpu_reads == secret_view.dram_holds,
     )
-    steps.append(s)
-    return steps
+    yield s
 
 
 def _authenticate_step(system: HostSystem, probed: bool) -> Step:
@@ -208,7 +210,8 @@ def _authenticate_step(system: HostSystem, probed: bool) -> Step:
     return s
 
 
-def tsme_story(profile: MachineProfile) -> list[Step]:
+def tsme_story(profile: MachineProfile) -> Story:
+    yield Working("rebooting with Transparent SME")
     machine = Machine(profile)
     core = machine.cores[0]
     dump = ColdBootDump(machine)
@@ -236,4 +239,4 @@ def tsme_story(profile: MachineProfile) -> list[Step]:
     s.check(
         "the kernel's own boot-time image is ciphertext in DRAM", not dump.find(kernel.image[:48])
     )
-    return [s]
+    yield s

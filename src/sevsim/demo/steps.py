@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -43,3 +44,14 @@ class Step:
     def check(self, what: str, ok: bool) -> bool:
         self.checks.append(Check(what, bool(ok)))
         return bool(ok)
+
+
+@dataclass(frozen=True)
+class Working:
+    """Yielded by a story before a step's work begins: what is being done, for a progress
+    line. It is not part of the result."""
+
+    what: str
+
+
+Story = Iterator[Step | Working]  # a part of the demo: its steps, each yielded once complete

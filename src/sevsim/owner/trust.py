@@ -11,6 +11,7 @@ from sevsim.certs.chain import (
     ChainReport,
     SevChain,
     builtin_root,
+    check_shape,
     verify_chain,
 )
 from sevsim.certs.sev import check_signed_by
@@ -51,4 +52,7 @@ def choose_root(chain: SevChain, root: str, data_dir: Path) -> CaRoot:
 
 
 def verify(chain: SevChain, root: str, data_dir: Path) -> ChainReport:
+    """Every link against the chosen root. Raises CertError first, without choosing a root,
+    if the input is no chain at all (``check_shape``)."""
+    check_shape(chain)
     return verify_chain(chain, choose_root(chain, root, data_dir))
