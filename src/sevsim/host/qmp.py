@@ -442,7 +442,7 @@ class QmpClient:
         else:
             if not address.port:
                 raise QmpAddressError(
-                    f"QMP address {address}: port 0 is for a server; give the port it printed"
+                    f"QMP address '{address}': port 0 is for a server; give the port it printed"
                 )
             self.sock = socket.create_connection(
                 (address.host or "localhost", address.port), timeout=timeout
