@@ -265,9 +265,15 @@ class QmpServer:
         }
 
         if address.wait:
-            if on_wait is not None:
-                on_wait(address)
-            self._pending, _ = self.sock.accept()
+            try:
+                if on_wait is not None:
+                    on_wait(address)
+                self._pending, _ = self.sock.accept()
+            except BaseException:  # ^C while waiting: leave no socket file behind
+                self.sock.close()
+                if self.path is not None:
+                    self.path.unlink(missing_ok=True)
+                raise
 
     # ---- serving ------------------------------------------------------------------------
     def serve_forever(self) -> None:
