@@ -290,3 +290,45 @@ def test_migration_and_snapshot_between_two_platform_processes(workdir):
     with closing(QmpClient(d / "c.sock")) as c:
         c.execute("quit")
     _wait_gone(pid_c)
+
+
+def test_a_vm_driven_over_qmp_on_tcp(workdir):
+    """`vm run --qmp tcp:127.0.0.1:0` takes a free port and says which; `vm qmp` and
+    `vm snapshot` reach it there, from other processes."""
+    d = workdir
+    sevsim("vm", "firmware", "fw.fd", "--size", "64K", cwd=d)
+    sevsim("platform", "export", "--state", "P", "--full", "p.cert", cwd=d)
+    vm = subprocess.Popen(
+        [sys.executable, "-m", "sevsim", "vm", "run", "--state", "P", "--bios", "fw.fd"]
+        + ["--memory", "32M", "--sev-policy", "0", "--console", "c.log", "--pidfile", "vm.pid"]
+        + ["--fw-cfg", "name=opt/sevsim/workload,string=count"]
+        + ["--qmp", "tcp:127.0.0.1:0,server=on,wait=off"],
+        cwd=d,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = vm.stderr.readline()
+        found = re.search(r"QMP on (tcp:127\.0\.0\.1:(\d+))$", line.strip())
+        assert found and int(found[2]) != 0, line
+        address = found[1]
+        status = sevsim("vm", "qmp", address, "query-status", cwd=d)
+        assert json.loads(status.stdout)["status"] == "prelaunch"
+        sevsim("vm", "qmp", address, "cont", cwd=d)
+        _wait_counts(d / "c.log")
+        snap = sevsim(
+            "vm", "snapshot", "--qmp", address, "--target-chain", "p.cert",
+            "--out", "guest.snap", "--json", cwd=d,
+        )  # fmt: skip
+        assert json.loads(snap.stdout)["status"] == "completed"
+        status = sevsim("vm", "qmp", address, "query-status", cwd=d)
+        assert json.loads(status.stdout)["status"] == "running"  # a snapshot leaves it running
+        sevsim("vm", "qmp", address, "quit", cwd=d)
+        assert vm.wait(30) == 0
+        assert not any(p.name.startswith("tcp:") for p in d.iterdir())
+    finally:
+        vm.kill()
+        vm.wait()
+        vm.stderr.close()

@@ -180,3 +180,35 @@ def test_vm_run_runs_any_firmware_image_from_the_reset_vector(tmp_path, capsys):
     fw.write_bytes(b"\xf4" * (64 << 10))
     code, out, err = run(["vm", "run", "--state", str(tmp_path / "p"), "--bios", str(fw)], capsys)
     assert code == 0 and out.startswith("launch measurement: ") and "vCPU stopped" not in out
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("tcp:127.0.0.1", "tcp:HOST:PORT needs a port"),
+        ("tcp:127.0.0.1:99999", "not 0..65535"),
+        ("udp:127.0.0.1:4444", "'udp:' is not offered"),
+        ("unix:qmp.sock,server=off", "always a listening server"),
+        ("unix:qmp.sock,reconnect=1", "'reconnect=1' is not offered"),
+    ],
+)
+def test_bad_qmp_addresses_are_usage_errors_and_create_nothing(
+    tmp_path, capsys, monkeypatch, spec, message
+):
+    """Every command that takes a QMP address: one line, exit 2, no file (until now a
+    tcp: address quietly became a Unix socket file called 'tcp:...')."""
+    monkeypatch.chdir(tmp_path)
+    run(["vm", "firmware", "fw.fd", "--size", "64K"], capsys)
+    run(["platform", "export", "--state", "p", "--full", "p.cert"], capsys)
+    before = sorted(tmp_path.rglob("*"))
+    for args in (
+        ["vm", "run", "--state", "q", "--bios", "fw.fd", "--qmp", spec],
+        ["vm", "qmp", spec, "query-status"],
+        ["vm", "snapshot", "--qmp", spec, "--target-chain", "p.cert", "--out", "s.snap"],
+        ["migrate", "--from", spec, "--to", "tcp:127.0.0.1:4444", "--target-chain", "p.cert"],
+    ):
+        code, out, err = run(args, capsys)
+        (line,) = err.strip().splitlines()
+        assert code == 2 and message in line and spec in line, (args, err)
+        assert "Traceback" not in err and out == ""
+        assert sorted(tmp_path.rglob("*")) == before, args

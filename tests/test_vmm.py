@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
+import socket
+import stat
+import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -19,7 +24,14 @@ from sevsim.api.status import Status
 from sevsim.certs.sev import Algo, SevCert, Usage
 from sevsim.guest import firmware as guest_firmware
 from sevsim.host.kvm import KvmError
-from sevsim.host.qmp import QmpClient, QmpError, QmpServer
+from sevsim.host.qmp import (
+    QmpAddress,
+    QmpAddressError,
+    QmpClient,
+    QmpError,
+    QmpServer,
+    parse_qmp_address,
+)
 from sevsim.host.vmm import FwCfgDevice, VmConfig, Vmm, VmmError
 from sevsim.owner import measure, secret, session
 from sevsim.profiles import get_profile
@@ -288,6 +300,141 @@ def test_qmp_needs_negotiation_first(qmp, tmp_path):
     assert json.loads(reader.readline()) == {"return": {}}
     assert json.loads(reader.readline())["return"]["status"] == "prelaunch"
     sock.close()
+
+
+# ---- QMP addresses: QEMU's -qmp socket syntax ---------------------------------------------
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("unix:/run/q.sock", QmpAddress(path=Path("/run/q.sock"))),
+        ("q.sock", QmpAddress(path=Path("q.sock"))),  # a bare path, as sevsim always took it
+        ("dir/x:y.sock", QmpAddress(path=Path("dir/x:y.sock"))),
+        ("unix:q.sock,server=on,wait=off", QmpAddress(path=Path("q.sock"))),
+        ("unix:q.sock,server", QmpAddress(path=Path("q.sock"), wait=True)),  # QEMU's default
+        ("unix:q.sock,server,nowait", QmpAddress(path=Path("q.sock"))),  # legacy short forms
+        ("unix:a,,b.sock,server=yes,wait=n", QmpAddress(path=Path("a,b.sock"))),
+        ("tcp:127.0.0.1:4444", QmpAddress(host="127.0.0.1", port=4444)),
+        ("tcp:localhost:0,server=on,wait=off", QmpAddress(host="localhost", port=0)),
+        ("tcp::4444,server=on", QmpAddress(host="", port=4444, wait=True)),
+        ("tcp:[::1]:4444", QmpAddress(host="::1", port=4444)),
+    ],
+)
+def test_qmp_address_syntax(spec, expected):
+    address = parse_qmp_address(spec)
+    assert address == expected
+    assert parse_qmp_address(str(address)).path == address.path  # str() parses back
+    assert parse_qmp_address(str(address)).port == address.port
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty"),
+        ("tcp:127.0.0.1", "needs a port"),
+        ("tcp:127.0.0.1:", "needs a port"),
+        ("tcp:host:65536", "not 0..65535"),
+        ("tcp:host:http", "not 0..65535"),
+        ("tcp:::1:4444", "brackets"),
+        ("telnet:127.0.0.1:4444", "'telnet:' is not offered"),
+        ("foo:bar", "'foo:' is not offered"),
+        ("unix:", "needs a path"),
+        ("unix:q.sock,server=off", "always a listening server"),
+        ("tcp:127.0.0.1:4444,noserver", "always a listening server"),
+        ("unix:q.sock,server=maybe", "expected on or off"),
+        ("unix:q.sock,nodelay=on", "'nodelay=on' is not offered"),
+        ("unix:q.sock,", "'' is not offered"),
+    ],
+)
+def test_qmp_address_errors_are_one_line(spec, message):
+    with pytest.raises(QmpAddressError, match=message) as err:
+        parse_qmp_address(spec)
+    assert isinstance(err.value, ValueError) and "\n" not in str(err.value)
+
+
+def test_qmp_over_tcp_on_a_port_the_kernel_picks(host, tmp_path):
+    owner_files(host, tmp_path, 0x1)
+    vmm = Vmm(host, config(tmp_path))
+    vmm.start()
+    before = set(tmp_path.iterdir())
+    server = QmpServer(vmm, "tcp:127.0.0.1:0,server=on,wait=off")
+    assert server.address.host == "127.0.0.1" and server.address.port > 0
+    assert server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with pytest.raises(QmpAddressError, match="port 0"):
+        QmpClient("tcp:127.0.0.1:0")
+    client = QmpClient(str(server.address))
+    assert client.execute("query-status")["status"] == "prelaunch"
+    client.execute("quit")
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive() and server.sock.fileno() == -1
+    assert set(tmp_path.iterdir()) == before  # no socket file, whatever the address said
+    # SO_REUSEADDR: the same port can be listened on again at once, even while the
+    # connection that just closed may linger in TIME_WAIT.
+    again = QmpServer(vmm, f"tcp:127.0.0.1:{server.address.port}")
+    again.sock.close()
+
+
+def test_qmp_wait_on_takes_the_first_client_before_going_on(host, tmp_path):
+    """QEMU's server=on without wait=off: nothing goes on until a client is there."""
+    owner_files(host, tmp_path, 0x1)
+    vmm = Vmm(host, config(tmp_path))
+    vmm.start()
+    path = tmp_path / "qmp.sock"
+    waiting, made = threading.Event(), []
+
+    def run() -> None:
+        server = QmpServer(vmm, f"unix:{path},server=on", on_wait=lambda a: waiting.set())
+        made.append(server)
+        server.serve_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert waiting.wait(10)
+    time.sleep(0.2)
+    assert not made  # still waiting for its client
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    client = QmpClient(path)  # the one the server waited for: greeted once it goes on
+    assert made and made[0].address.wait
+    assert client.execute("query-status")["status"] == "prelaunch"
+    client.execute("quit")
+    client.close()
+    thread.join(5)
+    assert not path.exists()  # removed on exit, as before
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
+def test_the_same_tcp_address_drives_qemu(tmp_path):
+    """QmpClient speaks to a real QEMU over TCP with the very --qmp string given to it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = f"tcp:127.0.0.1:{port},server=on,wait=off"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S"]
+        + ["-qmp", spec],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client = QmpClient(spec, timeout=10)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and qemu.poll() is None
+                time.sleep(0.1)
+        assert client.greeting["QMP"]["version"]["qemu"]["major"] >= 6
+        assert client.execute("query-status")["status"] == "prelaunch"
+        client.execute("quit")
+        client.close()
+        assert qemu.wait(10) == 0
+    finally:
+        qemu.kill()
+        qemu.wait()
 
 
 # ---- nothing secret leaves the firmware ---------------------------------------------------

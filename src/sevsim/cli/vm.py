@@ -21,7 +21,7 @@ from sevsim.cli.platform import _platform_options
 from sevsim.fsutil import LockBusy, atomic_write
 from sevsim.guest import firmware as guest_firmware
 from sevsim.host.migration import MigrationError, TargetChain
-from sevsim.host.qmp import QmpClient, QmpError, QmpServer, socket_path
+from sevsim.host.qmp import QmpAddress, QmpClient, QmpError, QmpServer, parse_qmp_address
 from sevsim.host.virtio_blk import create_image
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.paths import default_state_dir
@@ -144,9 +144,12 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
 )
 @click.option(
     "--qmp",
-    help="A QMP server on unix:PATH. The guest then starts paused after LAUNCH_MEASURE, as "
-    "QEMU with -S: query the measurement, inject secrets, then 'cont'. Without --qmp it "
-    "runs at once and the command returns when the guest has finished.",
+    help="A QMP server, in QEMU's -qmp syntax: unix:PATH or tcp:HOST:PORT (port 0: a free "
+    "one, printed), optionally ,server=on,wait=on|off; wait=on (QEMU's default once "
+    "server=on is given) waits for a QMP client before going on. The guest then starts "
+    "paused after LAUNCH_MEASURE, as QEMU with -S: query the measurement, inject secrets, "
+    "then 'cont'. Without --qmp it runs at once and the command returns when the guest has "
+    "finished.",
 )
 @click.option(
     "--console",
@@ -192,7 +195,7 @@ def run_cmd(**opts: Any) -> None:
     if (opts["dh_cert_file"] is None) != (opts["session_file"] is None):
         raise click.UsageError("--dh-cert-file and --session-file go together ('owner session')")
     try:
-        qmp_path = socket_path(opts["qmp"]) if opts["qmp"] else None
+        qmp_address = parse_qmp_address(opts["qmp"]) if opts["qmp"] else None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     profile = get_profile(opts["profile_name"])
@@ -232,7 +235,7 @@ def run_cmd(**opts: Any) -> None:
         vmm.quit()
         system.close()
         raise click.ClickException(str(exc)) from None
-    if qmp_path is None:
+    if qmp_address is None:
         if incoming is not None:
             click.echo(f"waiting for a migration on {opts['incoming']}", err=True)
             vmm.serve_incoming(incoming)
@@ -242,7 +245,12 @@ def run_cmd(**opts: Any) -> None:
         _daemonize(opts["pidfile"])
     elif opts["pidfile"]:
         atomic_write(opts["pidfile"], f"{os.getpid()}\n".encode(), 0o644)
-    server = QmpServer(vmm, qmp_path)
+    try:
+        server = QmpServer(vmm, qmp_address, on_wait=_announce_qmp_wait)
+    except OSError as exc:
+        vmm.quit()
+        system.close()
+        raise click.ClickException(f"QMP on {qmp_address}: {exc.strerror or exc}") from None
     if incoming is not None:
         threading.Thread(target=vmm.serve_incoming, args=(incoming,), daemon=True).start()
     if opts["restore"]:
@@ -254,7 +262,7 @@ def run_cmd(**opts: Any) -> None:
             vmm.status, "paused after LAUNCH_MEASURE" if config.sev else "paused"
         )
         kind = "SEV guest" if config.sev else "VM"
-        click.echo(f"{kind} {what}; QMP on {qmp_path}", err=True)
+        click.echo(f"{kind} {what}; QMP on {server.address}", err=True)
     signal.signal(signal.SIGTERM, lambda *_: server.done.set())
     try:
         server.serve_forever()
@@ -266,6 +274,10 @@ def run_cmd(**opts: Any) -> None:
             Path(opts["pidfile"]).unlink(missing_ok=True)
     if died is not None:
         raise SystemExit(f"sevsim vm: the guest stopped: {died.reason}: {died.detail}")
+
+
+def _announce_qmp_wait(address: QmpAddress) -> None:
+    click.echo(f"waiting for a QMP client on {address}", err=True)  # QEMU's wait=on
 
 
 def _tcp(spec: str) -> str:
@@ -344,12 +356,12 @@ def disk_cmd(path: Path, size: str, as_json: bool) -> None:
 
 
 @vm.command("qmp")
-@click.argument("socket_spec", metavar="SOCKET")
+@click.argument("socket_spec", metavar="ADDRESS")
 @click.argument("command")
 @click.argument("arguments", required=False)
 def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
     """Send one QMP command to a running VM and print its return value as JSON, e.g.
-    `sevsim vm qmp unix:qmp.sock query-sev-launch-measure` or
+    `sevsim vm qmp unix:qmp.sock query-sev-launch-measure` (or tcp:HOST:PORT) or
     `sevsim vm qmp qmp.sock sev-inject-launch-secret '{"packet-header": ..., "secret": ...}'`
     or, for QEMU's human monitor, `sevsim vm qmp qmp.sock human-monitor-command
     '{"command-line": "info registers"}'` (also `x /8xg ADDR`, `xp`, `info tlb`, `info mem`)."""
@@ -357,14 +369,16 @@ def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
         args = json.loads(arguments) if arguments else {}
         if not isinstance(args, dict):
             raise ValueError("ARGUMENTS must be a JSON object")
-        path = socket_path(socket_spec)
+        address = parse_qmp_address(socket_spec)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        client = QmpClient(path)
+        client = QmpClient(address)
     except (OSError, QmpError) as exc:  # no socket, nobody listening, not a QMP server
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise click.ClickException(f"cannot connect to QMP socket {path}: {reason}") from None
+        raise click.ClickException(
+            f"cannot connect to QMP socket {socket_spec}: {reason}"
+        ) from None
     try:
         result = client.execute(command, **args)
         if isinstance(result, str):  # human-monitor-command: HMP's own text
@@ -412,7 +426,7 @@ def _qmp_migrate(socket_spec: str, chain_file: Path, uri: str, what: str, as_jso
 
     try:
         target = TargetChain.from_chain(chain_file.read_bytes())
-        client = QmpClient(socket_path(socket_spec))
+        client = QmpClient(parse_qmp_address(socket_spec))
     except (MigrationError, ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
     b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
