@@ -1,14 +1,20 @@
 """``sevsim platform``: the platform owner's commands, through the host's /dev/sev.
 
-Each command powers on the platform kept in a state directory (its chip fuses and SPI
-flash), boots the host kernel, probes the SEV device (INIT, WBINVD, DF_FLUSH), runs, and
-powers off. The next command finds the same chip and the same keys.
+When a platform service runs on the state directory (``platform serve``, or one that
+``vm run`` started), a command goes through it, while its VMs run, and the firmware's own
+state rules decide what is allowed. Otherwise the command powers on the platform kept in
+the state directory (its chip fuses and SPI flash), boots the host kernel, probes the SEV
+device (INIT, WBINVD, DF_FLUSH), runs, and powers off. Either way the next command finds
+the same chip and the same keys.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from sevsim.fsutil import LockBusy, atomic_write
 from sevsim.owner import ca as owner_ca
 from sevsim.paths import default_state_dir
 from sevsim.platform import PlatformMismatch
+from sevsim.platform.client import RemoteSystem, ServiceClient, ServiceLost
 from sevsim.profiles import PROFILES, get_profile
 from sevsim.system import HostSystem, PlatformError
 
@@ -59,9 +66,20 @@ def _run(opts: dict[str, Any], action: Callable[[HostSystem], dict[str, Any]]) -
     profile = get_profile(opts["profile_name"])
     state = opts["state"] or default_state_dir(profile.name)
     try:
-        with HostSystem.start(profile, state_dir=state, nv_file=opts["nv_file"]) as system:
-            result = action(system)
-    except (PlatformError, LockBusy, PlatformMismatch, CertError) as exc:
+        client = ServiceClient.connect(state)
+        if client is not None:
+            try:
+                if client.hello["profile"] != profile.name:
+                    raise PlatformMismatch(
+                        f"{state} holds a {client.hello['profile']} platform, not {profile.name}"
+                    )
+                result = action(RemoteSystem(client))
+            finally:
+                client.close()
+        else:
+            with HostSystem.start(profile, state_dir=state, nv_file=opts["nv_file"]) as system:
+                result = action(system)
+    except (PlatformError, LockBusy, PlatformMismatch, CertError, ServiceLost) as exc:
         raise click.ClickException(str(exc)) from None
     result.setdefault("profile", profile.name)
     result.setdefault("state_dir", str(state))
@@ -277,3 +295,87 @@ def provision(ca_cert: Path, ca_key: Path, **opts: Any) -> None:
 
     r = _run(opts, action)
     _emit(opts, r, ["The platform is now owned by the CA in " + str(ca_cert) + "."])
+
+
+@platform.command()
+@click.option("--daemonize", is_flag=True, help="Detach once the service is ready.")
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the service's pid here [default with --daemonize: <state>/platform.pid].",
+)
+@click.option(
+    "--exit-when-idle",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Stop once no client has been connected for this long (what 'vm run' asks of the "
+    "service it starts).",
+)
+@_platform_options
+def serve(daemonize: bool, pidfile: Path | None, exit_when_idle: float | None, **opts: Any) -> None:
+    """Run the platform — machine, PSP firmware, host kernel, KVM — as one long-lived
+    service on a Unix socket (mode 0600) in the state directory. 'vm run' processes attach
+    to it (and start one in the background when none runs); 'platform' commands go through
+    it while VMs run. 'platform stop' (or SIGTERM) ends it: every VM is torn down as KVM
+    does when its last file descriptor closes, and the firmware's state stays sealed in the
+    state directory for the next start. Two services on one state directory are refused."""
+    from sevsim.cli import daemon
+    from sevsim.platform import wire
+    from sevsim.platform.service import PlatformService
+
+    profile = get_profile(opts["profile_name"])
+    state = Path(opts["state"] or default_state_dir(profile.name)).resolve()
+    running = ServiceClient.connect(state)
+    if running is not None:
+        pid = running.hello["pid"]
+        running.close()
+        raise click.ClickException(f"a platform service already runs on {state} (pid {pid})")
+    if daemonize:
+        state.mkdir(parents=True, exist_ok=True)
+        daemon.daemonize(pidfile or state / wire.PIDFILE_NAME, log=state / wire.LOG_NAME)
+    elif pidfile:
+        atomic_write(pidfile, f"{os.getpid()}\n".encode(), 0o644)
+    try:
+        system = HostSystem.start(profile, state_dir=state, nv_file=opts["nv_file"])
+        service = PlatformService(system, state, exit_when_idle)
+    except (PlatformError, LockBusy, PlatformMismatch, CertError, OSError) as exc:
+        if isinstance(exc, LockBusy):
+            exc = LockBusy(f"the platform at {state} is in use by another process (a service?)")
+        daemon.signal_failure(str(exc))
+        raise click.ClickException(str(exc)) from None
+    signal.signal(signal.SIGTERM, lambda *_: service.done.set())
+    signal.signal(signal.SIGINT, lambda *_: service.done.set())
+    if daemonize:
+        daemon.signal_ready()
+    else:
+        click.echo(
+            f"{profile.name} platform service on {service.path} (pid {os.getpid()}); "
+            "'sevsim platform stop' or Ctrl-C ends it",
+            err=True,
+        )
+    try:
+        service.serve_forever()
+    finally:
+        written = pidfile or (state / wire.PIDFILE_NAME if daemonize else None)
+        if written is not None:
+            Path(written).unlink(missing_ok=True)
+
+
+@platform.command()
+@_platform_options
+def stop(**opts: Any) -> None:
+    """Stop the platform service of the state directory: its VMs are torn down (their
+    processes exit with one line saying so) and the platform powers off."""
+    profile = get_profile(opts["profile_name"])
+    state = opts["state"] or default_state_dir(profile.name)
+    client = ServiceClient.connect(state)
+    if client is None:
+        raise click.ClickException(f"no platform service runs on {state}")
+    pid = client.hello["pid"]
+    stopped = threading.Event()
+    client.on_lost = stopped.set
+    client.request("stop")
+    stopped.wait(60)
+    client.close()
+    result = {"stopped": True, "pid": pid, "state_dir": str(state)}
+    _emit(opts, result, [f"platform service {pid} on {state} stopped"])

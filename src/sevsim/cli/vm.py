@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from sevsim.certs.sev import CertError
+from sevsim.cli import daemon
 from sevsim.cli.options import POLICY, json_option
 from sevsim.cli.platform import _platform_options
-from sevsim.fsutil import LockBusy, atomic_write
+from sevsim.fsutil import atomic_write
 from sevsim.guest import firmware as guest_firmware
 from sevsim.host.migration import MigrationError, TargetChain
 from sevsim.host.qmp import QmpAddress, QmpClient, QmpError, QmpServer, parse_qmp_address
 from sevsim.host.virtio_blk import create_image
-from sevsim.host.vmm import VmConfig, Vmm, VmmError
+from sevsim.host.vmm import VmConfig, VmmError
 from sevsim.paths import default_state_dir
 from sevsim.platform import PlatformMismatch
-from sevsim.profiles import get_profile
-from sevsim.system import HostSystem, PlatformError
+from sevsim.platform.client import RemoteVmm, ServiceLost, ServiceUnavailable, attach
+from sevsim.profiles import MachineProfile, get_profile
 
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -199,67 +199,115 @@ def run_cmd(**opts: Any) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     profile = get_profile(opts["profile_name"])
-    state = opts["state"] or default_state_dir(profile.name)
+    state = Path(opts["state"] or default_state_dir(profile.name)).resolve()
+
+    def absolute(path: Path | None) -> Path | None:  # the service has its own cwd
+        return None if path is None else Path(path).resolve()
+
     config = VmConfig(
-        firmware=opts["bios"],
+        firmware=absolute(opts["bios"]),
         memory=parse_size(opts["memory"], "--memory"),
         smp=opts["smp"],
         policy=opts["sev_policy"] if opts["sev"] else 0,
         sev=opts["sev"],
-        dh_cert_file=opts["dh_cert_file"],
-        session_file=opts["session_file"],
-        kernel=opts["kernel"],
-        initrd=opts["initrd"],
+        dh_cert_file=absolute(opts["dh_cert_file"]),
+        session_file=absolute(opts["session_file"]),
+        kernel=absolute(opts["kernel"]),
+        initrd=absolute(opts["initrd"]),
         append=opts["append"],
-        console=opts["console_path"] or Path(state) / "vm-console.log",
+        console=absolute(opts["console_path"]) or state / "vm-console.log",
         fw_cfg_files=dict(_fw_cfg_file(spec) for spec in opts["fw_cfg"]),
-        disk=opts["disk"],
+        disk=absolute(opts["disk"]),
         disk_access_platform=opts["disk_access_platform"],
     )
     if (config.initrd or config.append is not None) and not config.kernel:
         raise click.UsageError("--initrd and --append go with --kernel")
-    try:
-        system = HostSystem.start(profile, state_dir=state, nv_file=opts["nv_file"])
-    except (PlatformError, LockBusy, PlatformMismatch, CertError) as exc:
-        raise click.ClickException(str(exc)) from None
-    vmm = Vmm(system, config)
-    incoming = None
-    try:
-        if opts["incoming"]:
-            incoming = vmm.listen_incoming(_tcp(opts["incoming"]))
-        elif opts["restore"]:
-            vmm.restore(opts["restore"])
-        else:
-            vmm.start()
-    except VmmError as exc:
-        vmm.quit()
-        system.close()
-        raise click.ClickException(str(exc)) from None
-    if qmp_address is None:
-        if incoming is not None:
-            click.echo(f"waiting for a migration on {opts['incoming']}", err=True)
-            vmm.serve_incoming(incoming)
-        _run_to_completion(vmm, system, opts["as_json"])
-        return
     if opts["daemonize"]:
-        _daemonize(opts["pidfile"])
+        daemon.daemonize(opts["pidfile"])  # before any thread starts: the child attaches
     elif opts["pidfile"]:
         atomic_write(opts["pidfile"], f"{os.getpid()}\n".encode(), 0o644)
     try:
+        _run_vm(opts, profile, state, config, qmp_address)
+    except click.ClickException as exc:
+        daemon.signal_failure(exc.format_message())
+        raise
+    finally:
+        if opts["pidfile"]:
+            Path(opts["pidfile"]).unlink(missing_ok=True)
+
+
+def _run_vm(
+    opts: dict[str, Any],
+    profile: MachineProfile,
+    state: Path,
+    config: VmConfig,
+    qmp_address: QmpAddress | None,
+) -> None:
+    """The VM process: attach to the platform service (starting one when none runs),
+    create the VM there, and be its face — QMP, exit status — until it ends."""
+    try:
+        client = attach(state, profile, opts["nv_file"])
+    except (ServiceUnavailable, ServiceLost, PlatformMismatch) as exc:
+        raise click.ClickException(str(exc)) from None
+    ending = threading.Event()
+    leftovers: list[Path] = []
+    if opts["pidfile"]:
+        leftovers.append(Path(opts["pidfile"]))
+
+    def service_lost() -> None:
+        if ending.is_set():
+            return  # this process closed the connection itself
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        sys.stderr.write(f"sevsim vm: the platform service of {state} ended; the guest is gone\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    client.on_lost = service_lost
+    vmm = RemoteVmm(client)
+
+    def end() -> None:
+        ending.set()
+        try:
+            vmm.quit()
+        except ServiceLost:
+            pass
+        client.close()
+
+    try:
+        client.request("vm.create", config)
+        if opts["incoming"]:
+            vmm.listen_incoming(_tcp(opts["incoming"]))
+        elif opts["restore"]:
+            vmm.restore(Path(opts["restore"]).resolve())
+        else:
+            vmm.start()
+    except VmmError as exc:
+        end()
+        raise click.ClickException(str(exc)) from None
+    if qmp_address is None:
+        if opts["incoming"]:
+            click.echo(f"waiting for a migration on {opts['incoming']}", err=True)
+            vmm.serve_incoming()
+        _run_to_completion(vmm, end, opts["as_json"])
+        return
+    try:
         server = QmpServer(vmm, qmp_address, on_wait=_announce_qmp_wait)
     except OSError as exc:
-        vmm.quit()
-        system.close()
+        end()
         raise click.ClickException(f"QMP on {qmp_address}: {exc.strerror or exc}") from None
-    if incoming is not None:
-        threading.Thread(target=vmm.serve_incoming, args=(incoming,), daemon=True).start()
+    if server.path is not None:
+        leftovers.append(server.path)
+    if opts["incoming"]:
+        threading.Thread(target=vmm.serve_incoming, daemon=True).start()
     if opts["restore"]:
         vmm.cont()
     if opts["daemonize"]:
-        _signal_ready()
+        daemon.signal_ready()
     else:
+        status = vmm.status
         what = {"inmigrate": "waiting for a migration", "running": "running"}.get(
-            vmm.status, "paused after LAUNCH_MEASURE" if config.sev else "paused"
+            status, "paused after LAUNCH_MEASURE" if config.sev else "paused"
         )
         kind = "SEV guest" if config.sev else "VM"
         click.echo(f"{kind} {what}; QMP on {server.address}", err=True)
@@ -268,10 +316,7 @@ def run_cmd(**opts: Any) -> None:
         server.serve_forever()
     finally:
         died = vmm.guest_died
-        vmm.quit()
-        system.close()
-        if opts["pidfile"]:
-            Path(opts["pidfile"]).unlink(missing_ok=True)
+        end()
     if died is not None:
         raise SystemExit(f"sevsim vm: the guest stopped: {died.reason}: {died.detail}")
 
@@ -300,26 +345,20 @@ def _fw_cfg_file(spec: str) -> tuple[str, bytes]:
         raise click.UsageError(f"--fw-cfg: {exc}") from None
 
 
-def _run_to_completion(vmm: Vmm, system: HostSystem, as_json: bool) -> None:
+def _run_to_completion(vmm: RemoteVmm, end: Callable[[], None], as_json: bool) -> None:
     try:
         vmm.cont()
         vmm.wait_idle()
-        exits = [{"reason": e.reason, "detail": e.detail} for e in vmm.exits]
-        text = vmm.console_text()
-        measurement = vmm.query_launch_measure()["data"] if vmm.measurement else ""
-        disk = dataclasses.asdict(vmm.disk.stats) if vmm.disk is not None else None
+        out = vmm.summary()
     finally:
-        vmm.quit()
-        system.close()
+        end()
+    exits, disk = out["exits"], out.get("disk")
     if as_json:
-        out = {"measurement": measurement, "exits": exits, "console": text}
-        if disk is not None:
-            out["disk"] = disk
         click.echo(json.dumps(out))
     else:
-        if measurement:
-            click.echo(f"launch measurement: {measurement}")
-        click.echo(text, nl=False)
+        if out["measurement"]:
+            click.echo(f"launch measurement: {out['measurement']}")
+        click.echo(out["console"], nl=False)
         for e in exits:
             if e["reason"] != "DONE":
                 click.echo(f"vCPU stopped: {e['reason']} {e['detail']}")
@@ -392,33 +431,6 @@ def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
 
 
 # ---- --daemonize: the parent returns once the child is ready, as QEMU's does -------------
-_ready_fd: int | None = None
-
-
-def _daemonize(pidfile: Path | None) -> None:
-    global _ready_fd
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_fd)
-        ok = os.read(read_fd, 1) == b"1"
-        os._exit(0 if ok else 1)
-    os.close(read_fd)
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    _ready_fd = write_fd
-    if pidfile:
-        atomic_write(pidfile, f"{os.getpid()}\n".encode(), 0o644)
-
-
-def _signal_ready() -> None:
-    if _ready_fd is not None:
-        os.write(_ready_fd, b"1")
-        os.close(_ready_fd)
-
-
 # ---- migration and snapshots, driven over QMP -------------------------------------------------
 def _qmp_migrate(socket_spec: str, chain_file: Path, uri: str, what: str, as_json: bool) -> None:
     """Set the target's certificates, start the migration, follow query-migrate."""

@@ -28,6 +28,7 @@ skipped on parts with HwEnforcedCacheCoh.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +110,7 @@ class HostKernel:
         self.tables: PageTables | None = None
         self._next_free = 0
         self._free: list[int] = []
+        self._zone_lock = threading.RLock()  # the page allocator serves many threads
         self._vmalloc_next = VMALLOC_START
         self._dram_size = core.machine.dram.size  # the E820 map the firmware hands over
         self.report: BootReport | None = None
@@ -309,17 +311,18 @@ class HostKernel:
         be mapped with huge pages); returns their direct-map address."""
         if self.tables is None:
             raise RuntimeError("the kernel has not booted")
-        if self._free and npages == 1 and align == PAGE_4K:
-            pa = self._free.pop()
-        elif (run := self._take_free_run(npages, align)) is not None:
-            pa = run  # freed memory first, as the buddy allocator would
-        else:
-            start = _align(self._next_free, align)
-            if start + npages * PAGE_4K > self._dram_size:
-                raise MemoryError("out of physical memory")
-            self._free.extend(range(self._next_free, start, PAGE_4K))  # the alignment gap
-            pa = start
-            self._next_free = start + npages * PAGE_4K
+        with self._zone_lock:
+            if self._free and npages == 1 and align == PAGE_4K:
+                pa = self._free.pop()
+            elif (run := self._take_free_run(npages, align)) is not None:
+                pa = run  # freed memory first, as the buddy allocator would
+            else:
+                start = _align(self._next_free, align)
+                if start + npages * PAGE_4K > self._dram_size:
+                    raise MemoryError("out of physical memory")
+                self._free.extend(range(self._next_free, start, PAGE_4K))  # the alignment gap
+                pa = start
+                self._next_free = start + npages * PAGE_4K
         va = self.va(pa)
         if zero:
             self.core.write(va, bytes(npages * PAGE_4K))
@@ -362,7 +365,8 @@ class HostKernel:
 
     def free_pages(self, va: int, npages: int = 1) -> None:
         pa = self.pa(va)
-        self._free.extend(range(pa, pa + npages * PAGE_4K, PAGE_4K))
+        with self._zone_lock:
+            self._free.extend(range(pa, pa + npages * PAGE_4K, PAGE_4K))
 
     def read(self, va: int, n: int) -> bytes:
         return self.core.read(va, n)

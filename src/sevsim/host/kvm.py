@@ -25,6 +25,7 @@ through its own mappings, and the firmware answers only with statuses and public
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,7 @@ class SevAsids:
         self.used: set[int] = set()
         self.reclaim: set[int] = set()
         self.flushes = 0
+        self._lock = threading.Lock()  # sev_bitmap_lock: VMs come and go on many threads
 
     def range(self, es: bool) -> range:
         if es:
@@ -142,6 +144,10 @@ class SevAsids:
 
     def new(self, es: bool = False) -> int:
         """sev_asid_new: the lowest free ASID; when none is free, recycle once and retry."""
+        with self._lock:
+            return self._new(es)
+
+    def _new(self, es: bool) -> int:
         candidates = self.range(es)
         for attempt in range(2):
             asid = next((a for a in candidates if a not in self.used), None)
@@ -163,7 +169,8 @@ class SevAsids:
 
     def free(self, asid: int) -> None:
         """sev_asid_free: the ASID stays unavailable until the next recycle."""
-        self.reclaim.add(asid)
+        with self._lock:
+            self.reclaim.add(asid)
 
 
 class Kvm:
@@ -878,6 +885,7 @@ class Vcpu:
         # Real-code vCPUs have a local APIC; the others (APs) wait for a STARTUP IPI.
         self.apic = lapic.LocalApic(self.index, self._send_ipi) if self.vm.x86 else None
         self.parked = self.vm.x86 and self.index > 0
+        self.kick = threading.Event()  # set by the VMM to get the vCPU out of KVM_RUN
         if self.vm.x86:
             kernel.core.machine.use_x86(self.vmcb_addr)
             self.reset()
@@ -952,6 +960,9 @@ class Vcpu:
                 return vm.dead
             if self.parked:
                 return RunExit("WAIT_SIPI", PARKED)
+            if self.kick.is_set():  # a signal for the vCPU thread: KVM_RUN returns -EINTR
+                self.kick.clear()
+                return RunExit("INTR", "interrupted by the VMM")
             result = self._handle(self._vmrun())
             if result is not None:
                 return result

@@ -20,6 +20,7 @@ PEK_CERT_IMPORT.
 from __future__ import annotations
 
 import errno
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -93,6 +94,7 @@ class SevDevice:
         self.state = PlatformState.UNINIT
         self.api_version: tuple[int, int, int] | None = None
         self.log: list[str] = []
+        self._cmd_mutex = threading.RLock()  # sev_cmd_mutex: one command at a time
 
     # ---- the mailbox protocol (Linux __sev_do_cmd_locked) --------------------------------------
     def psp_pa(self, va: int) -> int:
@@ -101,6 +103,10 @@ class SevDevice:
 
     def do_cmd(self, command: Command, buffer: bytes | None = None) -> tuple[int, Status, bytes]:
         """Issue one firmware command. Returns (ret, status, buffer after the command)."""
+        with self._cmd_mutex:
+            return self._do_cmd_locked(command, buffer)
+
+    def _do_cmd_locked(self, command: Command, buffer: bytes | None) -> tuple[int, Status, bytes]:
         layout = cmd.BUFFERS.get(command)
         size = layout.size if layout is not None else 0
         if buffer is not None:

@@ -15,6 +15,7 @@ mappings, and the guest's secrets never pass through it in the clear.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import select
 import socket
 import threading
@@ -436,11 +437,18 @@ class Vmm:
             self._runner.start()
 
     def stop(self) -> None:
+        self._running.clear()  # before the lock: the runner must not go back in
+        self._kick_vcpus()
         with self.lock:
             if self.status == "running":
                 self.status = "paused"
-                self._running.clear()
         self._emit("STOP", {})
+
+    def _kick_vcpus(self) -> None:
+        """Get every vCPU out of KVM_RUN at its next exit (QEMU signals the vCPU threads)."""
+        if self.vm is not None:
+            for vcpu in self.vm.vcpus:
+                vcpu.kick.set()
 
     def _run_vcpus(self) -> None:
         vm = self.vm
@@ -460,7 +468,9 @@ class Vmm:
                     if self.status == "shutdown":
                         return
                     exit_ = vcpu.run()
-                if exit_.reason != "HLT":
+                if exit_.reason == "INTR":
+                    halted = False  # the VMM asked: look at the state again, then go on
+                elif exit_.reason != "HLT":
                     halted = False
                     done.add(vcpu.index)
                     self.exits.append(exit_)
@@ -495,6 +505,7 @@ class Vmm:
     def pause_vcpus(self, timeout: float = 30.0) -> None:
         """Stop the vCPUs at their next exit and wait until none is inside the guest."""
         self._running.clear()
+        self._kick_vcpus()
         if self._runner is not None and self._runner.is_alive():
             self._parked.wait(timeout)
 
@@ -509,9 +520,10 @@ class Vmm:
         return not self._runner.is_alive()
 
     def quit(self) -> None:
+        self.status = "shutdown"  # the runner sees it before its next KVM_RUN
+        self._running.set()  # a paused runner wakes and sees it too
+        self._kick_vcpus()
         with self.lock:
-            self.status = "shutdown"
-            self._running.set()  # let a paused runner see the shutdown
             if self.vm is not None and not self.vm.destroyed:
                 self.vm.destroy()
             if self.console is not None:
@@ -695,6 +707,18 @@ class Vmm:
         self.events.append({"event": event, "data": data})
         if self.on_event is not None:
             self.on_event(event, data)
+
+    def summary(self) -> dict[str, Any]:
+        """What a VM that ran to completion leaves: its measurement, how each vCPU stopped,
+        its console and its disk's counters."""
+        out: dict[str, Any] = {
+            "measurement": self.query_launch_measure()["data"] if self.measurement else "",
+            "exits": [{"reason": e.reason, "detail": e.detail} for e in self.exits],
+            "console": self.console_text(),
+        }
+        if self.disk is not None:
+            out["disk"] = dataclasses.asdict(self.disk.stats)
+        return out
 
     def console_text(self) -> str:
         return self.vm.console_text() if self.vm else ""

@@ -140,6 +140,7 @@ class X86Vcpu:
 
     def __init__(self, machine: Any) -> None:
         self.machine = machine
+        self._activity: object = None  # the turn of the VMRUN this engine runs for
         uc = Uc(UC_ARCH_X86, UC_MODE_64)
         check_layout(uc)
         stop_only_between_blocks(uc)  # the host's time slice must not split an instruction
@@ -386,6 +387,7 @@ class X86Vcpu:
         self.core, self.gm, self._vmcb, self._regs = core, gm, vmcb, regs
         gm.frames = self.frames
         self._preempt = False  # a timer that fired as the last run ended is not this run's
+        self._activity = self.machine.turns.activity()  # the engine's thread runs in this turn
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name="vcpu", daemon=True)
             self._thread.start()
@@ -413,6 +415,7 @@ class X86Vcpu:
     def _main(self) -> None:
         while True:
             self._go.acquire()
+            self.machine.turns.adopt(self._activity)
             if self._kill:
                 return
             try:
@@ -439,6 +442,7 @@ class X86Vcpu:
     def _resume(self) -> bool:
         """Wait inside a hook for the next VMRUN; False if the vCPU is being destroyed."""
         self._go.acquire()
+        self.machine.turns.adopt(self._activity)
         if self._kill:
             self.uc.emu_stop()
             return False
