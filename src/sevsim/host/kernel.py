@@ -363,6 +363,11 @@ class HostKernel:
                 run_start = prev = pa
         return None
 
+    def free_bytes(self) -> int:
+        """Memory the page allocator can still hand out (/proc/meminfo's MemFree)."""
+        with self._zone_lock:
+            return self._dram_size - self._next_free + len(self._free) * PAGE_4K
+
     def free_pages(self, va: int, npages: int = 1) -> None:
         pa = self.pa(va)
         with self._zone_lock:

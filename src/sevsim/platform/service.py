@@ -181,13 +181,16 @@ class PlatformService:
         if verb == "status":
             with self._lock:
                 vms = [c.vmm for c in self._clients if c.vmm is not None]
+            asids = system.kvm.asids
             return {
                 "pid": os.getpid(),
                 "vms": [
                     {"status": v.status, "asid": v.vm.asid if v.vm is not None else None}
                     for v in vms
                 ],
-                "asids_in_use": sorted(system.kvm.asids.used),
+                "asids_in_use": sorted(asids.used - asids.reclaim),
+                "asids_to_reclaim": sorted(asids.reclaim),
+                "host_free_bytes": system.kernel.free_bytes(),
             }
         if verb == "stop":
             self.done.set()
