@@ -120,6 +120,10 @@ SEV_ES_ENABLE = 1 << 2
 EVENTINJ_VALID = 1 << 31
 EVENTINJ_TYPE_EXCEPTION = 3 << 8
 
+# RFLAGS (VMCB save area 0x570): bit 1 always reads as one; IF enables interrupts.
+RFLAGS_FIXED = 1 << 1
+RFLAGS_IF = 1 << 9
+
 # TLB_CONTROL values
 TLB_CONTROL_DO_NOTHING = 0
 TLB_CONTROL_FLUSH_ALL_ASIDS = 1
@@ -249,7 +253,11 @@ class GuestKilled(BaseException):
 
 
 class GuestThread:
-    """The execution context of one vCPU (one VMCB): the guest program's thread."""
+    """The execution context of one vCPU (one VMCB): the guest program's thread.
+
+    MODEL: a guest program runs with interrupts enabled (its HLTs are ``sti; hlt``: they
+    wait for the next timer tick); when it returns, its vCPU executes ``cli; hlt`` for
+    good. ``rflags`` is what VMRUN saves in the VMCB at each exit."""
 
     def __init__(self, program: GuestProgram, vcpu: Any) -> None:
         self.program = program
@@ -272,7 +280,7 @@ class GuestThread:
             if self._kill:
                 return
             self.result = self.program.entry(self.vcpu)
-            self._exit = Exit(EXIT_HLT, detail={"finished": True})
+            self._exit = Exit(EXIT_HLT)  # "cli; hlt": see rflags
         except GuestKilled:
             return
         except HardwareFault as fault:
@@ -287,7 +295,7 @@ class GuestThread:
         """Run the guest until its next exit (called by the host thread inside VMRUN)."""
         if self.finished:
             # The program has ended: the vCPU sits in "cli; hlt" for good.
-            return Exit(EXIT_HLT, detail={"finished": True})
+            return Exit(EXIT_HLT)
         self._exit = None
         if not self._started:
             self._started = True
@@ -299,6 +307,11 @@ class GuestThread:
             raise error
         assert self._exit is not None
         return self._exit
+
+    @property
+    def rflags(self) -> int:
+        """The program's RFLAGS: IF set while it runs, clear once it has ended."""
+        return RFLAGS_FIXED if self.finished else RFLAGS_FIXED | RFLAGS_IF
 
     def trap(self, exit_: Exit) -> None:
         """Called on the guest thread: hand an exit to the host and wait for the next VMRUN."""

@@ -44,6 +44,7 @@ from sevsim.soc.svm import (
     IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
     NP_ENABLE,
+    RFLAGS_IF,
     SEV_ENABLE,
     TLB_CONTROL_DO_NOTHING,
     TLB_CONTROL_FLUSH_ASID,
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
 EFER_SVME = 1 << 12
 CR0_ET = 1 << 4
 DEFAULT_GUEST_PAT = 0x0007_0406_0007_0406  # the PAT's power-on value
-RFLAGS_IF = 1 << 9
 MSR_APIC_BASE = 0x1B
 GP_VECTOR = 13
 EVENTINJ_ERROR_VALID = 1 << 11  # EV: push the error code in bits 63:32
@@ -185,6 +185,11 @@ class Vcpu:
     def vmcb(self) -> Any:
         return VMCB.parse(self.vm.kernel.read(self.vmcb_va, VMCB.size))
 
+    def _vmcb_field(self, name: str) -> int:
+        """One field of the VMCB (what KVM reads as svm->vmcb->save.<name>)."""
+        f = VMCB.field(name)
+        return int.from_bytes(self.vm.kernel.read(self.vmcb_va + f.offset, f.size), "little")
+
     def set_vmcb(self, **values: int) -> None:
         kernel = self.vm.kernel
         for name, value in values.items():
@@ -288,10 +293,11 @@ class Vcpu:
             return None
         if e.code == EXIT_HLT:
             self._skip(e)
-            if e.next_rip and not self.vmcb().rflags & RFLAGS_IF:
-                # Halted with interrupts off: nothing modelled (INIT, NMI) can wake it.
+            if not self._vmcb_field("rflags") & RFLAGS_IF:
+                # Halted with interrupts off (the VMCB's saved RFLAGS, which KVM can read
+                # for a non-ES guest): nothing modelled (INIT, NMI) can wake it.
                 return RunExit("DONE", "halted with interrupts disabled", e)
-            return RunExit("DONE" if e.detail.get("finished") else "HLT", "", e)
+            return RunExit("HLT", "", e)
         if e.code == EXIT_SHUTDOWN:
             vm.dead = RunExit("SHUTDOWN", e.detail.get("reason", "triple fault"), e)
             return vm.dead
