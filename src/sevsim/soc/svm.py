@@ -43,6 +43,8 @@ VMCB = Layout(
     (0x008, "I", "intercept_exceptions"),
     (0x00C, "I", "intercept_misc1"),
     (0x010, "I", "intercept_misc2"),
+    (0x040, "Q", "iopm_base_pa"),  # MODEL: KVM's guests intercept every port and MSR
+    (0x048, "Q", "msrpm_base_pa"),
     (0x058, "I", "asid"),
     (0x05C, "B", "tlb_control"),
     (0x070, "Q", "exit_code"),

@@ -71,6 +71,7 @@ from sevsim.soc.svm import (
     IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
     NPF_FINAL_GPA,
+    VMCB,
     Exit,
 )
 from sevsim.soc.x86 import decode as dec
@@ -152,7 +153,8 @@ class X86Vcpu:
         # The engine's own VMCB: its MSR permission map has every bit set, so every
         # RDMSR/WRMSR stops (the model decides). Never visible to any guest.
         self._shadow = np.zeros(6 * PAGE, dtype=np.uint8)
-        struct.pack_into("<QQ", self._shadow, 0x40, SHADOW_BASE + PAGE, SHADOW_BASE + 4 * PAGE)
+        vmcb = VMCB.build(iopm_base_pa=SHADOW_BASE + PAGE, msrpm_base_pa=SHADOW_BASE + 4 * PAGE)
+        self._shadow[:PAGE] = np.frombuffer(vmcb, dtype=np.uint8)
         self._shadow[PAGE:] = 0xFF
         uc.mem_map_ptr(SHADOW_BASE, len(self._shadow), UC_PROT_ALL, self._shadow.ctypes.data)
         self.frames = FrameCache(
