@@ -19,6 +19,8 @@ from sevsim.soc.paging import CR0_PG, CR4_PAE, CR4_PSE, PS, RW, A, D, P
 from sevsim.soc.svm import (
     NPF_FINAL_GPA,
     NPF_GUEST_PAGE_TABLE,
+    RFLAGS_FIXED,
+    RFLAGS_IF,
     SEV_ENABLE,
     register_program,
 )
@@ -343,6 +345,27 @@ def test_injected_gp_reaches_the_guest_handler(milan):
     vm = start(kvm, "msr", program=prog)
     assert vm.vcpus[0].run().reason == "DONE"
     assert report(vm) == "handled #GP"
+    vm.destroy()
+
+
+def test_kvm_tells_a_finished_vcpu_from_the_saved_rflags(milan):
+    """A HLT with IF=1 sleeps; the program's end is `cli; hlt`: IF=0 in the VMCB's save
+    area, which is all KVM looks at to call the vCPU done."""
+    host, kvm = milan
+
+    def nap(vcpu):
+        vcpu.hlt()
+        return "woke"
+
+    vm = start(kvm, "nap", program=register_program("test-hlt-if", nap))
+    v = vm.vcpus[0]
+    first = v.run()
+    assert first.reason == "HLT" and v.vmcb().rflags == RFLAGS_FIXED | RFLAGS_IF
+    assert first.exit.detail == {}
+    last = v.run()
+    assert last.reason == "DONE" and v.vmcb().rflags == RFLAGS_FIXED
+    assert last.exit.detail == {}  # nothing but the exit code and the VMCB
+    assert report(vm) == "woke"
     vm.destroy()
 
 

@@ -12,11 +12,21 @@ from __future__ import annotations
 import struct
 import uuid
 
+from sevsim.api.layout import Layout
+
 FOOTER_GUID = uuid.UUID("96b582de-1fb2-45f7-baea-a366c55a082d")
 SEV_ES_RESET_BLOCK_GUID = uuid.UUID("00f771de-1a7e-4fcb-890e-68c77e2fb44e")
 SEV_HASH_TABLE_RV_GUID = uuid.UUID("7255371f-3a3b-4b04-927b-1da6efa8d454")
 SEV_SECRET_GUID = uuid.UUID("4c2eb361-7d9b-4cc3-8081-127c90d3d294")
 SEV_METADATA_GUID = uuid.UUID("dc886566-984a-4798-a75e-5585a7bf67cc")
+# The data of the hash-table and secret entries: where the area is in guest memory.
+AREA = Layout(
+    "OVMF_SEV_AREA",
+    8,
+    "sev-api.md §8.2",
+    (0, "I", "base"),
+    (4, "I", "size"),
+)
 
 TAIL = 32  # bytes after the table: the reset vector
 TRAILER = 2 + 16  # u16 size ‖ GUID, after every entry's data
@@ -62,9 +72,10 @@ def build_table(entries: list[tuple[uuid.UUID, bytes]]) -> bytes:
 def area(entries: dict[uuid.UUID, bytes], guid: uuid.UUID) -> tuple[int, int] | None:
     """(base, size) from an entry whose data is ``u32 base ‖ u32 size``."""
     data = entries.get(guid)
-    if data is None or len(data) < 8:
+    if data is None or len(data) < AREA.size:
         return None
-    return struct.unpack_from("<II", data)
+    a = AREA.parse(data)
+    return a.base, a.size
 
 
 def reset_address(entries: dict[uuid.UUID, bytes]) -> int | None:

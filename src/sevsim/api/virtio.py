@@ -9,7 +9,7 @@ emulation (KVM would need the instruction bytes of an SEV guest's access). MODEL
 
 from __future__ import annotations
 
-import struct
+from sevsim.api.layout import Layout
 
 PORT_BASE = 0xC000
 PORT_COUNT = 0x200
@@ -62,11 +62,22 @@ BLK_F_BLK_SIZE = 1 << 6
 BLK_F_FLUSH = 1 << 9
 
 # Split virtqueue (§2.7)
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC = Layout(
+    "virtq_desc",
+    16,
+    "virtio 1.2 §2.7.5",
+    (0x00, "Q", "addr"),
+    (0x08, "I", "len"),
+    (0x0C, "H", "flags"),
+    (0x0E, "H", "next"),
+)
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
-USED_ELEM = struct.Struct("<II")  # id, len
-RING_HEADER = struct.Struct("<HH")  # flags, idx
+USED_ELEM = Layout("virtq_used_elem", 8, "virtio 1.2 §2.7.8", (0x0, "I", "id"), (0x4, "I", "len"))
+# The head of both rings (virtq_avail, virtq_used); their entries follow it.
+RING_HEADER = Layout(
+    "virtq_ring_header", 4, "virtio 1.2 §2.7.6, §2.7.8", (0x0, "H", "flags"), (0x2, "H", "idx")
+)
 
 
 def ring_layout(num: int) -> tuple[int, int, int]:
@@ -76,9 +87,26 @@ def ring_layout(num: int) -> tuple[int, int, int]:
 
 # Block device (§5.2)
 SECTOR_SIZE = 512
-BLK_CONFIG = struct.Struct("<QII")  # capacity (sectors), size_max, seg_max
-BLK_CONFIG_BLK_SIZE = 20  # offset of blk_size (u32) in the configuration
-BLK_REQ = struct.Struct("<IIQ")  # type, reserved, sector
+# struct virtio_blk_config up to blk_size (what the device offers: SIZE_MAX, SEG_MAX,
+# BLK_SIZE); the geometry at 0x10 is not offered and reads as zeros.
+BLK_CONFIG = Layout(
+    "virtio_blk_config",
+    24,
+    "virtio 1.2 §5.2.4",
+    (0x00, "Q", "capacity"),  # in 512-byte sectors
+    (0x08, "I", "size_max"),
+    (0x0C, "I", "seg_max"),
+    (0x14, "I", "blk_size"),
+)
+# The request's header (the first, device-readable descriptor); data and status follow.
+BLK_REQ = Layout(
+    "virtio_blk_req",
+    16,
+    "virtio 1.2 §5.2.6",
+    (0x0, "I", "type"),
+    (0x4, "I", "reserved"),
+    (0x8, "Q", "sector"),
+)
 BLK_T_IN = 0
 BLK_T_OUT = 1
 BLK_T_FLUSH = 4

@@ -28,6 +28,7 @@ import hmac
 from dataclasses import dataclass, field
 
 from sevsim.api import fwcfg, guidtable, ovmf
+from sevsim.api.layout import Layout
 from sevsim.guest import disk
 from sevsim.guest.kernel import GuestKernel, parse_cmdline
 from sevsim.soc.nested import GuestVcpu
@@ -83,12 +84,21 @@ def build_image(size: int = DEFAULT_SIZE) -> bytes:
 
 
 def _area(area: tuple[int, int]) -> bytes:
-    return area[0].to_bytes(4, "little") + area[1].to_bytes(4, "little")
+    return ovmf.AREA.build(base=area[0], size=area[1])
 
 
 WORKLOAD_FILE = "opt/sevsim/workload"  # QEMU-style: -fw_cfg name=opt/sevsim/workload,string=…
 RESUME_BLOCK = MEMFD_END - PAGE_4K  # private: what a restored vCPU needs to carry on
 RESUME_MAGIC = b"SEVSIMRB"
+RESUME = Layout(
+    "RESUME_BLOCK",
+    32,
+    "MODEL: the count workload's own (docs/migration.md)",
+    (0x00, "8s", "magic"),
+    (0x08, "Q", "counter"),  # GPA of the private counter
+    (0x10, "Q", "status"),  # GPA of the shared status page
+    (0x18, "Q", "limit"),  # 0: count forever
+)
 HEARTBEAT = 4096  # increments between HLTs
 
 
@@ -201,9 +211,7 @@ def _start_counting(kernel: GuestKernel, workload: str, report: FirmwareReport) 
     counter, status = kernel.alloc_page(), kernel.alloc_page()
     kernel.vcpu.store(counter, 8, 0)
     kernel.set_memory_decrypted(status, 1)
-    block = RESUME_MAGIC + b"".join(
-        v.to_bytes(8, "little") for v in (counter, status, int(limit or 0))
-    )
+    block = RESUME.build(magic=RESUME_MAGIC, counter=counter, status=status, limit=int(limit or 0))
     kernel.vcpu.write(RESUME_BLOCK, block)
     kernel.printk(f"counting in private memory at {counter:#x}; status in shared page {status:#x}")
     report.count = _count(kernel, counter, status, int(limit or 0))
@@ -214,13 +222,11 @@ def _resume(vcpu: GuestVcpu) -> FirmwareReport:
     report = FirmwareReport(cpu=kernel.cpu)
     kernel.detect_sev()
     report.sev = kernel.sev_active
-    block = vcpu.read(RESUME_BLOCK, len(RESUME_MAGIC) + 24)
-    if not block.startswith(RESUME_MAGIC):
+    block = RESUME.parse(vcpu.read(RESUME_BLOCK, RESUME.size))
+    if block.magic != RESUME_MAGIC:
         kernel.printk("resumed, but there is no resume block: halting")
         return report
-    counter, status, limit = (
-        int.from_bytes(block[i : i + 8], "little") for i in range(len(RESUME_MAGIC), len(block), 8)
-    )
+    counter, status, limit = block.counter, block.status, block.limit
     value = vcpu.load(counter, 8)
     kernel.printk(f"resumed with the count at {value} (SEV {'on' if report.sev else 'off'})")
     report.count = _count(kernel, counter, status, limit)

@@ -96,8 +96,11 @@ class VirtioBlk:
         if not self._r(v.STATUS) & v.S_FEATURES_OK:
             raise self._fail("the device refused the features")
         self._setup_queue()
-        config = bytes(b for off in range(0, v.BLK_CONFIG.size, 4) for b in self._config32(off))
-        self.capacity, size_max, seg_max = v.BLK_CONFIG.unpack(config)
+        # The fields the driver uses: capacity, size_max and seg_max, the first 16 bytes.
+        used = v.BLK_CONFIG.field("seg_max").offset + 4
+        raw = bytes(b for off in range(0, used, 4) for b in self._config32(off))
+        config = v.BLK_CONFIG.parse(raw.ljust(v.BLK_CONFIG.size, b"\0"))
+        self.capacity, size_max, seg_max = config.capacity, config.size_max, config.seg_max
         limit = size_max if self.features & v.BLK_F_SIZE_MAX else 1 << 30
         self.max_segment = min(limit, self.dma.max_mapping_size) & ~(v.SECTOR_SIZE - 1)
         segments = min(MAX_SEGMENTS, seg_max if self.features & v.BLK_F_SEG_MAX else 1)
@@ -182,7 +185,7 @@ class VirtioBlk:
         slot = self._free[-1]
         area = self._req_area + slot * REQ_AREA
         vcpu = self.vcpu
-        vcpu.write(area, v.BLK_REQ.pack(kind, 0, sector) + b"\xff")  # status: not yet
+        vcpu.write(area, v.BLK_REQ.build(type=kind, sector=sector) + b"\xff")  # status: not yet
         maps = []
         try:
             maps.append(self.dma.map_single(area, v.BLK_REQ.size, DmaDirection.TO_DEVICE))
@@ -204,8 +207,8 @@ class VirtioBlk:
             flags = 0 if last else v.DESC_F_NEXT
             if last or (kind == v.BLK_T_IN and i > 0):
                 flags |= v.DESC_F_WRITE
-            chain += v.DESC.pack(m.dma_addr, m.size, flags, head + i + 1)
-        vcpu.write(self.desc + 16 * head, chain)
+            chain += v.DESC.build(addr=m.dma_addr, len=m.size, flags=flags, next=head + i + 1)
+        vcpu.write(self.desc + v.DESC.size * head, chain)
         vcpu.store(self.avail + 4 + 2 * (self._avail_idx % self.num), 2, head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         vcpu.store(self.avail + 2, 2, self._avail_idx)  # publish after the entry
@@ -229,7 +232,7 @@ class VirtioBlk:
                 continue
             while self._last_used != used_idx:
                 entry = self.used + 4 + v.USED_ELEM.size * (self._last_used % self.num)
-                head, _ = v.USED_ELEM.unpack(vcpu.read(entry, v.USED_ELEM.size))
+                head = v.USED_ELEM.parse(vcpu.read(entry, v.USED_ELEM.size)).id
                 request = self._in_flight.pop(head)
                 for m in request.maps:
                     self.dma.unmap_single(m)  # the data and the status come back here

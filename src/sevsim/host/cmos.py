@@ -7,8 +7,27 @@ from __future__ import annotations
 
 import time
 
+from sevsim.api.layout import Layout
+
 PORT_INDEX, PORT_DATA = 0x70, 0x71
 KiB, MiB = 1 << 10, 1 << 20
+
+# The CMOS RAM as QEMU's pc machine fills it (hw/i386/pc.c, pc_cmos_init); bytes 0-9 are
+# the clock, read live.
+CMOS_RAM = Layout(
+    "CMOS_RAM",
+    128,
+    "MC146818 status registers; QEMU hw/i386/pc.c pc_cmos_init",
+    (0x0A, "B", "status_a"),
+    (0x0B, "B", "status_b"),
+    (0x0D, "B", "status_d"),
+    (0x15, "H", "base_memory"),  # KiB
+    (0x17, "H", "extended_memory"),  # KiB above 1 MiB
+    (0x30, "H", "extended_memory_post"),  # the same, as POST found it
+    (0x34, "H", "memory_above_16m"),  # 64 KiB units, below 4 GiB
+    (0x5B, "3s", "memory_above_4g"),  # 64 KiB units
+    (0x5F, "B", "cpus_minus_1"),
+)
 
 
 def _bcd(value: int) -> int:
@@ -17,16 +36,19 @@ def _bcd(value: int) -> int:
 
 class Cmos:
     def __init__(self, below_4g: int, above_4g: int, cpus: int) -> None:
-        ram = bytearray(128)
-        ram[0x0A], ram[0x0B], ram[0x0D] = 0x26, 0x02, 0x80  # 32.768 kHz, 24 h + BCD, valid
-        ram[0x15:0x17] = (640).to_bytes(2, "little")  # base memory, KiB
-        extended = min(max(below_4g - MiB, 0) // KiB, 0xFFFF)  # KiB above 1 MiB
-        ram[0x17:0x19] = ram[0x30:0x32] = extended.to_bytes(2, "little")
-        high = min(max(below_4g - 16 * MiB, 0) // (64 * KiB), 0xFFFF)  # above 16 MiB
-        ram[0x34:0x36] = high.to_bytes(2, "little")
-        ram[0x5B:0x5E] = (above_4g // (64 * KiB)).to_bytes(3, "little")  # above 4 GiB
-        ram[0x5F] = cpus - 1
-        self.ram = ram
+        extended = min(max(below_4g - MiB, 0) // KiB, 0xFFFF)
+        ram = CMOS_RAM.build(
+            status_a=0x26,  # 32.768 kHz time base
+            status_b=0x02,  # 24 h, BCD
+            status_d=0x80,  # the RAM and time are valid
+            base_memory=640,
+            extended_memory=extended,
+            extended_memory_post=extended,
+            memory_above_16m=min(max(below_4g - 16 * MiB, 0) // (64 * KiB), 0xFFFF),
+            memory_above_4g=(above_4g // (64 * KiB)).to_bytes(3, "little"),
+            cpus_minus_1=cpus - 1,
+        )
+        self.ram = bytearray(ram)
         self.index = 0
 
     def io_out(self, port: int, value: int, size: int) -> None:

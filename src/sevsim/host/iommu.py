@@ -85,7 +85,7 @@ class AmdIommuDriver:
             | hw.DTE_IR
             | hw.DTE_IW
         )
-        entry = struct.pack("<4Q", dte0, domain.domain_id, 0, 0)
+        entry = hw.DTE.build(data0=dte0, domain_id=domain.domain_id)
         self.kernel.write(self._dev_table + device_id * hw.DTE_SIZE, entry)
         self._print(f"AMD-Vi: {hw.bdf(device_id)} attached to domain {domain.domain_id}")
         return domain
@@ -165,7 +165,8 @@ class AmdIommuDriver:
 
 def decode_event(raw: bytes) -> str:
     """One event-log entry, in the words of Linux's iommu_print_event."""
-    word0, word1, address = hw.EVENT.unpack(raw)
+    event = hw.EVENT.parse(raw)
+    word0, word1, address = event.event0, event.event1, event.address
     code = word1 >> 28
     device = hw.bdf(word0 & 0xFFFF)
     if code != hw.EVENT_IO_PAGE_FAULT:

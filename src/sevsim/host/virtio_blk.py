@@ -91,11 +91,9 @@ class VirtioBlkDevice:
 
     # ---- registers ------------------------------------------------------------------------
     def _config(self) -> bytes:
-        config = bytearray(v.BLK_CONFIG.pack(self.capacity, SIZE_MAX, SEG_MAX)).ljust(24, b"\0")
-        config[v.BLK_CONFIG_BLK_SIZE : v.BLK_CONFIG_BLK_SIZE + 4] = v.SECTOR_SIZE.to_bytes(
-            4, "little"
+        return v.BLK_CONFIG.build(
+            capacity=self.capacity, size_max=SIZE_MAX, seg_max=SEG_MAX, blk_size=v.SECTOR_SIZE
         )
-        return bytes(config)
 
     def io_in(self, port: int, size: int) -> int:
         reg = port - v.PORT_BASE
@@ -164,8 +162,8 @@ class VirtioBlkDevice:
             # The avail ring and the descriptor table, each read once per notify: the driver
             # does not touch a chain it has made available until the device returns it.
             avail = vm.read(self.avail, 4 + 2 * num)
-            table = vm.read(self.desc, 16 * num)
-            _, avail_idx = v.RING_HEADER.unpack(avail[:4])
+            table = vm.read(self.desc, v.DESC.size * num)
+            avail_idx = v.RING_HEADER.parse(avail).idx
             while self._last_avail != avail_idx:
                 slot = 4 + 2 * (self._last_avail % num)
                 head = int.from_bytes(avail[slot : slot + 2], "little")
@@ -179,18 +177,18 @@ class VirtioBlkDevice:
 
     def _push_used(self, head: int, written: int) -> None:
         entry = self.used + 4 + v.USED_ELEM.size * (self._used_idx % self.queue_num)
-        self.vm.write(entry, v.USED_ELEM.pack(head, written))
+        self.vm.write(entry, v.USED_ELEM.build(id=head, len=written))
         self._used_idx = (self._used_idx + 1) & 0xFFFF
         self.vm.write(self.used + 2, self._used_idx.to_bytes(2, "little"))  # after the entry
 
     def _chain(self, head: int, table: bytes) -> list[tuple[int, int, int]]:
         chain, index = [], head
         for _ in range(self.queue_num):
-            addr, length, flags, nxt = v.DESC.unpack_from(table, 16 * index)
-            chain.append((addr, length, flags))
-            if not flags & v.DESC_F_NEXT:
+            d = v.DESC.parse(table[v.DESC.size * index : v.DESC.size * (index + 1)])
+            chain.append((d.addr, d.len, d.flags))
+            if not d.flags & v.DESC_F_NEXT:
                 return chain
-            index = nxt % self.queue_num
+            index = d.next % self.queue_num
         raise DiskError(f"descriptor chain from {head} loops")
 
     def _request(self, head: int, table: bytes) -> int:
@@ -202,7 +200,8 @@ class VirtioBlkDevice:
         status_addr, status_len, status_flags = chain[-1]
         if not status_flags & v.DESC_F_WRITE or status_len < 1:
             raise DiskError("virtio-blk request without a status byte")
-        kind, _, sector = v.BLK_REQ.unpack(vm.read(chain[0][0], v.BLK_REQ.size))
+        req = v.BLK_REQ.parse(vm.read(chain[0][0], v.BLK_REQ.size))
+        kind, sector = req.type, req.sector
         data = chain[1:-1]
         written = 0
         status = v.BLK_S_OK

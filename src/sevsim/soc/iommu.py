@@ -34,6 +34,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sevsim.api.layout import Layout
+
 if TYPE_CHECKING:
     from sevsim.soc.machine import Machine
 
@@ -50,8 +52,15 @@ STATUS_EVENT_OVERFLOW = 1 << 0
 STATUS_EVENT_LOG_INT = 1 << 1
 EVENT_LEN_SHIFT = 56
 
-# Device table entry
-DTE_SIZE = 32
+# Device table entry (Linux: struct dev_table_entry, u64 data[4])
+DTE = Layout(
+    "DTE",
+    32,
+    "AMD IOMMU spec (48882), Device Table Entry Format; hardware.md §6.1",
+    (0x00, "Q", "data0"),  # V, TV, Mode, the page-table root, IR, IW (the DTE_* bits)
+    (0x08, "H", "domain_id"),  # data[1] bits 15:0
+)
+DTE_SIZE = DTE.size
 DTE_V = 1 << 0
 DTE_TV = 1 << 1
 DTE_MODE_SHIFT = 9
@@ -72,7 +81,14 @@ EVENT_FLAG_I = 0x008
 EVENT_FLAG_PR = 0x010
 EVENT_FLAG_RW = 0x020
 EVENT_FLAG_TR = 0x100
-EVENT = struct.Struct("<IIQ")  # DeviceID | DomainID, flags << 16 | code << 28, address
+EVENT = Layout(
+    "EVENT",
+    EVENT_SIZE,
+    "AMD IOMMU spec (48882), IO_PAGE_FAULT Event; Linux iommu_print_event",
+    (0x0, "I", "event0"),  # bits 15:0 DeviceID
+    (0x4, "I", "event1"),  # bits 15:0 DomainID, 27:16 flags, 31:28 the event code
+    (0x8, "Q", "address"),
+)
 
 
 def bdf(device_id: int) -> str:
@@ -155,10 +171,11 @@ class Iommu:
         entries = ((base_reg & 0x1FF) + 1) * 4096 // DTE_SIZE
         if device_id >= entries:
             return None  # MODEL: outside the table, treated as an invalid entry
-        dte0, dte1, _, _ = self._read_u64s((base_reg & ADDR_MASK) + device_id * DTE_SIZE, 4)
+        dte = DTE.parse(self._fabric_read((base_reg & ADDR_MASK) + device_id * DTE_SIZE, DTE_SIZE))
+        dte0 = dte.data0
         if not dte0 & DTE_V or not dte0 & DTE_TV:
             return None
-        domain = dte1 & 0xFFFF
+        domain = dte.domain_id
         readable, writable = bool(dte0 & DTE_IR), bool(dte0 & DTE_IW)
         mode = dte0 >> DTE_MODE_SHIFT & 7
         if mode == 0:
@@ -194,8 +211,10 @@ class Iommu:
         self.faults += 1
         flags = (EVENT_FLAG_PR if present else 0) | (EVENT_FLAG_RW if write else 0)
         self._log_event(
-            EVENT.pack(
-                device_id, domain | flags << 16 | EVENT_IO_PAGE_FAULT << 28, address & (2**64 - 1)
+            EVENT.build(
+                event0=device_id,
+                event1=domain | flags << 16 | EVENT_IO_PAGE_FAULT << 28,
+                address=address & (2**64 - 1),
             )
         )
         raise IommuFault(device_id, address, write, reason)

@@ -566,4 +566,5 @@ def _run_program(core: Core, v, regs: dict[str, int], threads: dict, vmcb_pa: in
                 v.event_inj = 0  # taken
                 thread.vcpu._bind(core, thread, regs, event)
                 exit_ = thread.run()
+                v.rflags = thread.rflags  # saved in the VMCB at #VMEXIT
     return exit_

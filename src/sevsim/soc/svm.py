@@ -44,6 +44,8 @@ VMCB = Layout(
     (0x008, "I", "intercept_exceptions"),
     (0x00C, "I", "intercept_misc1"),
     (0x010, "I", "intercept_misc2"),
+    (0x040, "Q", "iopm_base_pa"),  # MODEL: KVM's guests intercept every port and MSR
+    (0x048, "Q", "msrpm_base_pa"),
     (0x058, "I", "asid"),
     (0x05C, "B", "tlb_control"),
     (0x070, "Q", "exit_code"),
@@ -120,6 +122,10 @@ SEV_ES_ENABLE = 1 << 2
 # EVENTINJ (VMCB 0x0A8): bits 7:0 vector, 10:8 type (3 = exception), bit 31 valid.
 EVENTINJ_VALID = 1 << 31
 EVENTINJ_TYPE_EXCEPTION = 3 << 8
+
+# RFLAGS (VMCB save area 0x570): bit 1 always reads as one; IF enables interrupts.
+RFLAGS_FIXED = 1 << 1
+RFLAGS_IF = 1 << 9
 
 # TLB_CONTROL values
 TLB_CONTROL_DO_NOTHING = 0
@@ -250,7 +256,11 @@ class GuestKilled(BaseException):
 
 
 class GuestThread:
-    """The execution context of one vCPU (one VMCB): the guest program's thread."""
+    """The execution context of one vCPU (one VMCB): the guest program's thread.
+
+    MODEL: a guest program runs with interrupts enabled (its HLTs are ``sti; hlt``: they
+    wait for the next timer tick); when it returns, its vCPU executes ``cli; hlt`` for
+    good. ``rflags`` is what VMRUN saves in the VMCB at each exit."""
 
     def __init__(self, program: GuestProgram, vcpu: Any, turns: Turns) -> None:
         self.program = program
@@ -276,7 +286,7 @@ class GuestThread:
             if self._kill:
                 return
             self.result = self.program.entry(self.vcpu)
-            self._exit = Exit(EXIT_HLT, detail={"finished": True})
+            self._exit = Exit(EXIT_HLT)  # "cli; hlt": see rflags
         except GuestKilled:
             return
         except HardwareFault as fault:
@@ -291,7 +301,7 @@ class GuestThread:
         """Run the guest until its next exit (called by the host thread inside VMRUN)."""
         if self.finished:
             # The program has ended: the vCPU sits in "cli; hlt" for good.
-            return Exit(EXIT_HLT, detail={"finished": True})
+            return Exit(EXIT_HLT)
         self._exit = None
         self._activity = self._turns.activity()
         if not self._started:
@@ -304,6 +314,11 @@ class GuestThread:
             raise error
         assert self._exit is not None
         return self._exit
+
+    @property
+    def rflags(self) -> int:
+        """The program's RFLAGS: IF set while it runs, clear once it has ended."""
+        return RFLAGS_FIXED if self.finished else RFLAGS_FIXED | RFLAGS_IF
 
     def trap(self, exit_: Exit) -> None:
         """Called on the guest thread: hand an exit to the host and wait for the next VMRUN."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
+from sevsim.api.layout import Layout
 from sevsim.soc.faults import HardwareFault, NestedPageFault
 from sevsim.soc.paging import Access
 from sevsim.soc.x86.hidden import CS, SS, Segment
@@ -56,6 +57,38 @@ RFLAGS_TF, RFLAGS_IF, RFLAGS_NT, RFLAGS_RF, RFLAGS_VM, RFLAGS_AC = (
     1 << 16,
     1 << 17,
     1 << 18,
+)
+
+# The guest's tables, as the CPU reads them.
+IVT_ENTRY = Layout(
+    "IVT_ENTRY",
+    4,
+    "AMD APM vol. 2, Real-Mode Interrupt Control Transfers",
+    (0, "H", "ip"),
+    (2, "H", "cs"),
+)
+_GATE_FIELDS = (
+    (0x0, "H", "offset_low"),
+    (0x2, "H", "selector"),
+    (0x4, "B", "ist"),  # bits 2:0, long mode only
+    (0x5, "B", "attributes"),  # bits 4:0 type (S=0), 6:5 DPL, 7 P
+    (0x6, "H", "offset_mid"),
+)
+IDT_GATE = Layout("IDT_GATE", 8, "AMD APM vol. 2, Gate Descriptors", *_GATE_FIELDS)
+IDT_GATE64 = Layout(
+    "IDT_GATE64",
+    16,
+    "AMD APM vol. 2, Interrupt-Gate and Trap-Gate Descriptors—Long Mode",
+    *_GATE_FIELDS,
+    (0x8, "I", "offset_high"),
+)
+TSS64 = Layout(
+    "TSS64",
+    104,
+    "AMD APM vol. 2, 64-Bit Task State Segment",
+    *((0x04 + 8 * n, "Q", f"rsp{n}") for n in range(3)),
+    *((0x24 + 8 * (n - 1), "Q", f"ist{n}") for n in range(1, 8)),
+    (0x66, "H", "iopb_base"),
 )
 
 
@@ -103,18 +136,18 @@ def _deliver_once(cpu: X86Vcpu, vector: int, error_code: int | None, return_rip:
         return
     idtr = cpu.table_register(X.UC_X86_REG_IDTR)
     long_mode = bool(core.efer & (1 << 10))
-    size = 16 if long_mode else 8
+    layout = IDT_GATE64 if long_mode else IDT_GATE
+    size = layout.size
     if vector * size + size - 1 > idtr[1]:
         raise DeliveryFault(f"vector {vector} is beyond the IDT limit {idtr[1]:#x}")
-    raw = mem.read(idtr[0] + vector * size, size, Access.READ)
-    low, high = struct.unpack_from("<II", raw)
-    offset = (low & 0xFFFF) | (high & 0xFFFF_0000)
-    selector = low >> 16
-    gate_type = (high >> 8) & 0x1F
-    present = high >> 15 & 1
-    ist = high & 7
+    gate = layout.parse(mem.read(idtr[0] + vector * size, size, Access.READ))
+    offset = gate.offset_low | gate.offset_mid << 16
+    selector = gate.selector
+    gate_type = gate.attributes & 0x1F
+    present = gate.attributes >> 7
+    ist = gate.ist & 7
     if long_mode:
-        offset |= struct.unpack_from("<I", raw, 8)[0] << 32
+        offset |= gate.offset_high << 32
         if gate_type not in (0xE, 0xF):
             raise DeliveryFault(f"IDT entry {vector} is not a 64-bit gate (type {gate_type:#x})")
     elif gate_type not in (0x6, 0x7, 0xE, 0xF):
@@ -136,8 +169,8 @@ def _deliver_once(cpu: X86Vcpu, vector: int, error_code: int | None, return_rip:
     if long_mode:
         if ist or dpl < cpl:
             tss = cpu.table_register(X.UC_X86_REG_TR)[0]
-            slot = 0x24 + 8 * (ist - 1) if ist else 4 + 8 * dpl
-            rsp = struct.unpack("<Q", mem.read(tss + slot, 8, Access.READ))[0]
+            slot = TSS64.field(f"ist{ist}" if ist else f"rsp{dpl}")
+            rsp = int.from_bytes(mem.read(tss + slot.offset, slot.size, Access.READ), "little")
             if dpl < cpl:
                 new_ss = Segment(dpl, 0, 0, (dpl << 13))
         frame = [old_ss, cpu.reg(X.UC_X86_REG_RSP), rflags, old_cs, return_rip]
@@ -176,9 +209,12 @@ def _real_mode(cpu: X86Vcpu, vector: int, return_rip: int) -> None:
     """The interrupt vector table: IP and CS at IDTR.base + 4 * vector; push FLAGS, CS, IP."""
     mem = cpu.memory
     idtr = cpu.table_register(X.UC_X86_REG_IDTR)
-    if vector * 4 + 3 > idtr[1]:
+    if vector * IVT_ENTRY.size + IVT_ENTRY.size - 1 > idtr[1]:
         raise DeliveryFault(f"vector {vector} is beyond the IVT limit")
-    ip, cs = struct.unpack("<HH", mem.read(idtr[0] + vector * 4, 4, Access.READ))
+    entry = IVT_ENTRY.parse(
+        mem.read(idtr[0] + vector * IVT_ENTRY.size, IVT_ENTRY.size, Access.READ)
+    )
+    ip, cs = entry.ip, entry.cs
     ss = cpu.segment(SS)
     sp = cpu.reg(X.UC_X86_REG_RSP) & 0xFFFF
     flags = cpu.reg(X.UC_X86_REG_RFLAGS)

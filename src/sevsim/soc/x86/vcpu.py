@@ -25,7 +25,6 @@ The engine decodes and executes; the model keeps everything else:
 
 from __future__ import annotations
 
-import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +51,7 @@ from unicorn import (
 )
 from unicorn import x86_const as X
 
+from sevsim.api.layout import Layout
 from sevsim.soc.faults import PF_ID, GeneralProtection, HardwareFault, NestedPageFault, PageFault
 from sevsim.soc.paging import Access
 from sevsim.soc.svm import (
@@ -71,6 +71,7 @@ from sevsim.soc.svm import (
     IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
     NPF_FINAL_GPA,
+    VMCB,
     Exit,
 )
 from sevsim.soc.x86 import decode as dec
@@ -90,6 +91,17 @@ if TYPE_CHECKING:
     from sevsim.soc.core import Core
     from sevsim.soc.nested import GuestMode
 
+SEGMENT_DESCRIPTOR = Layout(
+    "SEGMENT_DESCRIPTOR",
+    8,
+    "AMD APM vol. 2, Legacy Segment Descriptors",
+    (0, "H", "limit_low"),
+    (2, "H", "base_low"),
+    (4, "B", "base_mid"),
+    (5, "B", "access"),  # type, S, DPL, P
+    (6, "B", "flags_limit_high"),  # bits 3:0 limit 19:16; AVL, L, D/B, G
+    (7, "B", "base_high"),
+)
 SHADOW_BASE = 1 << 39  # the engine's own VMCB and permission maps (never guest memory)
 # Intercepts the engine always takes (bit n = exit code 0x60 + n), whatever the VMCB says:
 # the model decides what each one means.
@@ -153,7 +165,8 @@ class X86Vcpu:
         # The engine's own VMCB: its MSR permission map has every bit set, so every
         # RDMSR/WRMSR stops (the model decides). Never visible to any guest.
         self._shadow = np.zeros(6 * PAGE, dtype=np.uint8)
-        struct.pack_into("<QQ", self._shadow, 0x40, SHADOW_BASE + PAGE, SHADOW_BASE + 4 * PAGE)
+        vmcb = VMCB.build(iopm_base_pa=SHADOW_BASE + PAGE, msrpm_base_pa=SHADOW_BASE + 4 * PAGE)
+        self._shadow[:PAGE] = np.frombuffer(vmcb, dtype=np.uint8)
         self._shadow[PAGE:] = 0xFF
         uc.mem_map_ptr(SHADOW_BASE, len(self._shadow), UC_PROT_ALL, self._shadow.ctypes.data)
         self.frames = FrameCache(
@@ -246,12 +259,15 @@ class X86Vcpu:
         index = selector & ~7
         if not index or index + 7 > limit:
             raise GeneralProtection(f"selector {selector:#x} is outside the GDT", selector)
-        low, high = struct.unpack("<II", self.memory.read(base + index, 8))
-        seg_base = (low >> 16) | (high & 0xFF) << 16 | (high & 0xFF00_0000)
-        seg_limit = (low & 0xFFFF) | (high & 0xF_0000)
-        if high & (1 << 23):
+        d = SEGMENT_DESCRIPTOR.parse(self.memory.read(base + index, SEGMENT_DESCRIPTOR.size))
+        seg_base = d.base_low | d.base_mid << 16 | d.base_high << 24
+        seg_limit = d.limit_low | (d.flags_limit_high & 0xF) << 16
+        if d.flags_limit_high & 0x80:  # G: the limit counts 4 KiB pages
             seg_limit = seg_limit << 12 | 0xFFF
-        return Segment(selector, seg_base, seg_limit, high & 0x00F0_FF00)
+        # The hidden flags, as QEMU keeps them: the descriptor's high dword, bits 23:20, 15:8.
+        return Segment(
+            selector, seg_base, seg_limit, d.access << 8 | (d.flags_limit_high & 0xF0) << 16
+        )
 
     def linear(self, rip: int) -> int:
         return (self.segment(CS).base + rip) & ((1 << 64) - 1)
