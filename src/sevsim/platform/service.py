@@ -153,12 +153,12 @@ class PlatformService:
                 self._idle_since = time.monotonic()
 
     def _drop_vm(self, client: _Client) -> None:
-        vmm, client.vmm = client.vmm, None
         if client.incoming is not None:
             client.incoming.close()
             client.incoming = None
-        if vmm is not None:
-            vmm.quit()
+        if client.vmm is not None:
+            client.vmm.quit()  # KVM's release of the VM's last fd: the guest goes
+            client.vmm = None
 
     def _answer(self, client: _Client, message: tuple) -> None:
         request_id, verb, args = message
