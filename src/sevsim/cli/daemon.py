@@ -24,6 +24,8 @@ def daemonize(pidfile: Path | None, log: Path | None = None) -> None:
             chunks.append(chunk)
         answer = b"".join(chunks)
         if answer.startswith(b"1"):
+            if answer[1:]:
+                os.write(2, answer[1:] + b"\n")
             os._exit(0)
         message = answer[1:].decode(errors="replace").strip()
         os.write(2, (message or "the daemon exited before it was ready").encode() + b"\n")
@@ -40,10 +42,11 @@ def daemonize(pidfile: Path | None, log: Path | None = None) -> None:
         atomic_write(pidfile, f"{os.getpid()}\n".encode(), 0o644)
 
 
-def signal_ready() -> None:
+def signal_ready(message: str = "") -> None:
+    """The daemon is ready; the parent prints ``message`` (e.g. where it listens)."""
     global _ready_fd
     if _ready_fd is not None:
-        os.write(_ready_fd, b"1")
+        os.write(_ready_fd, b"1" + message.encode())
         os.close(_ready_fd)
         _ready_fd = None
 

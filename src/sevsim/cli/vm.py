@@ -302,15 +302,16 @@ def _run_vm(
         threading.Thread(target=vmm.serve_incoming, daemon=True).start()
     if opts["restore"]:
         vmm.cont()
+    status = vmm.status
+    what = {"inmigrate": "waiting for a migration", "running": "running"}.get(
+        status, "paused after LAUNCH_MEASURE" if config.sev else "paused"
+    )
+    kind = "SEV guest" if config.sev else "VM"
+    line = f"{kind} {what}; QMP on {server.address}"
     if opts["daemonize"]:
-        daemon.signal_ready()
+        daemon.signal_ready(line)  # the parent says it: the daemon has no terminal
     else:
-        status = vmm.status
-        what = {"inmigrate": "waiting for a migration", "running": "running"}.get(
-            status, "paused after LAUNCH_MEASURE" if config.sev else "paused"
-        )
-        kind = "SEV guest" if config.sev else "VM"
-        click.echo(f"{kind} {what}; QMP on {server.address}", err=True)
+        click.echo(line, err=True)
     signal.signal(signal.SIGTERM, lambda *_: server.done.set())
     try:
         server.serve_forever()
