@@ -331,3 +331,44 @@ def test_two_guests_and_the_host_on_many_threads_never_interleave_on_a_core():
         reader.join(30)
         assert errors == []
         assert {r.reason for r in results.values()} == {"DONE"}, results
+
+
+def test_the_migration_walkthrough_runs_as_written(tmp_path):
+    """docs/migration.md's "By hand" commands, run one after another as a user would (only
+    the TCP port is swapped for a free one): the last step restores a snapshot on platform
+    B while B's migrated guest still runs — two VMs on one platform."""
+    import re
+    import shlex
+    import socket
+
+    d = tmp_path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "migration.md").read_text()
+    block = re.search(r"## By hand\n\n```sh\n(.*?)```", doc, re.S).group(1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    lines = block.replace("\\\n", " ").replace("4444", str(port)).splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines]
+    commands = [c for c in commands if c]
+    assert len(commands) == 8 and all(c[0] == "sevsim" for c in commands)
+    try:
+        for command in commands:
+            sevsim(*command[1:], cwd=d)
+            if command[1:3] == ["vm", "qmp"]:  # the guest counts on A before it moves
+                _wait(lambda: _counting(d / "A" / "vm-console.log") >= 2, "A to count")
+        with closing(QmpClient(d / "b.sock")) as b:
+            assert b.execute("query-status")["status"] == "running"
+        with closing(QmpClient(d / "c.sock")) as c:
+            assert c.execute("query-status")["status"] == "running"
+        assert len(service_status(d / "B")["vms"]) == 2  # the migrated and the restored guest
+        with closing(QmpClient(d / "a.sock")) as a:
+            assert a.execute("query-status")["status"] == "postmigrate"
+    finally:
+        for name in ("a", "b", "c"):
+            try:
+                with closing(QmpClient(d / f"{name}.sock")) as qmp:
+                    qmp.execute("quit")
+            except OSError:
+                pass
+        for state in ("A", "B"):
+            sevsim("platform", "stop", "--state", state, cwd=d, check=False)

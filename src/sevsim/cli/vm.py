@@ -155,7 +155,8 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
     "--console",
     "console_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Log the guest's serial console here [default: <state>/vm-console.log].",
+    help="Log the guest's serial console here [default: <state>/NAME-console.log, where "
+    "NAME is the VM's --name; vm-console.log for the first VM].",
 )
 @click.option(
     "--disk",
@@ -171,6 +172,11 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
     show_default=True,
     help="Offer VIRTIO_F_ACCESS_PLATFORM on the disk (QEMU's iommu_platform=on). An SEV "
     "guest refuses a device without it: it could not use bounce buffers.",
+)
+@click.option(
+    "--name",
+    help="The VM's name on its platform, as QEMU's -name [default: the first free of vm, "
+    "vm-2, vm-3, ...]; the default console log is <state>/NAME-console.log.",
 )
 @click.option("--daemonize", is_flag=True, help="Detach once the VM is ready (needs --qmp).")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path))
@@ -215,7 +221,8 @@ def run_cmd(**opts: Any) -> None:
         kernel=absolute(opts["kernel"]),
         initrd=absolute(opts["initrd"]),
         append=opts["append"],
-        console=absolute(opts["console_path"]) or state / "vm-console.log",
+        console=absolute(opts["console_path"]),  # None: <state>/NAME-console.log
+        name=opts["name"],
         fw_cfg_files=dict(_fw_cfg_file(spec) for spec in opts["fw_cfg"]),
         disk=absolute(opts["disk"]),
         disk_access_platform=opts["disk_access_platform"],

@@ -75,6 +75,7 @@ class VmConfig:
     sev: bool = True  # False: an ordinary VM (QEMU without a sev-guest object)
     disk: Path | None = None  # a raw image for a virtio block device
     disk_access_platform: bool = True  # offer VIRTIO_F_ACCESS_PLATFORM (QEMU iommu_platform)
+    name: str | None = "vm"  # QEMU's -name guest=NAME; None: the platform service picks one
 
 
 class FwCfgDevice:
@@ -240,7 +241,7 @@ class Vmm:
         kind = "SEV guest" if self.config.sev else "VM"
         try:
             vm = self.vm = self.kvm.create_vm(
-                memory, vcpus=smp, sev=self.config.sev, name="vm", x86=x86
+                memory, vcpus=smp, sev=self.config.sev, name=self.config.name, x86=x86
             )
         except KvmError as exc:
             raise VmmError(f"cannot create the {kind}: {exc}") from None

@@ -20,6 +20,7 @@ until its #VMEXIT or the end of its time slice, and turns are granted in arrival
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -209,6 +210,16 @@ class PlatformService:
             (config,) = args
             if client.vmm is not None:
                 raise ServiceError("this connection already has a VM")
+            with self._lock:
+                taken = {c.vmm.config.name for c in self._clients if c.vmm is not None}
+            if config.name is None:  # the first free of vm, vm-2, vm-3, ...
+                config.name = next(
+                    n for n in ("vm", *(f"vm-{i}" for i in itertools.count(2))) if n not in taken
+                )
+            elif config.name in taken:
+                raise ServiceError(f"a VM named {config.name!r} already runs on this platform")
+            if config.console is None:
+                config.console = self.state_dir / f"{config.name}-console.log"
             vmm = Vmm(system, config)
             vmm.on_event = lambda name, data: client.send(("event", name, data))
             client.vmm = vmm
