@@ -213,9 +213,8 @@ class PlatformService:
             with self._lock:
                 taken = {c.vmm.config.name for c in self._clients if c.vmm is not None}
             if config.name is None:  # the first free of vm, vm-2, vm-3, ...
-                config.name = next(
-                    n for n in ("vm", *(f"vm-{i}" for i in itertools.count(2))) if n not in taken
-                )
+                names = itertools.chain(["vm"], (f"vm-{i}" for i in itertools.count(2)))
+                config.name = next(n for n in names if n not in taken)
             elif config.name in taken:
                 raise ServiceError(f"a VM named {config.name!r} already runs on this platform")
             if config.console is None:
