@@ -372,3 +372,34 @@ def test_the_migration_walkthrough_runs_as_written(tmp_path):
                 pass
         for state in ("A", "B"):
             sevsim("platform", "stop", "--state", state, cwd=d, check=False)
+
+
+def test_the_readme_two_vm_example_runs_as_written(tmp_path):
+    import re
+    import shlex
+
+    d = tmp_path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"Two VMs on one platform:\n\n```sh\n(.*?)```", readme, re.S).group(1)
+    lines = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    try:
+        for words in filter(None, lines):
+            for command in _split_and(words):
+                out = sevsim(*command[1:], cwd=d)
+                if command[1:3] == ["platform", "status"]:
+                    assert "guests" in out.stdout and "2 VMs" in out.stdout
+    finally:
+        sevsim("platform", "stop", "--state", "P", cwd=d, check=False)
+    assert "SEV active" in (d / "P" / "vm-2-console.log").read_text()
+    assert "count" in (d / "P" / "vm-console.log").read_text()
+
+
+def _split_and(words: list[str]) -> list[list[str]]:
+    commands, current = [], []
+    for word in words:
+        if word == "&&":
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    return [*commands, current]

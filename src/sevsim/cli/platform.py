@@ -124,6 +124,7 @@ def status(**opts: Any) -> None:
             "config_es": st.config_es,
             "guest_count": st.guest_count,
             "chip_id": system.chip_id().hex(),
+            "service": system.service() if isinstance(system, RemoteSystem) else None,
         }
 
     r = _run(opts, action)
@@ -140,6 +141,9 @@ def status(**opts: Any) -> None:
         ("state directory", r["state_dir"]),
     ):
         table.add_row(k, v)
+    if r["service"] is not None:
+        vms = len(r["service"]["vms"])
+        table.add_row("service", f"pid {r['service']['pid']}, {vms} VM{'s' * (vms != 1)}")
     if opts["as_json"]:
         _emit(opts, r, [])
     else:

@@ -181,6 +181,10 @@ class RemoteSystem:
     def chip_id(self) -> bytes:
         return self._client.request("chip_id")
 
+    def service(self) -> dict[str, Any]:
+        """The service's pid, its VMs and KVM's ASIDs."""
+        return self._client.request("status")
+
     def export_chain(self, full: bool = False) -> SevChain:
         return decode_chain(self._client.request("export_chain", full))
 
