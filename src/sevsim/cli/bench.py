@@ -73,6 +73,10 @@ def bench(quick: bool, as_json: bool) -> int:
         ("touched_mib", "{:.0f} MiB"),
         ("guest_boot_rss_mib", "{:.1f} MiB"),
         ("guest_boot_touched_mib", "{:.1f} MiB"),
+        ("vm_start_ms", "{:.1f} ms"),
+        ("service_rtt_ms", "{:.2f} ms"),
+        ("service_rss_mib", "{:.1f} MiB"),
+        ("service_touched_mib", "{:.1f} MiB"),
     ):
         target = result["targets"].get(key, "")
         if key in met:

@@ -192,6 +192,7 @@ class PlatformService:
                 "asids_in_use": sorted(asids.used - asids.reclaim),
                 "asids_to_reclaim": sorted(asids.reclaim),
                 "host_free_bytes": system.kernel.free_bytes(),
+                "dram_written_bytes": system.machine.dram.written_bytes,
             }
         if verb == "stop":
             self.done.set()
