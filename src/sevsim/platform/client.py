@@ -166,7 +166,7 @@ class RemoteSev:
         self.init_ex_path = client.hello["nv_file"]
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        return lambda **kwargs: self._client.request("sev", name, kwargs)
+        return lambda *args, **kwargs: self._client.request("sev", name, args, kwargs)
 
 
 class RemoteSystem:

@@ -198,10 +198,10 @@ class PlatformService:
             self.done.set()
             return None
         if verb == "sev":
-            name, kwargs = args
+            name, call_args, kwargs = args
             if name not in SEV_IOCTLS:
                 raise ServiceError(f"no such /dev/sev ioctl: {name}")
-            return getattr(system.sev, name)(**kwargs)
+            return getattr(system.sev, name)(*call_args, **kwargs)
         if verb == "chip_id":
             return system.chip_id()
         if verb == "export_chain":
