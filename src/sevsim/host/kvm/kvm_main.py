@@ -57,7 +57,7 @@ class Kvm(KvmSev):
         self.reduced_phys_bits = 1  # what QEMU is usually told (-object sev-guest,...)
         self._next_plain_asid = ecx + 1
         self._svm_on: set[int] = set()
-        self._last_vmcb: dict[tuple[int, int], int] = {}  # (core, ASID) -> VMCB: sev_vmcbs
+        self.sev_vmcbs: dict[tuple[int, int], int] = {}  # (core, ASID) -> VMCB: sev_vmcbs
         self.log: list[str] = []
 
     def __repr__(self) -> str:
@@ -175,7 +175,7 @@ class Vm(SevGuest, SevMigration):
             table_flags=NPT_TABLE,
         )
         self.asid = kvm.asids.new() if sev else kvm.plain_asid()
-        self._ipi_source: Vcpu | None = None  # the vCPU whose APIC is sending an IPI
+        self.ipi_source: Vcpu | None = None  # the vCPU whose APIC is sending an IPI
         self.vcpus = [Vcpu(self, i) for i in range(nr_vcpus)]
 
     def __repr__(self) -> str:
@@ -357,7 +357,7 @@ class Vm(SevGuest, SevMigration):
         all the others): INIT puts the target back in reset, waiting for STARTUP; STARTUP
         starts a waiting one in real mode at vector << 12 (CS vector << 8, IP 0)."""
         for vcpu in self.vcpus:
-            if target not in (-1, vcpu.index) or (target == -1 and vcpu is self._ipi_source):
+            if target not in (-1, vcpu.index) or (target == -1 and vcpu is self.ipi_source):
                 continue
             if mode == lapic.DM_INIT:
                 vcpu.reset()
@@ -381,8 +381,8 @@ class Vm(SevGuest, SevMigration):
             self.kernel.free_pages(vcpu.vmcb_va)
         if self.sev:
             self._sev_vm_destroy()
-        for key in [k for k, v in self.kvm._last_vmcb.items() if k[1] == self.asid]:
-            del self.kvm._last_vmcb[key]
+        for key in [k for k, v in self.kvm.sev_vmcbs.items() if k[1] == self.asid]:
+            del self.kvm.sev_vmcbs[key]
         for slot in self.slots:
             self.kernel.free_pages(slot.hva, slot.size // PAGE_4K)
         self._free_transfer_buffers()

@@ -137,11 +137,11 @@ class Vcpu:
         return f"<Vcpu {self.vm.name}#{self.index} core {self.core_index}>"
 
     def _send_ipi(self, mode: int, vector: int, target: int) -> None:
-        self.vm._ipi_source = self
+        self.vm.ipi_source = self
         try:
             self.vm.send_ipi(mode, vector, target)
         finally:
-            self.vm._ipi_source = None
+            self.vm.ipi_source = None
 
     def reset(self) -> None:
         """The architectural reset state (KVM/QEMU's vCPU reset): real mode, CS selector
@@ -233,8 +233,8 @@ class Vcpu:
         of that ASID on this core is flushed when another VMCB ran it last or this VMCB
         last ran on another core."""
         key = (core.index, self.asid)
-        flush = self.vm.kvm._last_vmcb.get(key) != self.vmcb_addr or self._last_core != core.index
-        self.vm.kvm._last_vmcb[key] = self.vmcb_addr
+        flush = self.vm.kvm.sev_vmcbs.get(key) != self.vmcb_addr or self._last_core != core.index
+        self.vm.kvm.sev_vmcbs[key] = self.vmcb_addr
         self._last_core = core.index
         self.set_vmcb(
             asid=self.asid,
