@@ -423,9 +423,8 @@ def qmp_cmd(socket_spec: str, command: str, arguments: str | None) -> None:
         client = QmpClient(address)
     except (OSError, QmpError) as exc:  # no socket, nobody listening, not a QMP server
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise click.ClickException(
-            f"cannot connect to QMP socket {socket_spec}: {reason}"
-        ) from None
+        where = address.path if address.kind == "unix" else address
+        raise click.ClickException(f"cannot connect to QMP socket {where}: {reason}") from None
     try:
         result = client.execute(command, **args)
         if isinstance(result, str):  # human-monitor-command: HMP's own text
