@@ -89,7 +89,7 @@ class World:
         finally:
             SevDevice.do_cmd = original  # type: ignore[method-assign]
         self.psp = self.system.inspection_port()  # the checker's window into the firmware
-        self.mailbox = self.system.machine.mailbox
+        self.mailbox = self.system.platform.mailbox
         self.regs = self.mailbox.registers
         kernel = self.system.kernel
         self.cmd_page = kernel.alloc_pages(1)
