@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,18 @@ def boot_host(name: str = "milan", **changes):
     return HostSystem.start(
         get_profile(name).with_(**changes), state_dir=state_dir, nv_file=nv_file
     )
+
+
+def sevsim(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """The command line in a child process, as a user runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sevsim", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sevsim {' '.join(args)} failed: {proc.stderr}")
+    return proc

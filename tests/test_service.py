@@ -14,6 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from conftest import sevsim
 
 from sevsim.guest.firmware import ready_tag
 from sevsim.host.qmp import QmpClient
@@ -21,20 +22,6 @@ from sevsim.platform.client import ServiceClient
 from sevsim.soc.turns import Turns
 
 SECRET_GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"
-
-
-def sevsim(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "sevsim", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"sevsim {' '.join(args)} failed: {proc.stderr}")
-    return proc
 
 
 def _kill_pidfiles(*paths: Path) -> None:
