@@ -145,8 +145,9 @@ def bench_loads(count: int, rounds: int, progress: Progress) -> dict[str, float]
             unpack("<Q", buf, off)
 
     def model() -> None:
-        for a in addresses:
-            load(a, 8)
+        with machine.turns:  # one host thread that owns the silicon for its loop
+            for a in addresses:
+                load(a, 8)
 
     base_t, model_t = [], []
     for r in range(rounds):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import replace
+from threading import get_ident as _get_ident
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -415,9 +416,12 @@ class Core:
         self._drop_fast()
 
     # ---- memory accesses ---------------------------------------------------------------------
-    @taking_turns
     def load(self, va: int, size: int = 8) -> int:
         """A data load of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
+        turns = self.turns
+        if turns.owner != (turns.local.activity or _get_ident()):  # (taking_turns, inlined)
+            with turns:
+                return self.load(va, size)
         lines = self._fast_r.get(va >> 12)
         if lines is not None:
             off = va & 63
@@ -430,9 +434,12 @@ class Core:
                         return _UNPACK[size](line, off)[0]
         return int.from_bytes(self.read(va, size), "little")
 
-    @taking_turns
     def store(self, va: int, size: int, value: int) -> None:
         """A data store of 1, 2, 4 or 8 bytes (any alignment), little-endian."""
+        turns = self.turns
+        if turns.owner != (turns.local.activity or _get_ident()):  # (taking_turns, inlined)
+            with turns:
+                return self.store(va, size, value)
         entry = self._fast_w.get(va >> 12)
         if entry is not None and (va & 63) + size <= 64 and size in _PACK:
             line = entry[0].get((va >> 6) & 63)
