@@ -70,8 +70,8 @@ class ServiceClient:
                     slot[0].set()
         except (EOFError, OSError):
             pass
-        self.lost = True
-        with self._pending_lock:
+        with self._pending_lock:  # with request()'s registration: no request is missed
+            self.lost = True
             waiting, self._pending = list(self._pending.values()), {}
         for slot in waiting:
             slot[0].set()
@@ -79,17 +79,17 @@ class ServiceClient:
             self.on_lost()
 
     def request(self, verb: str, *args: Any) -> Any:
-        if self.lost:
-            raise ServiceLost(f"the platform service of {self.state_dir} has gone")
         request_id = next(self._ids)
         slot: list[Any] = [threading.Event(), None]
         with self._pending_lock:
+            if self.lost:
+                raise ServiceLost(f"the platform service of {self.state_dir} has gone")
             self._pending[request_id] = slot
         try:
             with self._send_lock:
                 wire.send(self._sock, (request_id, verb, args))
         except OSError:
-            self.lost = True
+            pass  # the reader sees the connection close and wakes this request
         slot[0].wait()
         if slot[1] is None:
             raise ServiceLost(f"the platform service of {self.state_dir} has gone")
