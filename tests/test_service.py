@@ -175,6 +175,12 @@ def test_a_killed_vm_process_frees_its_asid_and_memory(tmp_path, platform):
         _wait(lambda i=i: _counting(d / f"vm{i}.log") >= 2, f"vm{i} to count")
     before = service_status(platform)
     assert len(before["vms"]) == 3 and len(before["asids_in_use"]) == 3
+    taken = sevsim(
+        "vm", "run", "--state", str(platform), "--bios", "fw.fd", "-m", "32M", "--name", "vm-2",
+        cwd=d, check=False,
+    )  # fmt: skip
+    assert taken.returncode == 1 and taken.stderr.count("\n") == 1
+    assert "a VM named 'vm-2' already runs on this platform" in taken.stderr
     os.kill(pids[1], signal.SIGKILL)
 
     def torn_down() -> dict | None:

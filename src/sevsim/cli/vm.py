@@ -27,6 +27,7 @@ from sevsim.host.vmm import VmConfig, VmmError
 from sevsim.paths import default_state_dir
 from sevsim.platform import PlatformMismatch
 from sevsim.platform.client import RemoteVmm, ServiceLost, ServiceUnavailable, attach
+from sevsim.platform.service import ServiceError
 from sevsim.profiles import MachineProfile, get_profile
 
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -236,7 +237,7 @@ def run_cmd(**opts: Any) -> None:
     try:
         _run_vm(opts, profile, state, config, qmp_address)
     except click.ClickException as exc:
-        daemon.signal_failure(exc.format_message())
+        daemon.signal_failure(f"sevsim vm run: error: {exc.format_message()}")
         raise
     finally:
         if opts["pidfile"]:
@@ -273,23 +274,27 @@ def _run_vm(
     client.on_lost = service_lost
     vmm = RemoteVmm(client)
 
+    created = False
+
     def end() -> None:
         ending.set()
         try:
-            vmm.quit()
+            if created:
+                vmm.quit()
         except ServiceLost:
             pass
         client.close()
 
     try:
         client.request("vm.create", config)
+        created = True
         if opts["incoming"]:
             vmm.listen_incoming(_tcp(opts["incoming"]))
         elif opts["restore"]:
             vmm.restore(Path(opts["restore"]).resolve())
         else:
             vmm.start()
-    except VmmError as exc:
+    except (VmmError, ServiceError, ServiceLost) as exc:
         end()
         raise click.ClickException(str(exc)) from None
     if qmp_address is None:
