@@ -23,9 +23,9 @@ def daemonize(pidfile: Path | None, log: Path | None = None) -> None:
         while chunk := os.read(read_fd, 4096):
             chunks.append(chunk)
         answer = b"".join(chunks)
-        if answer.startswith(b"1"):
+        if answer[:1] in (b"1", b"2"):  # ready; the message goes to stderr (1) or stdout (2)
             if answer[1:]:
-                os.write(2, answer[1:] + b"\n")
+                os.write(int(answer[:1]) % 2 + 1, answer[1:] + b"\n")
             os._exit(0)
         message = answer[1:].decode(errors="replace").strip()
         os.write(2, (message or "the daemon exited before it was ready").encode() + b"\n")
@@ -42,11 +42,12 @@ def daemonize(pidfile: Path | None, log: Path | None = None) -> None:
         atomic_write(pidfile, f"{os.getpid()}\n".encode(), 0o644)
 
 
-def signal_ready(message: str = "") -> None:
-    """The daemon is ready; the parent prints ``message`` (e.g. where it listens)."""
+def signal_ready(message: str = "", stdout: bool = False) -> None:
+    """The daemon is ready; the parent prints ``message`` (e.g. where it listens) on stderr,
+    or on stdout (output a script reads)."""
     global _ready_fd
     if _ready_fd is not None:
-        os.write(_ready_fd, b"1" + message.encode())
+        os.write(_ready_fd, (b"2" if stdout else b"1") + message.encode())
         os.close(_ready_fd)
         _ready_fd = None
 

@@ -349,7 +349,13 @@ def serve(daemonize: bool, pidfile: Path | None, exit_when_idle: float | None, *
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: service.done.set())
     signal.signal(signal.SIGINT, lambda *_: service.done.set())
-    if daemonize:
+    if opts["as_json"]:  # one line a script can wait for
+        ready = {"pid": os.getpid(), "socket": str(service.path), "profile": profile.name}
+        if daemonize:
+            daemon.signal_ready(json.dumps(ready), stdout=True)
+        else:
+            click.echo(json.dumps(ready))
+    elif daemonize:
         daemon.signal_ready()
     else:
         click.echo(
