@@ -157,8 +157,9 @@ class PlatformService:
         if client.incoming is not None:
             client.incoming.close()
             client.incoming = None
-        if client.vmm is not None:
-            client.vmm.quit()  # KVM's release of the VM's last fd: the guest goes
+        vmm = client.vmm
+        if vmm is not None:  # (shutdown and the client's thread may both get here)
+            vmm.quit()  # KVM's release of the VM's last fd: the guest goes (quit is idempotent)
             client.vmm = None
 
     def _answer(self, client: _Client, message: tuple) -> None:
