@@ -150,8 +150,9 @@ class ConsoleFile(SerialPort):
             self.file.write(line)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+        file, self.file = self.file, None  # later lines (a dying vCPU's note) go nowhere
+        if file is not None:
+            file.close()
 
 
 @dataclass
