@@ -457,8 +457,12 @@ class QmpClient:
         self._decoder = json.JSONDecoder()
         self.events: list[dict[str, Any]] = []
         self.received: list[str] = []  # the raw traffic, for leak scans
-        self.greeting = self._next()
-        self.execute("qmp_capabilities")
+        try:
+            self.greeting = self._next()
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()  # not a QMP server, or it went away: do not keep the socket
+            raise
 
     def _next(self) -> dict[str, Any]:
         while True:
