@@ -146,9 +146,15 @@ def _start_service(
     ]  # fmt: skip
     if nv_file is not None:
         command += ["--nv-file", str(Path(nv_file).resolve())]
-    result = subprocess.run(
-        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
-    )
+    try:
+        result = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise ServiceUnavailable(
+            f"the platform service of {state_dir} did not come up in {timeout:.0f} s "
+            f"(see {state_dir / wire.LOG_NAME})"
+        ) from None
     if result.returncode != 0 and ServiceClient.connect(state_dir) is None:
         # (Another process may have started the service first: then this one lost the race.)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
