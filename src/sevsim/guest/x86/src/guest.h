@@ -106,6 +106,36 @@ size_t strlen(const char *s);
 void sha256(const void *data, size_t len, uint8_t digest[SHA256_DIGEST_SIZE]);
 int sha256_self_test(void);
 
+/* --- GUIDs, in EFI's byte order (Linux's guid_t, include/linux/uuid.h) ----- */
+#define GUID_SIZE 16
+typedef struct {
+	uint8_t b[GUID_SIZE];
+} guid_t;
+/* a-b-c-d0d1-d2..d7 as written; the first three fields are stored little-endian. */
+#define GUID_INIT(a, b, c, d0, d1, d2, d3, d4, d5, d6, d7)			\
+	((guid_t){ { (a) & 0xff, ((a) >> 8) & 0xff, ((a) >> 16) & 0xff,		\
+		     ((a) >> 24) & 0xff, (b) & 0xff, ((b) >> 8) & 0xff,		\
+		     (c) & 0xff, ((c) >> 8) & 0xff,					\
+		     (d0), (d1), (d2), (d3), (d4), (d5), (d6), (d7) } })
+
+static inline int guid_equal(const guid_t *guid, const void *bytes)
+{
+	return memcmp(guid->b, bytes, GUID_SIZE) == 0;
+}
+
+/* --- ovmf.c: the footer table of ovmf_table.S, GUID-tagged tables ------- */
+const uint8_t *ovmf_table_find(const guid_t *guid, uint32_t *len);
+int ovmf_area(const guid_t *guid, uint32_t *base, uint32_t *size);
+int guid_table_entry(const uint8_t *table, uint32_t size, const guid_t *table_guid,
+		     unsigned int len_size, int i,
+		     const uint8_t **guid, const uint8_t **data, uint32_t *len);
+void guid_string(char *out, const uint8_t *guid);	/* 37 bytes: 8-4-4-4-12 + NUL */
+
+/* --- secrets.c: the launch secrets (LAUNCH_SECRET) ----------------------- */
+const uint8_t *sev_secret_area(uint32_t *size);	/* NULL: this image has none */
+int sev_secret_next(int i, const uint8_t **guid, const uint8_t **data, uint32_t *len);
+int sev_secret_find(const uint8_t guid[16], const uint8_t **data, uint32_t *len);
+
 /* --- fw_cfg.c ----------------------------------------------------------- */
 /* Reads the fw_cfg file `name` into buf (NUL-terminated); returns its length,
  * or -1 if there is no fw_cfg device or no such file. */

@@ -15,7 +15,9 @@
 #define IMAGE_SIZE      0x10000
 #define IMAGE_BASE      0xFFFF0000      /* 4 GiB - IMAGE_SIZE */
 #define RESET_VECTOR    0xFFFFFFF0      /* where every x86 CPU fetches first */
-#define TEXT16_BASE     0xFFFFFF00      /* real-mode code + GDT, just below it */
+#define TEXT16_BASE     0xFFFFEF00      /* real-mode code + GDT, below the last page */
+#define OVMF_TABLE_PAGE 0xFFFFF000      /* the last page: the OVMF footer table ... */
+#define OVMF_TABLE_END  0xFFFFFFE0      /* ... which ends 32 bytes below 4 GiB */
 
 /* --- Segment selectors (index * 8) of the GDT in reset16.S. ------------- */
 #define CODE32_SEL      0x08            /* flat 32-bit code */
@@ -49,8 +51,20 @@
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
 #define LOADS_GPA       0x340000        /* 256 KiB read at random by `loads` (load_loop()) */
 #define LOADS_BYTES     0x40000
-#define MEM_LOOP_GPA    0x400000        /* 8 MiB worked over by mem_loop() */
+#define MEM_LOOP_GPA    0x1000000       /* 8 MiB worked over by mem_loop() */
 #define MEM_LOOP_BYTES  0x800000
+#define MIN_RAM         0x2000000       /* 32 MiB: the guest needs RAM up to here */
+
+/*
+ * The launch areas the OVMF footer table (ovmf_table.S) names, at the addresses
+ * of OVMF's AmdSev build: the VMM writes the measured kernel hashes into the
+ * first (QEMU's -kernel with kernel-hashes=on), the guest owner's secret goes
+ * into the second (LAUNCH_SECRET). The firmware finds them through the table.
+ */
+#define SEV_LAUNCH_SECRET_GPA  0x810000 /* OVMF: PcdSevLaunchSecretBase */
+#define SEV_LAUNCH_SECRET_SIZE 0xC00
+#define QEMU_HASH_TABLE_GPA    0x810C00 /* OVMF: PcdQemuHashTableBase */
+#define QEMU_HASH_TABLE_SIZE   0x400
 
 #define PAGE_SIZE       0x1000
 #define LARGE_PAGE_SIZE 0x200000        /* a PDE with PTE_PS */
