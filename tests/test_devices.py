@@ -16,8 +16,8 @@ from sevsim.api import guidtable
 from sevsim.api import virtio as v
 from sevsim.certs.sev import SevCert
 from sevsim.guest import disk as guest_disk
-from sevsim.guest import firmware as guest_firmware
 from sevsim.guest import kernel as gk
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.virtio_blk import DiskError, create_image
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.owner import secret, session
@@ -26,7 +26,7 @@ from sevsim.soc.dma import BusMaster
 from sevsim.soc.svm import register_program
 from sevsim.system import HostSystem
 
-FIRMWARE = guest_firmware.build_image(64 << 10)
+FIRMWARE = x86_guest.image()
 MiB = 1 << 20
 
 

@@ -225,7 +225,7 @@ def bench_guest_code(iterations: int, rounds: int, progress: Progress) -> dict[s
     bare_loads = min(_bare_call("load_loop", loads_gpa, LOADS_BYTES, loads) for _ in range(3))
     progress("guest code: an SEV guest")
     with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
-        vm = system.start_x86_guest("bench", work, memory=16 * MiB)
+        vm = system.start_x86_guest("bench", work, memory=32 * MiB)
         vm.spin_budget = 1 << 30
         guest_alu = _guest_phase(vm, f"workload {work}\n", "sevsim-guest: alu")
         guest_mem = _guest_phase(vm, "sevsim-guest: alu ", "sevsim-guest: mem")
@@ -322,7 +322,7 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
     profile = get_profile("milan").with_(dram_size=4 * GiB)
     with HostSystem.start(profile) as a, HostSystem.start(profile.with_(seed=None)) as b:
         src = Vmm(a, VmConfig(firmware=None, memory=size))
-        vm = src.vm = a.kvm.create_vm(size, sev=True)
+        vm = src.vm = a.kvm.create_vm(size, sev=True, x86=True)
         chunk = 16 * MiB
         for gpa in range(0, size, chunk):  # guest memory, all of it written
             vm.write_stream(gpa, os.urandom(min(chunk, size - gpa)))
@@ -401,7 +401,7 @@ def bench_bounce_io(size: int, rounds: int, progress: Progress) -> dict[str, Any
     from pathlib import Path
 
     from sevsim.guest import disk as guest_disk
-    from sevsim.guest import firmware as guest_firmware
+    from sevsim.guest import x86 as x86_guest
     from sevsim.host.virtio_blk import create_image
     from sevsim.host.vmm import VmConfig, Vmm
     from sevsim.system import HostSystem
@@ -412,7 +412,7 @@ def bench_bounce_io(size: int, rounds: int, progress: Progress) -> dict[str, Any
     base_t, model_t = [], []
     with tempfile.TemporaryDirectory(prefix="sevsim-bench-") as tmp:
         work = Path(tmp)
-        (work / "fw.fd").write_bytes(guest_firmware.build_image(64 << 10))
+        (work / "fw.fd").write_bytes(x86_guest.image())
         profile = get_profile("milan").with_(dram_size=2 * GiB)
         for r in range(rounds):
             progress(f"bounce I/O: {size >> 20} MiB to a guest's disk, round {r + 1}/{rounds}")

@@ -11,7 +11,7 @@ from typing import Any
 
 from sevsim.attacks.lab import AttackResult, attack
 from sevsim.guest import disk as guest_disk
-from sevsim.guest import firmware as guest_firmware
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.virtio_blk import VirtioBlkDevice, create_image
 from sevsim.host.vmm import VmConfig, Vmm
 from sevsim.owner import secret, session
@@ -63,7 +63,7 @@ def io_tamper(profile: MachineProfile, r: AttackResult) -> None:
     cases = {"clear": (False, ""), "xts": (True, ""), "xts+hmac": (True, ":auth")}
     with HostSystem.start(profile) as system, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "fw.fd").write_bytes(guest_firmware.build_image(64 << 10))
+        (work / "fw.fd").write_bytes(x86_guest.image())
         for label, (encrypted, mode) in cases.items():
             outcome = _run_case(system, work, label, encrypted, mode)
             r.figures[label] = outcome

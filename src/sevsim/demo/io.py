@@ -19,8 +19,8 @@ from typing import Any
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.demo.steps import Step, Story, View, Working
 from sevsim.guest import disk as guest_disk
-from sevsim.guest import firmware as guest_firmware
 from sevsim.guest import kernel as guest_kernel
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.virtio_blk import create_image
 from sevsim.host.vmm import VmConfig, Vmm
 from sevsim.owner import secret, session
@@ -42,7 +42,7 @@ def io_story(profile: MachineProfile) -> Story:
     try:
         with tempfile.TemporaryDirectory(prefix="sevsim-io-") as tmp:
             work = Path(tmp)
-            (work / "OVMF.fd").write_bytes(guest_firmware.build_image(64 << 10))
+            (work / "OVMF.fd").write_bytes(x86_guest.image())
             yield _disk_step(system, work, encrypted=False)
             yield Working("the same disk, encrypted with a key sent as a launch secret")
             yield _disk_step(system, work, encrypted=True)
