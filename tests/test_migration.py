@@ -387,6 +387,53 @@ def test_snapshot_round_trip_and_refusals(two, tmp_path):
     vmm.quit()
 
 
+def test_the_whole_vcpu_state_survives_a_snapshot(two, tmp_path):
+    """Every register of the save area — segments with their hidden parts, GDTR, IDTR,
+    control registers, EFER — the GPRs, and an AP still waiting for its STARTUP IPI."""
+    a, b = two
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(FIRMWARE)
+    config = VmConfig(
+        firmware=fw,
+        memory=MEMORY,
+        smp=2,
+        policy=POLICY,
+        console=tmp_path / "src.log",
+        fw_cfg_files={"opt/sevsim/workload": b"count"},
+    )
+    src = Vmm(a, config)
+    src.start()
+    src.cont()
+    wait_for(lambda: len(counts(src.console_text())) >= 1)
+    src.stop()  # paused: the snapshot takes the vCPUs as they are now
+    src.target = chain_of(b)
+    snap = tmp_path / "guest.snap"
+    src.migrate(f"file:{snap}", wait=True)
+    assert src.query_migrate()["status"] == "completed"
+    dst = Vmm(b, VmConfig(firmware=None, memory=MEMORY, console=tmp_path / "dst.log"))
+    dst.restore(snap)
+
+    def state(vcpu) -> dict:
+        save = vcpu.vmcb()
+        return {name: getattr(save, name) for name in migration.VCPU_FIELDS}
+
+    boot, ap = src.vm.vcpus
+    assert [state(v) for v in dst.vm.vcpus] == [state(boot), state(ap)]
+    assert [v.regs for v in dst.vm.vcpus] == [boot.regs, ap.regs]
+    assert [v.parked for v in dst.vm.vcpus] == [False, True]
+    # The BSP runs the image in long mode: what its boot code set up went along.
+    symbols = x86_guest.symbols()
+    moved = dst.vm.vcpus[0].vmcb()
+    assert moved.cs_selector == 0x18 and moved.cs_attrib & 0x200  # CODE64_SEL, L=1
+    assert (moved.gdtr_base, moved.idtr_base) == (symbols["gdt"], symbols["idt"])
+    assert moved.efer & 1 << 10 and moved.cr0 & 1 << 31  # EFER.LMA, CR0.PG
+    assert moved.cr3 & 0xFFFFF000 == symbols["PML4_GPA"]
+    dst.cont()
+    wait_for(lambda: len(counts(dst.console_text())) >= 1)  # and it goes on from there
+    src.quit()
+    dst.quit()
+
+
 # ---- the firmware's rules -----------------------------------------------------------------------
 def test_send_commands_follow_the_guest_states(two, tmp_path):
     a, b = two

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevsim import crypto
-from sevsim.api import guidtable
+from sevsim.api import guidtable, ovmf
 from sevsim.api import policy as pol
 from sevsim.api.status import Status
 from sevsim.certs.sev import Algo, SevCert, Usage
@@ -125,6 +125,31 @@ def test_a_vmm_that_swaps_the_kernel_is_caught_by_the_guest(host, tmp_path):
     assert vmm.wait_idle(30)
     log = cfg.console.read_text()
     assert "kernel MISMATCH" in log and "refusing to boot" in log
+    assert "cmdline ok, initrd ok" in log  # only the kernel was swapped
+    assert "workload" not in log  # nothing ran
+    vmm.quit()
+
+
+def test_a_kernel_without_its_measured_hashes_is_refused(host, tmp_path):
+    """A VMM that passes a kernel but overwrites the measured hashes table after the
+    launch (what the guest then reads is not the table): the guest boots nothing. The
+    host flushes the caches around its write, so that the guest's cached lines of the
+    table go and its own write reaches DRAM."""
+    owner_files(host, tmp_path, 0x1)
+    (tmp_path / "vmlinuz").write_bytes(b"a kernel")
+    cfg = config(tmp_path, kernel=tmp_path / "vmlinuz")
+    vmm = Vmm(host, cfg)
+    vmm.start()
+    base, size = ovmf.area(vmm.table, ovmf.SEV_HASH_TABLE_RV_GUID)
+    assert (base, size) == (0x81_0C00, 0x400)  # OVMF AmdSev's hashes area
+    host.kernel.wbinvd_on_all_cpus()
+    vmm.vm.write(base, bytes(size))
+    host.kernel.wbinvd_on_all_cpus()
+    vmm.cont()
+    assert vmm.wait_idle(30)
+    log = cfg.console.read_text()
+    assert "a kernel was passed but no measured hashes table exists: refusing it" in log
+    assert "firmware done; the kernel was NOT booted" in log and "workload" not in log
     vmm.quit()
 
 

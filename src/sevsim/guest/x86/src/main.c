@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * main.c - the C part: report SEV, then run the workloads named in the
- * fw_cfg file opt/sevsim/workload (default: "secret"), in order.
+ * main.c - the C part: report SEV, set up fw_cfg, do the launch checks
+ * (launch.c), then run the workloads named in the fw_cfg file
+ * opt/sevsim/workload (default: "secret"), in order.
  */
 #include "guest.h"
 
