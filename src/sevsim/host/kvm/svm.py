@@ -213,7 +213,7 @@ class Vcpu:
             f = VMCB.field(name)
             kernel.write(self.vmcb_va + f.offset, value.to_bytes(f.size, "little"))
 
-    # ---- KVM_SET_GUEST_DEBUG (svm_update_exception_bitmap, svm_set_dr7) ---------------------------
+    # ---- KVM_SET_GUEST_DEBUG (svm_update_exception_bitmap, svm_set_dr7) ---------------------
     def set_guest_debug(self, control: int, breakpoints: list[int] | tuple = ()) -> None:
         """Debug the guest from the host: single step (RFLAGS.TF and a #DB intercept),
         software breakpoints (a #BP intercept: INT3 exits instead of reaching the guest),
