@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import sevsim
 
 from sevsim.host import gdbstub
 from sevsim.host.gdbstub import (
@@ -241,3 +242,17 @@ def test_ctrl_c_stops_a_spinning_guest(tmp_path):
         sock.sendall(frame(b"k"))
     _, err = guest.finish()
     assert "the debugger killed the VM" in err
+
+
+def test_bad_gdb_options_are_one_line_usage_errors(tmp_path):
+    image = tmp_path / "guest.fd"
+    sevsim("vm", "guest-image", str(image), cwd=tmp_path)
+    base = ["vm", "run", "--state", str(tmp_path / "state"), "--bios", str(image)]
+    for extra, words in (
+        (["--gdb", "unix:/tmp/gdb.sock"], "tcp:[HOST]:PORT"),
+        (["--gdb", "tcp::70000"], "port 0..65535"),
+        (["-S"], "-S needs --gdb or --qmp"),
+    ):
+        out = sevsim(*base, *extra, cwd=tmp_path, check=False)
+        assert out.returncode == 2, out
+        assert words in out.stderr and "Traceback" not in out.stderr, out.stderr

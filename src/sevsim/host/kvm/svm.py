@@ -260,12 +260,13 @@ class Vcpu:
                 self.kick.clear()
                 return RunExit("INTR", "interrupted by the VMM")
             exit_ = self._vmrun()
-            rip = self._vmcb_field("rip")
+            stepping = self.guest_debug & KVM_GUESTDBG_SINGLESTEP
+            rip = self._vmcb_field("rip") if stepping else 0
             result = self._handle(exit_)
             if result is not None:
                 return result
             if (
-                self.guest_debug & KVM_GUESTDBG_SINGLESTEP
+                stepping
                 and exit_.code != EXIT_IOIO  # the engine finishes IN/OUT, then traps itself
                 and self._vmcb_field("rip") != rip
             ):
