@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -228,7 +229,8 @@ def test_ctrl_c_stops_a_spinning_guest(tmp_path):
         assert _rsp(sock, b"qfThreadInfo") == b"m1"
         sock.sendall(frame(b"c"))
         assert sock.recv(1) == b"+"
-        for _ in range(100):  # until the guest spins (its console says so)
+        deadline = time.monotonic() + 120  # a loaded machine boots slowly
+        while time.monotonic() < deadline:  # until the guest spins (its console says so)
             if guest.console.exists() and "spinning" in guest.console.read_text():
                 break
             sock.settimeout(0.1)
