@@ -134,6 +134,7 @@ class HostSystem:
         items[fwcfg.FILE_DIR] = directory
         items[fwcfg.SIGNATURE] = b"QEMU"
         items[fwcfg.RAM_SIZE] = memory.to_bytes(8, "little")
+        items[fwcfg.NB_CPUS] = vcpus.to_bytes(2, "little")
         device = FwCfgDevice(vm, items)
         vm.io_ports.update({fwcfg.PORT_SELECTOR: device, fwcfg.PORT_DATA: device})
         if sev:
