@@ -97,6 +97,7 @@
 
 #define MSR_EFER        0xC0000080
 #define EFER_LME        (1 << 8)        /* long mode enable */
+#define EFER_LMA        (1 << 10)       /* long mode active (read-only: set by CR0.PG) */
 #define EFER_NXE        (1 << 11)       /* no-execute enable */
 #define MSR_SEV_STATUS  0xC0010131      /* Linux: MSR_AMD64_SEV */
 #define SEV_STATUS_SEV  (1 << 0)        /* bit 0: SEV is active for this guest */

@@ -113,7 +113,7 @@ void workload_aps(void)
 	memset((void *)mb, 0, sizeof(*mb));
 	mb->cr3 = read_cr3();
 	mb->cr4 = (uint32_t)read_cr4();
-	mb->efer = rdmsr(MSR_EFER);
+	mb->efer = rdmsr(MSR_EFER) & ~(uint64_t)EFER_LMA;	/* the CPU sets LMA itself */
 
 	apic_map_decrypted();
 	mb->bsp_apic_id = apic_read(APIC_ID) >> 24;
