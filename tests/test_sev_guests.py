@@ -124,6 +124,43 @@ def test_non_sev_guest_sees_no_encryption_and_hides_nothing(milan):
     vm.destroy()
 
 
+# ---- a device's DMA at a private page ----------------------------------------------------------
+def test_dma_at_the_secret_gives_the_guest_garbage(milan):
+    """`dma`: the guest keeps its secret and yields while the host has a device write at it.
+    A DMA carries no ASID: the bytes land in DRAM as written, and the guest, reading them
+    with its key, gets neither the device's bytes nor its secret."""
+    from sevsim.soc.dma import BusMaster
+
+    host, kvm = milan
+    vm = start(host, "dma", workload="secret:dma dma")
+    v = vm.vcpus[0]
+    assert v.run().reason == "HLT"  # the yield: the secret is kept, its page hashed
+    secret = Secret.of(vm)
+    assert "dma: waiting while a device may write at 0x200000" in vm.console_text()
+    spa = vm.spa(SECRET_GPA)
+    host.kernel.wbinvd_on_all_cpus()
+    device = BusMaster(host.machine, 0x0100)
+    assert secret.kept[:16] not in device.read(spa, 64)  # ciphertext
+    data = bytes(range(64))
+    device.write(spa, data)
+    assert v.run().reason == "DONE"
+    assert dram(vm, SECRET_GPA, 64) == data
+    reads = vm.sev_dbg_decrypt(SECRET_GPA, 64)  # what the guest read: the garbage
+    assert reads != data and not reads.startswith(MARKER)
+    line = f"dma read back: changed, sha256 {hashlib.sha256(reads).hexdigest()}"
+    assert line in vm.console_text()
+    vm.destroy()
+
+
+def test_dma_without_a_device_leaves_the_secret_intact(milan):
+    host, kvm = milan
+    vm, secret = run_guest(host, "nodma", workload="secret:nodma dma")
+    page = secret.kept.ljust(64, b"\0")  # the marker, 32 bytes, the rest of the page zero
+    line = f"dma read back: intact, sha256 {hashlib.sha256(page).hexdigest()}"
+    assert line in vm.console_text()
+    vm.destroy()
+
+
 # ---- the key-selection table (hardware.md §3.4) ------------------------------------------------
 @pytest.mark.parametrize(
     "cmdline, tsme, shared_key",
