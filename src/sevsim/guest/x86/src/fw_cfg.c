@@ -34,6 +34,24 @@ static uint32_t be32(const uint8_t *p)
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+static int fw_cfg_present(void)
+{
+	uint8_t sig[4];
+
+	fw_cfg_select(FW_CFG_SIGNATURE);
+	fw_cfg_read(sig, sizeof(sig));
+	return memcmp(sig, "QEMU", 4) == 0;
+}
+
+int fw_cfg_read_item(uint16_t key, void *buf, size_t n)
+{
+	if (!fw_cfg_present())
+		return -1;
+	fw_cfg_select(key);
+	fw_cfg_read(buf, n);
+	return 0;
+}
+
 int fw_cfg_read_file(const char *name, char *buf, size_t size)
 {
 	uint8_t sig[4], count_be[4];
