@@ -180,7 +180,13 @@ def loads_model(nbytes: int, count: int) -> int:
 class Qemu:
     """One QEMU TCG run of the image; its console (COM1 on stdio) read line by line."""
 
-    def __init__(self, workload: str | None, cpu: str = "qemu64,+rdrand", qmp: Path | None = None):
+    def __init__(
+        self,
+        workload: str | None,
+        cpu: str = "qemu64,+rdrand",
+        qmp: Path | None = None,
+        smp: int = 1,
+    ):
         cmd = [
             QEMU,
             "-machine",
@@ -199,6 +205,8 @@ class Qemu:
             "none",
             "-monitor",
             "none",
+            "-smp",
+            str(smp),
         ]
         if workload is not None:
             cmd += ["-fw_cfg", f"name=opt/sevsim/workload,string={workload}"]
@@ -325,6 +333,32 @@ def test_qemu_default_workload_is_secret():
     assert out[3] == "workload secret"
     assert re.fullmatch(SHA_RE, out[4])
     assert out[5:] == ["shared page at 0x201000", "done"]
+
+
+@needs_qemu
+def test_qemu_aps_start_and_read_the_secret():
+    """INIT-SIPI-SIPI on QEMU's local APIC: each AP climbs from the trampoline at 0x8000 to
+    long mode, hashes the BSP's secret, and wakes the halted BSP with a fixed IPI."""
+    out = run_guest("secret:qemu aps", smp=4)
+    digest = re.fullmatch(SHA_RE, out[4]).group(1)
+    assert out[6:] == [
+        *(f"cpu {n} read the secret, sha256 {digest}" for n in (1, 2, 3)),
+        "aps: 4 CPUs online",
+        "done",
+    ]
+
+
+@needs_qemu
+def test_qemu_aps_alone_with_one_cpu():
+    assert run_guest("aps")[4:] == ["aps: no AP to start (1 CPU)", "done"]
+
+
+@needs_qemu
+def test_qemu_picture_is_the_padlock():
+    from sevsim.guest.picture import padlock
+
+    digest = hashlib.sha256(padlock()).hexdigest()
+    assert run_guest("picture")[4:] == [f"picture at 0x250000, 64 KiB, sha256 {digest}", "done"]
 
 
 @needs_qemu

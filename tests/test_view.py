@@ -10,6 +10,7 @@ from PIL import Image
 
 from sevsim import pictures
 from sevsim.cli import main
+from sevsim.guest import x86 as x86_guest
 from sevsim.guest.picture import padlock
 from sevsim.profiles import get_profile
 
@@ -63,7 +64,9 @@ def test_view_command_draws_dram_cpu_and_keys(tmp_path, capsys):
         capsys,
     )
     data = json.loads(out)
-    assert code == 0 and data["figures"]["alpha (ASID 1)"] == 1024  # 4 MiB of guest RAM
+    # Every page of alpha's RAM and of its 64 KiB flash is in alpha's domain.
+    pages = (x86_guest.MIN_MEMORY + len(x86_guest.image())) // 4096
+    assert code == 0 and data["figures"]["alpha (ASID 1)"] == pages
     assert data["figures"]["guest shared (C=0)"] == 1  # beta's published page
     with Image.open(tmp_path / "k.png") as img:
         assert img.size == (data["width"], data["height"]) and img.mode == "RGB"

@@ -9,23 +9,29 @@
   CPU reads it, and which encryption domain each 4 KiB page belongs to.
 
 The machine state comes from staging a scenario on fresh machines, with the same means the
-demo uses: the guest's own view is what its program returned (the observer's window).
+demo uses. The guests run the real-code image (``sevsim.guest.x86``): its ``picture``
+workload draws the padlock at ``PICTURE_GPA``; what the guest reads there comes out the way
+a debugger reads it (KVM_SEV_DBG_DECRYPT: the guests' policy allows debugging), checked
+against the SHA-256 the guest prints.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sevsim.guest import x86 as x86_guest
 from sevsim.guest.picture import SIZE, padlock  # noqa: F401 - part of this module's API
 from sevsim.host.kvm import Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
 
 PICTURE_BYTES = SIZE * SIZE
-GUEST_MEMORY = 4 << 20
+PICTURE_GPA = x86_guest.symbols()["PICTURE_GPA"]  # where the `picture` workload draws
+GUEST_MEMORY = x86_guest.MIN_MEMORY
 CAPTION = 18  # pixels above each panel for its label
 GAP = 8
 
@@ -35,15 +41,23 @@ def _bytes_image(data: bytes, width: int) -> Image.Image:
     return Image.frombytes("L", (width, rows), bytes(data[: rows * width]))
 
 
+def guest_reads(vm: Vm, gpa: int, n: int) -> bytes:
+    """What the guest reads at ``gpa``, as a debugger gets it: DBG_DECRYPT for an SEV
+    guest, the host's mapping for another."""
+    return vm.sev_dbg_decrypt(gpa, n) if vm.sev else vm.read(gpa, n)
+
+
 def _guest_picture(profile: MachineProfile, sev: bool, cmdline: str) -> tuple[bytes, bytes]:
     """(what the guest reads, what DRAM holds) of the padlock a guest keeps privately."""
     with HostSystem.start(profile, cmdline=cmdline) as system:
-        vm = system.start_guest("picture", GUEST_MEMORY, sev=sev, workload="picture")
+        vm = system.start_x86_guest("picture", "picture", memory=GUEST_MEMORY, sev=sev)
         vm.run()
-        report = system.machine.observe_guest(vm.vcpus[0].vmcb_addr)
+        seen = guest_reads(vm, PICTURE_GPA, PICTURE_BYTES)
+        if f"sha256 {hashlib.sha256(seen).hexdigest()}" not in vm.console_text():
+            raise RuntimeError("the picture read back is not the one the guest drew")
         system.kernel.wbinvd_on_all_cpus()
-        dram = system.machine.dram.read(vm.spa(report.secret_gpa), PICTURE_BYTES)
-        return report.steps[-1], dram
+        dram = system.machine.dram.read(vm.spa(PICTURE_GPA), PICTURE_BYTES)
+        return seen, dram
 
 
 @dataclass
@@ -116,10 +130,13 @@ def scenario(profile: MachineProfile) -> tuple[HostSystem, list[Vm]]:
     caller closes the system."""
     system = HostSystem.start(profile)
     vms = []
-    guests = (("alpha", True, "picture"), ("beta", True, None), ("plain", False, None))
+    guests = (
+        ("alpha", True, "picture"),
+        ("beta", True, "secret:beta"),
+        ("plain", False, "secret:plain"),
+    )
     for name, sev, workload in guests:
-        options = {"workload": workload} if workload else {"secret": name}
-        vm = system.start_guest(name, GUEST_MEMORY, sev=sev, **options)
+        vm = system.start_x86_guest(name, workload, memory=GUEST_MEMORY, sev=sev)
         vm.run()
         vms.append(vm)
     system.kernel.wbinvd_on_all_cpus()
@@ -132,12 +149,16 @@ def page_domains(system: HostSystem, vms: list[Vm], start: int, npages: int) -> 
     owner: dict[int, str] = {}
     for vm in vms:
         shared = {gpa + i * 4096 for gpa, n in vm.shared_ranges for i in range(n)}
-        for gpa in range(0, vm.memory_size, 4096):
-            if vm.sev:
-                label = "guest shared (C=0)" if gpa in shared else f"{vm.name} (ASID {vm.asid})"
-            else:
-                label = "plain VM (host key)"
-            owner[vm.spa(gpa) >> 12] = label
+        for slot in vm.slots:  # its RAM and its flash (not through the isa-bios alias)
+            base = vm.kernel.pa(slot.hva)
+            for offset in range(0, slot.size, 4096):
+                if vm.sev and slot.gpa + offset in shared:
+                    label = "guest shared (C=0)"
+                elif vm.sev:
+                    label = f"{vm.name} (ASID {vm.asid})"
+                else:
+                    label = "plain VM (host key)"
+                owner[(base + offset) >> 12] = label
     written = set(system.machine.dram.written_pages())
     out = []
     for page in range(start >> 12, (start >> 12) + npages):

@@ -103,8 +103,10 @@ class HostSystem:
     def start_guest(
         self, name: str, memory: int = 4 << 20, sev: bool = True, policy: int = 0, **options: object
     ) -> Vm:
-        """A VM running the model's guest kernel, launched as KVM does it (LAUNCH_* for an
-        SEV guest); ``options`` go on its command line (``workload=``, ``secret=``...)."""
+        """A VM running the model's Python guest kernel (``sevsim.guest.kernel``), launched as
+        KVM does it (LAUNCH_* for an SEV guest); ``options`` go on its command line
+        (``workload=``, ``secret=``...). MODEL: kept for the callers not yet moved to
+        ``start_x86_guest`` (fuzz, tamper, the attack lab, the I/O demo)."""
         vm = self.kvm.create_vm(memory, sev=sev, name=name)
         line = guest_kernel.cmdline(memory, **options)
         vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY, policy=policy)
@@ -120,9 +122,11 @@ class HostSystem:
         firmware: bytes | None = None,
         vcpus: int = 1,
     ) -> Vm:
-        """A VM whose vCPU executes real code: a firmware image (the package's real-code
-        guest by default) mapped below 4 GiB as QEMU's -bios, the workload in fw_cfg, and
-        for SEV the image encrypted and measured (LAUNCH_UPDATE_DATA) before it runs."""
+        """A VM whose vCPUs execute real code: a firmware image (the package's real-code
+        guest by default) mapped below 4 GiB as QEMU's -bios, the workload and the number
+        of vCPUs in fw_cfg, and for SEV the image encrypted and measured
+        (LAUNCH_UPDATE_DATA) before it runs. The first vCPU boots; the others wait for
+        its STARTUP IPIs (the image's ``aps`` workload)."""
         from sevsim.api import fwcfg
         from sevsim.guest import x86 as x86_guest
         from sevsim.host.vmm import FwCfgDevice
@@ -135,6 +139,7 @@ class HostSystem:
         items[fwcfg.SIGNATURE] = b"QEMU"
         items[fwcfg.RAM_SIZE] = memory.to_bytes(8, "little")
         items[fwcfg.ID] = (fwcfg.FEATURE_TRADITIONAL | fwcfg.FEATURE_DMA).to_bytes(4, "little")
+        items[fwcfg.NB_CPUS] = vcpus.to_bytes(2, "little")
         device = FwCfgDevice(vm, items)
         for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
             vm.io_ports[port] = device

@@ -20,6 +20,7 @@ from sevsim.cli.options import POLICY, json_option
 from sevsim.cli.platform import _platform_options
 from sevsim.fsutil import atomic_write
 from sevsim.guest import x86 as x86_guest
+from sevsim.host.gdbstub import GdbAddressError, GdbServer, parse_gdb_address
 from sevsim.host.migration import MigrationError, TargetChain
 from sevsim.host.qmp import QmpAddress, QmpClient, QmpError, QmpServer, parse_qmp_address
 from sevsim.host.virtio_blk import create_image
@@ -188,6 +189,26 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
     help="The VM's name on its platform, as QEMU's -name [default: the first free of vm, "
     "vm-2, vm-3, ...]; the default console log is <state>/NAME-console.log.",
 )
+@click.option(
+    "--gdb",
+    "gdb",
+    metavar="tcp:[HOST]:PORT",
+    help="Serve GDB's remote protocol for the vCPUs, as QEMU's -gdb (e.g. tcp::1234; port "
+    "0: a free one, printed; an empty HOST is every interface). Connect with gdb's 'target "
+    "remote HOST:PORT'; each vCPU is a thread. Registers come from the VMCB and KVM, memory "
+    "is read as the guest sees it, through its page tables and the firmware's DBG_DECRYPT / "
+    "DBG_ENCRYPT: a guest whose policy has NODBG (bit 0, the default 0x1) shows registers "
+    "but no memory. The command ends when the debugger kills the VM ('kill'), or once the "
+    "guest has finished and no debugger is attached (docs/debugging.md).",
+)
+@click.option(
+    "-S",
+    "--paused",
+    "paused",
+    is_flag=True,
+    help="Do not start the vCPUs (QEMU's -S): with --gdb they wait, before the first "
+    "instruction, for the debugger's 'continue' or 'stepi'; with --qmp for 'cont'.",
+)
 @click.option("--daemonize", is_flag=True, help="Detach once the VM is ready (needs --qmp).")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path))
 def run_cmd(**opts: Any) -> None:
@@ -212,8 +233,12 @@ def run_cmd(**opts: Any) -> None:
         raise click.UsageError("--dh-cert-file and --session-file go together ('owner session')")
     try:
         qmp_address = parse_qmp_address(opts["qmp"]) if opts["qmp"] else None
-    except ValueError as exc:
+        if opts["gdb"]:
+            parse_gdb_address(opts["gdb"])
+    except (ValueError, GdbAddressError) as exc:
         raise click.UsageError(str(exc)) from None
+    if opts["paused"] and not (opts["gdb"] or opts["qmp"]):
+        raise click.UsageError("-S needs --gdb or --qmp: nothing else could start the guest")
     profile = get_profile(opts["profile_name"])
     state = Path(opts["state"] or default_state_dir(profile.name)).resolve()
 
@@ -306,10 +331,14 @@ def _run_vm(
     except (VmmError, ServiceError, ServiceLost) as exc:
         end()
         raise click.ClickException(str(exc)) from None
+    gdb = _start_gdb(opts, vmm, config, end) if opts["gdb"] else None
     if qmp_address is None:
         if opts["incoming"]:
             click.echo(f"waiting for a migration on {opts['incoming']}", err=True)
             vmm.serve_incoming()
+        if gdb is not None and not _debug_until_done(vmm, gdb, opts["paused"]):
+            end()  # the debugger killed the VM
+            return
         _run_to_completion(vmm, end, opts["as_json"])
         return
     try:
@@ -334,6 +363,8 @@ def _run_vm(
     else:
         click.echo(line, err=True)
     signal.signal(signal.SIGTERM, lambda *_: server.done.set())
+    if gdb is not None:
+        gdb.on_kill = server.done.set  # the debugger's 'kill' ends the VM, as 'quit' does
     try:
         server.serve_forever()
     finally:
@@ -341,6 +372,37 @@ def _run_vm(
         end()
     if died is not None:
         raise SystemExit(f"sevsim vm: the guest stopped: {died.reason}: {died.detail}")
+
+
+def _start_gdb(opts: dict[str, Any], vmm: RemoteVmm, config: VmConfig, end) -> GdbServer:
+    host, port = parse_gdb_address(opts["gdb"])
+    try:
+        gdb = GdbServer(vmm, host, port)
+    except OSError as exc:
+        end()
+        raise click.ClickException(f"gdb on {opts['gdb']}: {exc.strerror or exc}") from None
+    gdb.start()
+    kind = "SEV guest" if config.sev else "VM"
+    state = "stopped before its first instruction" if opts["paused"] else "starting"
+    click.echo(f"{kind} {state}; gdb server on {gdb.address}", err=True)
+    return gdb
+
+
+def _debug_until_done(vmm: RemoteVmm, gdb: GdbServer, paused: bool) -> bool:
+    """Run (unless -S) while a debugger may attach. False if the debugger killed the VM;
+    True once the guest has finished with no debugger attached."""
+    killed = threading.Event()
+    gdb.on_kill = killed.set
+    if not paused:
+        vmm.cont()
+    while not killed.wait(0.2):
+        if gdb.connected.is_set() or vmm.status in ("prelaunch", "debug"):
+            continue  # a debugger holds the guest, or may still come to start it
+        if vmm.wait_idle(0):
+            return True
+    gdb.close()
+    click.echo("sevsim vm: the debugger killed the VM", err=True)
+    return False
 
 
 def _announce_qmp_wait(address: QmpAddress) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from sevsim.api import fwcfg, guidtable, ovmf
 from sevsim.host import cmos, migration
 from sevsim.host.cmos import Cmos
+from sevsim.host.debug import SIGABRT, SIGINT, SIGQUIT, SIGTRAP, GuestDebug
 from sevsim.host.kvm import (
     COM1,
     MAX_FIRMWARE,
@@ -177,6 +178,8 @@ class Vmm:
         self.vm: Vm | None = None
         self.console: ConsoleFile | None = None
         self.disk: VirtioBlkDevice | None = None
+        self._finished: set[int] = set()  # vCPUs that ran to their end (or died)
+        self.debug = GuestDebug(self)
 
     # ---- start, paused (QEMU -S) ---------------------------------------------------------
     def start(self) -> None:
@@ -445,7 +448,7 @@ class Vmm:
 
     def _run_vcpus(self) -> None:
         vm = self.vm
-        done: set[int] = set()
+        done = self._finished
         # Until every vCPU has finished, or all that have not wait for a STARTUP IPI (which
         # only a running vCPU could send).
         while any(v.index not in done and not v.parked for v in vm.vcpus):
@@ -461,6 +464,14 @@ class Vmm:
                     if self.status == "shutdown":
                         return
                     exit_ = vcpu.run()
+                    if self.debug.stop_requested and exit_.reason == "INTR":
+                        exit_ = self._step(vcpu)  # to the next instruction boundary
+                    if exit_.reason == "DEBUG" or (
+                        self.debug.stop_requested and exit_.reason == "HLT"
+                    ):
+                        self._debug_stopped(vcpu, exit_)
+                        halted = False
+                        continue
                 if exit_.reason == "INTR":
                     halted = False  # the VMM asked: look at the state again, then go on
                 elif exit_.reason != "HLT":
@@ -473,6 +484,8 @@ class Vmm:
             if halted:
                 time.sleep(TIMER_TICK)  # every vCPU waits in HLT: until the next timer tick
         self._parked.set()
+        self.debug.stop_requested = False
+        self.debug.record({"cpu": 0, "signal": SIGTRAP, "reason": "finished"})
 
     def _guest_died(self, index: int, dead: RunExit) -> None:
         """The guest cannot go on: a triple fault (QEMU with -no-reboot: 'shutdown'), or a
@@ -486,10 +499,138 @@ class Vmm:
             if self.console is not None:
                 self.console.note(line.encode())
             self.status = status
+        # QEMU's gdbstub: SIGQUIT for a shutdown, SIGABRT for an internal error.
+        signal = SIGQUIT if status == "shutdown" else SIGABRT
+        self.debug.record({"cpu": index, "signal": signal, "reason": "died"})
         if status == "shutdown":
             self._emit("SHUTDOWN", {"guest": True, "reason": "guest-reset"})
         else:
             self._emit("GUEST_PANICKED", {"action": "pause", "info": {"type": dead.reason}})
+
+    # ---- a debugger (vm run --gdb: host/gdbstub.py speaks GDB's protocol, host/debug.py) -----
+    def _stopped(self) -> bool:
+        runner = self._runner
+        return runner is None or not runner.is_alive() or not self._running.is_set()
+
+    def _step(self, vcpu) -> RunExit:
+        """One instruction of one vCPU (KVM_GUESTDBG_SINGLESTEP); the lock is held."""
+        self.debug.apply(step=vcpu)
+        try:
+            vcpu.kick.clear()
+            while (exit_ := vcpu.run()).reason == "INTR":
+                vcpu.kick.clear()
+        finally:
+            self.debug.apply()
+        return exit_
+
+    def _debug_stopped(self, vcpu, exit_: RunExit) -> None:
+        """All-stop: one vCPU's debug exit (or an interrupt) stops every vCPU."""
+        self._running.clear()
+        if exit_.reason == "DEBUG" and not self.debug.stop_requested:
+            stop = self.debug.describe(vcpu)
+        else:
+            stop = {"cpu": vcpu.index, "signal": SIGINT, "reason": "interrupt"}
+        self.debug.stop_requested = False
+        self.status = "debug"  # QEMU's RunState while a debugger holds the guest
+        self.debug.record(stop)
+        self._emit("STOP", {})
+
+    def debug_vcpus(self) -> int:
+        return len(self.vm.vcpus) if self.vm is not None else 0
+
+    def debug_interrupt(self) -> None:
+        """Ctrl-C in the debugger: stop at the next instruction boundary; the stop comes
+        through debug_wait."""
+        if self._stopped():
+            self.debug.record({"cpu": 0, "signal": SIGINT, "reason": "interrupt"})
+            return
+        self.debug.stop_requested = True
+        self._kick_vcpus()
+
+    def debug_attach(self, timeout: float = 30.0) -> dict[str, Any]:
+        """A debugger connects: the guest stops (QEMU stops the VM), breakpoints reset."""
+        self.debug.forget_stop()
+        if not self._stopped():
+            self.debug_interrupt()
+            stop = self.debug.wait(timeout)
+            if stop is not None:
+                return stop
+        return {"cpu": 0, "signal": SIGTRAP, "reason": "attach"}
+
+    def debug_wait(self, timeout: float) -> dict[str, Any] | None:
+        return self.debug.wait(timeout)
+
+    def debug_cont(self) -> None:
+        self.debug.forget_stop()
+        died = self.guest_died
+        if died is not None:
+            signal = SIGQUIT if died.reason == "SHUTDOWN" else SIGABRT
+            self.debug.record({"cpu": 0, "signal": signal, "reason": "died"})
+            return
+        if self._runner is not None and not self._runner.is_alive():
+            self.debug.record({"cpu": 0, "signal": SIGTRAP, "reason": "finished"})
+            return
+        with self.lock:
+            self.debug.apply()
+        self.cont()
+
+    def debug_step(self, cpu: int) -> dict[str, Any]:
+        """One instruction of vCPU ``cpu``, the others staying stopped."""
+        if not self._stopped():
+            self.debug_attach()
+        with self.lock:
+            vcpu = self.debug.vcpu(cpu)
+            if self.vm.dead is not None or cpu in self._finished or vcpu.parked:
+                return {"cpu": cpu, "signal": SIGTRAP, "reason": "step"}  # it cannot move
+            if self.status == "prelaunch" and self.config.sev:
+                try:
+                    self.vm.sev_launch_finish()  # QEMU: when the VM first runs
+                except KvmError as exc:
+                    raise VmmError(f"sev_launch_finish: {exc}") from None
+            self.status = "debug"
+            exit_ = self._step(vcpu)
+            if exit_.reason == "DEBUG":
+                return self.debug.describe(vcpu)
+            if exit_.reason not in ("HLT", "WAIT_SIPI"):
+                self._finished.add(cpu)
+                self.exits.append(exit_)
+        if self.vm.dead is not None:
+            self._guest_died(cpu, self.vm.dead)
+            return self.debug.wait(0) or {"cpu": cpu, "signal": SIGABRT, "reason": "died"}
+        return {"cpu": cpu, "signal": SIGTRAP, "reason": "step"}
+
+    def debug_registers(self, cpu: int) -> dict[str, int]:
+        with self.lock:
+            return self.debug.registers(cpu)
+
+    def debug_set_registers(self, cpu: int, values: dict[str, int]) -> None:
+        with self.lock:
+            self.debug.set_registers(cpu, values)
+
+    def debug_read(self, cpu: int, addr: int, n: int) -> bytes:
+        with self.lock:
+            return self.debug.read(cpu, addr, n)
+
+    def debug_write(self, cpu: int, addr: int, data: bytes) -> None:
+        with self.lock:
+            self.debug.write(cpu, addr, data)
+
+    def debug_breakpoint(self, kind: str, cpu: int, addr: int, insert: bool) -> None:
+        with self.lock:
+            if insert:
+                self.debug.insert_breakpoint(kind, cpu, addr)
+            else:
+                self.debug.remove_breakpoint(kind, addr)
+
+    def debug_detach(self) -> None:
+        """The debugger leaves: its breakpoints go, and the guest runs on (QEMU's 'D')."""
+        with self.lock:
+            if self.vm is not None and not self.vm.destroyed:
+                self.debug.remove_all()
+                for vcpu in self.vm.vcpus:
+                    vcpu.set_guest_debug(0)
+        if self.status in ("debug", "prelaunch", "paused") and self.guest_died is None:
+            self.debug_cont()
 
     @property
     def guest_died(self) -> RunExit | None:

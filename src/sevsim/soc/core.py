@@ -90,6 +90,7 @@ class Core:
         self.cr4 = 0
         self.efer = 0
         self.pat = DEFAULT_PAT
+        self.dr = [0, 0, 0, 0]  # DR0-DR3: while a guest runs, the values its hypervisor loaded
         self.vm_hsave_pa = 0
         self._cpl = 0
         self.asid = 0  # the host; VMRUN (a later issue) switches it

@@ -106,6 +106,8 @@ VMCB = Layout(
     (SAVE + 0x148, "Q", "cr4"),
     (SAVE + 0x150, "Q", "cr3"),
     (SAVE + 0x158, "Q", "cr0"),
+    (SAVE + 0x160, "Q", "dr7"),
+    (SAVE + 0x168, "Q", "dr6"),
     (SAVE + 0x170, "Q", "rflags"),
     (SAVE + 0x178, "Q", "rip"),
     (SAVE + 0x1D8, "Q", "rsp"),
@@ -143,6 +145,15 @@ INTERCEPT_SHUTDOWN = 1 << 31
 INTERCEPT_VMRUN = 1 << 0  # misc2
 INTERCEPT_VMMCALL = 1 << 1  # misc2
 INTERCEPT_WBINVD = 1 << 9  # misc2
+
+# Debug registers (APM vol. 2 §13.1): DR7's L0-L3 enable DR0-DR3 (R/W and LEN zero: an
+# instruction breakpoint); DR6 says which condition raised #DB.
+DR7_L = (1 << 0, 1 << 2, 1 << 4, 1 << 6)
+DR7_RW_LEN_SHIFT = 16  # 4 bits per breakpoint: R/W (2), LEN (2)
+DR6_B = (1 << 0, 1 << 1, 1 << 2, 1 << 3)
+DR6_BS = 1 << 14  # single step (RFLAGS.TF)
+DB_VECTOR, BP_VECTOR = 1, 3
+RFLAGS_TF = 1 << 8
 
 # #VMEXIT codes (Linux uapi/asm/svm.h)
 EXIT_WRITE_CR0 = 0x10  # + n: MOV to CRn

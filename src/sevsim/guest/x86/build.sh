@@ -31,10 +31,12 @@ EXPORTS=(
 	reset_vector real_start gdt gdt_desc entry32 entry64
 	exception_stubs exception_common exception_handler main
 	alu_loop mem_loop load_loop probe_read8 yield_to_host idt ovmf_table
+	trampoline_start ap_main wakeup_interrupt
 	IMAGE_BASE BOOT_INFO_GPA PML4_GPA PDPT_GPA PD_GPA SPLIT_PT_GPA IDT_GPA
 	STACK_TOP SECRET_GPA SHARED_GPA ALIAS_GPA ALIAS_FLUSH_GPA SELFMOD_GPA LOADS_GPA MEM_LOOP_GPA
 	BALANCE_GPA FLAGS_GPA INBOX_BUFFER_GPA SETTING_GPA INBOX_SHARED_GPA
-	SEV_LAUNCH_SECRET_GPA QEMU_HASH_TABLE_GPA
+	TRAMPOLINE_GPA AP_STACKS_GPA AP_MAILBOX_GPA PICTURE_GPA
+	SEV_LAUNCH_SECRET_GPA QEMU_HASH_TABLE_GPA FW_CFG_DMA_GPA COUNT_GPA COUNT_STATUS_GPA CMDLINE_GPA
 )
 
 for tool in gcc ld objcopy nm; do

@@ -262,6 +262,32 @@ class SevGuest:
         finally:
             self.kernel.free_pages(va, max(1, -(-(end - start) // PAGE_4K)))
 
+    def sev_dbg_encrypt(self, gpa: int, data: bytes) -> None:
+        """KVM_SEV_DBG_ENCRYPT: the firmware encrypts host data into the guest's memory with
+        the guest's key, in 16-byte granules; a partial granule is decrypted first and
+        merged (Linux __sev_dbg_encrypt_user)."""
+        start, end = gpa & ~15, (gpa + len(data) + 15) & ~15
+        if start != gpa or end != gpa + len(data):
+            whole = bytearray(self.sev_dbg_decrypt(start, end - start))
+            whole[gpa - start : gpa - start + len(data)] = data
+            data = bytes(whole)
+        pages = max(1, -(-(end - start) // PAGE_4K))
+        va = self.kernel.alloc_pages(pages)
+        try:
+            self.kernel.write(va, data)
+            self._hva_of(start, end - start)
+            status = self.kvm.sev_cmd(
+                Command.DBG_ENCRYPT,
+                handle=self.handle,
+                src_paddr=self.kvm.sev.psp_pa(va),
+                dst_paddr=self.spa(start) | self.kernel.me_mask,
+                len=end - start,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError("DBG_ENCRYPT", status)
+        finally:
+            self.kernel.free_pages(va, pages)
+
     def sev_launch_finish(self) -> None:
         status = self.kvm.sev_cmd(Command.LAUNCH_FINISH, handle=self.handle)
         if status != Status.SUCCESS:

@@ -23,9 +23,14 @@ from sevsim.soc.core import Core
 from sevsim.soc.cpuid import LEAF1_ECX_HYPERVISOR
 from sevsim.soc.paging import CR0_PE
 from sevsim.soc.svm import (
+    BP_VECTOR,
+    DB_VECTOR,
+    DR6_BS,
+    DR7_L,
     EVENTINJ_TYPE_EXCEPTION,
     EVENTINJ_VALID,
     EXIT_CPUID,
+    EXIT_EXCP_BASE,
     EXIT_HLT,
     EXIT_INTR,
     EXIT_INVALID,
@@ -46,6 +51,7 @@ from sevsim.soc.svm import (
     IOIO_TYPE_IN,
     NP_ENABLE,
     RFLAGS_IF,
+    RFLAGS_TF,
     SEV_ENABLE,
     TLB_CONTROL_DO_NOTHING,
     TLB_CONTROL_FLUSH_ASID,
@@ -72,6 +78,11 @@ MSR_APIC_BASE = 0x1B
 GP_VECTOR = 13
 EVENTINJ_ERROR_VALID = 1 << 11  # EV: push the error code in bits 63:32
 NPF_WRITE = 1 << 1  # #NPF EXITINFO1: the access was a write
+# KVM_SET_GUEST_DEBUG's control flags (Linux include/uapi/linux/kvm.h, x86)
+KVM_GUESTDBG_ENABLE = 1 << 0
+KVM_GUESTDBG_SINGLESTEP = 1 << 1
+KVM_GUESTDBG_USE_SW_BP = 1 << 16
+KVM_GUESTDBG_USE_HW_BP = 1 << 17
 
 
 class _Rom:
@@ -128,6 +139,10 @@ class Vcpu:
         self.apic = lapic.LocalApic(self.index, self._send_ipi) if self.vm.x86 else None
         self.parked = self.vm.x86 and self.index > 0
         self.kick = threading.Event()  # set by the VMM to get the vCPU out of KVM_RUN
+        self.guest_debug = 0  # KVM_GUESTDBG_* flags from KVM_SET_GUEST_DEBUG
+        self.eff_db = [0, 0, 0, 0]  # the debugger's DR0-DR3 (linear addresses)
+        self._tf_added = False  # KVM set RFLAGS.TF for a single step (the guest had it clear)
+        self.debug_exit = (0, 0)  # the last KVM_EXIT_DEBUG's (exception vector, DR6)
         if self.vm.x86:
             kernel.core.machine.use_x86(self.vmcb_addr)
             self.reset()
@@ -198,6 +213,40 @@ class Vcpu:
             f = VMCB.field(name)
             kernel.write(self.vmcb_va + f.offset, value.to_bytes(f.size, "little"))
 
+    # ---- KVM_SET_GUEST_DEBUG (svm_update_exception_bitmap, svm_set_dr7) ---------------------
+    def set_guest_debug(self, control: int, breakpoints: list[int] | tuple = ()) -> None:
+        """Debug the guest from the host: single step (RFLAGS.TF and a #DB intercept),
+        software breakpoints (a #BP intercept: INT3 exits instead of reaching the guest),
+        hardware breakpoints (up to four instruction addresses in DR0-DR3, enabled in the
+        VMCB's DR7, and the #DB intercept). Each stop is a KVM_EXIT_DEBUG ("DEBUG")."""
+        if not control & KVM_GUESTDBG_ENABLE:
+            control, breakpoints = 0, ()
+        if len(breakpoints) > 4:
+            raise ValueError("x86 has four debug address registers (DR0-DR3)")
+        self.guest_debug = control
+        self.eff_db = list(breakpoints) + [0] * (4 - len(breakpoints))
+        intercepts = self._vmcb_field("intercept_exceptions") & ~(1 << DB_VECTOR | 1 << BP_VECTOR)
+        if control & (KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_HW_BP):
+            intercepts |= 1 << DB_VECTOR
+        if control & KVM_GUESTDBG_USE_SW_BP:
+            intercepts |= 1 << BP_VECTOR
+        dr7 = 0
+        if control & KVM_GUESTDBG_USE_HW_BP:
+            dr7 = sum(DR7_L[n] for n in range(len(breakpoints)))
+        self.set_vmcb(intercept_exceptions=intercepts, dr7=dr7, dr6=0)
+
+    def _single_step_begin(self) -> None:
+        if self.guest_debug & KVM_GUESTDBG_SINGLESTEP:
+            rflags = self._vmcb_field("rflags")
+            self._tf_added = not rflags & RFLAGS_TF
+            self.set_vmcb(rflags=rflags | RFLAGS_TF)
+
+    def _single_step_end(self) -> None:
+        """KVM hides the TF it set itself (kvm_get_rflags): the guest's RFLAGS come back."""
+        if self._tf_added:
+            self.set_vmcb(rflags=self._vmcb_field("rflags") & ~RFLAGS_TF)
+            self._tf_added = False
+
     # ---- KVM_RUN -----------------------------------------------------------------------------
     def run(self) -> RunExit:
         """Enter the guest until an exit the VMM must see."""
@@ -210,14 +259,30 @@ class Vcpu:
             if self.kick.is_set():  # a signal for the vCPU thread: KVM_RUN returns -EINTR
                 self.kick.clear()
                 return RunExit("INTR", "interrupted by the VMM")
-            result = self._handle(self._vmrun())
+            exit_ = self._vmrun()
+            stepping = self.guest_debug & KVM_GUESTDBG_SINGLESTEP
+            rip = self._vmcb_field("rip") if stepping else 0
+            result = self._handle(exit_)
             if result is not None:
                 return result
+            if (
+                stepping
+                and exit_.code != EXIT_IOIO  # the engine finishes IN/OUT, then traps itself
+                and self._vmcb_field("rip") != rip
+            ):
+                # KVM emulated the instruction (CPUID, RDMSR, VMMCALL, MMIO) and moved RIP
+                # on: kvm_skip_emulated_instruction ends the single step there.
+                self.debug_exit = (DB_VECTOR, DR6_BS)
+                return RunExit("DEBUG", "#DB", exit_)
 
     def _vmrun(self) -> Exit:
         core = self.vm.kvm.cpu(self.core_index)
         self._pre_run(core)
-        exit_ = core.vmrun(self.vmcb_addr, self.regs)
+        self._single_step_begin()
+        try:
+            exit_ = core.vmrun(self.vmcb_addr, self.regs)
+        finally:
+            self._single_step_end()
         self.exits += 1
         return exit_
 
@@ -241,6 +306,7 @@ class Vcpu:
             tlb_control=TLB_CONTROL_FLUSH_ASID if flush else TLB_CONTROL_DO_NOTHING,
             rax=self.regs.get("rax", 0),  # svm_vcpu_run: RAX lives in the VMCB
         )
+        core.dr[:] = self.eff_db  # the guest's DR0-DR3 are live while it runs
 
     def _handle(self, e: Exit) -> RunExit | None:
         vm = self.vm
@@ -278,6 +344,13 @@ class Vcpu:
                 problem = "no memory or device there"
             vm.dead = RunExit("INTERNAL_ERROR", f"emulation failure: GPA {gpa:#x}: {problem}", e)
             return vm.dead
+        if e.code in (EXIT_EXCP_BASE + DB_VECTOR, EXIT_EXCP_BASE + BP_VECTOR):
+            # db_interception / bp_interception: KVM_EXIT_DEBUG (kvm_run->debug.arch holds
+            # the exception and DR6; the PC is CS.base + RIP).
+            vector = e.code - EXIT_EXCP_BASE
+            self.debug_exit = (vector, self._vmcb_field("dr6"))
+            self.set_vmcb(dr6=0)
+            return RunExit("DEBUG", f"#{'DB' if vector == DB_VECTOR else 'BP'}", e)
         if e.code == EXIT_CPUID:
             leaf, subleaf = self.regs.get("rax", 0), self.regs.get("rcx", 0)
             values = self.cpuid(leaf & 0xFFFF_FFFF, subleaf & 0xFFFF_FFFF)

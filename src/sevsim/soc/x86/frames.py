@@ -228,7 +228,18 @@ class FrameCache:
     def revalidate(self) -> int:
         """Before the engine runs again: a frame whose page changed since (anything wrote
         it: the hypervisor, DMA, the PSP, another vCPU, a write-back) is stale, and reloaded
-        from the model on its next use. Returns how many went stale."""
+        from the model on its next use. Returns how many went stale.
+
+        A page another engine (another vCPU) may have written since is snooped first: its
+        lines are written back into the model's cache, which moves the page on, as a
+        coherent cache hierarchy makes one core's stores visible to the others. Without
+        this, a frame here would keep reading what the page held before."""
+        upper = self._cache.upper
+        for frame in self._live:
+            sync = upper.get(frame.page_pa)
+            if sync is not None and sync != self._sync_page:
+                del upper[frame.page_pa]
+                sync(frame.page_pa)
         gen = self._page_gen
         keep, stale = [], 0
         for frame in self._live:

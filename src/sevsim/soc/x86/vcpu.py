@@ -55,7 +55,14 @@ from sevsim.api.layout import Layout
 from sevsim.soc.faults import PF_ID, GeneralProtection, HardwareFault, NestedPageFault, PageFault
 from sevsim.soc.paging import Access
 from sevsim.soc.svm import (
+    BP_VECTOR,
+    DB_VECTOR,
+    DR6_B,
+    DR6_BS,
+    DR7_L,
+    DR7_RW_LEN_SHIFT,
     EXIT_CPUID,
+    EXIT_EXCP_BASE,
     EXIT_HLT,
     EXIT_INTR,
     EXIT_INVD,
@@ -71,6 +78,7 @@ from sevsim.soc.svm import (
     IOIO_SIZE_BITS,
     IOIO_TYPE_IN,
     NPF_FINAL_GPA,
+    RFLAGS_TF,
     VMCB,
     Exit,
 )
@@ -184,6 +192,7 @@ class X86Vcpu:
         hidden.set_intercepts(SHADOW_BASE, ENGINE_INTERCEPTS, CR_WRITES)
         hidden.commit()
         self._clflush_sites: set[int] = set()
+        self._breakpoints: dict[int, int] = {}  # linear address -> n, for DR7-enabled DRn
         self.core: Core | None = None
         self.gm: GuestMode | None = None
         self._vmcb: Any = None
@@ -351,7 +360,24 @@ class X86Vcpu:
                     self._clflush_sites.add(addr)
                     added = True
         if added:
-            self.uc.ctl_set_exits(sorted(self._clflush_sites))
+            self._set_exits()
+
+    def _set_exits(self) -> None:
+        self.uc.ctl_set_exits(sorted(self._clflush_sites | self._breakpoints.keys()))
+
+    def _load_breakpoints(self) -> None:
+        """Instruction breakpoints (DR0-DR3 enabled in the VMCB's DR7 with R/W and LEN zero)
+        are engine exits, like CLFLUSH sites; code translated before they changed goes."""
+        dr7 = self._vmcb.dr7
+        wanted = {
+            self.core.dr[n]: n
+            for n in range(4)
+            if dr7 & DR7_L[n] and not dr7 >> (DR7_RW_LEN_SHIFT + 4 * n) & 0xF
+        }
+        if wanted != self._breakpoints:
+            self._breakpoints = wanted
+            self._set_exits()
+            self.uc.ctl_flush_tb()
 
     def _clflush_site(self, rip: int) -> Exit | None:
         """The engine stopped at a possible CLFLUSH (it translates an exit as an
@@ -363,7 +389,7 @@ class X86Vcpu:
             return self.model_fault(fault, rip, self.linear(rip))
         if ins.mnemonic not in (dec.Mnemonic.CLFLUSH, dec.Mnemonic.CLFLUSHOPT):
             self._clflush_sites.discard(self.linear(rip))
-            self.uc.ctl_set_exits(sorted(self._clflush_sites))
+            self._set_exits()
             self.uc.ctl_flush_tb()  # the block translated with the exit goes
             return None
         va = self.operand_address(ins)
@@ -493,6 +519,7 @@ class X86Vcpu:
             uc.reg_write(X.UC_X86_REG_RSP, v.rsp)
         if not in_instruction:
             uc.reg_write(X.UC_X86_REG_RIP, v.rip)
+        self._load_breakpoints()
         uc.reg_write(X.UC_X86_REG_RAX, v.rax)
         for name in GPRS:
             uc.reg_write(UC_GPR[name], self._regs.get(name, 0))
@@ -581,7 +608,11 @@ class X86Vcpu:
                 vector, error = self._pending_event
                 self._pending_event = None
                 exit_ = self.deliver_exception(
-                    vector, error, uc.reg_read(X.UC_X86_REG_RIP), f"injected {vector_name(vector)}"
+                    vector,
+                    error,
+                    uc.reg_read(X.UC_X86_REG_RIP),
+                    f"injected {vector_name(vector)}",
+                    injected=True,
                 )
                 if exit_ is not None:
                     return exit_
@@ -664,11 +695,18 @@ class X86Vcpu:
         kind = stop[0]
         if kind == "svm":
             rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            n = self._breakpoints.get(self.linear(rip))
+            if stop[1] == EXIT_HLT and n is not None:
+                # An instruction breakpoint: #DB before the instruction (a fault).
+                self._vmcb.dr6 |= DR6_B[n]
+                return self.deliver_exception(DB_VECTOR, None, rip, f"breakpoint DR{n}")
             if stop[1] == EXIT_HLT and self.linear(rip) in self._clflush_sites:
                 return self._clflush_site(rip)
             return insn.intercept(self, stop[1], stop[2])
         if kind == "exception":
             _, vector, error, rip = stop
+            if vector == DB_VECTOR and self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_TF:
+                self._vmcb.dr6 |= DR6_BS  # the trap after an instruction run with TF set
             return self.deliver_exception(vector, error, rip, f"{vector_name(vector)}")
         return None
 
@@ -683,8 +721,15 @@ class X86Vcpu:
         uc.emu_stop()
 
     def deliver_exception(
-        self, vector: int, error: int | None, rip: int, reason: str
+        self, vector: int, error: int | None, rip: int, reason: str, injected: bool = False
     ) -> Exit | None:
+        if not injected and self._vmcb.intercept_exceptions >> vector & 1:
+            # An intercepted exception: #VMEXIT(EXCP) instead of delivery. For #BP the
+            # saved RIP is the INT3 (one byte, 0xCC), where the engine reports the next one.
+            if vector == BP_VECTOR:
+                rip -= 1
+            self.uc.reg_write(X.UC_X86_REG_RIP, rip)
+            return Exit(EXIT_EXCP_BASE + vector, error or 0, self.core.cr2 if vector == 14 else 0)
         try:
             deliver(self, vector, error, rip, reason)
         except NestedPageFault as fault:

@@ -39,25 +39,22 @@ entry64:
 
 	/*
 	 * The IDT, in RAM at IDT_GPA: one 16-byte interrupt gate per vector
-	 * 0-31 (AMD64 APM vol. 2, 4.8.4 "Gate Descriptors"), each pointing at
-	 * its stub below. Type 0xE = 64-bit interrupt gate (IF cleared on entry),
-	 * P=1, DPL=0, IST=0 (stay on the current stack).
+	 * 0-31, each pointing at its stub below, then the two vectors of the
+	 * local APIC that smpboot.c uses (WAKEUP_VECTOR, SPURIOUS_VECTOR).
 	 */
 	leaq	exception_stubs(%rip), %rsi
 	movl	$IDT_GPA, %edi
 	movl	$IDT_VECTORS, %ecx
-1:	movq	%rsi, %rax
-	movw	%ax, 0(%rdi)			/* offset 15:0 */
-	movw	$CODE64_SEL, 2(%rdi)		/* segment selector */
-	movw	$0x8E00, 4(%rdi)		/* P=1, DPL=0, type=0xE, IST=0 */
-	shrq	$16, %rax
-	movw	%ax, 6(%rdi)			/* offset 31:16 */
-	shrq	$16, %rax
-	movl	%eax, 8(%rdi)			/* offset 63:32 */
-	movl	$0, 12(%rdi)			/* reserved */
+1:	call	set_idt_gate
 	addq	$EXCEPTION_STUB_SIZE, %rsi
 	addq	$16, %rdi
 	loop	1b
+	leaq	wakeup_interrupt(%rip), %rsi
+	movl	$(IDT_GPA + WAKEUP_VECTOR * 16), %edi
+	call	set_idt_gate
+	leaq	spurious_interrupt(%rip), %rsi
+	movl	$(IDT_GPA + SPURIOUS_VECTOR * 16), %edi
+	call	set_idt_gate
 	lidt	idt_desc(%rip)
 
 	cld
@@ -67,10 +64,29 @@ entry64:
 	hlt
 	jmp	2b
 
+/*
+ * set_idt_gate: the gate at %rdi points at the handler at %rsi. Type 0xE =
+ * 64-bit interrupt gate (IF cleared on entry), P=1, DPL=0, IST=0 (stay on
+ * the current stack): AMD64 APM vol. 2, 4.8.4 "Gate Descriptors".
+ * Clobbers %rax.
+ */
+set_idt_gate:
+	movq	%rsi, %rax
+	movw	%ax, 0(%rdi)			/* offset 15:0 */
+	movw	$CODE64_SEL, 2(%rdi)		/* segment selector */
+	movw	$0x8E00, 4(%rdi)		/* P=1, DPL=0, type=0xE, IST=0 */
+	shrq	$16, %rax
+	movw	%ax, 6(%rdi)			/* offset 31:16 */
+	shrq	$16, %rax
+	movl	%eax, 8(%rdi)			/* offset 63:32 */
+	movl	$0, 12(%rdi)			/* reserved */
+	ret
+
 	.section .rodata
 	.balign 8
+	.globl	idt_desc			/* the APs load it too (trampoline.S) */
 idt_desc:
-	.word	IDT_VECTORS * 16 - 1		/* limit */
+	.word	IDT_ENTRIES * 16 - 1		/* limit */
 	.quad	IDT_GPA				/* base */
 
 /* ------------------------------------------------------------------------
@@ -146,6 +162,27 @@ exception_common:
 	popq	%rbx
 	popq	%rax
 	addq	$16, %rsp			/* drop vector and error code */
+	iretq
+
+/*
+ * The wake-up IPI (smpboot.c): an AP sends it to the BSP once it has
+ * reported, so that a BSP waiting in HLT runs again. Its only work is the
+ * local APIC's end-of-interrupt. On sevsim the hypervisor runs a halted vCPU
+ * again anyway and delivers no interrupt, so this runs on QEMU and hardware.
+ * The APIC page is mapped decrypted (smpboot.c); its address does not fit a
+ * sign-extended 32-bit displacement, hence the register.
+ */
+	.globl	wakeup_interrupt
+wakeup_interrupt:
+	pushq	%rax
+	movl	$(APIC_BASE + APIC_EOI), %eax
+	movl	$0, (%rax)
+	popq	%rax
+	iretq
+
+/* A spurious interrupt needs no end-of-interrupt (Intel SDM vol. 3, 11.9). */
+	.globl	spurious_interrupt
+spurious_interrupt:
 	iretq
 
 /* The IDT itself is in RAM; export its address for debuggers and tests. */

@@ -201,3 +201,12 @@ int fw_cfg_read_file(const char *name, char *buf, size_t size)
 	buf[len] = '\0';
 	return (int)len;
 }
+
+/* The first n bytes of the item key; -1 if there is no fw_cfg device. */
+int fw_cfg_read_item(uint16_t key, void *buf, size_t n)
+{
+	if (!fw_cfg_present())
+		return -1;
+	fw_cfg_select(key);
+	return fw_cfg_read(buf, (uint32_t)n);
+}

@@ -171,6 +171,8 @@ int fw_cfg_find_file(const char *name, uint16_t *key, uint32_t *size);
 /* Reads the fw_cfg file `name` into buf (NUL-terminated); returns its length,
  * or -1 if there is no fw_cfg device or no such file. */
 int fw_cfg_read_file(const char *name, char *buf, size_t size);
+/* Reads the first n bytes of the fw_cfg item `key`; -1 if there is no fw_cfg. */
+int fw_cfg_read_item(uint16_t key, void *buf, size_t n);
 
 /* --- rdrand.c ----------------------------------------------------------- */
 int rdrand_supported(void);		/* CPUID.01H:ECX.RDRAND */
@@ -207,6 +209,11 @@ void workload_balance(void);
 void workload_flags(void);
 void workload_inbox(void);
 
+/* --- smpboot.c, picture.c: the kernel's workloads ------------------------ */
+void workload_aps(void);
+noreturn void ap_main(uint32_t apic_id);
+void workload_picture(void);
+
 /* --- launch.c: measured direct boot, launch secrets ---------------------- */
 int launch_checks(void);		/* 0: the kernel was refused, run nothing */
 const char *kernel_cmdline(void);	/* the verified command line, or "" */
@@ -215,6 +222,8 @@ const char *kernel_cmdline(void);	/* the verified command line, or "" */
 void workload_count(uint64_t limit);	/* 0: count forever */
 
 /* --- main.c ------------------------------------------------------------- */
+#define DMA_CHECK_BYTES 64	/* `dma` hashes this much of the secret's page */
+void secret_ensure(void);	/* runs `secret` unless it ran in this boot */
 noreturn void main(void);
 
 #endif

@@ -25,6 +25,8 @@
 #define CODE64_SEL      0x18            /* 64-bit code (L=1) */
 
 /* --- RAM (all private, i.e. encrypted, when SEV is active). ------------ */
+#define TRAMPOLINE_GPA  0x8000          /* the APs' real-mode start (trampoline.S), < 4 KiB */
+#define SIPI_VECTOR     (TRAMPOLINE_GPA >> 12) /* STARTUP IPI vector: CS = 0x0800, IP = 0 */
 #define BOOT_INFO_GPA   0x9000          /* struct boot_info, below */
 #define PML4_GPA        0x10000         /* page-map level 4 */
 #define PDPT_GPA        0x11000         /* page-directory-pointer table */
@@ -32,8 +34,15 @@
 #define PD_COUNT        4               /* 4 x 1 GiB = the first 4 GiB */
 #define SPLIT_PT_GPA    0x16000         /* 4 KiB page table made when a 2 MiB page is split */
 #define IDT_GPA         0x17000         /* interrupt descriptor table (vectors 0-31) */
-#define IDT_VECTORS     32
-#define STACK_TOP       0x80000         /* the stack grows down from here */
+#define IDT_VECTORS     32              /* the exceptions' gates (vectors 0-31) */
+#define WAKEUP_VECTOR   0x20            /* the IPI an AP sends the BSP when it has reported */
+#define SPURIOUS_VECTOR 0x21            /* the local APIC's spurious-interrupt vector */
+#define IDT_ENTRIES     (SPURIOUS_VECTOR + 1)
+#define AP_STACKS_GPA   0x40000         /* AP n's stack: the page at 0x40000 + (n - 1) * 4 KiB */
+#define AP_STACK_SHIFT  12              /* AP_STACK_SIZE = 1 << this */
+#define AP_STACK_SIZE   (1 << AP_STACK_SHIFT)
+#define AP_MAX_CPUS     32              /* APIC IDs 0-31, so the stacks end below 0x60000 */
+#define STACK_TOP       0x80000         /* the BSP's stack grows down from here */
 
 #define SPLIT_REGION_GPA 0x200000       /* the 2 MiB page split into SPLIT_PT_GPA's 4 KiB pages */
 #define SECRET_GPA      0x200000        /* private page: "sevsim secret:" + 32 random bytes */
@@ -55,6 +64,10 @@
 #define COUNT_STATUS_GPA 0x221000       /* `count`: "count N" for the host (shared) */
 #define CMDLINE_GPA     0x222000        /* the verified kernel command line (private) */
 #define CMDLINE_MAX     PAGE_SIZE       /* bytes kept of it, NUL included */
+#define AP_MAILBOX_GPA  0x240000        /* struct ap_mailbox: the BSP and the APs (smpboot.c) */
+#define PICTURE_GPA     0x250000        /* `picture`: 16 private pages, 0x250000-0x25FFFF */
+#define PICTURE_SIZE    256             /* 256 x 256 pixels, one byte each: 64 KiB */
+#define PICTURE_BYTES   (PICTURE_SIZE * PICTURE_SIZE)
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
 #define LOADS_GPA       0x340000        /* 256 KiB read at random by `loads` (load_loop()) */
 #define LOADS_BYTES     0x40000
@@ -78,6 +91,9 @@
 #define CACHE_LINE_SIZE 64              /* what CLFLUSH works on (CPUID 1 EBX[15:8] * 8) */
 
 #define SECRET_MARKER   "sevsim secret:"
+#define SECRET_BYTES    32              /* the random bytes after the marker */
+#define SECRET_LABEL_MAX 40             /* `secret:LABEL`: at most this many characters */
+#define SHARED_LABEL_OFFSET 56          /* the label in the shared page, after the digest */
 #define SHARED_MAGIC    "SEVSIM-SHARED"
 #define SETTING_TEXT    "role: user"    /* space-padded to 16 bytes at SETTING_GPA */
 
@@ -103,6 +119,7 @@
 
 #define MSR_EFER        0xC0000080
 #define EFER_LME        (1 << 8)        /* long mode enable */
+#define EFER_LMA        (1 << 10)       /* long mode active (read-only: set by CR0.PG) */
 #define EFER_NXE        (1 << 11)       /* no-execute enable */
 #define MSR_SEV_STATUS  0xC0010131      /* Linux: MSR_AMD64_SEV */
 #define SEV_STATUS_SEV  (1 << 0)        /* bit 0: SEV is active for this guest */
@@ -120,6 +137,33 @@
 
 #define PIC1_DATA       0x21            /* 8259 master: interrupt mask register (OCW1) */
 #define PIC2_DATA       0xA1            /* 8259 slave: interrupt mask register (OCW1) */
+
+/* --- struct ap_mailbox at AP_MAILBOX_GPA: byte offsets, for the assembly. -- */
+#define AP_MB_CR3       0x00    /* u64: the BSP's CR3 (PML4_GPA | me_mask) */
+#define AP_MB_EFER      0x08    /* u64: the BSP's EFER (LME, NXE) */
+#define AP_MB_CR4       0x10    /* u32: the BSP's CR4 (PAE) */
+#define AP_MB_ONLINE    0x14    /* u32: APs that have reported (LOCK-incremented) */
+#define AP_MB_BSP_APIC_ID 0x18  /* u32: where the APs send WAKEUP_VECTOR */
+#define AP_MB_DIGEST    0x20    /* u8[AP_MAX_CPUS][32]: SHA-256 of the secret, by APIC ID */
+
+/* --- The local APIC (xAPIC, MMIO), as Linux's asm/apicdef.h names it. ---- */
+#define APIC_BASE       0xFEE00000      /* its MMIO page */
+#define APIC_ID         0x020           /* bits 31:24: the APIC ID */
+#define APIC_EOI        0x0B0
+#define APIC_SPIV       0x0F0           /* spurious-interrupt vector register */
+#define APIC_SPIV_APIC_ENABLED (1 << 8) /* software enable */
+#define APIC_ICR        0x300           /* interrupt command, low: writing it sends */
+#define APIC_ICR2       0x310           /* interrupt command, high: destination in 31:24 */
+#define APIC_ICR_BUSY   (1 << 12)       /* delivery status: send pending */
+#define APIC_DM_FIXED   (0 << 8)
+#define APIC_DM_INIT    (5 << 8)
+#define APIC_DM_STARTUP (6 << 8)
+#define APIC_INT_ASSERT (1 << 14)
+#define APIC_INT_LEVELTRIG (1 << 15)
+#define APIC_DEST_ALLBUT (3 << 18)      /* shorthand: all excluding self */
+
+/* --- QEMU's fw_cfg items read by number (docs/specs/fw_cfg.rst). --------- */
+#define FW_CFG_NB_CPUS  0x05            /* u16: the number of CPUs */
 
 #ifndef __ASSEMBLER__
 #include <stdint.h>
@@ -147,9 +191,28 @@ _Static_assert(__builtin_offsetof(struct boot_info, last_cr2) == BI_LAST_CR2, "l
 _Static_assert(__builtin_offsetof(struct boot_info, fw_cfg_dma) == BI_FW_CFG_DMA, "layout");
 _Static_assert(sizeof(struct boot_info) <= BOOT_INFO_SIZE, "layout");
 
+struct ap_mailbox {
+	uint64_t cr3;
+	uint64_t efer;
+	uint32_t cr4;
+	uint32_t online;
+	uint32_t bsp_apic_id;
+	uint32_t reserved;
+	uint8_t digest[AP_MAX_CPUS][32];
+};
+
+_Static_assert(__builtin_offsetof(struct ap_mailbox, cr3) == AP_MB_CR3, "layout");
+_Static_assert(__builtin_offsetof(struct ap_mailbox, efer) == AP_MB_EFER, "layout");
+_Static_assert(__builtin_offsetof(struct ap_mailbox, cr4) == AP_MB_CR4, "layout");
+_Static_assert(__builtin_offsetof(struct ap_mailbox, online) == AP_MB_ONLINE, "layout");
+_Static_assert(__builtin_offsetof(struct ap_mailbox, bsp_apic_id) == AP_MB_BSP_APIC_ID, "layout");
+_Static_assert(__builtin_offsetof(struct ap_mailbox, digest) == AP_MB_DIGEST, "layout");
+_Static_assert(sizeof(struct ap_mailbox) <= PAGE_SIZE, "layout");
+
 /* The firmware runs from flash, so it has no writable globals: its state lives
  * at fixed RAM addresses, like the temporary RAM of OVMF's SEC phase. */
 #define BOOT_INFO ((volatile struct boot_info *)BOOT_INFO_GPA)
+#define AP_MAILBOX ((volatile struct ap_mailbox *)AP_MAILBOX_GPA)
 #endif
 
 #endif

@@ -14,10 +14,11 @@
 /*
  * A secret in private memory, and a message about it in a shared page:
  *   SECRET_GPA: "sevsim secret:" + 32 random bytes       (private, encrypted)
- *   SHARED_GPA: "SEVSIM-SHARED\0\0\0" + u64 SECRET_GPA + SHA-256 of the secret
+ *   SHARED_GPA: "SEVSIM-SHARED\0\0\0" + u64 SECRET_GPA + SHA-256 of the 32 bytes
+ *               + the label of `secret:LABEL` (NUL-padded; empty for `secret`)
  * The hypervisor should be able to read the shared page but never the secret.
  */
-static void workload_secret(void)
+static void workload_secret(const char *label)
 {
 	uint8_t *page = (uint8_t *)SECRET_GPA;
 	uint8_t *secret = page + sizeof(SECRET_MARKER) - 1;
@@ -26,13 +27,17 @@ static void workload_secret(void)
 	char hex[2 * SHA256_DIGEST_SIZE + 1];
 	uint64_t word, gpa = SECRET_GPA;
 
+	if (strlen(label) > SECRET_LABEL_MAX) {
+		say("secret: the label is longer than %u characters", (unsigned)SECRET_LABEL_MAX);
+		return;
+	}
 	if (!rdrand_supported()) {
 		say("rdrand failed (CPUID.01H:ECX.RDRAND is 0)");
 		halt_forever();
 	}
 	memset(page, 0, PAGE_SIZE);
 	memcpy(page, SECRET_MARKER, sizeof(SECRET_MARKER) - 1);
-	for (int i = 0; i < 4; i++) {
+	for (int i = 0; i < SECRET_BYTES / 8; i++) {
 		if (!rdrand64(&word)) {
 			say("rdrand failed");
 			halt_forever();
@@ -40,17 +45,50 @@ static void workload_secret(void)
 		memcpy(secret + 8 * i, &word, 8);
 	}
 	word = 0;
-	sha256(secret, 32, digest);
+	sha256(secret, SECRET_BYTES, digest);
 
 	set_page_decrypted(SHARED_GPA, enc_cache_flush_required());
 	memset(shared, 0, PAGE_SIZE);		/* the old contents read as ciphertext */
 	memcpy(shared, SHARED_MAGIC, sizeof(SHARED_MAGIC) - 1);	/* zero-padded to 16 */
 	memcpy(shared + 16, &gpa, 8);
 	memcpy(shared + 24, digest, SHA256_DIGEST_SIZE);
+	memcpy(shared + SHARED_LABEL_OFFSET, label, strlen(label));
 
 	hex_string(hex, digest, SHA256_DIGEST_SIZE);
 	say("secret at 0x%x, sha256 %s", SECRET_GPA, hex);
 	say("shared page at 0x%x", SHARED_GPA);
+}
+
+/* The secret, made now unless a `secret` made it earlier in this boot (RAM
+ * the guest never wrote does not hold the marker: it is zero, or under SEV
+ * the decryption of whatever the host left there). */
+void secret_ensure(void)
+{
+	if (memcmp((const void *)SECRET_GPA, SECRET_MARKER, sizeof(SECRET_MARKER) - 1) != 0)
+		workload_secret("");
+}
+
+/* --- dma: a device writes at the secret ------------------------------------- */
+
+/*
+ * The secret's page, hashed before and after a yield during which the host
+ * may have a device DMA at it. A DMA carries no ASID: what a device writes
+ * there lands in DRAM without the guest's key, and the guest then reads its
+ * decryption, garbage. Only digests are printed, never the page itself.
+ */
+static void workload_dma(void)
+{
+	uint8_t before[SHA256_DIGEST_SIZE], after[SHA256_DIGEST_SIZE];
+	char hex[2 * SHA256_DIGEST_SIZE + 1];
+
+	secret_ensure();
+	sha256((const void *)SECRET_GPA, DMA_CHECK_BYTES, before);
+	say("dma: waiting while a device may write at 0x%x", SECRET_GPA);
+	yield_to_host();
+	sha256((const void *)SECRET_GPA, DMA_CHECK_BYTES, after);
+	hex_string(hex, after, SHA256_DIGEST_SIZE);
+	say("dma read back: %s, sha256 %s",
+	    memcmp(before, after, sizeof(after)) == 0 ? "intact" : "changed", hex);
 }
 
 /* --- alias, alias-flush: the cache and the C-bit --------------------------- */
@@ -153,14 +191,23 @@ static void workload_selfmod(void)
 
 /* --- loads: 8-byte loads at pseudo-random addresses ------------------------ */
 
-/* q[i] = i over the LOADS_BYTES at LOADS_GPA, then count random loads there. */
-static uint64_t workload_loads(uint64_t count)
+/*
+ * q[i] = i over the LOADS_BYTES at LOADS_GPA, then `rounds` times: count
+ * random loads there, print their sum, and (when more than one round is
+ * asked for, as a benchmark does) yield, so the host can time its own
+ * baseline between two rounds.
+ */
+static void workload_loads(uint64_t count, uint64_t rounds)
 {
 	volatile uint64_t *q = (volatile uint64_t *)LOADS_GPA;
 
 	for (uint64_t i = 0; i < LOADS_BYTES / 8; i++)
 		q[i] = i;
-	return load_loop(LOADS_GPA, LOADS_BYTES, count);
+	for (uint64_t r = 0; r < rounds; r++) {
+		say("loads %lx", load_loop(LOADS_GPA, LOADS_BYTES, count));
+		if (rounds > 1)
+			yield_to_host();
+	}
 }
 
 /* --- the workload list ------------------------------------------------------ */
@@ -191,12 +238,36 @@ static int starts_with(const char *s, const char *prefix)
 	return strlen(s) >= strlen(prefix) && memcmp(s, prefix, strlen(prefix)) == 0;
 }
 
-static void run_workload(const char *w)
+/* "N" or "N:R" (R defaults to 1). */
+static int parse_count_rounds(char *s, uint64_t *n, uint64_t *rounds)
 {
-	uint64_t n;
+	char *colon = s;
+
+	while (*colon && *colon != ':')
+		colon++;
+	*rounds = 1;
+	if (*colon) {
+		*colon = '\0';
+		if (!parse_u64(colon + 1, rounds) || *rounds == 0)
+			return 0;
+	}
+	return parse_u64(s, n);
+}
+
+static void run_workload(char *w)
+{
+	uint64_t n, rounds;
 
 	if (streq(w, "secret")) {
-		workload_secret();
+		workload_secret("");
+	} else if (starts_with(w, "secret:")) {
+		workload_secret(w + 7);
+	} else if (streq(w, "dma")) {
+		workload_dma();
+	} else if (streq(w, "aps")) {
+		workload_aps();
+	} else if (streq(w, "picture")) {
+		workload_picture();
 	} else if (streq(w, "alias")) {
 		workload_alias("alias", ALIAS_GPA, 0);
 	} else if (streq(w, "alias-flush")) {
@@ -224,8 +295,8 @@ static void run_workload(const char *w)
 		say("alu %lx", alu_loop(n));
 	} else if (starts_with(w, "mem:") && parse_u64(w + 4, &n)) {
 		say("mem %lx", mem_loop(MEM_LOOP_GPA, MEM_LOOP_BYTES, n));
-	} else if (starts_with(w, "loads:") && parse_u64(w + 6, &n)) {
-		say("loads %lx", workload_loads(n));
+	} else if (starts_with(w, "loads:") && parse_count_rounds(w + 6, &n, &rounds)) {
+		workload_loads(n, rounds);
 	} else if (streq(w, "count")) {
 		workload_count(0);
 	} else if (starts_with(w, "count:") && parse_u64(w + 6, &n) && n) {
