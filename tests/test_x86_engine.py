@@ -29,7 +29,7 @@ def boot(host: HostSystem, workload: str = "secret", sev: bool = True, name: str
 def spin_until_preempted(vm) -> None:
     """Run the `spin` workload until the host's timer stops it inside its loop."""
     vcpu = vm.vcpus[0]
-    for _ in range(500):
+    for _ in range(2000):  # the boot's exits first: console bytes, fw_cfg, hypercalls
         exit_ = vcpu.run_once()
         if exit_.code == EXIT_INTR and "spinning" in vm.console_text():
             return
@@ -145,8 +145,9 @@ def test_sev_ciphertext_rewritten_by_the_hypervisor_decodes_to_garbage():
         page = rip & ~0xFFF
         vm.write(page, bytes(range(256)) * 16)  # through the host's mapping: not the guest key
         exits = vm.run(max_rounds=50)
-        assert exits[0].reason in ("SHUTDOWN", "STUCK"), exits
-        assert exits[0].reason == "SHUTDOWN"
+        # A crash, whichever the garbage makes it: a triple fault, or an access to a GPA
+        # with nothing behind it that KVM cannot emulate. Not a spin (STUCK).
+        assert exits[0].reason in ("SHUTDOWN", "INTERNAL_ERROR"), exits
 
 
 def test_a_firmware_whose_idt_is_unusable_triple_faults():
@@ -382,7 +383,10 @@ ROM_PIECES = {
 @pytest.mark.parametrize("sev", [True, False], ids=["sev", "plain"])
 def test_the_firmware_is_rom_and_unassigned_memory_reads_all_ones(sev):
     with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
-        vm = host.start_x86_guest("rom", sev=sev, firmware=pieces_image(ROM_PIECES))
+        # 16 MiB of RAM: the byte read at 0xFFFFFF is the first with nothing behind it.
+        vm = host.start_x86_guest(
+            "rom", sev=sev, firmware=pieces_image(ROM_PIECES), memory=16 << 20
+        )
         assert vm.run(max_rounds=20)[0].reason == "DONE"
         assert bytes(vm.console) == b"R\xff"
 
