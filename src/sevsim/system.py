@@ -123,8 +123,9 @@ class HostSystem:
         vcpus: int = 1,
     ) -> Vm:
         """A VM whose vCPUs execute real code: a firmware image (the package's real-code
-        guest by default) mapped below 4 GiB as QEMU's -bios, the workload and the number
-        of vCPUs in fw_cfg, and for SEV the image encrypted and measured
+        guest by default) mapped below 4 GiB as QEMU's -bios, the workload, the RAM size and
+        the number of vCPUs in fw_cfg (with its DMA interface, as QEMU offers it), and for
+        SEV the image encrypted and measured
         (LAUNCH_UPDATE_DATA) before it runs. The first vCPU boots; the others wait for
         its STARTUP IPIs (the image's ``aps`` workload)."""
         from sevsim.api import fwcfg
