@@ -139,8 +139,9 @@ class ConsoleFile(SerialPort):
         self.file = None if path is None else open(path, "wb", buffering=0)  # noqa: SIM115
 
     def io_out(self, port: int, value: int, size: int) -> None:
+        before = len(self.sink)
         super().io_out(port, value, size)
-        if port == COM1 and self.file is not None and value & 0xFF == ord("\n"):
+        if len(self.sink) > before and self.file is not None and value & 0xFF == ord("\n"):
             line = self.sink[self.sink.rfind(b"\n", 0, len(self.sink) - 1) + 1 :]
             self.file.write(bytes(line))
 
