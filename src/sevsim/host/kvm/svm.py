@@ -72,6 +72,8 @@ MSR_APIC_BASE = 0x1B
 GP_VECTOR = 13
 EVENTINJ_ERROR_VALID = 1 << 11  # EV: push the error code in bits 63:32
 NPF_WRITE = 1 << 1  # #NPF EXITINFO1: the access was a write
+EVENTINJ_TYPE_INTR = 0 << 8  # an external interrupt
+HALT_POLL = 0.001  # longest a halted vCPU waits in KVM_RUN for its interrupt
 
 
 class _Rom:
@@ -128,6 +130,7 @@ class Vcpu:
         self.apic = lapic.LocalApic(self.index, self._send_ipi) if self.vm.x86 else None
         self.parked = self.vm.x86 and self.index > 0
         self.kick = threading.Event()  # set by the VMM to get the vCPU out of KVM_RUN
+        self.halted = False  # in HLT with interrupts on, until an interrupt wakes it
         if self.vm.x86:
             kernel.core.machine.use_x86(self.vmcb_addr)
             self.reset()
@@ -182,6 +185,7 @@ class Vcpu:
         )
         self.regs.clear()
         self.regs["rdx"] = self.vm.kernel.core.cpuid(1)[0]
+        self.halted = False
 
     # ---- the VMCB, in host memory ------------------------------------------------------------
     def vmcb(self) -> Any:
@@ -210,12 +214,44 @@ class Vcpu:
             if self.kick.is_set():  # a signal for the vCPU thread: KVM_RUN returns -EINTR
                 self.kick.clear()
                 return RunExit("INTR", "interrupted by the VMM")
+            if self.halted and not self._wakes():
+                return RunExit("HLT", "waiting for an interrupt")
+            self.halted = False
             result = self._handle(self._vmrun())
             if result is not None:
                 return result
 
+    def _wakes(self) -> bool:
+        """kvm_vcpu_block for a halted vCPU: an interrupt its APIC would deliver, waited
+        for up to HALT_POLL (then KVM_RUN returns, so the VMM can run the other vCPUs). A
+        vCPU with no timer armed wakes at once instead (MODEL: the model's devices
+        complete without interrupts; guests that wait for them poll after HLT)."""
+        apic = self.apic
+        if apic is None or apic.next_expiry() is None and not apic.irr:
+            return True
+        if apic.pending() is not None:
+            return True
+        expiry = apic.next_expiry()
+        if expiry is not None:
+            self.kick.wait(min(max(expiry - apic.clock(), 0.0), HALT_POLL))
+        return apic.pending() is not None
+
+    def _inject_interrupt(self) -> None:
+        """inject_pending_event: the APIC's highest deliverable vector goes into EVENTINJ
+        when the guest can take an interrupt (RFLAGS.IF, which KVM reads in the VMCB of a
+        non-ES guest) and nothing else is being injected. MODEL: the STI/MOV SS interrupt
+        shadow is not looked at."""
+        if self.apic is None or self._vmcb_field("event_inj") & EVENTINJ_VALID:
+            return
+        vector = self.apic.pending()
+        if vector is None or not self._vmcb_field("rflags") & RFLAGS_IF:
+            return
+        self.apic.acknowledge(vector)
+        self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_TYPE_INTR | vector)
+
     def _vmrun(self) -> Exit:
         core = self.vm.kvm.cpu(self.core_index)
+        self._inject_interrupt()
         self._pre_run(core)
         exit_ = core.vmrun(self.vmcb_addr, self.regs)
         self.exits += 1
@@ -302,6 +338,7 @@ class Vcpu:
                 # Halted with interrupts off (the VMCB's saved RFLAGS, which KVM can read
                 # for a non-ES guest): nothing modelled (INIT, NMI) can wake it.
                 return RunExit("DONE", "halted with interrupts disabled", e)
+            self.halted = True
             return RunExit("HLT", "", e)
         if e.code == EXIT_SHUTDOWN:
             vm.dead = RunExit("SHUTDOWN", e.detail.get("reason", "triple fault"), e)
