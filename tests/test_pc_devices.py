@@ -122,8 +122,8 @@ def test_the_piix3_pirq_routing_starts_unrouted():
     b, ports = board()
     assert [config_read(ports, 1, 0, 0x60 + i, 1) for i in range(4)] == [0x80] * 4
     assert b.isa_bridge.pirq_route(0) is None
-    config_write(ports, 1, 0, 0x60, 0x0B0A_0B0A, 4)  # what OVMF's PciAcpiInitialization does
-    assert [b.isa_bridge.pirq_route(i) for i in range(4)] == [10, 11, 10, 11]
+    config_write(ports, 1, 0, 0x60, 0x0B0B_0A0A, 4)  # PIRQA, B to IRQ 10; C, D to IRQ 11
+    assert [b.isa_bridge.pirq_route(i) for i in range(4)] == [10, 10, 11, 11]
 
 
 # ---- the PIIX4 PM function and the ACPI PM registers ------------------------------------------

@@ -3,10 +3,10 @@
 places the ACPI power-management I/O block (``sevsim.host.acpi_pm``) and whose PMREGMISC
 bit 0 (PMIOSE, 0x80) turns its decoding on.
 
-Firmware programs both: OVMF's PlatformPei (and its AcpiTimerLib, when it finds PMIOSE
-clear) writes PMBA = 0xB000, sets the I/O-space bit of the command register, then PMIOSE;
-from then on the PM timer is at 0xB008. QEMU takes the base from bits 15:6 of PMBA and
-enables the block on PMIOSE alone.
+Firmware programs both: OVMF's AcpiTimerLib, already in SEC, finds PMIOSE clear and
+writes PMBA = 0xB000, then sets PMIOSE (PlatformPei would also set the command register's
+I/O-space bit, but finds the block enabled and leaves it); from then on the PM timer is at
+0xB008. QEMU takes the base from bits 15:6 of PMBA and enables the block on PMIOSE alone.
 
 MODEL: the SMBus controller's registers (SMBBA 0x90, enabled by 0xD2) hold QEMU's
 values, but no SMBus is behind them.
