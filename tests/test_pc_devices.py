@@ -347,3 +347,19 @@ def test_the_apic_timer_interrupts_a_halted_guest_through_its_idt(sev):
         assert bytes(vm.console) == b"iiiT"
         apic_ = vm.vcpus[0].apic
         assert apic_.isr == 0 and apic_.regs[lapic.LVT_TIMER] & lapic.LVT_MASKED
+
+
+# Real mode: `mov $0x4100, %ax; mov $0x80, %dx; in %dx, %al; mov %ah, %al;` print AL on
+# COM1; `cli; hlt`. Port 0x80 has no device: AL reads 0xFF, and AH must still be 'A'.
+IN_AL_PIECES = {0xFF00: "b80041ba8000ec88e0baf803eefaf4", 0xFFF0: "e90dff"}
+
+
+@pytest.mark.parametrize("sev", [True, False], ids=["sev", "plain"])
+def test_in_al_replaces_only_al(sev):
+    image = bytearray(0x1_0000)
+    for offset, code in IN_AL_PIECES.items():
+        image[offset : offset + len(bytes.fromhex(code))] = bytes.fromhex(code)
+    with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
+        vm = host.start_x86_guest("in-al", sev=sev, firmware=bytes(image))
+        assert vm.run(max_rounds=20)[0].reason == "DONE"
+        assert bytes(vm.console) == b"A"

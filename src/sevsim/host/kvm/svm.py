@@ -433,8 +433,11 @@ class Vcpu:
         size = next(n for n, bit in IOIO_SIZE_BITS.items() if info1 & bit)
         device = self.vm.io_ports.get(port)
         if info1 & IOIO_TYPE_IN:
-            value = device.io_in(port, size) if device else (1 << 8 * size) - 1
-            self.regs["rax"] = value
+            mask = (1 << 8 * size) - 1
+            value = device.io_in(port, size) if device else mask
+            # complete_fast_pio_in: IN AL/AX replaces only those bytes; IN EAX zero-extends.
+            rest = self.regs.get("rax", 0) & ~mask if size < 4 else 0
+            self.regs["rax"] = rest | value & mask
         elif device:
             device.io_out(port, self.regs.get("rax", 0), size)
 
