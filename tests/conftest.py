@@ -22,6 +22,21 @@ COHERENT = [name for name, p in PROFILES.items() if p.sme_coherent]
 TESTDATA = Path(__file__).resolve().parent / "testdata"
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--run-slow", action="store_true", help="also run the tests marked slow (minutes each)"
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (minutes): run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_machine(name: str = "milan", **changes) -> Machine:
     """The silicon alone (no Secure Processor): caches, engine, cores."""
     changes.setdefault("seed", 1234)

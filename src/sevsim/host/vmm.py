@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
-from sevsim.host import cmos, migration
+from sevsim.host import cmos, migration, pc
 from sevsim.host.cmos import Cmos
 from sevsim.host.debug import SIGABRT, SIGINT, SIGQUIT, SIGTRAP, GuestDebug
 from sevsim.host.kvm import (
@@ -139,8 +139,9 @@ class ConsoleFile(SerialPort):
         self.file = None if path is None else open(path, "wb", buffering=0)  # noqa: SIM115
 
     def io_out(self, port: int, value: int, size: int) -> None:
+        before = len(self.sink)
         super().io_out(port, value, size)
-        if port == COM1 and self.file is not None and value & 0xFF == ord("\n"):
+        if len(self.sink) > before and self.file is not None and value & 0xFF == ord("\n"):
             line = self.sink[self.sink.rfind(b"\n", 0, len(self.sink) - 1) + 1 :]
             self.file.write(bytes(line))
 
@@ -235,6 +236,7 @@ class Vmm:
         below = min(memory, PC_LOWMEM) if memory > PC_LOWMEM_LIMIT else memory
         rtc = Cmos(below_4g=below, above_4g=memory - below, cpus=smp)
         vm.io_ports.update({cmos.PORT_INDEX: rtc, cmos.PORT_DATA: rtc})
+        self.board = pc.attach(vm.io_ports, memory, smp)  # PCI, ACPI PM, CPU hotplug
         device = FwCfgDevice(vm, self._fw_cfg_items())
         for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
             vm.io_ports[port] = device

@@ -112,17 +112,48 @@ class MemSlot:
 
 
 class SerialPort:
-    """A 16550 UART as far as a console needs: bytes out of the data port, "idle" in LSR."""
+    """A 16550 UART as far as a console needs (QEMU's hw/char/serial.c): bytes out of the
+    data port; "transmitter empty" in LSR and no interrupt pending in IIR; and the
+    registers a driver writes and reads back to find the UART — the divisor latch (LCR
+    bit 7, DLAB), IER, LCR, MCR and the scratch register, which OVMF's serial driver
+    probes with 0xAA and 0x55 before it trusts the port. Nothing is ever received."""
+
+    LCR_DLAB = 0x80
+    MSR_CONNECTED = 0xB0  # DCD, DSR, CTS: a terminal is attached
 
     def __init__(self, sink: bytearray) -> None:
         self.sink = sink
+        self.regs = {"dll": 0x0C, "dlm": 0, "ier": 0, "fcr": 0, "lcr": 0, "mcr": 0, "scr": 0}
+
+    def _dlab(self) -> bool:
+        return bool(self.regs["lcr"] & self.LCR_DLAB)
 
     def io_out(self, port: int, value: int, size: int) -> None:
-        if port == COM1:
-            self.sink.append(value & 0xFF)
+        offset, value = port - COM1, value & 0xFF
+        if offset == 0:
+            if self._dlab():
+                self.regs["dll"] = value
+            else:
+                self.sink.append(value)
+        elif offset == 1:
+            self.regs["dlm" if self._dlab() else "ier"] = value if self._dlab() else value & 0x0F
+        elif offset in (2, 3, 4, 7):
+            name = {2: "fcr", 3: "lcr", 4: "mcr", 7: "scr"}[offset]
+            self.regs[name] = value & 0x1F if name == "mcr" else value
 
     def io_in(self, port: int, size: int) -> int:
-        return 0x60 if port == COM1_LSR else 0  # LSR: transmitter empty and idle
+        offset = port - COM1
+        if offset == 0:
+            return self.regs["dll"] if self._dlab() else 0  # nothing received
+        if offset == 1:
+            return self.regs["dlm" if self._dlab() else "ier"]
+        if offset == 2:
+            return 0xC1 if self.regs["fcr"] & 1 else 0x01  # FIFOs on?; no interrupt pending
+        if offset == 5:
+            return 0x60  # LSR: transmitter empty and idle
+        if offset == 6:
+            return self.MSR_CONNECTED
+        return self.regs[{3: "lcr", 4: "mcr", 7: "scr"}[offset]]
 
 
 class Vm(SevGuest, SevMigration):

@@ -83,6 +83,8 @@ KVM_GUESTDBG_ENABLE = 1 << 0
 KVM_GUESTDBG_SINGLESTEP = 1 << 1
 KVM_GUESTDBG_USE_SW_BP = 1 << 16
 KVM_GUESTDBG_USE_HW_BP = 1 << 17
+EVENTINJ_TYPE_INTR = 0 << 8  # an external interrupt
+HALT_POLL = 0.001  # longest a halted vCPU waits in KVM_RUN for its interrupt
 
 
 class _Rom:
@@ -143,6 +145,7 @@ class Vcpu:
         self.eff_db = [0, 0, 0, 0]  # the debugger's DR0-DR3 (linear addresses)
         self._tf_added = False  # KVM set RFLAGS.TF for a single step (the guest had it clear)
         self.debug_exit = (0, 0)  # the last KVM_EXIT_DEBUG's (exception vector, DR6)
+        self.halted = False  # in HLT with interrupts on, until an interrupt wakes it
         if self.vm.x86:
             kernel.core.machine.use_x86(self.vmcb_addr)
             self.reset()
@@ -197,6 +200,7 @@ class Vcpu:
         )
         self.regs.clear()
         self.regs["rdx"] = self.vm.kernel.core.cpuid(1)[0]
+        self.halted = False
 
     # ---- the VMCB, in host memory ------------------------------------------------------------
     def vmcb(self) -> Any:
@@ -259,6 +263,9 @@ class Vcpu:
             if self.kick.is_set():  # a signal for the vCPU thread: KVM_RUN returns -EINTR
                 self.kick.clear()
                 return RunExit("INTR", "interrupted by the VMM")
+            if self.halted and not self._wakes():
+                return RunExit("HLT", "waiting for an interrupt")
+            self.halted = False
             exit_ = self._vmrun()
             stepping = self.guest_debug & KVM_GUESTDBG_SINGLESTEP
             rip = self._vmcb_field("rip") if stepping else 0
@@ -275,8 +282,37 @@ class Vcpu:
                 self.debug_exit = (DB_VECTOR, DR6_BS)
                 return RunExit("DEBUG", "#DB", exit_)
 
+    def _wakes(self) -> bool:
+        """kvm_vcpu_block for a halted vCPU: an interrupt its APIC would deliver, waited
+        for up to HALT_POLL (then KVM_RUN returns, so the VMM can run the other vCPUs). A
+        vCPU with no timer armed wakes at once instead (MODEL: the model's devices
+        complete without interrupts; guests that wait for them poll after HLT)."""
+        apic = self.apic
+        if apic is None or apic.next_expiry() is None and not apic.irr:
+            return True
+        if apic.pending() is not None:
+            return True
+        expiry = apic.next_expiry()
+        if expiry is not None:
+            self.kick.wait(min(max(expiry - apic.clock(), 0.0), HALT_POLL))
+        return apic.pending() is not None
+
+    def _inject_interrupt(self) -> None:
+        """inject_pending_event: the APIC's highest deliverable vector goes into EVENTINJ
+        when the guest can take an interrupt (RFLAGS.IF, which KVM reads in the VMCB of a
+        non-ES guest) and nothing else is being injected. MODEL: the STI/MOV SS interrupt
+        shadow is not looked at."""
+        if self.apic is None or self._vmcb_field("event_inj") & EVENTINJ_VALID:
+            return
+        vector = self.apic.pending()
+        if vector is None or not self._vmcb_field("rflags") & RFLAGS_IF:
+            return
+        self.apic.acknowledge(vector)
+        self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_TYPE_INTR | vector)
+
     def _vmrun(self) -> Exit:
         core = self.vm.kvm.cpu(self.core_index)
+        self._inject_interrupt()
         self._pre_run(core)
         self._single_step_begin()
         try:
@@ -375,6 +411,7 @@ class Vcpu:
                 # Halted with interrupts off (the VMCB's saved RFLAGS, which KVM can read
                 # for a non-ES guest): nothing modelled (INIT, NMI) can wake it.
                 return RunExit("DONE", "halted with interrupts disabled", e)
+            self.halted = True
             return RunExit("HLT", "", e)
         if e.code == EXIT_SHUTDOWN:
             vm.dead = RunExit("SHUTDOWN", e.detail.get("reason", "triple fault"), e)
@@ -469,8 +506,11 @@ class Vcpu:
         size = next(n for n, bit in IOIO_SIZE_BITS.items() if info1 & bit)
         device = self.vm.io_ports.get(port)
         if info1 & IOIO_TYPE_IN:
-            value = device.io_in(port, size) if device else (1 << 8 * size) - 1
-            self.regs["rax"] = value
+            mask = (1 << 8 * size) - 1
+            value = device.io_in(port, size) if device else mask
+            # complete_fast_pio_in: IN AL/AX replaces only those bytes; IN EAX zero-extends.
+            rest = self.regs.get("rax", 0) & ~mask if size < 4 else 0
+            self.regs["rax"] = rest | value & mask
         elif device:
             device.io_out(port, self.regs.get("rax", 0), size)
 
