@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import sevsim
 
-from sevsim.guest.firmware import ready_tag
 from sevsim.host.qmp import QmpClient, QmpError
+from sevsim.owner.secret import ready_tag
 
 SECRET = b"correct horse battery staple"
 SECRET_GUID = "736869e5-84f0-4973-92ec-06879ce3da0b"

@@ -104,7 +104,7 @@ def test_symbol_file():
     assert {n: syms[n] for n in VICTIM_GPAS} == VICTIM_GPAS
     # The pages made shared and the victims' pages are distinct 4 KiB pages of the one
     # 2 MiB page the firmware splits (into the table at SPLIT_PT_GPA), all below the
-    # guest's 12 MiB minimum.
+    # guest's 32 MiB minimum.
     pages = [
         syms[n] for n in ("SECRET_GPA", "SHARED_GPA", "ALIAS_GPA", "ALIAS_FLUSH_GPA", *VICTIM_GPAS)
     ]

@@ -9,8 +9,10 @@ import json
 import pytest
 from conftest import TESTDATA
 
+from sevsim.api import ovmf
 from sevsim.certs.chain import decode_chain
 from sevsim.cli import main
+from sevsim.guest import x86 as x86_guest
 
 SEVCTL = TESTDATA / "vectors" / "sevctl"
 OVMF = SEVCTL / "OVMF.amdsev.fd_trimmed_edk2-ovmf-20220126gitbb1bba3d77-4.el9"
@@ -153,6 +155,19 @@ def test_vm_runs_to_completion_without_qmp(tmp_path, capsys):
     assert "SEV active" in result["console"] and "no secret was injected" in result["console"]
     assert len(base64.b64decode(result["measurement"])) == 48
     assert [e["reason"] for e in result["exits"]] == ["DONE"]
+
+
+def test_vm_firmware_pads_the_guest_image_to_a_flash_size(tmp_path, capsys):
+    fw = tmp_path / "fw.fd"
+    assert run(["vm", "firmware", str(fw)], capsys)[0] == 0
+    image, guest = fw.read_bytes(), x86_guest.image()
+    assert len(image) == 2 << 20  # OVMF's size by default
+    assert image.endswith(guest) and image[: -len(guest)] == b"\xff" * (len(image) - len(guest))
+    table = ovmf.parse_table(image)  # where the VMM and `owner measure` look
+    assert ovmf.area(table, ovmf.SEV_SECRET_GUID) == (0x81_0000, 0xC00)
+    assert ovmf.area(table, ovmf.SEV_HASH_TABLE_RV_GUID) == (0x81_0C00, 0x400)
+    code, _, err = run(["vm", "firmware", str(fw), "--size", "100K"], capsys)
+    assert code == 2 and "multiple of 64 KiB" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sevsim import crypto
-from sevsim.api import guidtable
+from sevsim.api import guidtable, ovmf
 from sevsim.api import policy as pol
 from sevsim.api.status import Status
 from sevsim.certs.sev import Algo, SevCert, Usage
-from sevsim.guest import firmware as guest_firmware
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import KvmError
 from sevsim.host.qmp import (
     QmpAddress,
@@ -38,7 +38,7 @@ from sevsim.profiles import get_profile
 from sevsim.system import HostSystem
 
 SECRET_GUID = uuid.UUID("736869e5-84f0-4973-92ec-06879ce3da0b")
-FIRMWARE = guest_firmware.build_image(64 << 10)  # small: these tests are about the flow
+FIRMWARE = x86_guest.flash_image(64 << 10)  # small: these tests are about the flow
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_measured_direct_boot_with_a_secret(host, tmp_path):
     assert vmm.wait_idle(30)
     log = cfg.console.read_text()
     assert "kernel hashes: cmdline ok, initrd ok, kernel ok" in log
-    assert guest_firmware.ready_tag(b"luks passphrase") in log
+    assert secret.ready_tag(b"luks passphrase") in log
     assert "luks passphrase" not in log  # the guest proves it has the secret, never shows it
     assert vmm.query_sev()["state"] == "running"
     vmm.quit()
@@ -125,6 +125,31 @@ def test_a_vmm_that_swaps_the_kernel_is_caught_by_the_guest(host, tmp_path):
     assert vmm.wait_idle(30)
     log = cfg.console.read_text()
     assert "kernel MISMATCH" in log and "refusing to boot" in log
+    assert "cmdline ok, initrd ok" in log  # only the kernel was swapped
+    assert "workload" not in log  # nothing ran
+    vmm.quit()
+
+
+def test_a_kernel_without_its_measured_hashes_is_refused(host, tmp_path):
+    """A VMM that passes a kernel but overwrites the measured hashes table after the
+    launch (what the guest then reads is not the table): the guest boots nothing. The
+    host flushes the caches around its write, so that the guest's cached lines of the
+    table go and its own write reaches DRAM."""
+    owner_files(host, tmp_path, 0x1)
+    (tmp_path / "vmlinuz").write_bytes(b"a kernel")
+    cfg = config(tmp_path, kernel=tmp_path / "vmlinuz")
+    vmm = Vmm(host, cfg)
+    vmm.start()
+    base, size = ovmf.area(vmm.table, ovmf.SEV_HASH_TABLE_RV_GUID)
+    assert (base, size) == (0x81_0C00, 0x400)  # OVMF AmdSev's hashes area
+    host.kernel.wbinvd_on_all_cpus()
+    vmm.vm.write(base, bytes(size))
+    host.kernel.wbinvd_on_all_cpus()
+    vmm.cont()
+    assert vmm.wait_idle(30)
+    log = cfg.console.read_text()
+    assert "a kernel was passed but no measured hashes table exists: refusing it" in log
+    assert "firmware done; the kernel was NOT booted" in log and "workload" not in log
     vmm.quit()
 
 
@@ -185,9 +210,10 @@ def test_debugging_follows_the_policy(host, tmp_path):
     owner_files(host, tmp_path, 0)
     vmm = Vmm(host, config(tmp_path, policy=0))
     vmm.start()
-    flash_code = guest_firmware.code_offset(len(FIRMWARE)) + (1 << 32) - len(FIRMWARE)
-    assert vmm.vm.sev_dbg_decrypt(flash_code, 32) == guest_firmware.PROGRAM.code[:32]
-    assert vmm.vm.read(flash_code, 32) != guest_firmware.PROGRAM.code[:32]  # host's own view
+    flash_code = x86_guest.symbols()["entry32"]  # the image's first code
+    code = FIRMWARE[flash_code - ((1 << 32) - len(FIRMWARE)) :][:32]
+    assert vmm.vm.sev_dbg_decrypt(flash_code, 32) == code
+    assert vmm.vm.read(flash_code, 32) != code  # the host's own view: ciphertext
     vmm.quit()
 
 
@@ -263,7 +289,7 @@ def test_qmp_secret_cont_and_events(qmp, tmp_path):
     server.vmm.wait_idle(30)
     assert client.execute("query-status")["status"] == "running"
     assert [e["event"] for e in client.events] == ["RESUME"]  # sent before cont's return
-    assert guest_firmware.ready_tag(b"hunter2") in (tmp_path / "console.log").read_text()
+    assert secret.ready_tag(b"hunter2") in (tmp_path / "console.log").read_text()
 
 
 def test_qmp_errors_are_qmp_errors(qmp):

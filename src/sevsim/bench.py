@@ -225,7 +225,7 @@ def bench_guest_code(iterations: int, rounds: int, progress: Progress) -> dict[s
     bare_loads = min(_bare_call("load_loop", loads_gpa, LOADS_BYTES, loads) for _ in range(3))
     progress("guest code: an SEV guest")
     with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
-        vm = system.start_x86_guest("bench", work, memory=16 * MiB)
+        vm = system.start_x86_guest("bench", work, memory=32 * MiB)
         vm.spin_budget = 1 << 30
         guest_alu = _guest_phase(vm, f"workload {work}\n", "sevsim-guest: alu")
         guest_mem = _guest_phase(vm, "sevsim-guest: alu ", "sevsim-guest: mem")
@@ -322,7 +322,7 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
     profile = get_profile("milan").with_(dram_size=4 * GiB)
     with HostSystem.start(profile) as a, HostSystem.start(profile.with_(seed=None)) as b:
         src = Vmm(a, VmConfig(firmware=None, memory=size))
-        vm = src.vm = a.kvm.create_vm(size, sev=True)
+        vm = src.vm = a.kvm.create_vm(size, sev=True, x86=True)
         chunk = 16 * MiB
         for gpa in range(0, size, chunk):  # guest memory, all of it written
             vm.write_stream(gpa, os.urandom(min(chunk, size - gpa)))

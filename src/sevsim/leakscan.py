@@ -203,7 +203,7 @@ def _qmp_scenario(scan: LeakScan, seed: int) -> None:
     import uuid
     from pathlib import Path
 
-    from sevsim.guest import firmware as guest_firmware
+    from sevsim.guest import x86 as x86_guest
     from sevsim.host.qmp import QmpClient, QmpServer
     from sevsim.host.vmm import VmConfig, Vmm
     from sevsim.owner import secret, session
@@ -216,13 +216,13 @@ def _qmp_scenario(scan: LeakScan, seed: int) -> None:
             get_profile("milan").with_(seed=seed, dram_size=1 << 30), state_dir=work / "p"
         )
         try:
-            (work / "fw.fd").write_bytes(guest_firmware.build_image(64 << 10))
+            (work / "fw.fd").write_bytes(x86_guest.image())
             chain = system.export_chain(full=True)
             owner = session.start(chain.pdh, 0x0)
             files = owner.write(work, "vm")
             config = VmConfig(
                 firmware=work / "fw.fd",
-                memory=16 << 20,
+                memory=32 << 20,
                 policy=0,
                 dh_cert_file=files["godh"],
                 session_file=files["session"],
@@ -263,7 +263,7 @@ def _qmp_scenario(scan: LeakScan, seed: int) -> None:
             scan.add_output("the QMP traffic", transcript)
             scan.add_output("the VM's console", (work / "console.log").read_bytes())
             vmm.quit()
-            restored = Vmm(system, VmConfig(firmware=None, memory=16 << 20))
+            restored = Vmm(system, VmConfig(firmware=None, memory=32 << 20))
             restored.restore(work / "guest.snap")
             restored.quit()
         finally:

@@ -114,7 +114,7 @@ class HostSystem:
         self,
         name: str,
         workload: str = "secret",
-        memory: int = 16 << 20,
+        memory: int = 32 << 20,
         sev: bool = True,
         policy: int = 0,
         firmware: bytes | None = None,
@@ -134,8 +134,10 @@ class HostSystem:
         items[fwcfg.FILE_DIR] = directory
         items[fwcfg.SIGNATURE] = b"QEMU"
         items[fwcfg.RAM_SIZE] = memory.to_bytes(8, "little")
+        items[fwcfg.ID] = (fwcfg.FEATURE_TRADITIONAL | fwcfg.FEATURE_DMA).to_bytes(4, "little")
         device = FwCfgDevice(vm, items)
-        vm.io_ports.update({fwcfg.PORT_SELECTOR: device, fwcfg.PORT_DATA: device})
+        for port in (fwcfg.PORT_SELECTOR, fwcfg.PORT_DATA, fwcfg.PORT_DMA_HIGH, fwcfg.PORT_DMA_LOW):
+            vm.io_ports[port] = device
         if sev:
             vm.sev_launch_start(policy)
             vm.sev_launch_update_data(base, len(image))

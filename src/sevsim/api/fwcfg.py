@@ -1,6 +1,7 @@
 """QEMU's firmware configuration device, fw_cfg (QEMU docs/specs/fw_cfg.rst), as far as
 a firmware needs it to boot a measured kernel: the I/O ports, the item keys, and the DMA
-descriptor. The host side is ``sevsim.host.vmm``; the guest side is the model firmware.
+descriptor. The host side is ``sevsim.host.vmm``; the guest side is the real-code guest's
+``fw_cfg.c`` (src/sevsim/guest/x86).
 
 Under SEV the guest cannot let the device read or write private memory: DMA descriptors
 and data buffers must live in pages it has shared (C=0) — OVMF's bounce buffers.

@@ -19,7 +19,7 @@ from sevsim.cli import daemon
 from sevsim.cli.options import POLICY, json_option
 from sevsim.cli.platform import _platform_options
 from sevsim.fsutil import atomic_write
-from sevsim.guest import firmware as guest_firmware
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.migration import MigrationError, TargetChain
 from sevsim.host.qmp import QmpAddress, QmpClient, QmpError, QmpServer, parse_qmp_address
 from sevsim.host.virtio_blk import create_image
@@ -53,14 +53,23 @@ def vm() -> None:
 
 @vm.command("firmware")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--size", default="2M", show_default=True, help="Image size (a 64 KiB multiple).")
+@click.option(
+    "--size",
+    default="2M",
+    show_default=True,
+    help="Flash size (a multiple of 64 KiB): the 64 KiB guest image at its top, erased "
+    "flash (0xFF) in front of it, as a larger OVMF build would fill it.",
+)
 @json_option
 def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
-    """Write the model's guest firmware image (OVMF's role): a firmware-sized volume, the
-    model firmware's code, and an OVMF footer table with its entry point, secret area
-    and kernel-hashes area. Give it to `vm run --bios` and to `owner measure --firmware`."""
+    """Write the guest firmware (OVMF's role): the real-code guest of sevsim/guest/x86 in a
+    flash image of --size bytes, ending with its OVMF footer table (secret area,
+    kernel-hashes area) and reset vector. Give it to `vm run --bios` and to
+    `owner measure --firmware`; with --kernel it checks the measured kernel hashes, then
+    it proves it got the owner's secret and runs the workloads of
+    --fw-cfg name=opt/sevsim/workload,string='WORDS' (see `vm guest-image`)."""
     try:
-        image = guest_firmware.build_image(parse_size(size, "--size"))
+        image = x86_guest.flash_image(parse_size(size, "--size"))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     atomic_write(out, image, 0o644)
@@ -75,11 +84,11 @@ def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
 @json_option
 def guest_image_cmd(out: Path, as_json: bool) -> None:
     """Write the real-code guest (64 KiB of x86 machine code, built from the sources in
-    sevsim/guest/x86) for `vm run --bios`. Choose what it does with
-    --fw-cfg name=opt/sevsim/workload,string='WORDS': secret, pf, gp, selfmod, alias,
-    alias-flush, spin, alu:N, mem:N (default: secret). It also boots on plain QEMU."""
-    from sevsim.guest import x86 as x86_guest
-
+    sevsim/guest/x86; the same bytes as `vm firmware --size 64K`) for `vm run --bios`.
+    Choose what it does with --fw-cfg name=opt/sevsim/workload,string='WORDS': secret,
+    pf, gp, selfmod, alias, alias-flush, spin, alu:N, mem:N, loads:N, count, count:N,
+    hmac-selftest, and the attack lab's balance, flags, inbox (default: secret). It also
+    boots on plain QEMU."""
     image = x86_guest.image()
     atomic_write(out, image, 0o644)
     if as_json:
@@ -95,7 +104,7 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The firmware image, as QEMU's -bios: any image whose size is a multiple of "
     "64 KiB (up to 16 MiB), mapped to end at 4 GiB; the vCPUs execute it from the reset "
-    "vector (0xFFFFFFF0). Images from 'sevsim vm firmware' run the model's firmware program.",
+    "vector (0xFFFFFFF0), as 'sevsim vm firmware' makes them.",
 )
 @click.option(
     "--incoming",

@@ -3,7 +3,7 @@
 The owner side uses only ``sevsim.owner`` and files in a directory of its own: it receives
 the platform's certificate chain and the launch measurement as bytes, and sends back its
 session files and a secret packet. The host side is the QEMU-like VMM; the guest is the
-model firmware. The physical view is a DRAM dump.
+real-code guest firmware (``sevsim vm firmware``). The physical view is a DRAM dump.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from sevsim.attacks.physical import ColdBootDump
 from sevsim.certs.chain import verify_chain
 from sevsim.demo.steps import Step, Story, Working
-from sevsim.guest import firmware as guest_firmware
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.owner import measure, secret, session
 from sevsim.owner.trust import choose_root
@@ -40,7 +40,7 @@ def attest_story(profile: MachineProfile) -> Story:
 
 def _story(system: HostSystem, owner_dir: Path) -> Story:
     firmware = owner_dir / "OVMF.fd"  # the owner and the VMM use the same published image
-    firmware.write_bytes(guest_firmware.build_image())
+    firmware.write_bytes(x86_guest.flash_image(2 << 20))
     chain = system.export_chain()
     report = verify_chain(chain, choose_root(chain, "sim", system.data_dir))
     owner = session.start(chain.pdh, POLICY)
@@ -108,10 +108,10 @@ def _story(system: HostSystem, owner_dir: Path) -> Story:
         'secret without showing it: it prints HMAC(secret, "sevsim guest ready").',
         facts=[("guest console", console.rstrip())],
     )
-    secret_gpa = 0x0081_0000
+    secret_gpa = x86_guest.symbols()["SEV_LAUNCH_SECRET_GPA"]
     s.check(
         "the guest's proof matches the owner's secret",
-        guest_firmware.ready_tag(SECRET) in console,
+        secret.ready_tag(SECRET) in console,
     )
     s.check("the secret is not on the console", SECRET not in console.encode())
     s.check("a DRAM dump does not contain the secret", not dump.find(SECRET))

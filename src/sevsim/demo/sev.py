@@ -24,7 +24,7 @@ from sevsim.host.kvm import RunExit, Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
 
-GUEST_MEMORY = 16 << 20
+GUEST_MEMORY = 32 << 20
 SECRET_GPA = x86_guest.symbols()["SECRET_GPA"]
 SHARED_GPA = x86_guest.symbols()["SHARED_GPA"]
 MARKER = b"sevsim secret:"  # the guest keeps it before its 32 random bytes

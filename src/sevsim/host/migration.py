@@ -6,12 +6,15 @@
 ======  =====  ==============================================================================
 type    name   payload
 ======  =====  ==============================================================================
-1       SETUP  JSON: memory, vCPUs, policy, memslots, the sender's PDH and the SEND_START
-               session blob (base64)
+1       SETUP  JSON: memory, vCPUs, policy, memslots (GPA, size, read-only) and the windows
+               that show another slot's pages (GPA, size, target GPA), the sender's PDH
+               and the SEND_START session blob (base64)
 2       PAGE   ``u64 GPA ‖ 52-byte packet header ‖ ciphertext``: private guest memory, as
                SEND_UPDATE_DATA made it (up to 20 KiB, the firmware's limit)
 3       PLAIN  ``u64 GPA ‖ data``: a page the guest shares with the host, as the host reads it
-4       VCPU   JSON: one vCPU's registers (the VMCB save area and the GPRs KVM keeps)
+4       VCPU   JSON: one vCPU's state: the whole VMCB save area (segment registers with
+               their hidden parts, GDTR/IDTR, control registers, EFER, RFLAGS, RIP, ...),
+               the GPRs KVM keeps, and whether it waits for a STARTUP IPI
 5       END    SHA-256 of every byte before this record
 ======  =====  ==============================================================================
 
@@ -50,6 +53,7 @@ from typing import Any, BinaryIO
 from sevsim.api import commands as cmd
 from sevsim.certs.chain import decode_chain
 from sevsim.certs.sev import CERT_SIZE, CertError
+from sevsim.soc.svm import SAVE, VMCB
 
 MAGIC = b"SEVSIM-MIGRATION 1\n"
 FRAME = struct.Struct("<BI")
@@ -58,7 +62,8 @@ PACKET_PAGES = 5  # 20 KiB: the most one SEND_UPDATE_DATA carries (SEV_SCRATCH_B
 PAGE = 4096
 MAX_RECORD = 1 << 20
 SUPDATE = 4  # the guest state between SEND_START and SEND_FINISH / SEND_CANCEL
-VCPU_FIELDS = ("rip", "rsp", "rax", "rflags", "cr0", "cr2", "cr3", "cr4", "efer", "cpl", "g_pat")
+# What KVM_GET_SREGS/KVM_GET_REGS and friends give QEMU: every field of the save area.
+VCPU_FIELDS = tuple(f.name for f in VMCB.fields if f.offset >= SAVE)
 
 Progress = Callable[[int, int], None]  # (bytes sent, bytes in all)
 
@@ -177,7 +182,8 @@ def send(vmm, out: BinaryIO, target: TargetChain, progress: Progress | None = No
         "memory": vmm.config.memory,
         "smp": len(vm.vcpus),
         "policy": policy,
-        "slots": [[s.gpa, s.size] for s in vm.slots],
+        "slots": [[s.gpa, s.size, s.readonly] for s in vm.slots],
+        "aliases": [[a.gpa, a.size, _alias_target(vm, a)] for a in vm.aliases],
         "pdh": base64.b64encode(pdh.data["pdh"]).decode(),
         "session": base64.b64encode(session).decode(),
     }
@@ -207,12 +213,20 @@ def send(vmm, out: BinaryIO, target: TargetChain, progress: Progress | None = No
     flush_run()
     for vcpu in vm.vcpus:
         state = vcpu.vmcb()
-        record = {"index": vcpu.index, "regs": vcpu.regs}
+        record = {"index": vcpu.index, "regs": vcpu.regs, "parked": vcpu.parked}
         record |= {name: getattr(state, name) for name in VCPU_FIELDS}
         writer.record(Record.VCPU, json.dumps(record).encode())
     writer.end()
     if progress:
         progress(total, total)
+
+
+def _alias_target(vm, alias) -> int:
+    """The GPA of the slot pages a window shows (QEMU's alias offset)."""
+    for slot in vm.slots:
+        if slot.hva <= alias.hva < slot.hva + slot.size:
+            return slot.gpa + alias.hva - slot.hva
+    raise MigrationError(f"the window at {alias.gpa:#x} shows no memslot")
 
 
 def _shared_pages(vm) -> set[int]:
@@ -253,10 +267,11 @@ def receive(vmm, inp: BinaryIO) -> None:
         session = base64.b64decode(setup["session"])
         sender_pdh = base64.b64decode(setup["pdh"])
         memory, smp, policy = int(setup["memory"]), int(setup["smp"]), int(setup["policy"])
-        slots = [(int(a), int(b)) for a, b in setup["slots"]]
+        slots = [(int(a), int(b), bool(ro)) for a, b, ro in setup["slots"]]
+        aliases = [(int(a), int(b), int(t)) for a, b, t in setup["aliases"]]
     except (ValueError, KeyError, TypeError):
         raise MigrationError("the stream's setup record is damaged") from None
-    vmm.create_incoming(memory, smp, slots)
+    vmm.create_incoming(memory, smp, slots, aliases)
     vm = vmm.vm
     try:
         vm.sev_receive_start(sender_pdh, session, policy)
@@ -272,6 +287,7 @@ def receive(vmm, inp: BinaryIO) -> None:
             elif kind == Record.PLAIN:
                 (gpa,) = GPA.unpack_from(payload)
                 vm.write_stream(gpa, payload[GPA.size :])
+                vm.shared_ranges.append((gpa, 1))  # still shared: sent in the clear next time
             elif kind == Record.VCPU:
                 vcpus.append(payload)
             elif kind == Record.END:
@@ -297,3 +313,4 @@ def _restore_vcpu(vm, record: dict[str, Any]) -> None:
     vcpu.set_vmcb(**{name: int(record[name]) for name in VCPU_FIELDS})
     vcpu.regs.clear()
     vcpu.regs.update({k: int(v) for k, v in record["regs"].items()})
+    vcpu.parked = bool(record["parked"])

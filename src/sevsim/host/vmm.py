@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
-from sevsim.guest import firmware as guest_firmware
 from sevsim.host import cmos, migration
 from sevsim.host.cmos import Cmos
 from sevsim.host.kvm import (
@@ -198,11 +197,8 @@ class Vmm:
             raise VmmError("dh-cert-file and session-file go together")
         if not cfg.sev and (cfg.dh_cert_file or cfg.policy):
             raise VmmError("--no-sev: an ordinary VM has no launch session and no SEV policy")
-        if guest_firmware.is_model_image(self.firmware):
-            vm = self._start_model_firmware()
-        else:
-            vm = self._create(cfg.memory, cfg.smp, x86=True)
-            flash = vm.load_firmware(self.firmware)
+        vm = self._create(cfg.memory, cfg.smp)
+        flash = vm.load_firmware(self.firmware)  # every vCPU starts at the reset vector
         if not cfg.sev:
             if cfg.kernel is not None:
                 self._load_kernel_hashes(vm, measure=False)
@@ -211,7 +207,6 @@ class Vmm:
         if cfg.dh_cert_file is not None:
             godh = _read_base64(cfg.dh_cert_file, "dh-cert-file")
             session = _read_base64(cfg.session_file, "session-file")
-        flash = ovmf.flash_base(size)
         try:
             vm.sev_launch_start(cfg.policy, godh, session)
             vm.sev_launch_update_data(flash, size)
@@ -221,28 +216,13 @@ class Vmm:
         except KvmError as exc:
             raise VmmError(f"sev_launch: {exc}") from None
 
-    def _start_model_firmware(self) -> Vm:
-        """The model's own firmware (``sevsim vm firmware``): a Python guest program, started
-        at the entry point of its footer table's reset block (MODEL, docs/model.md)."""
-        if not self.config.sev:
-            raise VmmError("the model firmware (sevsim vm firmware) runs in SEV guests only")
-        entry = ovmf.reset_address(self.table)
-        if entry is None:
-            raise VmmError("the firmware has no SEV reset block: no entry point for the vCPUs")
-        vm = self._create(self.config.memory, self.config.smp)
-        flash = ovmf.flash_base(len(self.firmware))
-        vm.add_memory(flash, len(self.firmware))
-        vm.write(flash, self.firmware)
-        for vcpu in vm.vcpus:
-            vcpu.set_vmcb(rip=entry)
-        return vm
-
-    def _create(self, memory: int, smp: int, x86: bool = False) -> Vm:
-        """The guest (SEV unless --no-sev) with its RAM, its console and fw_cfg."""
+    def _create(self, memory: int, smp: int) -> Vm:
+        """The guest (SEV unless --no-sev) with its RAM, its console and fw_cfg; its vCPUs
+        execute real x86 code."""
         kind = "SEV guest" if self.config.sev else "VM"
         try:
             vm = self.vm = self.kvm.create_vm(
-                memory, vcpus=smp, sev=self.config.sev, name=self.config.name, x86=x86
+                memory, vcpus=smp, sev=self.config.sev, name=self.config.name, x86=True
             )
         except KvmError as exc:
             raise VmmError(f"cannot create the {kind}: {exc}") from None
@@ -265,8 +245,16 @@ class Vmm:
             self.disk.attach()
         return vm
 
-    def create_incoming(self, memory: int, smp: int, slots: list[tuple[int, int]]) -> None:
-        """An empty SEV guest shaped like the one a migration stream describes."""
+    def create_incoming(
+        self,
+        memory: int,
+        smp: int,
+        slots: list[tuple[int, int, bool]],
+        aliases: list[tuple[int, int, int]] = (),
+    ) -> None:
+        """An empty SEV guest shaped like the one a migration stream describes: its RAM,
+        its flash (read-only slots) and the windows that show another slot's pages
+        (gpa, size, target gpa), as QEMU rebuilds the machine before the state comes."""
         if memory != self.config.memory:
             raise migration.MigrationError(
                 f"the incoming guest has {memory >> 20} MiB of RAM; this VM was given "
@@ -275,9 +263,12 @@ class Vmm:
         self.config.smp = smp
         try:
             vm = self._create(memory, smp)
-            for gpa, size in slots:
-                if gpa != 0:
-                    vm.add_memory(gpa, size)
+            have = {(s.gpa, s.size) for s in vm.slots}  # the RAM every VM of this size has
+            for gpa, size, readonly in slots:
+                if (gpa, size) not in have:
+                    vm.add_memory(gpa, size, readonly=readonly)
+            for gpa, size, target in aliases:
+                vm.add_alias(gpa, size, target)
         except (VmmError, ValueError) as exc:
             self.discard()
             raise migration.MigrationError(str(exc)) from None

@@ -9,12 +9,15 @@ which binds the packet to the launch whose measurement the owner verified.
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import uuid
 
 from sevsim import crypto
 from sevsim.api import channel, guidtable
 from sevsim.api import commands as cmd
+
+READY_MESSAGE = b"sevsim guest ready"  # what the guest MACs with each secret (launch.c)
 
 
 def build_packet(
@@ -41,3 +44,9 @@ def secrets_table_packet_b64(
     secret) in base64, as QEMU's sev-inject-launch-secret takes them."""
     header, payload = build_packet(tek, tik, measurement[:32], guidtable.secrets_table(entries))
     return base64.b64encode(header).decode(), base64.b64encode(payload).decode()
+
+
+def ready_tag(secret: bytes) -> str:
+    """What the sevsim guest prints to prove it holds ``secret`` without showing it:
+    HMAC-SHA256(secret, "sevsim guest ready") in hex (the guest image's launch.c)."""
+    return hmac.new(secret, READY_MESSAGE, "sha256").hexdigest()

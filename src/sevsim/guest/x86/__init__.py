@@ -10,7 +10,8 @@ from importlib.resources import files
 
 IMAGE_NAME = "sevsim-guest.fd"
 WORKLOAD_FILE = "opt/sevsim/workload"  # fw_cfg file with the space-separated workloads
-MIN_MEMORY = 12 << 20  # RAM the image's fixed addresses need (README.md)
+MIN_MEMORY = 32 << 20  # RAM the image's fixed addresses need (layout.h MIN_RAM, README.md)
+IMAGE_SIZE = 64 << 10
 
 
 @cache
@@ -22,3 +23,12 @@ def image() -> bytes:
 def symbols() -> dict[str, int]:
     """Symbol name -> address (code in the flash window, fixed RAM addresses)."""
     return json.loads(files(__package__).joinpath("sevsim-guest.sym.json").read_text())
+
+
+def flash_image(size: int = IMAGE_SIZE) -> bytes:
+    """The image in a flash of ``size`` bytes (a multiple of 64 KiB): erased flash (0xFF)
+    in front, the image at the top, so that it still ends at 4 GiB with its footer table
+    and reset vector in place, as OVMF's larger builds do."""
+    if size < IMAGE_SIZE or size % IMAGE_SIZE:
+        raise ValueError(f"a flash image is a multiple of 64 KiB of at least {IMAGE_SIZE >> 10}K")
+    return b"\xff" * (size - IMAGE_SIZE) + image()

@@ -33,6 +33,11 @@ static inline void outw(uint16_t port, uint16_t v)
 	__asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
 }
 
+static inline void outl(uint16_t port, uint32_t v)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
 static inline uint8_t inb(uint16_t port)
 {
 	uint8_t v;
@@ -103,7 +108,19 @@ size_t strlen(const char *s);
 
 /* --- sha256.c ----------------------------------------------------------- */
 #define SHA256_DIGEST_SIZE 32
+#define SHA256_BLOCK_SIZE 64
+struct sha256_ctx {			/* a hash in progress */
+	uint32_t h[8];
+	uint64_t len;			/* bytes so far */
+	uint8_t buf[SHA256_BLOCK_SIZE];	/* the part of a block not hashed yet */
+};
+void sha256_init(struct sha256_ctx *ctx);
+void sha256_update(struct sha256_ctx *ctx, const void *data, size_t len);
+void sha256_final(struct sha256_ctx *ctx, uint8_t digest[SHA256_DIGEST_SIZE]);
 void sha256(const void *data, size_t len, uint8_t digest[SHA256_DIGEST_SIZE]);
+void hmac_sha256(const void *key, size_t key_len, const void *msg, size_t msg_len,
+		 uint8_t mac[SHA256_DIGEST_SIZE]);
+void hmac_sha256_rfc4231(void);		/* the `hmac-selftest` workload */
 int sha256_self_test(void);
 
 /* --- GUIDs, in EFI's byte order (Linux's guid_t, include/linux/uuid.h) ----- */
@@ -137,6 +154,20 @@ int sev_secret_next(int i, const uint8_t **guid, const uint8_t **data, uint32_t 
 int sev_secret_find(const uint8_t guid[16], const uint8_t **data, uint32_t *len);
 
 /* --- fw_cfg.c ----------------------------------------------------------- */
+/* fw_cfg item keys (QEMU's include/standard-headers/linux/qemu_fw_cfg.h) */
+#define FW_CFG_RAM_SIZE		0x03	/* u64 */
+#define FW_CFG_KERNEL_SIZE	0x08	/* u32 */
+#define FW_CFG_INITRD_SIZE	0x0b	/* u32 */
+#define FW_CFG_KERNEL_DATA	0x11
+#define FW_CFG_INITRD_DATA	0x12
+#define FW_CFG_CMDLINE_SIZE	0x14	/* u32, the terminating NUL included */
+#define FW_CFG_CMDLINE_DATA	0x15
+int fw_cfg_present(void);
+void fw_cfg_init(void);			/* DMA if offered: shares the bounce buffer under SEV */
+void fw_cfg_select(uint16_t key);
+int fw_cfg_read(void *buf, uint32_t len);	/* next bytes of the selected item; -1: error */
+uint64_t fw_cfg_read_int(uint16_t key, uint32_t size);
+int fw_cfg_find_file(const char *name, uint16_t *key, uint32_t *size);
 /* Reads the fw_cfg file `name` into buf (NUL-terminated); returns its length,
  * or -1 if there is no fw_cfg device or no such file. */
 int fw_cfg_read_file(const char *name, char *buf, size_t size);
@@ -202,9 +233,6 @@ void xts_setkey(struct xts_ctx *ctx, const uint8_t key[64]);
 /* One data unit of len bytes (a multiple of 16) in place; tweak = sector. */
 void xts_crypt(const struct xts_ctx *ctx, uint8_t *buf, size_t len, uint64_t sector, int enc);
 
-void hmac_sha256(const void *key, size_t key_len, const void *msg, size_t msg_len,
-		 uint8_t mac[SHA256_DIGEST_SIZE]);	/* TEMPORARY: fw's sha256.c */
-
 /* --- disk.c -------------------------------------------------------------- */
 void workload_disk(const char *word);
 
@@ -228,6 +256,13 @@ void yield_to_host(void);		/* sti; hlt; cli, with the registers cleared */
 void workload_balance(void);
 void workload_flags(void);
 void workload_inbox(void);
+
+/* --- launch.c: measured direct boot, launch secrets ---------------------- */
+int launch_checks(void);		/* 0: the kernel was refused, run nothing */
+const char *kernel_cmdline(void);	/* the verified command line, or "" */
+
+/* --- count.c ------------------------------------------------------------ */
+void workload_count(uint64_t limit);	/* 0: count forever */
 
 /* --- main.c ------------------------------------------------------------- */
 noreturn void main(void);

@@ -48,6 +48,13 @@
 #define SETTING_GPA     0x207000        /* `inbox`: the private setting "role: user" */
 #define INBOX_SHARED_GPA 0x208000       /* `inbox`: page shared with the host, its mailbox */
 #define INBOX_MESSAGE_SIZE 64           /* bytes copied from the mailbox into the buffer */
+/* fw_cfg DMA (fw_cfg.c): under SEV a bounce buffer shared with the hypervisor. */
+#define FW_CFG_DMA_GPA  0x210000        /* the descriptor's page, then the data pages */
+#define FW_CFG_DMA_PAGES 16             /* 64 KiB: 0x210000-0x21FFFF */
+#define COUNT_GPA       0x220000        /* `count`: the counter (private) */
+#define COUNT_STATUS_GPA 0x221000       /* `count`: "count N" for the host (shared) */
+#define CMDLINE_GPA     0x222000        /* the verified kernel command line (private) */
+#define CMDLINE_MAX     PAGE_SIZE       /* bytes kept of it, NUL included */
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
 #define LOADS_GPA       0x340000        /* 256 KiB read at random by `loads` (load_loop()) */
 #define LOADS_BYTES     0x40000
@@ -99,7 +106,8 @@
 #define BI_LAST_VECTOR  0x20    /* u64: vector of the last exception taken */
 #define BI_LAST_ERROR   0x28    /* u64: its error code */
 #define BI_LAST_CR2     0x30    /* u64: CR2 when it was taken */
-#define BI_PT_POOL_USED 0x38    /* u64: page tables taken from PT_POOL_GPA */
+#define BI_FW_CFG_DMA   0x38    /* u32: 1 once fw_cfg.c reads by DMA */
+#define BI_PT_POOL_USED 0x3C    /* u32: page tables taken from PT_POOL_GPA */
 #define BOOT_INFO_SIZE  0x40
 
 /* --- Architectural bits (names as in the AMD64 APM). -------------------- */
@@ -148,7 +156,8 @@ struct boot_info {
 	uint64_t last_vector;
 	uint64_t last_error;
 	uint64_t last_cr2;
-	uint64_t pt_pool_used;
+	uint32_t fw_cfg_dma;
+	uint32_t pt_pool_used;
 };
 
 _Static_assert(__builtin_offsetof(struct boot_info, sev_status) == BI_SEV_STATUS, "layout");
@@ -159,7 +168,8 @@ _Static_assert(__builtin_offsetof(struct boot_info, resume_rip) == BI_RESUME_RIP
 _Static_assert(__builtin_offsetof(struct boot_info, last_vector) == BI_LAST_VECTOR, "layout");
 _Static_assert(__builtin_offsetof(struct boot_info, last_error) == BI_LAST_ERROR, "layout");
 _Static_assert(__builtin_offsetof(struct boot_info, last_cr2) == BI_LAST_CR2, "layout");
-_Static_assert(__builtin_offsetof(struct boot_info, pt_pool_used) == BI_PT_POOL_USED, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, fw_cfg_dma) == BI_FW_CFG_DMA, "layout");
+#define BI_PT_POOL_USED 0x3C    /* u32: page tables taken from PT_POOL_GPA */
 _Static_assert(sizeof(struct boot_info) <= BOOT_INFO_SIZE, "layout");
 
 /* The firmware runs from flash, so it has no writable globals: its state lives

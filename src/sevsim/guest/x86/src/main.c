@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * main.c - the C part: report SEV, then run the workloads named in the
- * fw_cfg file opt/sevsim/workload (default: "secret"), in order.
+ * main.c - the C part: report SEV, set up fw_cfg, do the launch checks
+ * (launch.c), then run the workloads named in the fw_cfg file
+ * opt/sevsim/workload (default: "secret"), in order.
  */
 #include "guest.h"
 
@@ -227,6 +228,12 @@ static void run_workload(const char *w)
 		say("mem %lx", mem_loop(MEM_LOOP_GPA, MEM_LOOP_BYTES, n));
 	} else if (starts_with(w, "loads:") && parse_u64(w + 6, &n)) {
 		say("loads %lx", workload_loads(n));
+	} else if (streq(w, "count")) {
+		workload_count(0);
+	} else if (starts_with(w, "count:") && parse_u64(w + 6, &n) && n) {
+		workload_count(n);
+	} else if (streq(w, "hmac-selftest")) {
+		hmac_sha256_rfc4231();
 	} else {
 		say("unknown workload %s", w);
 	}
@@ -251,6 +258,16 @@ noreturn void main(void)
 		say("SEV not active");
 
 	say(sha256_self_test() ? "sha256 self-test ok" : "sha256 self-test failed");
+
+	fw_cfg_init();
+	uint64_t ram = fw_cfg_present() ? fw_cfg_read_int(FW_CFG_RAM_SIZE, 8) : 0;
+	if (ram && ram < MIN_RAM) {
+		say("%lu MiB of RAM: the guest needs at least %u MiB", ram >> 20, MIN_RAM >> 20);
+		halt_forever();
+	}
+	/* A refused kernel: nothing may run. */
+	if (!launch_checks())
+		halt_forever();
 
 	if (fw_cfg_read_file(WORKLOAD_FILE, list, sizeof(list)) < 0)
 		memcpy(list, "secret", sizeof("secret"));

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * sha256.c - SHA-256 as specified in FIPS 180-4 (same as 180-2 for SHA-256),
- * written for reading rather than speed.
+ * and HMAC-SHA256 on top of it, written for reading rather than speed.
  */
 #include "guest.h"
 
@@ -61,39 +61,109 @@ static void sha256_block(uint32_t h[8], const uint8_t *p)
 	h[4] += e; h[5] += f; h[6] += g; h[7] += k;
 }
 
-void sha256(const void *data, size_t len, uint8_t digest[SHA256_DIGEST_SIZE])
+void sha256_init(struct sha256_ctx *ctx)
 {
 	/* Initial hash value: the fractional parts of the square roots of the
 	 * first 8 primes (FIPS 180-4, 5.3.3). */
-	uint32_t h[8] = {
+	static const uint32_t h0[8] = {
 		0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
 		0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
 	};
-	const uint8_t *p = data;
-	size_t left = len;
-	uint8_t last[128];
 
-	for (; left >= 64; left -= 64, p += 64)
-		sha256_block(h, p);
+	memcpy(ctx->h, h0, sizeof(h0));
+	ctx->len = 0;
+}
+
+/* More message: whole blocks go through at once, the rest waits in ctx->buf. */
+void sha256_update(struct sha256_ctx *ctx, const void *data, size_t len)
+{
+	const uint8_t *p = data;
+	size_t fill = ctx->len % SHA256_BLOCK_SIZE;
+
+	ctx->len += len;
+	if (fill) {
+		size_t n = SHA256_BLOCK_SIZE - fill < len ? SHA256_BLOCK_SIZE - fill : len;
+		memcpy(ctx->buf + fill, p, n);
+		p += n;
+		len -= n;
+		if (fill + n < SHA256_BLOCK_SIZE)
+			return;
+		sha256_block(ctx->h, ctx->buf);
+	}
+	for (; len >= SHA256_BLOCK_SIZE; len -= SHA256_BLOCK_SIZE, p += SHA256_BLOCK_SIZE)
+		sha256_block(ctx->h, p);
+	memcpy(ctx->buf, p, len);
+}
+
+void sha256_final(struct sha256_ctx *ctx, uint8_t digest[SHA256_DIGEST_SIZE])
+{
+	size_t left = ctx->len % SHA256_BLOCK_SIZE;
+	uint64_t bits = ctx->len * 8;
+	uint8_t last[2 * SHA256_BLOCK_SIZE];
 
 	/* Padding (5.1.1): the rest, a 1 bit, zeros, and the length in bits as
 	 * a big-endian 64-bit number, filling one or two final blocks. */
-	size_t n = left < 56 ? 64 : 128;
+	size_t n = left < 56 ? SHA256_BLOCK_SIZE : 2 * SHA256_BLOCK_SIZE;
 	memset(last, 0, sizeof(last));
-	memcpy(last, p, left);
+	memcpy(last, ctx->buf, left);
 	last[left] = 0x80;
-	uint64_t bits = (uint64_t)len * 8;
 	for (int i = 0; i < 8; i++)
 		last[n - 1 - i] = (uint8_t)(bits >> (8 * i));
-	for (size_t off = 0; off < n; off += 64)
-		sha256_block(h, last + off);
+	for (size_t off = 0; off < n; off += SHA256_BLOCK_SIZE)
+		sha256_block(ctx->h, last + off);
 
 	for (int i = 0; i < 8; i++) {
-		digest[4 * i] = (uint8_t)(h[i] >> 24);
-		digest[4 * i + 1] = (uint8_t)(h[i] >> 16);
-		digest[4 * i + 2] = (uint8_t)(h[i] >> 8);
-		digest[4 * i + 3] = (uint8_t)h[i];
+		digest[4 * i] = (uint8_t)(ctx->h[i] >> 24);
+		digest[4 * i + 1] = (uint8_t)(ctx->h[i] >> 16);
+		digest[4 * i + 2] = (uint8_t)(ctx->h[i] >> 8);
+		digest[4 * i + 3] = (uint8_t)ctx->h[i];
 	}
+	memset(ctx, 0, sizeof(*ctx));	/* it may have held a key (HMAC) */
+}
+
+void sha256(const void *data, size_t len, uint8_t digest[SHA256_DIGEST_SIZE])
+{
+	struct sha256_ctx ctx;
+
+	sha256_init(&ctx);
+	sha256_update(&ctx, data, len);
+	sha256_final(&ctx, digest);
+}
+
+/*
+ * HMAC-SHA256 (RFC 2104, FIPS 198-1):
+ *   H((K ^ opad) | H((K ^ ipad) | message)),  ipad = 0x36.., opad = 0x5c..
+ * with K the key zero-padded to one block, or first hashed if it is longer.
+ */
+void hmac_sha256(const void *key, size_t key_len, const void *msg, size_t msg_len,
+		 uint8_t mac[SHA256_DIGEST_SIZE])
+{
+	uint8_t k[SHA256_BLOCK_SIZE], pad[SHA256_BLOCK_SIZE], inner[SHA256_DIGEST_SIZE];
+	struct sha256_ctx ctx;
+
+	memset(k, 0, sizeof(k));
+	if (key_len > SHA256_BLOCK_SIZE)
+		sha256(key, key_len, k);
+	else
+		memcpy(k, key, key_len);
+
+	for (int i = 0; i < SHA256_BLOCK_SIZE; i++)
+		pad[i] = k[i] ^ 0x36;
+	sha256_init(&ctx);
+	sha256_update(&ctx, pad, sizeof(pad));
+	sha256_update(&ctx, msg, msg_len);
+	sha256_final(&ctx, inner);
+
+	for (int i = 0; i < SHA256_BLOCK_SIZE; i++)
+		pad[i] = k[i] ^ 0x5c;
+	sha256_init(&ctx);
+	sha256_update(&ctx, pad, sizeof(pad));
+	sha256_update(&ctx, inner, sizeof(inner));
+	sha256_final(&ctx, mac);
+
+	/* The key stays in private memory: still, leave no copy on the stack. */
+	memset(k, 0, sizeof(k));
+	memset(pad, 0, sizeof(pad));
 }
 
 /* The "abc" example of FIPS 180-2, appendix B.1. Returns 1 if it matches. */
@@ -108,4 +178,42 @@ int sha256_self_test(void)
 
 	sha256("abc", 3, digest);
 	return memcmp(digest, expected, sizeof(digest)) == 0;
+}
+
+static void hmac_case(unsigned int n, const void *key, size_t key_len, const void *msg,
+		      size_t msg_len)
+{
+	uint8_t mac[SHA256_DIGEST_SIZE];
+	char hex[2 * SHA256_DIGEST_SIZE + 1];
+
+	hmac_sha256(key, key_len, msg, msg_len, mac);
+	hex_string(hex, mac, sizeof(mac));
+	say("hmac-sha256 rfc4231 case %u %s", n, hex);
+}
+
+/*
+ * The `hmac-selftest` workload: HMAC-SHA256 of the inputs of RFC 4231's test
+ * cases 1-4, 6 and 7 (5 truncates its output), printed so that a test can
+ * compare them with the RFC. 6 and 7 have keys longer than a block.
+ */
+void hmac_sha256_rfc4231(void)
+{
+	uint8_t key[131], data[50];
+
+	memset(key, 0x0b, 20);
+	hmac_case(1, key, 20, "Hi There", 8);
+	hmac_case(2, "Jefe", 4, "what do ya want for nothing?", 28);
+	memset(key, 0xaa, 20);
+	memset(data, 0xdd, 50);
+	hmac_case(3, key, 20, data, 50);
+	for (int i = 0; i < 25; i++)
+		key[i] = (uint8_t)(i + 1);
+	memset(data, 0xcd, 50);
+	hmac_case(4, key, 25, data, 50);
+	memset(key, 0xaa, 131);
+	hmac_case(6, key, 131, "Test Using Larger Than Block-Size Key - Hash Key First", 54);
+	hmac_case(7, key, 131,
+		  "This is a test using a larger than block-size key and a larger than "
+		  "block-size data. The key needs to be hashed before being used by the "
+		  "HMAC algorithm.", 152);
 }

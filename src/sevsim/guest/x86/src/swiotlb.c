@@ -22,7 +22,7 @@
  *
  * Its size is Linux's for an SEV guest (mem_encrypt_setup_arch): 6% of RAM,
  * at least 64 MiB (IO_TLB_DEFAULT_SIZE) and at most 1 GiB, or swiotlb=<slots>
- * on the kernel command line. Linux allocates it from low memory and halves
+ * on the kernel command line (launch.c keeps the verified one). Linux allocates it from low memory and halves
  * it while the allocation fails, down to 1 MiB (IO_TLB_MIN_SLABS); here it
  * sits at the top of the RAM below 4 GiB, 2 MiB-aligned so that making it
  * shared keeps the large pages whole, and it is halved while it does not fit
@@ -40,11 +40,6 @@
  * only the first 3 GiB are there (hw/i386/pc_piix.c). */
 #define PC_LOWMEM_LIMIT		0xE0000000ULL
 #define PC_LOWMEM		0xC0000000ULL
-
-#define FW_CFG_RAM_SIZE		0x03
-#define FW_CFG_CMDLINE_SIZE	0x14
-#define FW_CFG_CMDLINE_DATA	0x15
-#define CMDLINE_MAX		512
 
 /* Linux's struct io_tlb_mem, in private memory. */
 struct io_tlb_mem {
@@ -72,30 +67,10 @@ void memcpy_fast(void *dst, const void *src, size_t n)
 	__asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(bytes) : : "memory");
 }
 
-/* The first n bytes of fw_cfg item key (traditional interface: selector to
- * port 0x510, bytes from port 0x511; fw_cfg.c reads named files this way). */
-static void fw_cfg_read_item(uint16_t key, void *buf, size_t n)
-{
-	uint8_t *p = buf;
-
-	outw(0x510, key);
-	while (n--)
-		*p++ = inb(0x511);
-}
-
-/* "swiotlb=<slots>[,force]" from the kernel command line, or 0. */
+/* "swiotlb=<slots>[,force]" on the (verified) kernel command line, or 0. */
 static uint64_t swiotlb_option(void)
 {
-	char cmdline[CMDLINE_MAX];
-	uint32_t len = 0;
-
-	fw_cfg_read_item(FW_CFG_CMDLINE_SIZE, &len, sizeof(len));
-	if (len == 0)
-		return 0;
-	if (len > sizeof(cmdline) - 1)
-		len = sizeof(cmdline) - 1;
-	fw_cfg_read_item(FW_CFG_CMDLINE_DATA, cmdline, len);
-	cmdline[len] = '\0';
+	const char *cmdline = kernel_cmdline();
 
 	for (const char *p = cmdline; *p; p++) {
 		if ((p != cmdline && p[-1] != ' ') || memcmp(p, "swiotlb=", 8) != 0)
@@ -123,13 +98,13 @@ static void phys_string(char out[19], uint64_t addr)
 int swiotlb_init(void)
 {
 	volatile struct io_tlb_mem *mem = IO_TLB;
-	uint64_t ram = 0, lowmem, nslabs, bytes, start;
+	uint64_t ram, lowmem, nslabs, bytes, start;
 	char first[19], last[19];
 
 	if (mem->magic == SWIOTLB_MAGIC)
 		return 1;
 
-	fw_cfg_read_item(FW_CFG_RAM_SIZE, &ram, sizeof(ram));
+	ram = fw_cfg_read_int(FW_CFG_RAM_SIZE, 8);
 	lowmem = ram > PC_LOWMEM_LIMIT ? PC_LOWMEM : ram;
 
 	nslabs = swiotlb_option();

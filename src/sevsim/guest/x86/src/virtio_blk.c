@@ -164,11 +164,6 @@ _Static_assert(0x100 + sizeof(struct virtio_blk) <= PAGE_SIZE, "state page");
  * order by itself: Linux's virt_wmb() is a compiler barrier here too). */
 #define barrier()	__asm__ volatile("" : : : "memory")
 
-static inline void outl(uint16_t port, uint32_t v)
-{
-	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
-}
-
 static inline uint32_t inl(uint16_t port)
 {
 	uint32_t v;
