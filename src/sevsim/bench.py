@@ -488,7 +488,7 @@ def _console_phase(vmm: Any, start: str, end: str, timeout: float) -> float:
             t = time.perf_counter()
         if t is not None and end in text:
             return time.perf_counter() - t
-        if vmm.guest_died() is not None or (vmm.wait_idle(0) and start not in text):
+        if vmm.guest_died is not None or (vmm.wait_idle(0) and start not in text):
             break
         time.sleep(0.001)
     raise RuntimeError(f"the bounce-I/O guest did not finish: {vmm.console_text()[-300:]}")
