@@ -1,12 +1,14 @@
 """Devices and SEV guests: the guest's bounce pool, its virtio disk on a real file, disk
-encryption with a key from the launch secret, and DMA aimed at private memory."""
+encryption with a key from the launch secret, and DMA aimed at private memory. The guest is
+the real-code image (src/sevsim/guest/x86: swiotlb.c, virtio_blk.c, xts.c, disk.c)."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import random
+import re
+import uuid
 
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac
@@ -15,7 +17,6 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sevsim.api import guidtable
 from sevsim.api import virtio as v
 from sevsim.certs.sev import SevCert
-from sevsim.guest import disk as guest_disk
 from sevsim.guest import kernel as gk
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.virtio_blk import DiskError, create_image
@@ -28,6 +29,10 @@ from sevsim.system import HostSystem
 
 FIRMWARE = x86_guest.image()
 MiB = 1 << 20
+DISK_KEY_GUID = uuid.UUID("5e4f6a3c-9b1d-4c2e-8f7a-0d3b2c1e4a5f")  # docs/devices.md
+POOL_LINE = re.compile(
+    r"software IO TLB: mapped \[mem (0x[0-9a-f]{16})-(0x[0-9a-f]{16})\] \((\d+)MB\)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def host(tmp_path_factory):
 
 
 def expected_data(size: int, seed: int) -> bytes:
-    """The workload's data, from its documented recipe (guest/disk.py)."""
+    """The workload's data, from its documented recipe (disk.c, docs/devices.md)."""
     line = f"sevsim guest disk, seed {seed}: written by the guest through its bounce buffers\n"
     return line.encode().ljust(512, b"\0") + random.Random(seed).randbytes(size - 512)
 
@@ -55,7 +60,7 @@ def boot(
     append: str | None = None,
     **changes,
 ):
-    """Launch the firmware guest with a disk and a workload; returns (vmm, report, disk)."""
+    """Launch the real-code guest with a disk and a workload; returns (vmm, console, disk)."""
     fw = tmp_path / "fw.fd"
     fw.write_bytes(FIRMWARE)
     image = tmp_path / "disk.img"
@@ -83,68 +88,72 @@ def boot(
     vmm = Vmm(host, cfg)
     vmm.start()
     if key is not None:
-        table = guidtable.secrets_table([(guest_disk.DISK_KEY_GUID, key)])
+        table = guidtable.secrets_table([(DISK_KEY_GUID, key)])
         header, payload = secret.build_packet(owner.tek, owner.tik, vmm.measurement[:32], table)
         vmm.inject_secret(
             base64.b64encode(header).decode(), base64.b64encode(payload).decode(), None
         )
     vmm.cont()
-    assert vmm.wait_idle(120), vmm.console_text()
-    report = host.machine.observe_guest(vmm.vm.vcpus[0].vmcb_addr)
-    return vmm, report, image
+    assert vmm.wait_idle(300), vmm.console_text()
+    console = vmm.console_text()
+    assert "sevsim-guest: done" in console, console
+    return vmm, console, image
 
 
 def test_a_16_mib_file_round_trips_through_the_bounce_pool(host, tmp_path):
-    vmm, report, image = boot(host, tmp_path, "disk:16:7")
-    d = report.disk
-    assert d["ok"] and d["match"], vmm.console_text()
+    vmm, log, image = boot(host, tmp_path, "disk:16:7")
+    assert "disk: read 16 MiB back, matches what was written" in log, log
     want = expected_data(16 * MiB, 7)
-    assert d["sha256"] == hashlib.sha256(want).hexdigest()
     # I/O is outside SEV's protection: the file holds exactly what the guest wrote.
     content = image.read_bytes()
     assert content[: 16 * MiB] == want
     assert content[16 * MiB :] == bytes(16 * MiB)  # and nothing else
-    # The Linux pool size for 192 MiB: 6 % is below the 64 MiB floor.
-    assert d["swiotlb"]["size"] == 64 * MiB
-    log = vmm.console_text()
-    assert "software IO TLB: mapped" in log and "(64MB)" in log
-    assert "[vda] 65536 512-byte logical blocks" in log
+    # The Linux pool size for 192 MiB: 6 % is below the 64 MiB floor; 2 MiB-aligned.
+    first, last, mb = POOL_LINE.search(log).groups()
+    pool, end = int(first, 16), int(last, 16) + 1
+    assert mb == "64" and end - pool == 64 * MiB and pool % (2 * MiB) == 0
+    assert end <= 192 * MiB
+    assert "[vda] 65536 512-byte logical blocks (33.6 MB/32.0 MiB)" in log
     assert vmm.disk.stats.bytes_written == vmm.disk.stats.bytes_read == 16 * MiB
-    # Every buffer the device was given lay in the shared pool: after the run the pool's
-    # plaintext (host view) holds the last chunk the guest read back.
-    pool = d["swiotlb"]["gpa"]
-    assert vmm.vm.shared_ranges and any(
-        gpa <= pool < gpa + n * 4096 for gpa, n in vmm.vm.shared_ranges
-    )
+    # The guest told the hypervisor (KVM_HC_MAP_GPA_RANGE) that the pool and the
+    # virtqueue's rings at 0x230000 are shared.
+    assert (pool, 64 * MiB // 4096) in vmm.vm.shared_ranges
+    assert (0x230000, 2) in vmm.vm.shared_ranges
+    # Every buffer the device was given lay in the shared pool: the host reads the last
+    # chunk the guest read back there in the clear, and its private buffer as ciphertext.
+    pool_view = vmm.vm.read_stream(pool, 64 * MiB)
+    assert want[-4096:] in pool_view
+    private = vmm.vm.read(x86_guest.symbols()["DISK_BUFFER_GPA"], 4096)
+    assert private not in want
     vmm.quit()
 
 
 def test_a_guest_that_encrypts_its_disk_leaves_only_ciphertext(host, tmp_path):
     key = bytes(range(64))
-    vmm, report, image = boot(host, tmp_path, "disk:2:9", key=key)
-    d = report.disk
-    assert d["ok"] and d["encrypted"], vmm.console_text()
+    vmm, log, image = boot(host, tmp_path, "disk:2:9", key=key)
+    assert "disk: wrote 2 MiB to vda (AES-XTS encrypted)" in log, log
+    assert "disk: read 2 MiB back, matches what was written" in log
     want = expected_data(2 * MiB, 9)
     content = image.read_bytes()[: 2 * MiB]
     assert b"sevsim guest disk" not in content
     # The file is AES-XTS of the data, block by block, computed here independently.
-    for block in (0, 1, 255):
+    for block in (0, 1, 255, 511):
         tweak = (block * 8).to_bytes(16, "little")
         enc = Cipher(algorithms.AES(key), modes.XTS(tweak)).encryptor()
         plain = want[block * 4096 : (block + 1) * 4096]
         assert content[block * 4096 : (block + 1) * 4096] == enc.update(plain) + enc.finalize()
-    assert key.hex() not in vmm.console_text()
+    assert key.hex() not in log
     vmm.quit()
 
 
 def test_integrity_tags_round_trip_when_nobody_tampers(host, tmp_path):
     key = bytes(range(64, 128))
-    vmm, report, image = boot(host, tmp_path, "disk:1:5:auth", key=key)
-    d = report.disk
-    assert d["ok"] and d["authenticated"] and d["bad_blocks"] == [], vmm.console_text()
+    vmm, log, image = boot(host, tmp_path, "disk:1:5:auth", key=key)
+    assert "AES-XTS encrypted, with integrity tags" in log, log
+    assert "disk: read 1 MiB back, matches what was written" in log
     # The tag area follows the data: HMAC-SHA256 over (block number, block as written).
     content = image.read_bytes()
-    derive = hmac.HMAC(key, hashes.SHA256())  # the documented derivation (guest/disk.py)
+    derive = hmac.HMAC(key, hashes.SHA256())  # the documented derivation (disk.c)
     derive.update(b"sevsim disk integrity")
     mac_key = derive.finalize()
     for block in (0, 255):
@@ -157,21 +166,31 @@ def test_integrity_tags_round_trip_when_nobody_tampers(host, tmp_path):
 
 def test_an_exhausted_pool_fails_the_io_cleanly(host, tmp_path):
     # One 256 KiB segment: the header takes a slot, so a full-size data buffer never fits.
-    vmm, report, image = boot(host, tmp_path, "disk:1:3", append="swiotlb=128")
-    d = report.disk
-    assert not d["ok"]
-    assert "swiotlb buffer is full (sz: 262144 bytes), total 128 (slots)" in d["error"]
-    assert "swiotlb buffer is full" in vmm.console_text()
+    vmm, log, image = boot(host, tmp_path, "disk:1:3", append="swiotlb=128")
+    first, last, mb = POOL_LINE.search(log).groups()  # 256 KiB, printed as Linux does
+    assert int(last, 16) + 1 - int(first, 16) == 256 << 10 and mb == "0"
+    want = "virtio_blk: I/O error: swiotlb buffer is full (sz: 262144 bytes), total 128 (slots)"
+    assert want in log, log
+    assert "disk: writing vda failed" in log
     assert image.read_bytes() == bytes(32 * MiB)  # nothing half-written
     assert vmm.disk.stats.writes == 0
     vmm.quit()
 
 
 def test_an_sev_guest_refuses_a_device_without_access_platform(host, tmp_path):
-    vmm, report, _ = boot(host, tmp_path, "disk:1", disk_access_platform=False)
-    assert "device must provide VIRTIO_F_ACCESS_PLATFORM" in vmm.console_text()
-    assert not report.disk["ok"]
+    vmm, log, image = boot(host, tmp_path, "disk:1", disk_access_platform=False)
+    assert "virtio_blk: device must provide VIRTIO_F_ACCESS_PLATFORM" in log
+    assert "disk: writing" not in log
     assert vmm.disk.status & v.S_FAILED
+    assert image.read_bytes() == bytes(32 * MiB)
+    vmm.quit()
+
+
+def test_a_bad_disk_word_or_a_bad_key_is_one_console_line(host, tmp_path):
+    vmm, log, _ = boot(host, tmp_path, "disk:x disk:1:2:auth", key=bytes(32))
+    assert "disk: expected disk:<MiB>[:<seed>[:write|:auth]], not disk:x" in log
+    assert "disk: the disk key must be 64 bytes (AES-256-XTS), not 32" in log
+    assert vmm.disk.stats.writes == 0
     vmm.quit()
 
 

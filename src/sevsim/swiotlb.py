@@ -1,5 +1,6 @@
 """SWIOTLB: bounce buffers for DMA that cannot reach a buffer where it is (Linux
-kernel/dma/swiotlb.c), shared by the host kernel and the guest kernel.
+kernel/dma/swiotlb.c), for the host kernel under SME (``sevsim.host.dma``). An SEV guest's
+pool is the real-code guest's own (``guest/x86/src/swiotlb.c``).
 
 The pool is a physically contiguous range cut into 2 KiB slots (IO_TLB_SHIFT 11), grouped
 in segments of 128 slots (IO_TLB_SEGSIZE) that no mapping crosses — so no mapping is

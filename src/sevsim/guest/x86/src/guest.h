@@ -186,7 +186,57 @@ int sev_active(void);
 volatile uint64_t *split_large_page(uint64_t gpa);
 int enc_cache_flush_required(void);
 void clflush_page(uint64_t va);
+void set_memory_decrypted(uint64_t addr, uint64_t numpages);
+void set_memory_encrypted(uint64_t addr, uint64_t numpages);
+/* Both of the above, the cache flush first only if flush. */
+void __set_memory_enc_pgtable(uint64_t addr, uint64_t numpages, int enc, int flush);
 void set_page_decrypted(uint64_t gpa, int flush);
+
+/* --- swiotlb.c: bounce buffers in shared memory ------------------------- */
+#define IO_TLB_SHIFT	11
+#define IO_TLB_SIZE	(1 << IO_TLB_SHIFT)	/* a 2 KiB slot */
+#define IO_TLB_SEGSIZE	128			/* slots no mapping crosses */
+#define IO_TLB_MAX_MAPPING (IO_TLB_SIZE * IO_TLB_SEGSIZE)	/* 256 KiB */
+enum dma_data_direction { DMA_BIDIRECTIONAL = 0, DMA_TO_DEVICE = 1, DMA_FROM_DEVICE = 2 };
+/* Sets the pool up, once; 0 (and says why) if it cannot. */
+int swiotlb_init(void);
+/* The bus address of pool slots holding a copy of size bytes at orig, or 0
+ * if the pool has no room for them now. */
+uint64_t swiotlb_map(uint64_t orig, uint64_t size, enum dma_data_direction dir);
+/* Copies back what the device may have written (dir), frees the slots. */
+void swiotlb_unmap(uint64_t tlb_addr, uint64_t orig, uint64_t size, enum dma_data_direction dir);
+/* Says why the last swiotlb_map() failed, as Linux words it, after prefix. */
+void swiotlb_report_full(const char *prefix);
+void memcpy_fast(void *dst, const void *src, size_t n);
+
+/* --- virtio_blk.c: the virtio block driver ------------------------------ */
+int virtblk_probe(void);			/* 1 if a usable device is there */
+/* n bytes (a multiple of 512) between the disk at sector and buf; 1 if ok. */
+int virtblk_write(uint64_t sector, uint64_t buf, uint64_t n);
+int virtblk_read(uint64_t sector, uint64_t buf, uint64_t n);
+uint64_t virtblk_capacity(void);		/* in 512-byte sectors */
+uint64_t virtblk_requests(void);
+uint64_t virtblk_notifies(void);
+
+/* --- aesni.S, xts.c: AES-256-XTS with AES-NI --------------------------- */
+#define AES256_ROUND_KEYS 15
+int aesni_supported(void);			/* CPUID.01H:ECX.AES */
+void sse_enable(void);				/* CR0.EM = 0, CR4.OSFXSR = 1 */
+void aesni_expand_key256(const uint8_t key[32], uint8_t enc[AES256_ROUND_KEYS * 16],
+			 uint8_t dec[AES256_ROUND_KEYS * 16]);
+void aesni_encrypt(const uint8_t *round_keys, uint8_t block[16]);
+void aesni_decrypt(const uint8_t *round_keys, uint8_t block[16]);
+struct xts_ctx {
+	uint8_t enc1[AES256_ROUND_KEYS * 16];	/* data key, encryption schedule */
+	uint8_t dec1[AES256_ROUND_KEYS * 16];	/* data key, decryption schedule */
+	uint8_t enc2[AES256_ROUND_KEYS * 16];	/* tweak key (only ever encrypts) */
+};
+void xts_setkey(struct xts_ctx *ctx, const uint8_t key[64]);
+/* One data unit of len bytes (a multiple of 16) in place; tweak = sector. */
+void xts_crypt(const struct xts_ctx *ctx, uint8_t *buf, size_t len, uint64_t sector, int enc);
+
+/* --- disk.c -------------------------------------------------------------- */
+void workload_disk(const char *word);
 
 /* --- exceptions.c ------------------------------------------------------- */
 struct trap_frame {			/* as built by entry64.S */

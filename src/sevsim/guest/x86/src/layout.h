@@ -86,6 +86,22 @@
 #define QEMU_HASH_TABLE_GPA    0x810C00 /* OVMF: PcdQemuHashTableBase */
 #define QEMU_HASH_TABLE_SIZE   0x400
 
+/* Guest I/O (mem_encrypt.c, swiotlb.c, virtio_blk.c, disk.c): README.md, "Disk I/O". */
+#define PT_POOL_GPA     0x20000         /* page tables for splitting 2 MiB pages, */
+#define PT_POOL_PAGES   32              /* 0x20000-0x3FFFF (SPLIT_PT_GPA stays 0x200000's) */
+#define VIRTQ_GPA       0x230000        /* the virtqueue's rings, shared: 0x230000-0x23FFFF */
+#define VIRTQ_BYTES     0x10000
+#define IO_STATE_GPA    0x1800000       /* private: swiotlb's and the driver's state (a page) */
+#define IO_TLB_SLOTS_GPA 0x1801000      /* private: one byte per pool slot, up to 512 KiB */
+#define BLK_REQ_GPA     0x1881000       /* private: request headers and status bytes */
+#define DISK_STATE_GPA  0x1882000       /* private: the disk workload's state (8 KiB) */
+#define DISK_TAGS_GPA   0x1900000       /* private: integrity tags, 1 MiB */
+#define DISK_TAGS_BYTES 0x100000
+#define DISK_BUFFER_GPA 0x1A00000       /* private: the data going to / coming from the disk */
+#define DISK_EXPECT_GPA 0x1E00000       /* private: what the read-back should hold */
+#define DISK_CHUNK      0x400000        /* each of the two buffers: 4 MiB */
+#define IO_AREA_END     0x2200000       /* the swiotlb pool goes above this */
+
 #define PAGE_SIZE       0x1000
 #define LARGE_PAGE_SIZE 0x200000        /* a PDE with PTE_PS */
 #define CACHE_LINE_SIZE 64              /* what CLFLUSH works on (CPUID 1 EBX[15:8] * 8) */
@@ -107,6 +123,7 @@
 #define BI_LAST_ERROR   0x28    /* u64: its error code */
 #define BI_LAST_CR2     0x30    /* u64: CR2 when it was taken */
 #define BI_FW_CFG_DMA   0x38    /* u32: 1 once fw_cfg.c reads by DMA */
+#define BI_PT_POOL_USED 0x3C    /* u32: page tables taken from PT_POOL_GPA */
 #define BOOT_INFO_SIZE  0x40
 
 /* --- Architectural bits (names as in the AMD64 APM). -------------------- */
@@ -116,6 +133,10 @@
 #define CR0_CD          (1 << 30)       /* cache disable */
 #define CR0_PG          (1 << 31)       /* paging */
 #define CR4_PAE         (1 << 5)        /* physical-address extension */
+#define CR0_MP          (1 << 1)        /* monitor coprocessor */
+#define CR0_EM          (1 << 2)        /* emulation: x87/SSE instructions raise #UD/#NM */
+#define CR4_OSFXSR      (1 << 9)        /* the OS saves SSE state: SSE instructions allowed */
+#define CR4_OSXMMEXCPT  (1 << 10)       /* the OS handles #XM */
 
 #define MSR_EFER        0xC0000080
 #define EFER_LME        (1 << 8)        /* long mode enable */
@@ -134,6 +155,8 @@
 #define PTE_PS          (1 << 7)        /* page size: a 2 MiB page in a PDE */
 
 #define KVM_HC_MAP_GPA_RANGE 12         /* include/uapi/linux/kvm_para.h */
+#define KVM_MAP_GPA_RANGE_ENCRYPTED (1 << 4)    /* attrs: private; 0 = shared */
+#define KVM_MAP_GPA_RANGE_PAGE_SZ_4K 0          /* attrs: in 4 KiB pages */
 
 #define PIC1_DATA       0x21            /* 8259 master: interrupt mask register (OCW1) */
 #define PIC2_DATA       0xA1            /* 8259 slave: interrupt mask register (OCW1) */
@@ -178,6 +201,7 @@ struct boot_info {
 	uint64_t last_error;
 	uint64_t last_cr2;
 	uint32_t fw_cfg_dma;
+	uint32_t pt_pool_used;
 };
 
 _Static_assert(__builtin_offsetof(struct boot_info, sev_status) == BI_SEV_STATUS, "layout");
@@ -189,6 +213,7 @@ _Static_assert(__builtin_offsetof(struct boot_info, last_vector) == BI_LAST_VECT
 _Static_assert(__builtin_offsetof(struct boot_info, last_error) == BI_LAST_ERROR, "layout");
 _Static_assert(__builtin_offsetof(struct boot_info, last_cr2) == BI_LAST_CR2, "layout");
 _Static_assert(__builtin_offsetof(struct boot_info, fw_cfg_dma) == BI_FW_CFG_DMA, "layout");
+#define BI_PT_POOL_USED 0x3C    /* u32: page tables taken from PT_POOL_GPA */
 _Static_assert(sizeof(struct boot_info) <= BOOT_INFO_SIZE, "layout");
 
 struct ap_mailbox {

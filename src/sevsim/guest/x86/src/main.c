@@ -291,6 +291,8 @@ static void run_workload(char *w)
 		/* Never exits to the hypervisor: only a timer can take the CPU back. */
 		for (;;)
 			__asm__ volatile("1: jmp 1b");
+	} else if (starts_with(w, "disk:")) {
+		workload_disk(w);
 	} else if (starts_with(w, "alu:") && parse_u64(w + 4, &n)) {
 		say("alu %lx", alu_loop(n));
 	} else if (starts_with(w, "mem:") && parse_u64(w + 4, &n)) {
