@@ -33,7 +33,7 @@ def test_host_read_gets_ciphertext_and_debug_only_with_the_owners_consent():
         assert not case["mapping_reads_plaintext"] and not case["raw_reads_plaintext"]
     # DBG_DECRYPT works when the policy allows it ...
     assert debuggable["dbg_decrypt"] == "SUCCESS" and debuggable["secret_recovered"]
-    assert any("DBG_DECRYPT → SUCCESS: b'sevsim secret:" in s for s in r.steps)
+    assert any("DBG_DECRYPT → SUCCESS: b'sevsim secret:' + " in s for s in r.steps)
     # ... and NODBG is the mitigation.
     assert nodbg["dbg_decrypt"] == "POLICY_FAILURE" and not nodbg["secret_recovered"]
     assert not r.succeeded

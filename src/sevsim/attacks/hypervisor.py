@@ -67,7 +67,9 @@ def host_read(profile: MachineProfile, r: AttackResult) -> None:
                 status = "SUCCESS"
             except KvmError as exc:
                 plain, status = b"", exc.status.name if exc.status else str(exc)
-            r.step(f"{name}: DBG_DECRYPT → {status}" + (f": {plain!r}" if plain else ""))
+            marker, rest = plain[: len(SECRET_MARKER)], plain[len(SECRET_MARKER) :]
+            shown = f": {marker!r} + {rest.hex()}" if plain else ""
+            r.step(f"{name}: DBG_DECRYPT → {status}{shown}")
             r.figures[name] = {
                 "policy": policy,
                 "mapping_reads_plaintext": is_secret(mapped, digest),
