@@ -146,7 +146,7 @@ class World:
         sev.pek_csr()
         sev.pdh_cert_export()
         sev.get_id2()
-        self.export = self.system.export_chain(full=True)
+        self.system.export_chain()  # its commands for the corpus (the AMD root is not needed)
 
     def _sentinel_fingerprint(self) -> tuple:
         g = self.psp.guest(self.sentinel.handle)
