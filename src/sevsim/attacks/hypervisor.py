@@ -434,13 +434,13 @@ CODE64_ATTRIB, DATA_ATTRIB = 0xA9B, 0xC93  # VMCB segment attributes: 64-bit cod
 def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
     from sevsim.soc.x86.decode import decode, disassemble
 
-    image, sym = x86_guest.image(), x86_guest.symbols()
+    image = x86_guest.image()
     base = (1 << 32) - len(image)
     # The attacker reads the public firmware: the first 8-byte load in mem_loop's copy loop.
-    code = image[sym["mem_loop"] - base :]
+    code = image[SYMBOLS["mem_loop"] - base :]
     gadget = next(
         ip
-        for ip, raw, text in disassemble(code, sym["mem_loop"], 64, 40)
+        for ip, raw, text in disassemble(code, SYMBOLS["mem_loop"], 64, 40)
         if text.startswith("mov (%rdi,%rcx,8),%r8")
     )
     listing = [text for _, _, text in disassemble(image[gadget - base :], gadget, 64, 4)]
