@@ -2,9 +2,11 @@
 under anything a hostile host can write (issue "robustness", docs/reliability.md).
 
 The world: a platform that has been initialised, and KVM guests in several states — a
-*sentinel* guest that runs and is never named on purpose, a debuggable running guest, one
-in LUPDATE, one in LSECRET. While it was built, every command buffer the host driver sent
-was recorded: that is the corpus.
+*sentinel* guest that runs and is never named on purpose, a debuggable guest in RUNNING
+state, one in LUPDATE, one in LSECRET. The guests are the real-code image (``sevsim.guest.x86``);
+only the sentinel executes it, so that it has private pages to watch (its page tables and
+its secret); the others need only their firmware state. While it was built, every command
+buffer the host driver sent was recorded: that is the corpus.
 
 A case writes one command through the mailbox registers, as the host driver does, with:
 a recorded buffer whose fields were mutated (handles, addresses — unmapped, unaligned,
@@ -33,13 +35,19 @@ from typing import Any
 from sevsim.api import commands as cmd
 from sevsim.api.commands import Command
 from sevsim.api.status import PlatformState, Status
-from sevsim.guest import kernel as guest_kernel
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.sev import SevDevice
 from sevsim.profiles import MachineProfile, get_profile
 from sevsim.psp.guest import GuestState
 from sevsim.system import HostSystem
 
-GUEST_MEMORY = 2 << 20
+GUEST_MEMORY = x86_guest.MIN_MEMORY
+SYMBOLS = x86_guest.symbols()
+# The sentinel's private pages the checker watches: its page tables (PML4, PDPT, four PDs,
+# the split 4 KiB table) and the page of its secret.
+SENTINEL_GPAS = [*range(SYMBOLS["PML4_GPA"], SYMBOLS["SPLIT_PT_GPA"] + 4096, 4096)]
+SENTINEL_GPAS.append(SYMBOLS["SECRET_GPA"])
+DATA_GPA = SYMBOLS["SECRET_GPA"]  # the page the corpus's debug and migration commands name
 DEGRADED_CASES = 20  # cases fuzzed after a shutdown before the world is rebuilt
 STATUSES = {int(s) for s in Status}
 SNP_IDS = [int(c) for c in Command if c.name.startswith("SNP_")]
@@ -94,25 +102,21 @@ class World:
         kernel = self.system.kernel
         self.cmd_page = kernel.alloc_pages(1)
         self.data_pages = kernel.alloc_pages(8)
-        self.sentinel_pages = [
-            self.sentinel.spa(gpa)
-            for gpa in (*range(guest_kernel.PGT_BASE, guest_kernel.PGT_BASE + 0x4000, 4096),)
-        ] + [self.sentinel.spa(guest_kernel.DATA_BASE)]
+        self.sentinel_pages = [self.sentinel.spa(gpa) for gpa in SENTINEL_GPAS]
         kernel.wbinvd_on_all_cpus()  # DRAM current: no dirty line of the sentinel is left
         self.sentinel_guest = self.psp.guest(self.sentinel.handle)  # (handles are reused)
         self.sentinel_state = self._sentinel_fingerprint()
 
     def _guest(self, name: str, policy: int, stage: str):
+        """A real-code guest launched as far as ``stage``: "running" (LAUNCH_FINISH done),
+        "lsecret" (measured) or "lupdate" (its image encrypted)."""
         if stage == "running":
-            vm = self.system.start_guest(name, GUEST_MEMORY, policy=policy, secret=name)
-            vm.run()
-            return vm
-        vm = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name=name)
-        image = guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY, secret=name))
+            return self.system.start_x86_guest(name, memory=GUEST_MEMORY, policy=policy)
+        vm = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name=name, x86=True)
+        image = x86_guest.image()
+        base = vm.load_firmware(image)
         vm.sev_launch_start(policy)
-        for gpa, data in image:
-            vm.write(gpa, data)
-            vm.sev_launch_update_data(gpa, len(data))
+        vm.sev_launch_update_data(base, len(image))
         if stage == "lsecret":
             vm.sev_launch_measure()
         return vm
@@ -122,26 +126,27 @@ class World:
 
         sev = self.system.sev
         self.sentinel = self._guest("sentinel", 0x1, "running")
+        self.sentinel.run()  # its page tables and secret: private pages to watch
         self.debuggable = self._guest("debuggable", 0x0, "running")
         self.lupdate = self._guest("lupdate", 0x0, "lupdate")
         self.lsecret = self._guest("lsecret", 0x0, "lsecret")
-        self.debuggable.sev_dbg_decrypt(guest_kernel.DATA_BASE, 64)
+        self.debuggable.sev_dbg_decrypt(DATA_GPA, 64)
         # Guests half-way through a migration to this same platform: SUPDATE, SENT, RUPDATE.
         own = TargetChain.from_chain(self.system.export_chain(full=True).encode(full=True))
         self.supdate = self._guest("supdate", 0x0, "running")
         blob, policy = self.supdate.sev_send_start(own.pdh, own.plat_certs, own.amd_certs)
-        header, data = self.supdate.sev_send_update_data(guest_kernel.DATA_BASE, 4096)
+        header, data = self.supdate.sev_send_update_data(DATA_GPA, 4096)
         self.sent = self._guest("sent", 0x0, "running")
         self.sent.sev_send_start(own.pdh, own.plat_certs, own.amd_certs)
         self.sent.sev_send_finish()
         self.rupdate = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name="rupdate")
         self.rupdate.sev_receive_start(own.pdh, blob, policy)
-        self.rupdate.sev_receive_update_data(header, data, guest_kernel.DATA_BASE)
+        self.rupdate.sev_receive_update_data(header, data, DATA_GPA)
         sev.platform_status()
         sev.pek_csr()
         sev.pdh_cert_export()
         sev.get_id2()
-        self.export = self.system.export_chain(full=True)
+        self.system.export_chain()  # its commands for the corpus (the AMD root is not needed)
 
     def _sentinel_fingerprint(self) -> tuple:
         g = self.psp.guest(self.sentinel.handle)
@@ -342,10 +347,11 @@ def asid_load(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """``cycles`` guests launched, run and torn down on milan, ``alive`` at a time, with the
-    BIOS leaving ``asids`` ASIDs for plain SEV guests so that KVM keeps exhausting and
-    recycling them. The checker watches every ACTIVATE the firmware accepts (never onto a
-    dirty ASID) and every recycle (WBINVD on all cores, then DF_FLUSH), and the RSS."""
+    """``cycles`` real-code guests launched, run and torn down on milan, ``alive`` at a
+    time, with the BIOS leaving ``asids`` ASIDs for plain SEV guests so that KVM keeps
+    exhausting and recycling them. The checker watches every ACTIVATE the firmware accepts
+    (never onto a dirty ASID) and every recycle (WBINVD on all cores, then DF_FLUSH), and the
+    RSS (after 100 cycles, or half of a shorter run, and at the end)."""
     from collections import deque
 
     from sevsim.bench import rss_bytes
@@ -375,12 +381,12 @@ def asid_load(
             for cycle in range(cycles):
                 if len(running) == alive:
                     running.popleft().destroy()
-                vm = system.start_guest(f"g{cycle}", GUEST_MEMORY)
+                vm = system.start_x86_guest(f"g{cycle}", memory=GUEST_MEMORY)
                 exits = vm.run()
                 if [e.reason for e in exits] != ["DONE"]:
                     violations.append(f"cycle {cycle}: the guest ended with {exits}")
                 running.append(vm)
-                if cycle == min(100, cycles - 1):
+                if cycle == min(100, cycles // 2):
                     rss.append(rss_bytes())  # after the warm-up
                 if progress is not None and (cycle + 1) % 50 == 0:
                     progress(cycle + 1)

@@ -33,18 +33,20 @@ from typing import Any
 from sevsim.api import guidtable
 from sevsim.certs.chain import decode_chain, verify_chain
 from sevsim.certs.sev import CertError
-from sevsim.guest import kernel as guest_kernel
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import KvmError, Vm
 from sevsim.host.migration import TargetChain
+from sevsim.host.vmm import MIN_MEMORY as VMM_MIN_MEMORY
 from sevsim.owner import secret, session
 from sevsim.owner.trust import choose_root
 from sevsim.profiles import get_profile
 from sevsim.system import HostSystem
 
-GUEST_MEMORY = 2 << 20
+# The guests are the real-code image (sevsim.guest.x86), with the RAM both it and the VMM need.
+GUEST_MEMORY = max(x86_guest.MIN_MEMORY, VMM_MIN_MEMORY)
 SNAPSHOT_SAMPLE = 2000  # each flip is a whole restore attempt
-SECRET_GPA = guest_kernel.DATA_BASE
-PAGE_GPA = guest_kernel.DATA_BASE  # the page the migration packet carries
+SECRET_GPA = 0x810000  # where the owner's launch secret goes: OVMF's SEV secret area (AmdSev)
+PAGE_GPA = x86_guest.symbols()["SECRET_GPA"]  # the migration packet carries the guest's secret
 
 
 def _flip(data: bytes, bit: int) -> bytes:
@@ -198,12 +200,11 @@ def _launch_start(system, owner, name, original, bits, tick) -> Tally:
 
 def _secrets(system, owner, want, tick) -> list[Tally]:
     """LAUNCH_SECRET with one flipped bit; the guest must stay in LSECRET, unchanged."""
-    vm = _new_vm(system)
-    image = guest_kernel.image(guest_kernel.cmdline(GUEST_MEMORY))
+    vm = system.kvm.create_vm(GUEST_MEMORY, sev=True, name="target", x86=True)
+    image = x86_guest.image()
+    base = vm.load_firmware(image)
     vm.sev_launch_start(owner.policy, owner.godh_cert, owner.session)
-    for gpa, data in image:
-        vm.write(gpa, data)
-        vm.sev_launch_update_data(gpa, len(data))
+    vm.sev_launch_update_data(base, len(image))
     measurement = vm.sev_launch_measure()
     table = guidtable.secrets_table([(uuid.UUID(int=7), bytes(range(64)))])
     header, payload = secret.build_packet(owner.tek, owner.tik, measurement[:32], table)
@@ -234,8 +235,8 @@ def _secrets(system, owner, want, tick) -> list[Tally]:
 
 def _packets(a, b, sample, rng, want, tick) -> list[Tally]:
     """RECEIVE_UPDATE_DATA of a flipped migration packet; the receiver stays in RUPDATE."""
-    src = a.start_guest("source", GUEST_MEMORY)
-    src.run()
+    src = a.start_x86_guest("source", memory=GUEST_MEMORY)
+    src.run()  # its secret in private memory: the page the packet carries
     target = TargetChain.from_chain(b.export_chain(full=True).encode(full=True))
     blob, policy = src.sev_send_start(target.pdh, target.plat_certs, target.amd_certs)
     header, data = src.sev_send_update_data(PAGE_GPA, 4096)
@@ -294,9 +295,13 @@ def _snapshot(system, work: Path, sample, rng, tick) -> Tally:
     from sevsim.host import migration
     from sevsim.host.vmm import VmConfig, Vmm, VmmError
 
-    src = Vmm(system, VmConfig(firmware=None, memory=GUEST_MEMORY))
-    src.vm = vm = system.start_guest("snapshot-source", GUEST_MEMORY)
-    vm.run()
+    firmware = work / "guest.fd"
+    firmware.write_bytes(x86_guest.image())
+    src = Vmm(system, VmConfig(firmware=firmware, memory=GUEST_MEMORY, name="snapshot-source"))
+    src.start()
+    src.cont()
+    if not src.wait_idle(60):
+        raise RuntimeError("the snapshot's source guest did not finish")
     target = TargetChain.from_chain(system.export_chain(full=True).encode(full=True))
     good = work / "guest.snap"
     migration.snapshot(src, good, target)
@@ -327,5 +332,5 @@ def _snapshot(system, work: Path, sample, rng, tick) -> Tally:
     except VmmError as exc:
         t.violations.append(f"the unmodified snapshot was refused: {exc}")
     control.quit()
-    vm.destroy()
+    src.quit()
     return t

@@ -5,8 +5,21 @@ from __future__ import annotations
 
 import time
 
-from sevsim.attacks.lab import AttackResult, RawGuestMemory, attack, start_guest, victim_view
-from sevsim.guest import kernel as guest_kernel
+from sevsim.attacks.lab import (
+    POLICY_DEBUG,
+    POLICY_NODBG,
+    SECRET_GPA,
+    SECRET_MARKER,
+    SECRET_SIZE,
+    SYMBOLS,
+    AttackResult,
+    RawGuestMemory,
+    attack,
+    console_value,
+    is_secret,
+    published_digest,
+    start_victim,
+)
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import NPT_LEAF, KvmError
 from sevsim.profiles import MachineProfile
@@ -23,48 +36,46 @@ from sevsim.soc.svm import (
 from sevsim.soc.tweak import TweakFunction, xe_constants
 from sevsim.system import HostSystem
 
-X86_SYMBOLS = x86_guest.symbols()  # the real-code guest's fixed addresses (public firmware)
-POLICY_DEBUG = 0x0  # debugging allowed
-POLICY_NODBG = 0x1
-
 
 @attack(
     "host-read",
     "The hypervisor reads a guest's private memory",
     """The hypervisor maps all of a guest's memory and reads the page where the guest
-    kernel keeps its secret, through its own mapping (host key) and raw (no C-bit). Both
-    give ciphertext under the guest's VEK. Then it asks the firmware: DBG_DECRYPT returns
-    the plaintext of a guest whose owner allowed debugging, and POLICY_FAILURE for a guest
-    with the NODBG policy bit.""",
+    keeps its secret — a fixed address of its public firmware — through its own mapping
+    (host key) and raw (no C-bit). Both give ciphertext under the guest's VEK. Then it
+    asks the firmware: DBG_DECRYPT returns the plaintext of a guest whose owner allowed
+    debugging, and POLICY_FAILURE for a guest with the NODBG policy bit. What it got is
+    checked against the SHA-256 of the secret the guest printed.""",
     "SEV memory encryption (the VEK never leaves the memory controller) and the NODBG policy",
 )
 def host_read(profile: MachineProfile, r: AttackResult) -> None:
     with HostSystem.start(profile) as system:
         for name, policy in (("debuggable", POLICY_DEBUG), ("nodbg", POLICY_NODBG)):
-            vm = start_guest(system, name, policy=policy)
+            vm = start_victim(system, name, policy=policy)
             vm.run()
-            gpa = guest_kernel.DATA_BASE  # the guest kernel's first data page
-            secret = victim_view(system, vm).secret
+            digest = published_digest(vm)  # the guest printed it: anyone may check a guess
             system.kernel.wbinvd_on_all_cpus()  # no stale host-domain lines of the page
-            mapped = vm.read(gpa, len(secret))
-            raw = RawGuestMemory(system, vm, gpa).read(0, len(secret))
+            mapped = vm.read(SECRET_GPA, SECRET_SIZE)
+            raw = RawGuestMemory(system, vm, SECRET_GPA).read(0, SECRET_SIZE)
             r.step(
-                f"{name} (policy {policy:#x}, ASID {vm.asid}): the hypervisor's mapping reads "
-                f"{mapped[:16].hex()}…, the raw C=0 mapping {raw[:16].hex()}…"
+                f"{name} (policy {policy:#x}, ASID {vm.asid}): at GPA {SECRET_GPA:#x} the "
+                f"hypervisor's mapping reads {mapped[:16].hex()}…, the raw C=0 mapping "
+                f"{raw[:16].hex()}…"
             )
             try:
-                plain = vm.sev_dbg_decrypt(gpa, len(secret))
+                plain = vm.sev_dbg_decrypt(SECRET_GPA, SECRET_SIZE)
                 status = "SUCCESS"
             except KvmError as exc:
                 plain, status = b"", exc.status.name if exc.status else str(exc)
-            r.step(f"{name}: DBG_DECRYPT → {status}" + (f": {plain!r}" if plain else ""))
-            leaked = secret in (mapped, raw, plain)
+            marker, rest = plain[: len(SECRET_MARKER)], plain[len(SECRET_MARKER) :]
+            shown = f": {marker!r} + {rest.hex()}" if plain else ""
+            r.step(f"{name}: DBG_DECRYPT → {status}{shown}")
             r.figures[name] = {
                 "policy": policy,
-                "mapping_reads_plaintext": mapped == secret,
-                "raw_reads_plaintext": raw == secret,
+                "mapping_reads_plaintext": is_secret(mapped, digest),
+                "raw_reads_plaintext": is_secret(raw, digest),
                 "dbg_decrypt": status,
-                "secret_recovered": leaked,
+                "secret_recovered": any(is_secret(got, digest) for got in (mapped, raw, plain)),
             }
             vm.destroy()
     # The goal: the secret of a guest that forbade debugging.
@@ -84,17 +95,14 @@ def host_read(profile: MachineProfile, r: AttackResult) -> None:
     "(CrossLine shows what leaks before the crash; see the crossline attack)",
 )
 def wrong_asid(profile: MachineProfile, r: AttackResult) -> None:
-    from sevsim.guest import x86 as x86_guest
-
-    secret_gpa = x86_guest.symbols()["SECRET_GPA"]
     with HostSystem.start(profile) as system:
-        alpha = system.start_x86_guest("alpha", "secret", policy=POLICY_NODBG)
-        beta = system.start_x86_guest("beta", "secret", policy=POLICY_NODBG)
+        alpha = start_victim(system, "alpha")
+        beta = start_victim(system, "beta")
         for vm in (alpha, beta):
             vm.run()
         # The narrator's window (never the attacker's): each guest's own secret page.
         secrets = {
-            vm.name: system.machine.guest_view(vm.vcpus[0].vmcb_addr, secret_gpa, 46)
+            vm.name: system.machine.guest_view(vm.vcpus[0].vmcb_addr, SECRET_GPA, SECRET_SIZE)
             for vm in (alpha, beta)
         }
         r.step(f"alpha has ASID {alpha.asid}, beta ASID {beta.asid}; both ran to completion")
@@ -134,9 +142,9 @@ def wrong_asid(profile: MachineProfile, r: AttackResult) -> None:
 )
 def replay(profile: MachineProfile, r: AttackResult) -> None:
     with HostSystem.start(profile) as system:
-        vm = system.start_x86_guest("victim", "balance", policy=POLICY_NODBG)
+        vm = start_victim(system, "victim", "balance")
         vcpu = vm.vcpus[0]
-        gpa = X86_SYMBOLS["BALANCE_GPA"]
+        gpa = SYMBOLS["BALANCE_GPA"]
         raw = RawGuestMemory(system, vm, gpa)
         first = vcpu.run()  # balance 100 written; the guest yields (HLT)
         saved = raw.read(0, 16)
@@ -147,7 +155,7 @@ def replay(profile: MachineProfile, r: AttackResult) -> None:
         raw.write(0, saved)
         r.step("the hypervisor writes the saved ciphertext back")
         rest = vcpu.run()
-        read = _console_value(vm, "balance read back: ")
+        read = console_value(vm, "balance read back: ")
         r.step(f"the guest reads {read!r}")
         r.figures = {
             "exits": [first.reason, rest.reason],
@@ -156,12 +164,6 @@ def replay(profile: MachineProfile, r: AttackResult) -> None:
         }
         r.succeeded = read == "balance: 100 EUR"
         vm.destroy()
-
-
-def _console_value(vm, prefix: str) -> str:
-    """What the guest printed after ``prefix`` on its last such console line."""
-    lines = [line for line in vm.console_text().splitlines() if prefix in line]
-    return lines[-1].split(prefix, 1)[1] if lines else ""
 
 
 @attack(
@@ -179,9 +181,9 @@ def _console_value(vm, prefix: str) -> str:
 )
 def ciphertext_side_channel(profile: MachineProfile, r: AttackResult) -> None:
     with HostSystem.start(profile) as system:
-        vm = system.start_x86_guest("victim", "flags", policy=POLICY_NODBG)
+        vm = start_victim(system, "victim", "flags")
         vcpu = vm.vcpus[0]
-        gpa = X86_SYMBOLS["FLAGS_GPA"]
+        gpa = SYMBOLS["FLAGS_GPA"]
         raw = RawGuestMemory(system, vm, gpa)
         seen: list[bytes] = []
         while len(seen) < 16 and vcpu.run().reason == "HLT":
@@ -237,10 +239,10 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
     tweak = TweakFunction(constants, profile.maxphyaddr)
     xex = profile.engine_mode == "xex"
     with HostSystem.start(profile) as system:
-        vm = system.start_x86_guest("victim", "inbox", policy=POLICY_NODBG)
+        vm = start_victim(system, "victim", "inbox")
         vcpu = vm.vcpus[0]
-        buffer_gpa = X86_SYMBOLS["INBOX_BUFFER_GPA"]  # known from the public firmware
-        setting_gpa = X86_SYMBOLS["SETTING_GPA"]
+        buffer_gpa = SYMBOLS["INBOX_BUFFER_GPA"]  # known from the public firmware
+        setting_gpa = SYMBOLS["SETTING_GPA"]
         vcpu.run()  # setting written, shared page announced; the guest waits for a message
         shared_gpa = vm.shared_ranges[-1][0]  # the guest told KVM (KVM_HC_MAP_GPA_RANGE)
         a, b = vm.spa(buffer_gpa), vm.spa(setting_gpa)
@@ -264,7 +266,7 @@ def cipher_move(profile: MachineProfile, r: AttackResult) -> None:
         # The narrator's window: the 16 bytes the guest reads (it prints them too).
         read = system.machine.guest_view(vm.vcpus[0].vmcb_addr, setting_gpa, 16)
         r.step(
-            f"the guest reads its setting: {read!r} (it prints {_console_value(vm, 'setting: ')!r})"
+            f"the guest reads its setting: {read!r} (it prints {console_value(vm, 'setting: ')!r})"
         )
         r.figures = {
             "engine": profile.engine_mode,
@@ -303,9 +305,9 @@ PAGE = 4096
 )
 def crossline(profile: MachineProfile, r: AttackResult) -> None:
     with HostSystem.start(profile) as system:
-        victim = start_guest(system, "victim")
+        # Debuggable, so that the narrator can read (DBG_DECRYPT) the real tables to judge by.
+        victim = start_victim(system, "victim", policy=POLICY_DEBUG)
         victim.run()
-        truth = victim_view(system, victim).tables  # the victim's own view, for judging
         victim_cr3 = victim.vcpus[0].vmcb().cr3
         attacker = system.kvm.create_vm(PAGE * 1024, sev=False, name="attacker")
         vcpu = attacker.vcpus[0]
@@ -333,6 +335,7 @@ def crossline(profile: MachineProfile, r: AttackResult) -> None:
                     leaks[gpa][slot] = leaked
                     queue.append(leaked)
         elapsed = time.perf_counter() - start
+        truth = {gpa: victim.sev_dbg_decrypt(gpa, PAGE) for gpa in _table_pages()}
         right = wrong = missed = large = data_leaks = 0
         for gpa, slots in leaks.items():
             page = truth.get(gpa)
@@ -377,6 +380,13 @@ def crossline(profile: MachineProfile, r: AttackResult) -> None:
 MAX_PAGES = 16
 
 
+def _table_pages() -> list[int]:
+    """The real-code guest's page-table pages (README.md's memory map): PML4, PDPT, the four
+    page directories, and the 4 KiB table of the 2 MiB page its first shared page splits."""
+    pds = range(SYMBOLS["PD_GPA"], SYMBOLS["PD_GPA"] + 4 * PAGE, PAGE)
+    return [SYMBOLS["PML4_GPA"], SYMBOLS["PDPT_GPA"], *pds, SYMBOLS["SPLIT_PT_GPA"]]
+
+
 def _probe(core, vcpu, asid: int, slot: int) -> int | None:
     """One VMRUN of the attacker VMCB with RIP picking PML4 slot ``slot``: the GPA the
     victim's decrypted entry names, or None when the VM shut down instead."""
@@ -401,7 +411,6 @@ def _probe(core, vcpu, asid: int, slot: int) -> int | None:
 
 
 # ---- CrossLine variant 2: the victim's own instructions as a decryption oracle ------------
-SECRET_MARKER = b"sevsim secret:"
 CODE64_ATTRIB, DATA_ATTRIB = 0xA9B, 0xC93  # VMCB segment attributes: 64-bit code, flat data
 
 
@@ -423,24 +432,23 @@ CODE64_ATTRIB, DATA_ATTRIB = 0xA9B, 0xC93  # VMCB segment attributes: 64-bit cod
     "modelled)",
 )
 def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
-    from sevsim.guest import x86 as x86_guest
     from sevsim.soc.x86.decode import decode, disassemble
 
-    image, sym = x86_guest.image(), x86_guest.symbols()
+    image = x86_guest.image()
     base = (1 << 32) - len(image)
     # The attacker reads the public firmware: the first 8-byte load in mem_loop's copy loop.
-    code = image[sym["mem_loop"] - base :]
+    code = image[SYMBOLS["mem_loop"] - base :]
     gadget = next(
         ip
-        for ip, raw, text in disassemble(code, sym["mem_loop"], 64, 40)
+        for ip, raw, text in disassemble(code, SYMBOLS["mem_loop"], 64, 40)
         if text.startswith("mov (%rdi,%rcx,8),%r8")
     )
     listing = [text for _, _, text in disassemble(image[gadget - base :], gadget, 64, 4)]
     with HostSystem.start(profile) as system:
-        victim = system.start_x86_guest("victim", "secret", policy=POLICY_NODBG)
+        victim = start_victim(system, "victim")
         victim.run()
-        target = sym["SECRET_GPA"]
-        truth = system.machine.guest_view(victim.vcpus[0].vmcb_addr, target, 48)
+        target = SECRET_GPA
+        digest = published_digest(victim)  # what the victim printed: the judge's evidence
         v = victim.vcpus[0].vmcb()
         r.step(
             f"the victim (ASID {victim.asid}) has booted; its CR3 is {v.cr3:#x} (in the clear "
@@ -448,12 +456,7 @@ def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
         )
         attacker = system.kvm.create_vm(PAGE * 1024, sev=False, name="attacker", x86=True)
         encrypted = system.kernel.sme_active
-        tables = [
-            sym["PML4_GPA"],
-            sym["PDPT_GPA"],
-            *range(sym["PD_GPA"], sym["PD_GPA"] + 4 * PAGE, PAGE),
-            sym["SPLIT_PT_GPA"],
-        ]
+        tables = _table_pages()
         for gpa in [*tables, gadget & ~(PAGE - 1)]:
             attacker.npt.map(gpa, victim.spa(gpa), PAGE, NPT_LEAF, encrypted)
         read_only = NPT_LEAF & ~RW
@@ -511,8 +514,8 @@ def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
             "gadget": f"{gadget:#x}",
             "bytes_recovered": len(leaked),
             "marker_recovered": leaked.startswith(SECRET_MARKER),
-            "secret_recovered": leaked[: len(truth)] == truth,
+            "secret_recovered": is_secret(leaked, digest),
         }
-        r.succeeded = leaked[: len(truth)] == truth
+        r.succeeded = is_secret(leaked, digest)
         attacker.destroy()
         victim.destroy()

@@ -2,26 +2,38 @@
 
 An attack uses only what its attacker really has (design.md): the hypervisor — the host
 kernel and KVM, with their own mappings (``HostKernel.memremap`` for raw ciphertext), the
-NPT and VMCBs they control, and the firmware API through /dev/sev; the physical attacker —
-a DRAM dump. Knowing the layout of the guest kernel it boots (where its first data page
-is) counts as the hypervisor's knowledge; the guest's secrets do not.
+NPT and VMCBs they control, the console and the devices it emulates, and the firmware API
+through /dev/sev; the physical attacker — a DRAM dump. The victims are the real-code
+guest (``sevsim.guest.x86``): its image is the owner's measured firmware, public, so its
+fixed addresses (``SYMBOLS``, from ``sevsim-guest.sym.json``) and its code count as the
+hypervisor's knowledge; the guest's secrets do not.
 
-Whether an attack *succeeded* is judged against the victim's own view (what the guest
-program returned, ``Machine.observe_guest``): the narrator's window, never an input to the
-attack.
+Whether an attack *succeeded* is judged from what the victim prints (the SHA-256 of its
+secret, what it read back), from DBG_DECRYPT where the victim is debuggable, and for a
+NODBG victim whose values are never printed from its memory as it reads it
+(``Machine.guest_view``, a debugger inside the guest): the narrator's windows, never an
+input to the attack.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import Vm
 from sevsim.profiles import MachineProfile
 from sevsim.system import HostSystem
 
-GUEST_MEMORY = 4 << 20
+SYMBOLS = x86_guest.symbols()  # the victims' fixed addresses: the image is public
+SECRET_GPA = SYMBOLS["SECRET_GPA"]
+SECRET_MARKER = b"sevsim secret:"  # `secret` keeps it before its 32 random bytes
+SECRET_SIZE = len(SECRET_MARKER) + 32
+POLICY_DEBUG = 0x0  # the owner allows DBG_DECRYPT
+POLICY_NODBG = 0x1
 
 
 @dataclass
@@ -88,15 +100,34 @@ def attack(name: str, title: str, explanation: str, mitigation: str):
     return register
 
 
-def start_guest(system: HostSystem, name: str, workload: str | None = None, **kw: Any) -> Vm:
-    """An SEV guest running the guest kernel, launched the way KVM does it."""
-    options = {"secret": name} | ({"workload": workload} if workload else {})
-    return system.start_guest(name, GUEST_MEMORY, **kw, **options)
+def start_victim(
+    system: HostSystem, name: str, workload: str = "secret", policy: int = POLICY_NODBG
+) -> Vm:
+    """An SEV guest running the real-code image's ``workload``, launched as KVM does it."""
+    return system.start_x86_guest(name, workload, policy=policy)
 
 
-def victim_view(system: HostSystem, vm: Vm) -> Any:
-    """What the victim's own program returned (the narrator's window, for judging)."""
-    return system.machine.observe_guest(vm.vcpus[0].vmcb_addr)
+def console_value(vm: Vm, prefix: str) -> str:
+    """What the guest printed after ``prefix`` on its last such console line."""
+    lines = [line for line in vm.console_text().splitlines() if prefix in line]
+    return lines[-1].split(prefix, 1)[1] if lines else ""
+
+
+def published_digest(vm: Vm) -> bytes:
+    """The SHA-256 of its secret that a `secret` guest prints (b"" before it has)."""
+    found = re.search(r"secret at 0x[0-9a-f]+, sha256 ([0-9a-f]{64})", vm.console_text())
+    return bytes.fromhex(found.group(1)) if found else b""
+
+
+def is_secret(data: bytes, digest: bytes) -> bool:
+    """Whether ``data`` is a `secret` guest's secret: the marker, then the 32 bytes whose
+    SHA-256 the guest printed."""
+    secret = data[len(SECRET_MARKER) : SECRET_SIZE]
+    return (
+        bool(digest)
+        and data.startswith(SECRET_MARKER)
+        and hashlib.sha256(secret).digest() == digest
+    )
 
 
 class RawGuestMemory:
