@@ -283,7 +283,7 @@ class Vcpu:
         vCPU with no timer armed wakes at once instead (MODEL: the model's devices
         complete without interrupts; guests that wait for them poll after HLT)."""
         apic = self.apic
-        if apic is None or apic.next_expiry() is None and not apic.irr:
+        if apic.next_expiry() is None and not apic.irr:
             return True
         if apic.pending() is not None:
             return True
@@ -297,7 +297,7 @@ class Vcpu:
         when the guest can take an interrupt (RFLAGS.IF, which KVM reads in the VMCB of a
         non-ES guest) and nothing else is being injected. MODEL: the STI/MOV SS interrupt
         shadow is not looked at."""
-        if self.apic is None or self._vmcb_field("event_inj") & EVENTINJ_VALID:
+        if self._vmcb_field("event_inj") & EVENTINJ_VALID:
             return
         vector = self.apic.pending()
         if vector is None or not self._vmcb_field("rflags") & RFLAGS_IF:
