@@ -2,33 +2,35 @@
 (hardware.md §3.4), forced-private accesses, ASID-tagged TLBs, "security by crash", ASID
 recycling by KVM, vCPUs sharing an ASID, and what the host and DRAM hold.
 
-The guests run the real-code image (``sevsim.guest.x86``). What a guest knows comes from
-its console and from its memory read as a debugger reads it (KVM_SEV_DBG_DECRYPT: these
-guests' policy allows debugging), never from inside the guest."""
+The guests run the real-code image (``sevsim.guest.x86``), or for what it never does (odd
+page tables, legacy paging, no IDT) a small image assembled from ``tests/guests``. What a
+guest knows comes from its console and from its memory read as a debugger reads it
+(KVM_SEV_DBG_DECRYPT: these guests' policy allows debugging), never from inside the guest."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import ALL_PROFILES, boot_host
 
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
-from sevsim.guest import kernel as gk
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import KvmError
-from sevsim.soc import msr
-from sevsim.soc.faults import GeneralProtection, InvalidOpcode
-from sevsim.soc.paging import CR0_PG, CR4_PAE, CR4_PSE, PS, RW, A, D, P
+from sevsim.soc.faults import InvalidOpcode
 from sevsim.soc.svm import (
     NPF_FINAL_GPA,
     NPF_GUEST_PAGE_TABLE,
     RFLAGS_FIXED,
     RFLAGS_IF,
     SEV_ENABLE,
-    register_program,
 )
 
 MEM = x86_guest.MIN_MEMORY
@@ -212,97 +214,81 @@ def test_non_sev_guest_memory_uses_the_npt_c_bit_only(milan):
     vm.destroy()
 
 
-# ---- forced-private accesses -------------------------------------------------------------
-# MODEL: these tests still run Python guest programs (sevsim.soc.svm.register_program) on
-# the model's other engine; each needs a guest of its own in real code before they go.
-def start_program(kvm, name: str, program):
-    vm = kvm.create_vm(4 << 20, sev=True, name=name)
-    vm.launch(gk.image(gk.cmdline(4 << 20, secret=name), program), gk.GUEST_ENTRY)
-    return vm
+# ---- forced-private accesses (small guests of their own: tests/guests/*.S) --------------------
+GUESTS = Path(__file__).resolve().parent / "guests"
 
 
-def report(vm, vcpu: int = 0):
-    return vm.kernel.core.machine.observe_guest(vm.vcpus[vcpu].vmcb_addr)
+@functools.cache
+def small_guest(name: str) -> tuple[bytes, dict[str, int]]:
+    """tests/guests/NAME.S as a 64 KiB flash image (linked at the isa-bios alias, 0xF0000),
+    and its symbols."""
+    missing = [tool for tool in ("as", "ld", "objcopy", "nm") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the small guests need GNU binutils ({', '.join(missing)} not found)")
+    with tempfile.TemporaryDirectory() as tmp:
+        obj, elf, image = (f"{tmp}/{name}.{ext}" for ext in ("o", "elf", "fd"))
+        out = ""
+        for cmd in (
+            ["as", "--64", "--noexecstack", "-I", str(GUESTS), "-o", obj, f"{GUESTS}/{name}.S"],
+            ["ld", "-m", "elf_x86_64", "-Ttext=0xF0000", "--section-start=.reset=0xFFFF0"]
+            + ["-e", "reset_vector", "-o", elf, obj],
+            ["objcopy", "-O", "binary", "--gap-fill=0xff", "--pad-to=0x100000", elf, image],
+            ["nm", elf],
+        ):
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr}"
+            out = proc.stdout
+        symbols = {name: int(value, 16) for value, _, name in map(str.split, out.splitlines())}
+        return Path(image).read_bytes(), symbols
 
 
-def _forced_private_program(vcpu):
-    """Page tables whose table pointers (and CR3) carry no C-bit, a leaf for the code page
-    with the C-bit cleared: walks and fetches must be private all the same."""
-    from sevsim.pagetables import PAGE_KERNEL_EXEC, PageTables
-
-    k = gk.GuestKernel(vcpu)
-    k.detect_sev()
-    tables = PageTables(gk.VcpuWindow(vcpu), k._pgt_page, me_mask=k.me_mask)
-    tables.map_range(0, 0, 2 << 20, PAGE_KERNEL_EXEC, encrypted=True)
-    data = 0x18_0000
-    vcpu.write(data, b"private before paging")
-    k.enter_long_mode(tables.cr3())  # CR3 without the C-bit
-    out = {"read": vcpu.read(data, 21)}
-    leaf = tables.split(gk.GUEST_ENTRY)
-    tables.write_entry(leaf.entry_pa, leaf.entry & ~k.me_mask)  # code page: C=0
-    vcpu.invlpg(gk.GUEST_ENTRY)
-    out["code_as_data"] = vcpu.read(gk.GUEST_ENTRY, 64)
-    vcpu.cpuid(0)  # an exit: the next VMRUN fetches the code through the C=0 mapping
-    out["still_running"] = True
-    return out
-
-
-FORCED = register_program("test-forced-private", _forced_private_program)
+def run_small_guest(host, name: str, sev: bool = True):
+    image, symbols = small_guest(name)
+    vm = host.start_x86_guest(name, memory=MEM, sev=sev, firmware=image)
+    return vm, vm.run(max_rounds=100), symbols
 
 
 def test_guest_page_walks_and_fetches_are_always_private(milan):
+    """forced_private.S: CR3 and the table pointers without the C-bit, the code page
+    mapped with C=0: the walks and the fetches are private all the same."""
     host, kvm = milan
-    vm = start_program(kvm, "forced", FORCED)
-    assert [e.reason for e in vm.run()] == ["DONE"]
-    out = report(vm)
-    assert out["read"] == b"private before paging"
-    assert out["still_running"]
-    # A data read through the C=0 mapping uses the host key: not the code image.
-    assert out["code_as_data"] != FORCED.code[:64]
+    vm, exits, sym = run_small_guest(host, "forced_private")
+    assert [e.reason for e in exits] == ["DONE"], (exits, vm.console_text())
+    cbit = 1 << host.machine.profile.cbit
+    # The guest's tables as it wrote them: no C-bit in CR3 or in the PML4 entry.
+    assert not vm.vcpus[0].vmcb().cr3 & cbit
+    pml4e = int.from_bytes(vm.sev_dbg_decrypt(sym["PML4_GPA"], 8), "little")
+    assert pml4e & ~0xFFF == sym["PDPT_GPA"]
+    # It ran on from the C=0 code page, across an I/O exit per byte of this line.
+    assert vm.console_text() == "running from a C=0 code page\n"
+    result = sym["RESULT_GPA"]
+    assert vm.sev_dbg_decrypt(result, 21) == b"private before paging"
+    # Its own code read as data through the C=0 mapping: the host key's view (SME host:
+    # the NPT leaf has C=1), not the code it executed.
+    code = sym["code64"]
+    seen = vm.sev_dbg_decrypt(result + 64, 64)
+    offset = code - sym["image_start"]
+    assert seen != small_guest("forced_private")[0][offset : offset + 64]
+    assert seen == engine(vm, code, 64, host.machine.memctl.host_key_slot)
     vm.destroy()
 
 
-def _legacy_and_pae_program(vcpu):
-    """32-bit paging cannot express a C-bit: every access is private. PAE can."""
-    k = gk.GuestKernel(vcpu)
-    k.detect_sev()
-    cbit = k.me_mask
-    out = {}
-    # Legacy paging, one 4 MiB page (CR4.PSE) identity-mapping the first 4 MiB.
-    pd = 0x1_0000
-    vcpu.store(pd, 4, 0 | P | RW | PS | A | D)
-    vcpu.write_cr4(vcpu.cr4 | CR4_PSE)
-    vcpu.write_cr3(pd)
-    vcpu.write_cr0(vcpu.cr0 | CR0_PG)
-    vcpu.write(0x20_0000, b"legacy-paging data")
-    vcpu.write_cr0(vcpu.cr0 & ~CR0_PG)
-    # PAE: the first 2 MiB private, the second 2 MiB with C=0 (shared).
-    pdpt, pd = 0x1_1000, 0x1_2000
-    vcpu.store(pd, 8, 0 | P | RW | PS | A | D | cbit)
-    vcpu.store(pd + 8, 8, (2 << 20) | P | RW | PS | A | D)
-    vcpu.store(pdpt, 8, pd | P)
-    vcpu.write_cr4(vcpu.cr4 & ~CR4_PSE | CR4_PAE)
-    vcpu.write_cr3(pdpt)
-    vcpu.write_cr0(vcpu.cr0 | CR0_PG)
-    vcpu.write(0x30_0000, b"PAE data with C=0")
-    out["pae"] = vcpu.read(0x30_0000, 17)
-    return out
-
-
-LEGACY_PAE = register_program("test-legacy-pae", _legacy_and_pae_program)
-
-
 def test_data_is_forced_private_outside_long_mode_and_pae(milan):
+    """paging32.S: legacy paging has no C-bit, so its write is private; under PAE the C=0
+    write goes out with the host key (SME host)."""
     host, kvm = milan
     memctl = host.machine.memctl
-    vm = start_program(kvm, "legacy", LEGACY_PAE)
-    assert [e.reason for e in vm.run()] == ["DONE"], vm.dead
+    vm, exits, sym = run_small_guest(host, "paging32")
+    assert [e.reason for e in exits] == ["DONE"], (exits, vm.console_text())
+    assert vm.console_text() == "paging32 done\n"
     guest_slot = memctl.key_slot(True, vm.asid)
-    assert engine(vm, 0x20_0000, 18, guest_slot) == b"legacy-paging data"
-    # Under PAE the C-bit counts: C=0 data goes out with the host key (SME host).
-    assert engine(vm, 0x30_0000, 17, memctl.host_key_slot) == b"PAE data with C=0"
-    assert vm.read(0x30_0000, 17) == b"PAE data with C=0"
-    assert report(vm)["pae"] == b"PAE data with C=0"
+    legacy, pae = sym["LEGACY_GPA"], sym["PAE_GPA"]
+    assert engine(vm, legacy, 18, guest_slot) == b"legacy-paging data"
+    assert dram(vm, legacy, 18) != b"legacy-paging data"
+    assert engine(vm, pae, 17, memctl.host_key_slot) == b"PAE data with C=0"
+    assert vm.read(pae, 17) == b"PAE data with C=0"
+    # What the guest read back through its C=0 mapping.
+    assert vm.sev_dbg_decrypt(sym["RESULT_GPA"], 17) == b"PAE data with C=0"
     vm.destroy()
 
 
@@ -386,35 +372,22 @@ def test_running_a_guest_with_another_guests_asid_crashes_without_disclosure(mil
 
 
 def test_guest_fault_without_a_handler_is_a_shutdown(milan):
+    """no_idt.S: a page fault with an empty IDT: #PF, #DF, triple fault."""
     host, kvm = milan
-
-    def bad(vcpu):
-        k = gk.GuestKernel(vcpu)
-        k.detect_sev()
-        k.setup_paging()
-        vcpu.load(0x8000_0000_0000_0000, 8)  # non-canonical: #GP, and no IDT to deliver it
-
-    prog = register_program("test-bad-access", bad)
-    vm = start_program(kvm, "bad", prog)
-    exit_ = vm.vcpus[0].run()
-    assert exit_.reason == "SHUTDOWN" and "unhandled" in exit_.detail
+    vm, exits, _ = run_small_guest(host, "no_idt")
+    assert exits[0].reason == "SHUTDOWN" and "triple fault" in exits[0].detail, exits
+    assert "#PF at 0x40000000" in exits[0].detail
+    assert vm.console_text() == "reading an unmapped page with no IDT\n"  # and no more
+    assert vm.dead
     vm.destroy()
 
 
 def test_injected_gp_reaches_the_guest_handler(milan):
+    """msr.S: KVM knows no MSR 0xC0001234 and injects #GP; the guest's handler runs."""
     host, kvm = milan
-
-    def probe(vcpu):
-        try:
-            vcpu.rdmsr(0xC000_1234)  # KVM knows no such MSR: #GP injected
-        except GeneralProtection:
-            return "handled #GP"
-        return "no fault"
-
-    prog = register_program("test-msr-gp", probe)
-    vm = start_program(kvm, "msr", prog)
-    assert vm.vcpus[0].run().reason == "DONE"
-    assert report(vm) == "handled #GP"
+    vm, exits, _ = run_small_guest(host, "msr")
+    assert [e.reason for e in exits] == ["DONE"], (exits, vm.console_text())
+    assert vm.console_text().startswith("rdmsr 0xc0001234\n#GP\nwrmsr SEV_STATUS\n")
     vm.destroy()
 
 
@@ -572,16 +545,9 @@ def guest_status_state(kvm, handle: int) -> int:
 
 
 def test_guest_sev_status_msr_is_read_only(milan):
+    """msr.S: WRMSR to SEV_STATUS raises #GP in the guest; the MSR still reads 1 (SEV)."""
     host, kvm = milan
-
-    def write_it(vcpu):
-        try:
-            vcpu.wrmsr(msr.SEV_STATUS, 0)
-        except GeneralProtection:
-            return vcpu.rdmsr(msr.SEV_STATUS)
-
-    prog = register_program("test-sev-status", write_it)
-    vm = start_program(kvm, "msr-ro", prog)
-    assert vm.vcpus[0].run().reason == "DONE"
-    assert report(vm) == 1
+    vm, exits, _ = run_small_guest(host, "msr")
+    assert [e.reason for e in exits] == ["DONE"], (exits, vm.console_text())
+    assert vm.console_text().endswith("wrmsr SEV_STATUS\n#GP\nSEV_STATUS 0x00000001\n")
     vm.destroy()

@@ -179,7 +179,7 @@ def test_wrong_asid_decodes_garbage_and_shuts_down_without_leaking():
 
 def test_firmware_images_must_be_64_kib_multiples():
     with HostSystem.start(PROFILES["milan"].with_(seed=1)) as host:
-        vm = host.kvm.create_vm(16 << 20, x86=True)
+        vm = host.kvm.create_vm(16 << 20)
         with pytest.raises(ValueError, match="multiple of 64 KiB"):
             vm.load_firmware(b"\x90" * 1000)
         vm.destroy()

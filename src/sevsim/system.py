@@ -16,7 +16,6 @@ from sevsim.amd.kds import KeyDistributionService
 from sevsim.api.status import Status
 from sevsim.certs.chain import SevChain, decode_platform_certs
 from sevsim.certs.sev import SevCert
-from sevsim.guest import kernel as guest_kernel
 from sevsim.host import HostKernel
 from sevsim.host.kvm import Kvm, Vm
 from sevsim.host.sev import IoctlResult, SevDevice
@@ -107,6 +106,8 @@ class HostSystem:
         KVM does it (LAUNCH_* for an SEV guest); ``options`` go on its command line
         (``workload=``, ``secret=``...). MODEL: kept for the callers not yet moved to
         ``start_x86_guest`` (fuzz, tamper, the attack lab, the I/O demo)."""
+        from sevsim.guest import kernel as guest_kernel
+
         vm = self.kvm.create_vm(memory, sev=sev, name=name)
         line = guest_kernel.cmdline(memory, **options)
         vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY, policy=policy)
@@ -132,7 +133,7 @@ class HostSystem:
         from sevsim.guest import x86 as x86_guest
         from sevsim.host.vmm import FwCfgDevice
 
-        vm = self.kvm.create_vm(memory, vcpus=vcpus, sev=sev, name=name, x86=True)
+        vm = self.kvm.create_vm(memory, vcpus=vcpus, sev=sev, name=name)
         image = x86_guest.image() if firmware is None else firmware
         base = vm.load_firmware(image)
         directory, items = fwcfg.file_directory({x86_guest.WORKLOAD_FILE: workload.encode()})

@@ -508,26 +508,6 @@ class Core:
             pos += length
 
     @taking_turns
-    def copy_stream(self, dst_va: int, src_va: int, n: int) -> None:
-        """A streaming memcpy (non-temporal loads and stores) from src_va to dst_va: both
-        ranges are translated first, so nothing moves if either faults."""
-        src = _physical_runs(self._pieces(src_va, n, Access.READ))
-        dst = _physical_runs(self._pieces(dst_va, n, Access.WRITE))
-        i = j = 0
-        s_off = d_off = 0
-        while i < len(src):
-            s_pa, s_slot, s_len = src[i]
-            d_pa, d_slot, d_len = dst[j]
-            length = min(s_len - s_off, d_len - d_off)
-            self._fabric.copy(d_pa + d_off, d_slot, s_pa + s_off, s_slot, length)
-            s_off += length
-            d_off += length
-            if s_off == s_len:
-                i, s_off = i + 1, 0
-            if d_off == d_len:
-                j, d_off = j + 1, 0
-
-    @taking_turns
     def copy(self, dst_va: int, src_va: int, n: int, chunk: int = 4096) -> None:
         """REP MOVSB: copy n bytes, a page at a time."""
         for off in range(0, n, chunk):

@@ -36,9 +36,3 @@ class FabricPort:
     def write_from(self, pa: int, src: np.ndarray, slot: int) -> None:
         self._cache.snoop(pa, len(src), slot, invalidate=True)
         self._memctl.write_from(pa, src, slot)
-
-    def copy(self, dst_pa: int, dst_slot: int, src_pa: int, src_slot: int, n: int) -> None:
-        """A streaming copy: coherent like a read of the source and a write of the target."""
-        self._cache.snoop(src_pa, n, src_slot, invalidate=False)
-        self._cache.snoop(dst_pa, n, dst_slot, invalidate=True)
-        self._memctl.copy(dst_pa, dst_slot, src_pa, src_slot, n)

@@ -41,19 +41,11 @@ class Machine:
         self.syscfg = profile.syscfg_bios | (msr.SYSCFG_MEM_ENCRYPT if profile.smee else 0)
         self.hwcr = msr.HWCR_SMMLOCK if profile.smmlock else 0
         self.chip = ChipState(profile.cores, profile.cores_per_ccx)
-        self.guest_threads: dict = {}  # VMCB PA -> the vCPU's execution context (svm.py)
-        self._x86_vcpus: dict = {}  # VMCB PA -> the instruction engine of a real-code vCPU
+        self._x86_vcpus: dict = {}  # VMCB PA -> the instruction engine of that vCPU
         self.cores = [Core(self, i) for i in range(profile.cores)]
 
     def ccx_of(self, core_index: int) -> int:
         return core_index // self.profile.cores_per_ccx
-
-    def observe_guest(self, vmcb_addr: int) -> Any:
-        """What the guest program of this vCPU returned: its own view of things, or None
-        while it runs. An observer's window for demos and tests — nothing on the host can
-        read it (hardware has no such thing)."""
-        thread = self.guest_threads.get(vmcb_addr & ~self.cbit_mask)
-        return None if thread is None else thread.result
 
     def guest_view(self, vmcb_addr: int, va: int, n: int) -> bytes:
         """What the guest of this vCPU reads at its virtual address ``va`` (its translation
@@ -63,33 +55,31 @@ class Machine:
 
         return guest_view(self.cores[0], vmcb_addr, va, n)
 
-    def use_x86(self, vmcb_addr: int) -> None:
-        """This VMCB's vCPU executes real x86 code (``sevsim.soc.x86``). MODEL plumbing:
-        the other engine, the Python guest programs, is kept for flows not yet ported."""
+    def use_x86(self, vmcb_addr: int) -> Any:
+        """The instruction engine (``sevsim.soc.x86``) of this VMCB's vCPU, made at its
+        first VMRUN or when the hypervisor creates the vCPU. MODEL plumbing: on hardware
+        the VMCB is all there is."""
         from sevsim.soc.x86.vcpu import X86Vcpu
 
         pa = vmcb_addr & ~self.cbit_mask
-        if pa not in self._x86_vcpus:
-            self._x86_vcpus[pa] = X86Vcpu(self)
+        engine = self._x86_vcpus.get(pa)
+        if engine is None:
+            engine = self._x86_vcpus[pa] = X86Vcpu(self)
+        return engine
 
     def x86_vcpu(self, vmcb_pa: int) -> Any:
+        """The engine of this VMCB's vCPU, if it has one (an observer's look-up)."""
         return self._x86_vcpus.get(vmcb_pa)
 
     def forget_vmcb(self, vmcb_addr: int) -> None:
         """The VMCB page is being freed: end the execution context of its vCPU. (Model
         plumbing: on hardware a vCPU that is never run again simply stops existing.)"""
-        thread = self.guest_threads.pop(vmcb_addr & ~self.cbit_mask, None)
-        if thread is not None:
-            thread.kill()
         engine = self._x86_vcpus.pop(vmcb_addr & ~self.cbit_mask, None)
         if engine is not None:
             engine.kill()
 
     def close(self) -> None:
         """Power off: end every guest's execution context."""
-        for thread in self.guest_threads.values():
-            thread.kill()
-        self.guest_threads.clear()
         for engine in self._x86_vcpus.values():
             engine.kill()
         self._x86_vcpus.clear()

@@ -46,7 +46,6 @@ class KeySlotPort:
 
 
 BULK_MIN = 1024  # below this, the per-line path beats the vectorised one's set-up cost
-COPY_CHUNK = 256 << 10  # a memory-to-memory copy moves this much at a time (stays in L2)
 
 
 class MemoryController:
@@ -171,21 +170,6 @@ class MemoryController:
                 self.write_line(line, slot, bytes(merged))
 
     # ---- bulk access: whole 16-byte blocks, vectorised ----------------------------------
-    def copy(self, dst_pa: int, dst_slot: int, src_pa: int, src_slot: int, n: int) -> None:
-        """Copy n bytes from one range and key to another, as a CPU's streaming memcpy
-        does: each piece is decrypted with the source's key and encrypted with the
-        destination's, and the plaintext exists only in the copy's own buffer."""
-        if (src_pa | dst_pa | n) % 16 or n < BULK_MIN:
-            self.write(dst_pa, self.read(src_pa, n, src_slot), dst_slot)
-            return
-        self.dram.check(src_pa, n)
-        self.dram.check(dst_pa, n)
-        buf = np.empty(min(n, COPY_CHUNK), dtype=np.uint8)
-        for off in range(0, n, COPY_CHUNK):
-            piece = buf[: min(COPY_CHUNK, n - off)]
-            self.read_into(src_pa + off, piece, src_slot)
-            self.write_from(dst_pa + off, piece, dst_slot)
-
     def read_into(self, pa: int, out: np.ndarray, slot: int) -> None:
         """Decrypt [pa, pa+len(out)) into the uint8 array out (16-byte aligned range)."""
         n = len(out)

@@ -30,7 +30,6 @@ from sevsim.soc import msr
 from sevsim.soc.cache import MemType
 from sevsim.soc.faults import (
     GeneralProtection,
-    HardwareFault,
     InvalidOpcode,
     NestedPageFault,
     PageFault,
@@ -45,25 +44,8 @@ from sevsim.soc.paging import (
     walk,
 )
 from sevsim.soc.svm import (
-    EVENTINJ_VALID,
-    EXIT_CPUID,
-    EXIT_HLT,
     EXIT_INVALID,
-    EXIT_IOIO,
-    EXIT_MSR,
     EXIT_NPF,
-    EXIT_SHUTDOWN,
-    EXIT_VMMCALL,
-    EXIT_WBINVD,
-    INTERCEPT_CPUID,
-    INTERCEPT_HLT,
-    INTERCEPT_IOIO_PROT,
-    INTERCEPT_MSR_PROT,
-    INTERCEPT_VMMCALL,
-    INTERCEPT_WBINVD,
-    IOIO_PORT_SHIFT,
-    IOIO_SIZE_BITS,
-    IOIO_TYPE_IN,
     NP_ENABLE,
     NPF_FINAL_GPA,
     NPF_GUEST_PAGE_TABLE,
@@ -75,15 +57,11 @@ from sevsim.soc.svm import (
     VMCB,
     VMCB_SIZE,
     Exit,
-    GuestThread,
-    decode,
 )
 
 if TYPE_CHECKING:
     from sevsim.soc.core import Core
 
-CODE_SIZE = 4096  # how many bytes at RIP a Python guest program's check looks at
-_INJECTABLE = {6: InvalidOpcode, 13: GeneralProtection}
 EFER_SVME = 1 << 12
 
 
@@ -225,218 +203,6 @@ class GuestMode:
         )
 
 
-class GuestVcpu:
-    """The vCPU as guest code sees it: the interface an instruction engine would drive.
-
-    Accesses that take a nested page fault exit to the hypervisor and are retried when the
-    guest resumes. Intercepted instructions (CPUID, HLT, VMMCALL, MSRs other than those the
-    VMCB virtualises) exit with their operands in the general-purpose registers, which in a
-    non-ES SEV guest the hypervisor reads and writes (``regs``).
-    """
-
-    def __init__(self) -> None:
-        self._core: Core | None = None
-        self._thread: GuestThread | None = None
-        self.regs: dict[str, int] = {}
-        self._event = 0  # an exception the hypervisor injected (VMCB EVENTINJ)
-
-    def _bind(self, core: Core, thread: GuestThread, regs: dict[str, int], event: int) -> None:
-        self._core, self._thread, self.regs, self._event = core, thread, regs, event
-
-    def _trap(self, exit_: Exit) -> None:
-        assert self._thread is not None
-        self._thread.trap(exit_)
-        if self._event:
-            # Delivered at the guest's next instruction; a guest program handles it with
-            # try/except (its IDT), or dies of it (triple fault).
-            vector, self._event = self._event & 0xFF, 0
-            raise _INJECTABLE.get(vector, GeneralProtection)(f"exception {vector} injected")
-
-    def _npf(self, fault: NestedPageFault) -> None:
-        self._trap(Exit(EXIT_NPF, fault.error_code, fault.gpa, {"reason": fault.reason}))
-
-    @property
-    def _mode(self) -> GuestMode:
-        mode = self._core._guest
-        assert mode is not None
-        return mode
-
-    # ---- memory ------------------------------------------------------------------------
-    def load(self, va: int, size: int = 8) -> int:
-        try:
-            return self._core.load(va, size)
-        except NestedPageFault as fault:
-            self._npf(fault)
-            return self.load(va, size)
-
-    def store(self, va: int, size: int, value: int) -> None:
-        try:
-            self._core.store(va, size, value)
-        except NestedPageFault as fault:
-            self._npf(fault)
-            self.store(va, size, value)
-
-    def read(self, va: int, n: int) -> bytes:
-        while True:
-            try:
-                return self._core.read(va, n)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def write(self, va: int, data: bytes) -> None:
-        while True:
-            try:
-                return self._core.write(va, data)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def fetch(self, va: int, n: int) -> bytes:
-        while True:
-            try:
-                return self._core.fetch(va, n)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def clflush(self, va: int) -> None:
-        while True:
-            try:
-                return self._core.clflush(va)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def clflush_range(self, va: int, n: int) -> None:
-        while True:
-            try:
-                return self._core.clflush_range(va, n)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def read_stream(self, va: int, n: int) -> bytes:
-        """A bulk copy out with non-temporal loads (no cache lines allocated)."""
-        while True:
-            try:
-                return self._core.read_stream(va, n)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def write_stream(self, va: int, data: bytes) -> None:
-        """A bulk copy in with non-temporal stores; nothing is written if a page faults."""
-        while True:
-            try:
-                return self._core.write_stream(va, data)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def copy_stream(self, dst_va: int, src_va: int, n: int) -> None:
-        """A bulk memcpy with non-temporal loads and stores (no cache lines allocated)."""
-        while True:
-            try:
-                return self._core.copy_stream(dst_va, src_va, n)
-            except NestedPageFault as fault:
-                self._npf(fault)
-
-    def invlpg(self, va: int) -> None:
-        self._core.invlpg(va)
-
-    # ---- control registers --------------------------------------------------------------
-    def write_cr0(self, value: int) -> None:
-        self._core.write_cr0(value)
-
-    def write_cr3(self, value: int) -> None:
-        self._core.write_cr3(value)
-
-    def write_cr4(self, value: int) -> None:
-        self._core.write_cr4(value)
-
-    @property
-    def cr0(self) -> int:
-        return self._core.cr0
-
-    @property
-    def cr3(self) -> int:
-        return self._core.cr3
-
-    @property
-    def cr4(self) -> int:
-        return self._core.cr4
-
-    # ---- intercepted instructions ---------------------------------------------------------
-    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-        if not self._mode.intercept_misc1 & INTERCEPT_CPUID:
-            return self._core.cpuid(leaf, subleaf)
-        self.regs.update(rax=leaf, rcx=subleaf)
-        self._trap(Exit(EXIT_CPUID, detail={"leaf": leaf, "subleaf": subleaf}))
-        r = self.regs
-        return (r.get("rax", 0), r.get("rbx", 0), r.get("rcx", 0), r.get("rdx", 0))
-
-    def rdmsr(self, index: int) -> int:
-        if index == msr.SEV_STATUS:
-            return self._mode.sev_status  # MODEL: provided by the hardware, not intercepted
-        if index in (msr.EFER, msr.PAT):
-            return self._core.rdmsr(index)
-        if not self._mode.intercept_misc1 & INTERCEPT_MSR_PROT:
-            raise GeneralProtection(f"RDMSR {index:#x} in a guest without MSR intercepts")
-        self.regs.update(rcx=index)
-        self._trap(Exit(EXIT_MSR, 0, detail={"msr": index}))
-        return (self.regs.get("rdx", 0) << 32) | self.regs.get("rax", 0)
-
-    def wrmsr(self, index: int, value: int) -> None:
-        if index == msr.SEV_STATUS:
-            raise GeneralProtection("SEV_STATUS is read-only")
-        if index in (msr.EFER, msr.PAT):
-            self._core.wrmsr(index, value)
-            return
-        if not self._mode.intercept_misc1 & INTERCEPT_MSR_PROT:
-            raise GeneralProtection(f"WRMSR {index:#x} in a guest without MSR intercepts")
-        self.regs.update(rcx=index, rax=value & 0xFFFF_FFFF, rdx=value >> 32)
-        self._trap(Exit(EXIT_MSR, 1, detail={"msr": index, "value": value}))
-
-    def vmmcall(self, nr: int, *args: int) -> int:
-        if not self._mode.intercept_misc2 & INTERCEPT_VMMCALL:
-            raise InvalidOpcode("VMMCALL is not intercepted")
-        self.regs["rax"] = nr
-        self.regs.update(zip(("rbx", "rcx", "rdx", "rsi"), args, strict=False))
-        self._trap(Exit(EXIT_VMMCALL, detail={"nr": nr, "args": args}))
-        return self.regs.get("rax", 0)
-
-    def out(self, port: int, value: int, size: int = 1) -> None:
-        """OUT of 1, 2 or 4 bytes to an I/O port: the hypervisor sees the value."""
-        if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
-            raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
-        value &= (1 << 8 * size) - 1
-        self.regs["rax"] = value
-        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SIZE_BITS[size]
-        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port, "value": value}))
-
-    def in_(self, port: int, size: int = 1) -> int:
-        """IN of 1, 2 or 4 bytes from an I/O port, as the hypervisor answers it."""
-        if not self._mode.intercept_misc1 & INTERCEPT_IOIO_PROT:
-            raise GeneralProtection("I/O port access without IOIO intercepts (no device)")
-        info1 = (port & 0xFFFF) << IOIO_PORT_SHIFT | IOIO_SIZE_BITS[size] | IOIO_TYPE_IN
-        self._trap(Exit(EXIT_IOIO, info1, detail={"port": port}))
-        return self.regs.get("rax", 0) & ((1 << 8 * size) - 1)
-
-    def outb(self, port: int, value: int) -> None:
-        self.out(port, value, 1)
-
-    def inb(self, port: int) -> int:
-        return self.in_(port, 1)
-
-    def rdrand64(self) -> int:
-        """RDRAND: the core's random-number generator (not intercepted)."""
-        return int.from_bytes(self._core.machine.rdrand.random_bytes(8, "rdrand"), "little")
-
-    def hlt(self) -> None:
-        if self._mode.intercept_misc1 & INTERCEPT_HLT:
-            self._trap(Exit(EXIT_HLT))
-
-    def wbinvd(self) -> None:
-        if self._mode.intercept_misc2 & INTERCEPT_WBINVD:
-            self._trap(Exit(EXIT_WBINVD))
-        else:
-            self._core.wbinvd()
-
-
 def guest_view(core: Core, vmcb_addr: int, va: int, n: int) -> bytes:
     """What the guest of this VMCB reads at its virtual address ``va``: its own page walk,
     the NPT and its key, as a debugger inside the guest would see it. An observer's window
@@ -510,13 +276,8 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
     if v.tlb_control in (TLB_CONTROL_FLUSH_ASID, TLB_CONTROL_FLUSH_ASID_LOCAL):
         core._flush_tlb(keep_global=v.tlb_control == TLB_CONTROL_FLUSH_ASID_LOCAL)
     core._cfg = core._walk_config()
-    threads = machine.guest_threads
-    x86 = machine.x86_vcpu(vmcb_pa)
     try:
-        if x86 is not None:
-            exit_ = x86.run(core, core._guest, v, regs)
-        else:
-            exit_ = _run_program(core, v, regs, threads, vmcb_pa)
+        exit_ = machine.use_x86(vmcb_pa).run(core, core._guest, v, regs)
     finally:
         v.cr0, v.cr3, v.cr4, v.efer, v.cpl = core.cr0, core.cr3, core.cr4, core.efer, core._cpl
         if v.nested_ctl & NP_ENABLE:
@@ -525,46 +286,7 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         core._guest = None
         core.switch_asid(0)
         core._cfg = core._walk_config()
-    if exit_.code == EXIT_SHUTDOWN:
-        stale = threads.pop(vmcb_pa, None)
-        if stale is not None:
-            stale.kill()
     v.next_rip = exit_.next_rip
     insn = exit_.detail.get("insn_bytes", b"") if exit_.code == EXIT_NPF else b""
     v.insn_len, v.insn_bytes = len(insn), insn.ljust(15, b"\0")
     return finish(exit_)
-
-
-def _run_program(core: Core, v, regs: dict[str, int], threads: dict, vmcb_pa: int) -> Exit:
-    """The model's Python guest programs (chosen per VM, docs/model.md): the 4 KiB at RIP
-    must be the program's code image, else they are no instruction."""
-    if True:
-        try:
-            code = core.fetch(v.rip, CODE_SIZE)
-        except NestedPageFault as fault:
-            exit_ = Exit(EXIT_NPF, fault.error_code, fault.gpa, {"reason": fault.reason})
-        except HardwareFault as fault:
-            exit_ = Exit(EXIT_SHUTDOWN, detail={"reason": f"{fault} fetching at RIP; triple fault"})
-        else:
-            program = decode(code)
-            thread = threads.get(vmcb_pa)
-            if program is None:
-                exit_ = Exit(
-                    EXIT_SHUTDOWN,
-                    detail={
-                        "reason": "#UD: the bytes at RIP decode to no instruction; no handler "
-                        "can be delivered: triple fault"
-                    },
-                )
-            else:
-                if thread is None or thread.program is not program:
-                    if thread is not None:
-                        thread.kill()
-                    thread = GuestThread(program, GuestVcpu(), core.machine.turns)
-                    threads[vmcb_pa] = thread
-                event = v.event_inj if v.event_inj & EVENTINJ_VALID else 0
-                v.event_inj = 0  # taken
-                thread.vcpu._bind(core, thread, regs, event)
-                exit_ = thread.run()
-                v.rflags = thread.rflags  # saved in the VMCB at #VMEXIT
-    return exit_

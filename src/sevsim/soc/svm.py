@@ -7,30 +7,23 @@ at 0x400 that the model uses (CR0/CR3/CR4, EFER, RIP, RSP, RAX, CPL, guest PAT).
 plain SEV guest the save area is ordinary, unencrypted hypervisor memory: the hypervisor
 reads and writes the guest's registers (the weakness SEV-ES removes).
 
-**Guest code.** A vCPU runs on one of two engines, chosen per VM: real x86 machine code
-(``sevsim.soc.x86``), or the model's Python guest programs, for the flows not yet ported.
-A guest program is Python code driving its vCPU (``GuestVcpu``); its *code image* is
-registered once (``register_program``) and placed in guest memory by whoever builds the
-guest. At every VMRUN the core fetches the bytes at the guest's RIP through the real path
-and they must be that image: anything else (the wrong key, tampered memory) is no
-instruction — #UD, no handler can be delivered, #VMEXIT(SHUTDOWN).
+**Guest code** is real x86 machine code, executed by the instruction engine
+(``sevsim.soc.x86``) through the model's translation and keys: what a vCPU fetches with
+the wrong key (another ASID's, tampered memory) decodes to garbage and runs as such,
+until it faults with no usable IDT — #VMEXIT(SHUTDOWN).
 
-**Exits.** A program runs in its own thread; the host's VMRUN blocks while the guest runs
-and returns the exit when the guest traps (CPUID, MSR, HLT, VMMCALL, #NPF, SHUTDOWN). The
-next VMRUN resumes the guest where it stopped. Only one side runs at a time.
+**Exits.** The engine runs on its own thread; the host's VMRUN blocks while the guest runs
+and returns the exit when the guest traps (CPUID, MSR, HLT, VMMCALL, IOIO, #NPF, SHUTDOWN)
+or its time slice ends. The next VMRUN resumes the guest where it stopped. Only one side
+runs at a time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sevsim.api.layout import Layout
-from sevsim.soc.faults import HardwareFault
-from sevsim.soc.turns import Turns
 
 VMCB_SIZE = 4096
 SAVE = 0x400  # the save area
@@ -229,120 +222,3 @@ class Exit:
 
     def __repr__(self) -> str:
         return f"<Exit {self.name} info1={self.info1:#x} info2={self.info2:#x}>"
-
-
-# ---- the Python guest programs: code images of known programs ------------------------------
-@dataclass(frozen=True)
-class GuestProgram:
-    name: str
-    entry: Callable[..., Any]
-    code: bytes  # the code image: what its instructions look like in memory
-
-
-_PROGRAMS: dict[bytes, GuestProgram] = {}
-
-
-def register_program(name: str, entry: Callable[..., Any], size: int = 4096) -> GuestProgram:
-    """Give a guest program a code image (deterministic from its name) so guests can run it."""
-    seed = hashlib.sha256(f"sevsim guest program: {name}".encode()).digest()
-    header = f"SEVSIM-GUEST-CODE {name}\n".encode()
-    blocks = (hashlib.sha256(seed + i.to_bytes(4, "little")).digest() for i in range(size // 32))
-    body = b"".join(blocks)
-    code = (header + body)[:size]
-    program = GuestProgram(name, entry, code)
-    existing = _PROGRAMS.get(code)
-    if existing is not None and existing.entry is not entry:
-        raise ValueError(f"another program is already registered as {name!r}")
-    _PROGRAMS[code] = program
-    return program
-
-
-def decode(code: bytes) -> GuestProgram | None:
-    """The program whose code image these bytes are, if any."""
-    return _PROGRAMS.get(code)
-
-
-class GuestKilled(BaseException):
-    """Unwinds a guest program whose vCPU was shut down or destroyed."""
-
-
-class GuestThread:
-    """The execution context of one vCPU (one VMCB): the guest program's thread.
-
-    MODEL: a guest program runs with interrupts enabled (its HLTs are ``sti; hlt``: they
-    wait for the next timer tick); when it returns, its vCPU executes ``cli; hlt`` for
-    good. ``rflags`` is what VMRUN saves in the VMCB at each exit."""
-
-    def __init__(self, program: GuestProgram, vcpu: Any, turns: Turns) -> None:
-        self.program = program
-        self.vcpu = vcpu
-        self._turns = turns
-        self._activity: object = None  # the VMRUN's turn, which the program runs in
-        self._to_guest: threading.Semaphore = threading.Semaphore(0)
-        self._to_host: threading.Semaphore = threading.Semaphore(0)
-        self._exit: Exit | None = None
-        self._error: BaseException | None = None
-        self._kill = False
-        self.finished = False
-        self.result: Any = None
-        self._thread = threading.Thread(
-            target=self._main, name=f"guest:{program.name}", daemon=True
-        )
-        self._started = False
-
-    def _main(self) -> None:
-        self._to_guest.acquire()
-        self._turns.adopt(self._activity)
-        try:
-            if self._kill:
-                return
-            self.result = self.program.entry(self.vcpu)
-            self._exit = Exit(EXIT_HLT)  # "cli; hlt": see rflags
-        except GuestKilled:
-            return
-        except HardwareFault as fault:
-            # No handler can be delivered (the model has no IDT): triple fault.
-            self._exit = Exit(EXIT_SHUTDOWN, detail={"reason": f"unhandled {fault}"})
-        except BaseException as exc:  # noqa: BLE001 - a bug in guest code: the host sees it
-            self._error = exc
-        self.finished = True
-        self._to_host.release()
-
-    def run(self) -> Exit:
-        """Run the guest until its next exit (called by the host thread inside VMRUN)."""
-        if self.finished:
-            # The program has ended: the vCPU sits in "cli; hlt" for good.
-            return Exit(EXIT_HLT)
-        self._exit = None
-        self._activity = self._turns.activity()
-        if not self._started:
-            self._started = True
-            self._thread.start()
-        self._to_guest.release()
-        self._to_host.acquire()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        assert self._exit is not None
-        return self._exit
-
-    @property
-    def rflags(self) -> int:
-        """The program's RFLAGS: IF set while it runs, clear once it has ended."""
-        return RFLAGS_FIXED if self.finished else RFLAGS_FIXED | RFLAGS_IF
-
-    def trap(self, exit_: Exit) -> None:
-        """Called on the guest thread: hand an exit to the host and wait for the next VMRUN."""
-        self._exit = exit_
-        self._to_host.release()
-        self._to_guest.acquire()
-        self._turns.adopt(self._activity)
-        if self._kill:
-            raise GuestKilled()
-
-    def kill(self) -> None:
-        if self._started and not self.finished and self._thread.is_alive():
-            self._kill = True
-            self._to_guest.release()
-            self._thread.join(timeout=5)
-        self.finished = True

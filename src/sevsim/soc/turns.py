@@ -8,9 +8,9 @@ Two host threads can therefore never interleave on a core (a guest's nested page
 cannot surface in another thread's host access), and turns are granted first come, first
 served, so a busy guest that asks again at once queues behind the others.
 
-The holder is an *activity*, normally a thread. The model's Python guest programs run on a
-thread of their own while the thread that executed VMRUN waits for the exit; they adopt
-the VMRUN's activity (``adopt``), since only one of the two ever runs.
+The holder is an *activity*, normally a thread. A vCPU's instruction engine runs on a
+thread of its own while the thread that executed VMRUN waits for the exit; it adopts the
+VMRUN's activity (``adopt``), since only one of the two ever runs.
 """
 
 from __future__ import annotations

@@ -83,14 +83,12 @@ class Kvm(KvmSev):
         return asid
 
     # ---- VMs ----------------------------------------------------------------------------
-    def create_vm(
-        self, memory: int, vcpus: int = 1, sev: bool = False, name: str = "", x86: bool = False
-    ) -> Vm:
-        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT). ``x86``: the
-        vCPUs execute real machine code (else the model's Python guest programs run)."""
+    def create_vm(self, memory: int, vcpus: int = 1, sev: bool = False, name: str = "") -> Vm:
+        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT). The vCPUs
+        execute real machine code from the reset vector (``Vm.load_firmware``)."""
         if sev and not self.sev_supported:
             raise KvmError("SEV is not supported or not initialised", err=errno.ENOTTY)
-        return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}", x86=x86)
+        return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}")
 
 
 @dataclass
@@ -160,9 +158,7 @@ class Vm(SevGuest, SevMigration):
     """A VM: memslots, the nested page table, vCPUs; its KVM_SEV_* commands come from
     ``SevGuest`` (launch, secret, attestation, debug, teardown) and ``SevMigration``."""
 
-    def __init__(
-        self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str, x86: bool = False
-    ) -> None:
+    def __init__(self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str) -> None:
         if memory <= 0 or memory % PAGE_4K:
             raise ValueError("guest memory must be a positive multiple of 4 KiB")
         if nr_vcpus < 1:
@@ -181,12 +177,11 @@ class Vm(SevGuest, SevMigration):
         self.destroyed = False
         self.slots: list[MemSlot] = []
         self.aliases: list[MemSlot] = []  # regions that show another slot's pages (isa-bios)
-        self.x86 = x86
         # A vCPU that runs this many host time slices in a row without any other exit is
         # stuck (spinning, or executing garbage that loops): the VM is stopped.
         self.spin_budget = 200
         self.huge_pages = True  # map 2 MiB frames with one NPT entry where possible
-        if x86 and memory > PC_LOWMEM_LIMIT:
+        if memory > PC_LOWMEM_LIMIT:
             # QEMU's pc machine: RAM stops at 3 GiB below the 4 GiB line (the hole holds the
             # flash, the APIC and PCI); the rest is above 4 GiB.
             self.add_memory(0, PC_LOWMEM)
@@ -327,24 +322,7 @@ class Vm(SevGuest, SevMigration):
         self.npt.map(page, self.spa(page), PAGE_4K, leaf, encrypted=encrypted)
         return True
 
-    # ---- SEV launch (KVM_SEV_* ioctls) -------------------------------------------------------
-    def launch(self, image: list[tuple[int, bytes]], entry: int, policy: int = 0) -> bytes | None:
-        """What a VMM does to start a guest: copy the image into guest memory, point every
-        vCPU at ``entry`` and, for an SEV guest, LAUNCH_START (no owner session), encrypt
-        and measure the image, LAUNCH_FINISH. Returns the measurement (SEV) or None."""
-        for gpa, data in image:
-            self.write(gpa, data)
-        for vcpu in self.vcpus:
-            vcpu.set_vmcb(rip=entry)
-        if not self.sev:
-            return None
-        self.sev_launch_start(policy)
-        for gpa, data in image:
-            self.sev_launch_update_data(gpa, len(data))
-        measurement = self.sev_launch_measure()
-        self.sev_launch_finish()
-        return measurement
-
+    # ---- the firmware (QEMU's -bios) ---------------------------------------------------------
     def load_firmware(self, image: bytes) -> int:
         """QEMU's -bios: the image ends at 4 GiB, and its last 128 KiB (at most) also show
         below 1 MiB (isa-bios); every vCPU is reset to fetch at 0xFFFFFFF0. Returns the

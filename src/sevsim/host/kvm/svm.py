@@ -21,7 +21,6 @@ from sevsim.host.kvm.uapi import (
 )
 from sevsim.soc.core import Core
 from sevsim.soc.cpuid import LEAF1_ECX_HYPERVISOR
-from sevsim.soc.paging import CR0_PE
 from sevsim.soc.svm import (
     BP_VECTOR,
     DB_VECTOR,
@@ -72,7 +71,6 @@ if TYPE_CHECKING:
     from sevsim.host.kvm.kvm_main import Vm
 
 EFER_SVME = 1 << 12
-CR0_ET = 1 << 4
 DEFAULT_GUEST_PAT = 0x0007_0406_0007_0406  # the PAT's power-on value
 MSR_APIC_BASE = 0x1B
 GP_VECTOR = 13
@@ -133,22 +131,19 @@ class Vcpu:
             asid=self.vm.asid,
             nested_ctl=NP_ENABLE | (SEV_ENABLE if self.vm.sev else 0),
             ncr3=self.vm.npt.cr3(),
-            cr0=CR0_PE | CR0_ET,  # MODEL: entered in protected mode, paging off
-            rip=0,
             g_pat=DEFAULT_GUEST_PAT,
         )
-        # Real-code vCPUs have a local APIC; the others (APs) wait for a STARTUP IPI.
-        self.apic = lapic.LocalApic(self.index, self._send_ipi) if self.vm.x86 else None
-        self.parked = self.vm.x86 and self.index > 0
+        # Each vCPU has a local APIC; all but the first (the APs) wait for a STARTUP IPI.
+        self.apic = lapic.LocalApic(self.index, self._send_ipi)
+        self.parked = self.index > 0
         self.kick = threading.Event()  # set by the VMM to get the vCPU out of KVM_RUN
         self.guest_debug = 0  # KVM_GUESTDBG_* flags from KVM_SET_GUEST_DEBUG
         self.eff_db = [0, 0, 0, 0]  # the debugger's DR0-DR3 (linear addresses)
         self._tf_added = False  # KVM set RFLAGS.TF for a single step (the guest had it clear)
         self.debug_exit = (0, 0)  # the last KVM_EXIT_DEBUG's (exception vector, DR6)
         self.halted = False  # in HLT with interrupts on, until an interrupt wakes it
-        if self.vm.x86:
-            kernel.core.machine.use_x86(self.vmcb_addr)
-            self.reset()
+        kernel.core.machine.use_x86(self.vmcb_addr)  # its engine, for tools to see before VMRUN
+        self.reset()
         self._spins = 0
 
     def __repr__(self) -> str:
@@ -288,7 +283,7 @@ class Vcpu:
         vCPU with no timer armed wakes at once instead (MODEL: the model's devices
         complete without interrupts; guests that wait for them poll after HLT)."""
         apic = self.apic
-        if apic is None or apic.next_expiry() is None and not apic.irr:
+        if apic.next_expiry() is None and not apic.irr:
             return True
         if apic.pending() is not None:
             return True
@@ -302,7 +297,7 @@ class Vcpu:
         when the guest can take an interrupt (RFLAGS.IF, which KVM reads in the VMCB of a
         non-ES guest) and nothing else is being injected. MODEL: the STI/MOV SS interrupt
         shadow is not looked at."""
-        if self.apic is None or self._vmcb_field("event_inj") & EVENTINJ_VALID:
+        if self._vmcb_field("event_inj") & EVENTINJ_VALID:
             return
         vector = self.apic.pending()
         if vector is None or not self._vmcb_field("rflags") & RFLAGS_IF:
@@ -367,17 +362,15 @@ class Vcpu:
                     return None
             elif vm.map_gpa(gpa):
                 return None
-            elif self.apic is not None and 0 <= gpa - lapic.APIC_BASE < lapic.APIC_SIZE:
+            elif 0 <= gpa - lapic.APIC_BASE < lapic.APIC_SIZE:
                 problem = self._emulate_mmio(gpa, self.apic, lapic.APIC_BASE)
                 if problem is None:
                     return None
-            elif vm.x86:
+            else:
                 # Nothing there: the VMM answers as QEMU's unassigned memory does.
                 problem = self._emulate_mmio(gpa, UNASSIGNED, gpa)
                 if problem is None:
                     return None
-            else:
-                problem = "no memory or device there"
             vm.dead = RunExit("INTERNAL_ERROR", f"emulation failure: GPA {gpa:#x}: {problem}", e)
             return vm.dead
         if e.code in (EXIT_EXCP_BASE + DB_VECTOR, EXIT_EXCP_BASE + BP_VECTOR):
@@ -461,7 +454,7 @@ class Vcpu:
             self.regs[name] = self.regs.get(name, 0) & ~mask | value & mask
 
     def _skip(self, e: Exit) -> None:
-        """kvm_skip_emulated_instruction: RIP moves to NEXT_RIP (real-code vCPUs)."""
+        """kvm_skip_emulated_instruction: RIP moves to NEXT_RIP."""
         if e.next_rip:
             self.set_vmcb(rip=e.next_rip)
 
