@@ -5,6 +5,7 @@ the real-code image (src/sevsim/guest/x86: swiotlb.c, virtio_blk.c, xts.c, disk.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 import re
@@ -17,14 +18,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sevsim.api import guidtable
 from sevsim.api import virtio as v
 from sevsim.certs.sev import SevCert
-from sevsim.guest import kernel as gk
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.virtio_blk import DiskError, create_image
 from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.owner import secret, session
 from sevsim.profiles import get_profile
 from sevsim.soc.dma import BusMaster
-from sevsim.soc.svm import register_program
 from sevsim.system import HostSystem
 
 FIRMWARE = x86_guest.image()
@@ -208,43 +207,33 @@ def test_the_vmm_reports_a_bad_disk_image(host, tmp_path):
 PATTERN = b"the guest's private record, 64 bytes, never to be seen by a device"[:64]
 
 
-def _private_dma_program(vcpu):
-    kernel = gk.GuestKernel(vcpu)
-    kernel.detect_sev()
-    kernel.setup_paging()
-    page = kernel.alloc_page()
-    vcpu.write(page, PATTERN)
-    vcpu.hlt()  # the host's device does its DMA now
-    first = vcpu.read(page, 64)
-    vcpu.hlt()
-    return page, first, vcpu.read(page, 64)
-
-
-PRIVATE_DMA = register_program("test-private-dma", _private_dma_program)
-
-
 def test_dma_into_private_guest_memory_is_garbage_both_ways(host):
-    kvm = host.kvm
-    vm = kvm.create_vm(4 * MiB, sev=True, name="dma")
-    vm.launch(gk.image(gk.cmdline(4 * MiB), PRIVATE_DMA), gk.GUEST_ENTRY)
+    """The real-code guest's ``secret dma dma``: it keeps its secret at SECRET_GPA and yields
+    twice while the host has a device write there, first with the C-bit (the host key),
+    then without (no key); each time it hashes what it reads back."""
+    vm = host.start_x86_guest("dma", "secret:dma dma dma", memory=x86_guest.MIN_MEMORY)
     vcpu = vm.vcpus[0]
     assert vcpu.run().reason == "HLT"
-    page = gk.DATA_BASE  # the guest's first data page
-    spa = vm.spa(page)
+    secret_gpa = x86_guest.symbols()["SECRET_GPA"]
+    spa = vm.spa(secret_gpa)
+    host.kernel.wbinvd_on_all_cpus()
     device = BusMaster(host.machine, 0x0400)
     cbit = host.kernel.me_mask
     # Out of the guest: a device gets ciphertext, with or without the C-bit.
-    assert device.read(spa, 64) != PATTERN
-    assert device.read(spa | cbit, 64) != PATTERN
+    marker = b"sevsim secret:"
+    assert marker not in device.read(spa, 64) and marker not in device.read(spa | cbit, 64)
     # Into the guest: the guest decrypts whatever a device writes with its own key.
     device.write(spa | cbit, PATTERN)
     assert vcpu.run().reason == "HLT"
+    after_keyed = vm.sev_dbg_decrypt(secret_gpa, 64)  # what the guest has just read
     device.write(spa, PATTERN)
     assert vcpu.run().reason == "DONE"
-    got_page, after_keyed, after_plain = host.machine.observe_guest(vcpu.vmcb_addr)
-    assert got_page == page
+    after_plain = vm.sev_dbg_decrypt(secret_gpa, 64)
     assert after_keyed != PATTERN and after_plain != PATTERN
     assert after_keyed != after_plain  # two different kinds of garbage
+    lines = re.findall(r"dma read back: (\w+), sha256 ([0-9a-f]{64})", vm.console_text())
+    expected = [("changed", hashlib.sha256(r).hexdigest()) for r in (after_keyed, after_plain)]
+    assert lines == expected, vm.console_text()
     vm.destroy()
 
 

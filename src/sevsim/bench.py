@@ -322,7 +322,7 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
     profile = get_profile("milan").with_(dram_size=4 * GiB)
     with HostSystem.start(profile) as a, HostSystem.start(profile.with_(seed=None)) as b:
         src = Vmm(a, VmConfig(firmware=None, memory=size))
-        vm = src.vm = a.kvm.create_vm(size, sev=True, x86=True)
+        vm = src.vm = a.kvm.create_vm(size, sev=True)
         chunk = 16 * MiB
         for gpa in range(0, size, chunk):  # guest memory, all of it written
             vm.write_stream(gpa, os.urandom(min(chunk, size - gpa)))

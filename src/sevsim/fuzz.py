@@ -112,7 +112,7 @@ class World:
         "lsecret" (measured) or "lupdate" (its image encrypted)."""
         if stage == "running":
             return self.system.start_x86_guest(name, memory=GUEST_MEMORY, policy=policy)
-        vm = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name=name, x86=True)
+        vm = self.system.kvm.create_vm(GUEST_MEMORY, sev=True, name=name)
         image = x86_guest.image()
         base = vm.load_firmware(image)
         vm.sev_launch_start(policy)

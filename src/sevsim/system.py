@@ -99,20 +99,6 @@ class HostSystem:
         """The host's hypervisor (one per host: it owns the ASID allocator)."""
         return Kvm(self.kernel, self.sev)
 
-    def start_guest(
-        self, name: str, memory: int = 4 << 20, sev: bool = True, policy: int = 0, **options: object
-    ) -> Vm:
-        """A VM running the model's Python guest kernel (``sevsim.guest.kernel``), launched as
-        KVM does it (LAUNCH_* for an SEV guest); ``options`` go on its command line
-        (``workload=``, ``secret=``...). MODEL: kept for the callers not yet moved to
-        ``start_x86_guest`` (fuzz, tamper, the attack lab, the I/O demo)."""
-        from sevsim.guest import kernel as guest_kernel
-
-        vm = self.kvm.create_vm(memory, sev=sev, name=name)
-        line = guest_kernel.cmdline(memory, **options)
-        vm.launch(guest_kernel.image(line), guest_kernel.GUEST_ENTRY, policy=policy)
-        return vm
-
     def start_x86_guest(
         self,
         name: str,

@@ -200,7 +200,7 @@ def _launch_start(system, owner, name, original, bits, tick) -> Tally:
 
 def _secrets(system, owner, want, tick) -> list[Tally]:
     """LAUNCH_SECRET with one flipped bit; the guest must stay in LSECRET, unchanged."""
-    vm = system.kvm.create_vm(GUEST_MEMORY, sev=True, name="target", x86=True)
+    vm = system.kvm.create_vm(GUEST_MEMORY, sev=True, name="target")
     image = x86_guest.image()
     base = vm.load_firmware(image)
     vm.sev_launch_start(owner.policy, owner.godh_cert, owner.session)

@@ -454,7 +454,7 @@ def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
             f"the victim (ASID {victim.asid}) has booted; its CR3 is {v.cr3:#x} (in the clear "
             f"in its VMCB); the gadget is at {gadget:#x}: " + "; ".join(listing[:3])
         )
-        attacker = system.kvm.create_vm(PAGE * 1024, sev=False, name="attacker", x86=True)
+        attacker = system.kvm.create_vm(PAGE * 1024, sev=False, name="attacker")
         encrypted = system.kernel.sme_active
         tables = _table_pages()
         for gpa in [*tables, gadget & ~(PAGE - 1)]:

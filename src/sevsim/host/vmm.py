@@ -226,7 +226,7 @@ class Vmm:
         kind = "SEV guest" if self.config.sev else "VM"
         try:
             vm = self.vm = self.kvm.create_vm(
-                memory, vcpus=smp, sev=self.config.sev, name=self.config.name, x86=True
+                memory, vcpus=smp, sev=self.config.sev, name=self.config.name
             )
         except KvmError as exc:
             raise VmmError(f"cannot create the {kind}: {exc}") from None
