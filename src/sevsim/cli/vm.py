@@ -87,9 +87,10 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
     """Write the real-code guest (64 KiB of x86 machine code, built from the sources in
     sevsim/guest/x86; the same bytes as `vm firmware --size 64K`) for `vm run --bios`.
     Choose what it does with --fw-cfg name=opt/sevsim/workload,string='WORDS': secret,
-    pf, gp, selfmod, alias, alias-flush, spin, alu:N, mem:N, loads:N, count, count:N,
-    hmac-selftest, and the attack lab's balance, flags, inbox (default: secret). It also
-    boots on plain QEMU."""
+    secret:LABEL, dma, aps (with --smp), picture, pf, gp, selfmod, alias, alias-flush,
+    spin, alu:N, mem:N, loads:N[:ROUNDS], count, count:N, disk:MIB[:SEED[:write|:auth]]
+    (with --disk), hmac-selftest, and the attack lab's balance, flags, inbox (default:
+    secret; the image's README.md says what each does). It also boots on plain QEMU."""
     image = x86_guest.image()
     atomic_write(out, image, 0o644)
     if as_json:
