@@ -207,11 +207,12 @@ def test_the_vmm_reports_a_bad_disk_image(host, tmp_path):
 PATTERN = b"the guest's private record, 64 bytes, never to be seen by a device"[:64]
 
 
-def test_dma_into_private_guest_memory_is_garbage_both_ways(host):
-    """The real-code guest's ``secret dma dma``: it keeps its secret at SECRET_GPA and yields
-    twice while the host has a device write there, first with the C-bit (the host key),
-    then without (no key); each time it hashes what it reads back."""
-    vm = host.start_x86_guest("dma", "secret:dma dma dma", memory=x86_guest.MIN_MEMORY)
+@pytest.mark.parametrize("with_cbit", [True, False], ids=["host-key", "no-key"])
+def test_dma_into_private_guest_memory_is_garbage_both_ways(host, with_cbit):
+    """The real-code guest's ``secret dma``: it keeps its secret at SECRET_GPA and yields
+    while the host has a device write there — with the C-bit (the host key) or without (no
+    key) — then hashes what it reads back."""
+    vm = host.start_x86_guest("dma", "secret:dma dma", memory=x86_guest.MIN_MEMORY)
     vcpu = vm.vcpus[0]
     assert vcpu.run().reason == "HLT"
     secret_gpa = x86_guest.symbols()["SECRET_GPA"]
@@ -223,17 +224,14 @@ def test_dma_into_private_guest_memory_is_garbage_both_ways(host):
     marker = b"sevsim secret:"
     assert marker not in device.read(spa, 64) and marker not in device.read(spa | cbit, 64)
     # Into the guest: the guest decrypts whatever a device writes with its own key.
-    device.write(spa | cbit, PATTERN)
-    assert vcpu.run().reason == "HLT"
-    after_keyed = vm.sev_dbg_decrypt(secret_gpa, 64)  # what the guest has just read
-    device.write(spa, PATTERN)
+    device.write(spa | cbit if with_cbit else spa, PATTERN)
+    in_dram = host.machine.dram.read(spa, 64)
+    assert (in_dram != PATTERN) == with_cbit  # the host key encrypted it, or nothing did
     assert vcpu.run().reason == "DONE"
-    after_plain = vm.sev_dbg_decrypt(secret_gpa, 64)
-    assert after_keyed != PATTERN and after_plain != PATTERN
-    assert after_keyed != after_plain  # two different kinds of garbage
-    lines = re.findall(r"dma read back: (\w+), sha256 ([0-9a-f]{64})", vm.console_text())
-    expected = [("changed", hashlib.sha256(r).hexdigest()) for r in (after_keyed, after_plain)]
-    assert lines == expected, vm.console_text()
+    read = vm.sev_dbg_decrypt(secret_gpa, 64)  # what the guest read (a debuggable guest)
+    assert read != PATTERN and not read.startswith(marker)
+    line = f"dma read back: changed, sha256 {hashlib.sha256(read).hexdigest()}"
+    assert line in vm.console_text()
     vm.destroy()
 
 
