@@ -684,10 +684,10 @@ def run_bench(quick: bool = False, progress: Progress | None = None) -> dict[str
     )
     result.update(bench_launch(size, rounds, progress))
     result.update(bench_migrate(32 * MiB if quick else 256 * MiB, progress))
-    result.update(bench_bounce_io(8 * MiB if quick else 64 * MiB, rounds, progress))
+    result.update(bench_bounce_io(4 * MiB if quick else 64 * MiB, 2 if quick else rounds, progress))
     result.update(bench_sparse(8 * MiB if quick else 64 * MiB, progress))
     result.update(bench_guest_memory(4 * GiB, progress))
-    result.update(bench_service(8, 3 if quick else 7, progress))
+    result.update(bench_service(4 if quick else 8, 3 if quick else 7, progress))
     result["targets"] = TARGETS
     result["targets_met"] = {
         "bulk_encrypt_ratio": result["bulk_encrypt_ratio"] >= 0.25,
