@@ -332,12 +332,15 @@ def _run_vm(
     except (VmmError, ServiceError, ServiceLost) as exc:
         end()
         raise click.ClickException(str(exc)) from None
-    gdb = _start_gdb(opts, vmm, config, end) if opts["gdb"] else None
+    # Without -S the guest runs before a debugger can connect (QEMU's -gdb): attaching
+    # stops it wherever it is.
+    run_now = qmp_address is None and not opts["incoming"] and not opts["paused"]
+    gdb = _start_gdb(opts, vmm, config, end, run_now) if opts["gdb"] else None
     if qmp_address is None:
         if opts["incoming"]:
             click.echo(f"waiting for a migration on {opts['incoming']}", err=True)
             vmm.serve_incoming()
-        if gdb is not None and not _debug_until_done(vmm, gdb, opts["paused"]):
+        if gdb is not None and not _debug_until_done(vmm, gdb):
             end()  # the debugger killed the VM
             return
         _run_to_completion(vmm, end, opts["as_json"])
@@ -375,13 +378,18 @@ def _run_vm(
         raise SystemExit(f"sevsim vm: the guest stopped: {died.reason}: {died.detail}")
 
 
-def _start_gdb(opts: dict[str, Any], vmm: RemoteVmm, config: VmConfig, end) -> GdbServer:
+def _start_gdb(
+    opts: dict[str, Any], vmm: RemoteVmm, config: VmConfig, end, run_now: bool
+) -> GdbServer:
     host, port = parse_gdb_address(opts["gdb"])
     try:
         gdb = GdbServer(vmm, host, port)
     except OSError as exc:
         end()
         raise click.ClickException(f"gdb on {opts['gdb']}: {exc.strerror or exc}") from None
+    vmm.debug_serve()
+    if run_now:
+        vmm.cont()
     gdb.start()
     kind = "SEV guest" if config.sev else "VM"
     state = "stopped before its first instruction" if opts["paused"] else "starting"
@@ -389,13 +397,11 @@ def _start_gdb(opts: dict[str, Any], vmm: RemoteVmm, config: VmConfig, end) -> G
     return gdb
 
 
-def _debug_until_done(vmm: RemoteVmm, gdb: GdbServer, paused: bool) -> bool:
-    """Run (unless -S) while a debugger may attach. False if the debugger killed the VM;
-    True once the guest has finished with no debugger attached."""
+def _debug_until_done(vmm: RemoteVmm, gdb: GdbServer) -> bool:
+    """Wait while a debugger may attach (the guest runs, unless -S). False if the debugger
+    killed the VM; True once the guest has finished with no debugger attached."""
     killed = threading.Event()
     gdb.on_kill = killed.set
-    if not paused:
-        vmm.cont()
     while not killed.wait(0.2):
         if gdb.connected.is_set() or vmm.status in ("prelaunch", "debug"):
             continue  # a debugger holds the guest, or may still come to start it

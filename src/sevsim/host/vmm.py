@@ -44,6 +44,7 @@ from sevsim.host.virtio_blk import DiskError, VirtioBlkDevice
 from sevsim.system import HostSystem
 
 MIN_MEMORY = 16 << 20
+STEP_SLICES = 20  # a Ctrl-C's step gives up after this many time slices (about 1 s)
 TIMER_TICK = 0.001  # how long a halted vCPU waits for its next timer interrupt
 SEV_STATES = {
     0: "uninit",
@@ -467,9 +468,13 @@ class Vmm:
                         return
                     exit_ = vcpu.run()
                     if self.debug.stop_requested and exit_.reason == "INTR":
-                        exit_ = self._step(vcpu)  # to the next instruction boundary
+                        # To the next instruction boundary; a step that does not end within
+                        # a few time slices (a vCPU kicked inside an IN/OUT runs on to the
+                        # end of its translated block, whose chained successors never look
+                        # at TF again) stops where the slice left it, between two blocks.
+                        exit_ = self._step(vcpu, max_slices=STEP_SLICES)
                     if exit_.reason == "DEBUG" or (
-                        self.debug.stop_requested and exit_.reason == "HLT"
+                        self.debug.stop_requested and exit_.reason in ("HLT", "INTR")
                     ):
                         self._debug_stopped(vcpu, exit_)
                         halted = False
@@ -514,12 +519,17 @@ class Vmm:
         runner = self._runner
         return runner is None or not runner.is_alive() or not self._running.is_set()
 
-    def _step(self, vcpu) -> RunExit:
-        """One instruction of one vCPU (KVM_GUESTDBG_SINGLESTEP); the lock is held."""
+    def _step(self, vcpu, max_slices: int | None = None) -> RunExit:
+        """One instruction of one vCPU (KVM_GUESTDBG_SINGLESTEP); the lock is held. With
+        ``max_slices``, give up after that many host time slices (the INTR exit)."""
         self.debug.apply(step=vcpu)
+        slices = 0
         try:
             vcpu.kick.clear()
             while (exit_ := vcpu.run()).reason == "INTR":
+                slices += 1
+                if max_slices is not None and slices >= max_slices:
+                    break
                 vcpu.kick.clear()
         finally:
             self.debug.apply()
@@ -549,6 +559,13 @@ class Vmm:
         self.debug.stop_requested = True
         self._kick_vcpus()
 
+    def debug_serve(self) -> None:
+        """A debugger may attach at any time (vm run --gdb): a vCPU that runs without exits
+        is waiting for it, not stuck — QEMU never stops a spinning guest, and the model's KVM
+        (``spin_budget``) must not either while a gdb server is up."""
+        if self.vm is not None:
+            self.vm.spin_budget = 1 << 62
+
     def debug_attach(self, timeout: float = 30.0) -> dict[str, Any]:
         """A debugger connects: the guest stops (QEMU stops the VM), breakpoints reset."""
         self.debug.forget_stop()
@@ -563,6 +580,8 @@ class Vmm:
         return self.debug.wait(timeout)
 
     def debug_cont(self) -> None:
+        if not self._stopped():
+            return  # it runs already (the runner holds the lock while a vCPU runs)
         self.debug.forget_stop()
         died = self.guest_died
         if died is not None:

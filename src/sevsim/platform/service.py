@@ -41,7 +41,7 @@ VM_METHODS = frozenset(
         "human_monitor_command", "set_migration_parameters", "migrate", "query_migrate",
         "console_text", "guest_state",
         # a debugger's (vm run --gdb): host/debug.py
-        "debug_vcpus", "debug_attach", "debug_interrupt", "debug_wait", "debug_cont",
+        "debug_serve", "debug_vcpus", "debug_attach", "debug_interrupt", "debug_wait", "debug_cont",
         "debug_step", "debug_registers", "debug_set_registers", "debug_read", "debug_write",
         "debug_breakpoint", "debug_detach",
     }

@@ -276,6 +276,10 @@ class Vcpu:
                 # on: kvm_skip_emulated_instruction ends the single step there.
                 self.debug_exit = (DB_VECTOR, DR6_BS)
                 return RunExit("DEBUG", "#DB", exit_)
+            if stepping and exit_.code == EXIT_INTR:
+                # The host's timer ended a slice before the step did: back to the VMM,
+                # which decides whether to go on (a signal pending for the vCPU thread).
+                return RunExit("INTR", "a time slice ended during a single step", exit_)
 
     def _wakes(self) -> bool:
         """kvm_vcpu_block for a halted vCPU: an interrupt its APIC would deliver, waited
