@@ -26,6 +26,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from sevsim.api.status import Status
+from sevsim.host import guest_walk
 from sevsim.host.kvm import KvmError
 from sevsim.host.kvm.svm import (
     KVM_GUESTDBG_ENABLE,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 # GDB's signal numbers (gdb/signals.def), as QEMU's gdbstub reports stops.
 SIGINT, SIGQUIT, SIGTRAP, SIGABRT = 2, 3, 5, 6
 INT3 = 0xCC
-ADDR_MASK = (1 << 52) - 1 & ~0xFFF
 CR0_PG = 1 << 31
 EFER_LMA = 1 << 10
 GPRS = (
@@ -206,20 +206,14 @@ class GuestDebug:
         if not v.efer & EFER_LMA:
             raise DebugError("the guest uses 32-bit paging, which this debugger does not walk")
         me_mask = 1 << (vcpu.cpuid(0x8000_001F)[1] & 0x3F) if sev else 0
-        mask = ADDR_MASK & ~me_mask
-        table = v.cr3 & mask
-        for level, shift in enumerate((39, 30, 21, 12)):
-            raw = self._read_physical(table + (va >> shift & 511) * 8, 8, sev)
-            (entry,) = struct.unpack("<Q", raw)
-            if not entry & 1:
-                raise DebugError(f"Cannot access memory at {va:#x}: not mapped")
-            if level in (1, 2) and entry & 0x80:  # a 1 GiB or 2 MiB page
-                size = 1 << shift
-                return (entry & mask & ~(size - 1)) | (va & (size - 1)), bool(entry & me_mask)
-            table = entry & mask
-            if level == 3:
-                return table | (va & 0xFFF), bool(entry & me_mask)
-        raise AssertionError("unreachable")
+
+        def read_entry(gpa: int) -> int:
+            return struct.unpack("<Q", self._read_physical(gpa, 8, sev))[0]
+
+        try:
+            return guest_walk.walk(read_entry, v.cr3, va, me_mask)
+        except guest_walk.NotMapped:
+            raise DebugError(f"Cannot access memory at {va:#x}: not mapped") from None
 
     def _pieces(self, index: int, va: int, n: int):
         pos, end = va, va + n

@@ -16,6 +16,7 @@ import shlex
 import struct
 from typing import TYPE_CHECKING
 
+from sevsim.host import guest_walk
 from sevsim.soc.x86.decode import GPR_NAMES, disassemble
 from sevsim.soc.x86.hidden import Segment
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 SIZES = {"b": 1, "h": 2, "w": 4, "g": 8}
 POLICY_NODBG = 1 << 0
-ADDR_MASK = (1 << 52) - 1 & ~0xFFF
+ADDR_MASK = guest_walk.ADDR_MASK
 
 
 class MonitorError(Exception):
@@ -120,22 +121,14 @@ class Monitor:
             return va & 0xFFFF_FFFF
         if not v.efer & (1 << 10):
             return None  # MODEL: the monitor walks long-mode tables only
-        mask = ADDR_MASK & ~self._me_mask()
-        table = v.cr3 & mask
-        for level, shift in enumerate((39, 30, 21, 12)):
-            try:
-                entry = struct.unpack("<Q", self.read_physical(table + (va >> shift & 511) * 8, 8))[
-                    0
-                ]
-            except (ValueError, OSError):
-                return None
-            if not entry & 1:
-                return None
-            if level in (1, 2) and entry & 0x80:  # a 1 GiB or 2 MiB page
-                size = 1 << shift
-                return (entry & mask & ~(size - 1)) | (va & (size - 1))
-            table = entry & mask
-        return table | (va & 0xFFF)
+
+        def read_entry(gpa: int) -> int:
+            return struct.unpack("<Q", self.read_physical(gpa, 8))[0]
+
+        try:
+            return guest_walk.walk(read_entry, v.cr3, va, self._me_mask())[0]
+        except (guest_walk.NotMapped, ValueError, OSError):
+            return None
 
     def examine(self, rest: str, physical: bool) -> str:
         args = shlex.split(rest)
