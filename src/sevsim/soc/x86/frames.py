@@ -184,6 +184,16 @@ class FrameCache:
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
             self.stats["lines_written_back"] += len(changed)
 
+    def release(self) -> None:
+        """The engine goes away: what it changed goes to the model's cache, then every frame
+        and chunk is let go at once (not left to Python's cycle collector)."""
+        self.write_back([f for f in self._by_key.values() if f.gen == self.gen])
+        for page_pa in self._by_page:
+            if self._cache.upper.get(page_pa) == self._sync_page:
+                del self._cache.upper[page_pa]
+        self._chunks, self._free, self._retired, self._live = [], [], [], []
+        self._by_key, self._by_page = {}, {}
+
     def write_back_line(self, slot: int, line_pa: int) -> None:
         """Write back one line (CLFLUSH), if its frame holds a change."""
         frame = self.lookup(slot, line_pa & ~0xFFF)

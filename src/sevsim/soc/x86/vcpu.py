@@ -451,7 +451,12 @@ class X86Vcpu:
             self.uc.emu_stop()
             self._go.release()
             self._thread.join(timeout=5)
-        self.frames.write_back()
+        if self._thread is not None and self._thread.is_alive():
+            self.frames.write_back()  # a stuck engine thread keeps its frames mapped
+            return
+        # Let the frames go now: the engine's hooks point back at this object, so they would
+        # otherwise wait for Python's cycle collector (MiB per vCPU).
+        self.frames.release()
 
     # ---- the engine's thread ------------------------------------------------------------
     def _main(self) -> None:
