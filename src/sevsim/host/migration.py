@@ -9,8 +9,8 @@ type    name   payload
 1       SETUP  JSON: memory, vCPUs, policy, memslots (GPA, size, read-only) and the windows
                that show another slot's pages (GPA, size, target GPA), the sender's PDH
                and the SEND_START session blob (base64)
-2       PAGE   ``u64 GPA ‖ 52-byte packet header ‖ ciphertext``: private guest memory, as
-               SEND_UPDATE_DATA made it (up to 20 KiB, the firmware's limit)
+2       PAGE   ``u64 GPA ‖ 52-byte packet header ‖ ciphertext``: one page of private guest
+               memory, as SEND_UPDATE_DATA made it (KVM takes at most one page per command)
 3       PLAIN  ``u64 GPA ‖ data``: a page the guest shares with the host, as the host reads it
 4       VCPU   JSON: one vCPU's state: the whole VMCB save area (segment registers with
                their hidden parts, GDTR/IDTR, control registers, EFER, RFLAGS, RIP, ...),
@@ -58,8 +58,8 @@ from sevsim.soc.svm import SAVE, VMCB
 MAGIC = b"SEVSIM-MIGRATION 1\n"
 FRAME = struct.Struct("<BI")
 GPA = struct.Struct("<Q")
-PACKET_PAGES = 5  # 20 KiB: the most one SEND_UPDATE_DATA carries (SEV_SCRATCH_BUF_LEN)
 PAGE = 4096
+PROGRESS_EVERY = 256  # pages between two progress reports (1 MiB)
 MAX_RECORD = 1 << 20
 SUPDATE = 4  # the guest state between SEND_START and SEND_FINISH / SEND_CANCEL
 # What KVM_GET_SREGS/KVM_GET_REGS and friends give QEMU: every field of the save area.
@@ -149,14 +149,13 @@ class StreamReader:
         kind, length = FRAME.unpack(head)
         if length > MAX_RECORD:
             raise MigrationError(f"a record of {length} bytes: the stream is damaged")
-        expected = self.digest.copy()  # what END must carry (the digest before END)
         payload = self._take(length)
         try:
             record = Record(kind)
         except ValueError:
             raise MigrationError(f"unknown record type {kind}: the stream is damaged") from None
-        if record == Record.END:
-            if payload != expected.digest():
+        if record == Record.END:  # it carries the digest of everything before it
+            if payload != self.digest.digest():
                 raise MigrationError("the stream's digest does not match: it was altered")
         else:
             self.digest.update(head)
@@ -176,7 +175,7 @@ def send(vmm, out: BinaryIO, target: TargetChain, progress: Progress | None = No
     session, policy = vm.sev_send_start(target.pdh, target.plat_certs, target.amd_certs)
     shared = _shared_pages(vm)
     pages = [(s, i) for s in vm.slots for i in sorted(s.populated)]
-    total, sent = len(pages) * PAGE, 0
+    total = len(pages) * PAGE
     writer = StreamWriter(out)
     setup = {
         "memory": vmm.config.memory,
@@ -188,29 +187,16 @@ def send(vmm, out: BinaryIO, target: TargetChain, progress: Progress | None = No
         "session": base64.b64encode(session).decode(),
     }
     writer.record(Record.SETUP, json.dumps(setup).encode())
-    run: list[int] = []  # GPAs of contiguous private pages, sent as one packet
-
-    def flush_run() -> None:
-        nonlocal sent
-        if run:
-            header, data = vm.sev_send_update_data(run[0], len(run) * PAGE)
-            writer.record(Record.PAGE, GPA.pack(run[0]) + header + data)
-            sent += len(run) * PAGE
-            run.clear()
-            if progress:
-                progress(sent, total)
-
-    for slot, index in pages:
+    # Page by page, as QEMU does: KVM rejects a SEND_UPDATE_DATA beyond one page.
+    for n, (slot, index) in enumerate(pages, 1):
         gpa = slot.gpa + index * PAGE
         if gpa in shared:
-            flush_run()
             writer.record(Record.PLAIN, GPA.pack(gpa) + vm.read_stream(gpa, PAGE))
-            sent += PAGE
-            continue
-        if run and (gpa != run[-1] + PAGE or len(run) == PACKET_PAGES):
-            flush_run()
-        run.append(gpa)
-    flush_run()
+        else:
+            header, data = vm.sev_send_update_data(gpa, PAGE)
+            writer.record(Record.PAGE, GPA.pack(gpa) + header + data)
+        if progress and n % PROGRESS_EVERY == 0:
+            progress(n * PAGE, total)
     for vcpu in vm.vcpus:
         state = vcpu.vmcb()
         record = {"index": vcpu.index, "regs": vcpu.regs, "parked": vcpu.parked}

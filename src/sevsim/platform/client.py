@@ -216,8 +216,10 @@ class RemoteVmm:
     guest_died = property(lambda self: self._get("guest_died"))
     migration = property(lambda self: self._get("migration"))
 
-    def listen_incoming(self, where: str) -> None:
-        self._client.request("vm.listen_incoming", where)
+    def listen_incoming(self, where: str) -> tuple[str, int]:
+        """Bind ``HOST:PORT`` in the service; the address bound (``PORT`` may be 0)."""
+        host, port = self._client.request("vm.listen_incoming", where)
+        return host, port
 
     def serve_incoming(self) -> None:
         self._client.request("vm.serve_incoming")

@@ -245,7 +245,7 @@ class PlatformService:
         if verb == "vm.listen_incoming":
             (where,) = args
             client.incoming = vmm.listen_incoming(where)
-            return None
+            return list(client.incoming.getsockname()[:2])  # the port, when 0 was asked
         if verb == "vm.serve_incoming":
             server, client.incoming = client.incoming, None
             if server is None:

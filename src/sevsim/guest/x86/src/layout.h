@@ -74,6 +74,10 @@
 #define MEM_LOOP_GPA    0x1000000       /* 8 MiB worked over by mem_loop() */
 #define MEM_LOOP_BYTES  0x800000
 #define MIN_RAM         0x2000000       /* 32 MiB: the guest needs RAM up to here */
+/* QEMU's pc machine: RAM above PC_LOWMEM_LIMIT does not all fit below 4 GiB, and
+ * then only the first 3 GiB are there (hw/i386/pc_piix.c). */
+#define PC_LOWMEM_LIMIT 0xE0000000ULL
+#define PC_LOWMEM       0xC0000000ULL
 
 /*
  * The launch areas the OVMF footer table (ovmf_table.S) names, at the addresses

@@ -210,6 +210,21 @@ static void workload_loads(uint64_t count, uint64_t rounds)
 	}
 }
 
+/*
+ * fill: write every 8-byte word of the RAM above MIN_RAM and below 4 GiB
+ * (q[i] = i, mem_loop with no rounds), so that every page of a large guest
+ * holds data it wrote: what a migration benchmark moves. Under SEV all of it
+ * is private, i.e. ciphertext in DRAM.
+ */
+static void workload_fill(void)
+{
+	uint64_t ram = fw_cfg_present() ? fw_cfg_read_int(FW_CFG_RAM_SIZE, 8) : MIN_RAM;
+	uint64_t top = ram > PC_LOWMEM_LIMIT ? PC_LOWMEM : ram;
+
+	mem_loop(MIN_RAM, top - MIN_RAM, 0);
+	say("filled %lu MiB", (top - MIN_RAM) >> 20);
+}
+
 /* --- the workload list ------------------------------------------------------ */
 
 /* Decimal digits only, at least one, no overflow. */
@@ -299,6 +314,8 @@ static void run_workload(char *w)
 		say("mem %lx", mem_loop(MEM_LOOP_GPA, MEM_LOOP_BYTES, n));
 	} else if (starts_with(w, "loads:") && parse_count_rounds(w + 6, &n, &rounds)) {
 		workload_loads(n, rounds);
+	} else if (streq(w, "fill")) {
+		workload_fill();
 	} else if (streq(w, "count")) {
 		workload_count(0);
 	} else if (starts_with(w, "count:") && parse_u64(w + 6, &n) && n) {

@@ -36,11 +36,6 @@
 #define IO_TLB_MAX_SLABS	(IO_TLB_MAX_SIZE >> IO_TLB_SHIFT)
 #define SWIOTLB_MAGIC		0x424c54494f5753ULL		/* "SWIOTLB" */
 
-/* QEMU's pc machine: RAM above this does not all fit below 4 GiB, and then
- * only the first 3 GiB are there (hw/i386/pc_piix.c). */
-#define PC_LOWMEM_LIMIT		0xE0000000ULL
-#define PC_LOWMEM		0xC0000000ULL
-
 /* Linux's struct io_tlb_mem, in private memory. */
 struct io_tlb_mem {
 	uint64_t magic;		/* SWIOTLB_MAGIC once the pool is set up */
