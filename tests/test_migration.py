@@ -4,6 +4,7 @@ running with its memory intact, the destination keeps nothing."""
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import threading
@@ -360,6 +361,13 @@ def test_snapshot_round_trip_and_refusals(two, tmp_path):
     after = counts(src.console_text())[-1]
     data = snap.read_bytes()
     assert oct(snap.stat().st_mode)[-3:] == "600"
+    # One page per SEND_UPDATE_DATA, as KVM allows and QEMU sends (docs/migration.md).
+    reader = migration.StreamReader(io.BytesIO(data))
+    pages = []
+    while (record := reader.record())[0] != migration.Record.END:
+        if record[0] == migration.Record.PAGE:
+            pages.append(len(record[1]))
+    assert pages and set(pages) == {8 + 52 + 4096}
 
     def restore(payload: bytes) -> Vmm:
         path = tmp_path / "restore.snap"

@@ -128,6 +128,23 @@ def test_non_sev_guest_sees_no_encryption_and_hides_nothing(milan):
     vm.destroy()
 
 
+def test_fill_writes_every_page_above_32_mib_privately(milan):
+    """``fill`` (the migration benchmark's guest): q[i] = i over the RAM above 32 MiB."""
+    host, kvm = milan
+    base, memory = MEM, MEM + (8 << 20)
+    vm = host.start_x86_guest("fill", "fill", memory=memory, sev=True)
+    assert [e.reason for e in vm.run()] == ["DONE"]
+    assert "filled 8 MiB" in vm.console_text()
+    ram = next(s for s in vm.slots if s.gpa == 0)
+    assert all((gpa >> 12) in ram.populated for gpa in range(base, memory, 4096))
+    slot = host.machine.memctl.key_slot(True, vm.asid)
+    for gpa in (base, base + (3 << 20) + 8, memory - 8):
+        word = ((gpa - base) // 8).to_bytes(8, "little")
+        assert engine(vm, gpa, 8, slot) == word  # through the guest's key
+        assert dram(vm, gpa, 8) != word  # ciphertext in DRAM
+    vm.destroy()
+
+
 # ---- a device's DMA at a private page ----------------------------------------------------------
 def test_dma_at_the_secret_gives_the_guest_garbage(milan):
     """`dma`: the guest keeps its secret and yields while the host has a device write at it.
