@@ -58,9 +58,20 @@ class SevMigration:
             for va, pages in [*buffers, (session_va, session_pages)]:
                 self.kernel.free_pages(va, pages)
 
+    def sev_send_update_data_query_lengths(self) -> tuple[int, int]:
+        """KVM_SEV_SEND_UPDATE_DATA with hdr_len or trans_len 0: the firmware is asked with
+        an empty buffer and answers INVALID_LENGTH with the sizes it needs (Linux
+        __sev_send_update_data_query_lengths). Returns (hdr_len, trans_len)."""
+        status, out = self.kvm.sev_cmd_out(Command.SEND_UPDATE_DATA, handle=self.handle)
+        if status not in (Status.SUCCESS, Status.INVALID_LENGTH):
+            raise KvmError("SEND_UPDATE_DATA length query", status)
+        return out.hdr_len, out.trans_len
+
     def sev_send_update_data(self, gpa: int, length: int) -> tuple[bytes, bytes]:
-        """KVM_SEV_SEND_UPDATE_DATA: one packet (header, ciphertext) of guest memory."""
-        self._hva_of(gpa, length)
+        """KVM_SEV_SEND_UPDATE_DATA: one packet (header, ciphertext) of at most one guest
+        page; like Linux, a longer range or one crossing a page boundary is EINVAL."""
+        _check_one_page("SEND_UPDATE_DATA", gpa, length)
+        self._hva_of(gpa, length)  # sev_pin_memory of the one page
         hdr_va = self._transfer_buffer(0, cmd.PACKET_HEADER.size)
         trans_va = self._transfer_buffer(1, length)
         psp_pa = self.kvm.sev.psp_pa
@@ -76,8 +87,9 @@ class SevMigration:
         )
         if status != Status.SUCCESS:
             raise KvmError(f"SEND_UPDATE_DATA at GPA {gpa:#x}", status)
-        header = self.kernel.read_stream(hdr_va, cmd.PACKET_HEADER.size)
-        return header, self.kernel.read_stream(trans_va, length)
+        # copy_to_user: the transport buffer, then the header.
+        data = self.kernel.read_stream(trans_va, length)
+        return self.kernel.read_stream(hdr_va, cmd.PACKET_HEADER.size), data
 
     def sev_send_finish(self) -> None:
         status = self.kvm.sev_cmd(Command.SEND_FINISH, handle=self.handle)
@@ -115,12 +127,24 @@ class SevMigration:
         return self.handle
 
     def sev_receive_update_data(self, header: bytes, data: bytes, gpa: int) -> None:
-        """KVM_SEV_RECEIVE_UPDATE_DATA: one packet into guest memory at ``gpa``."""
-        self._hva_of(gpa, len(data), whole_write=True)  # pinned; the firmware fills it
+        """KVM_SEV_RECEIVE_UPDATE_DATA: one packet into at most one guest page at ``gpa``;
+        like Linux, a longer range or one crossing a page boundary is EINVAL."""
+        if not self.sev:
+            raise KvmError("not an SEV guest", err=errno.EINVAL)
+        if not header or not data:
+            raise KvmError("RECEIVE_UPDATE_DATA: empty header or data", err=errno.EINVAL)
+        _check_one_page("RECEIVE_UPDATE_DATA", gpa, len(data))
+        # psp_copy_user_blob: the header and the data into kernel buffers.
         hdr_va = self._transfer_buffer(0, len(header))
         trans_va = self._transfer_buffer(1, len(data))
         self.kernel.write_stream(hdr_va, header)
         self.kernel.write_stream(trans_va, data)
+        hva = self._hva_of(gpa, len(data), whole_write=True)  # pinned; the firmware fills it
+        if not self.kvm.sme_coherent:
+            # sev_clflush_pages: no dirty host-key line of the page may outlive the write.
+            page = hva & ~(PAGE_4K - 1)
+            for line in range(page, page + PAGE_4K, 64):
+                self.kernel.core.clflush(line)
         psp_pa = self.kvm.sev.psp_pa
         status = self.kvm.sev_cmd(
             Command.RECEIVE_UPDATE_DATA,
@@ -141,8 +165,9 @@ class SevMigration:
             raise KvmError("RECEIVE_FINISH", status)
 
     def _transfer_buffer(self, index: int, length: int) -> int:
-        """Kernel buffers reused across packets (KVM allocates one per ioctl; reusing them
-        changes nothing the firmware or the guest can see)."""
+        """Kernel buffers reused across packets (KVM kzallocs the header and transport
+        buffers per ioctl; reusing them changes nothing the firmware or the guest can see:
+        the firmware overwrites what it returns, and the host writes what it sends)."""
         pages = max(1, -(-length // PAGE_4K))
         buffers = self.__dict__.setdefault("_transfer", {})
         va, have = buffers.get(index, (0, 0))
@@ -156,3 +181,14 @@ class SevMigration:
     def _free_transfer_buffers(self) -> None:
         for va, pages in self.__dict__.get("_transfer", {}).values():
             self.kernel.free_pages(va, pages)
+
+
+def _check_one_page(what: str, gpa: int, length: int) -> None:
+    """Linux: "Check if we are crossing the page boundary" — at most one page per packet."""
+    if length <= 0:
+        raise KvmError(f"{what}: empty guest range", err=errno.EINVAL)
+    offset = gpa & (PAGE_4K - 1)
+    if length > PAGE_4K or offset + length > PAGE_4K:
+        raise KvmError(
+            f"{what}: {length} bytes at GPA {gpa:#x} cross a page boundary", err=errno.EINVAL
+        )
