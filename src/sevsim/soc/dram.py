@@ -89,6 +89,28 @@ class DRAM:
         off = pa & (REGION_SIZE - 1)
         return region[off : off + n]
 
+    # ---- one cache line (the memory controller's line path, no numpy) -----------------
+    def load_line(self, pa: int, n: int) -> bytes | None:
+        """The stored bytes of [pa, pa+n) inside one region, or None if never written."""
+        m = self._maps.get(pa >> REGION_SHIFT)
+        if m is None:
+            return None
+        off = pa & (REGION_SIZE - 1)
+        return m[off : off + n]
+
+    def store_line(self, pa: int, data: bytes) -> None:
+        """Store bytes inside one page (``store_view`` for a cache line, without numpy)."""
+        index = pa >> REGION_SHIFT
+        m = self._maps.get(index)
+        if m is None:
+            self._region(index)
+            m = self._maps[index]
+        off = pa & (REGION_SIZE - 1)
+        m[off : off + len(data)] = data
+        self._written[index][off >> PAGE_SHIFT] = True
+        self.clock += 1
+        self.page_gen[pa >> PAGE_SHIFT] = self.clock
+
     # ---- raw byte access (the physical view) --------------------------------------
     def read(self, pa: int, n: int) -> bytes:
         """The stored bytes of [pa, pa+n): what a cold-boot dump or a bus probe sees."""

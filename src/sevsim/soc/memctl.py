@@ -46,6 +46,7 @@ class KeySlotPort:
 
 
 BULK_MIN = 1024  # below this, the per-line path beats the vectorised one's set-up cost
+_ZERO_LINE = bytes(LINE_SIZE)  # what a never-written line holds
 
 
 class MemoryController:
@@ -125,8 +126,9 @@ class MemoryController:
     # ---- line access (cache fills and write-backs) ------------------------------------
     def read_line(self, line_pa: int, slot: int) -> bytes:
         self.dram.check(line_pa, LINE_SIZE)
-        view = self.dram.load_view(line_pa, LINE_SIZE)
-        stored = bytes(LINE_SIZE) if view is None else view.tobytes()
+        stored = self.dram.load_line(line_pa, LINE_SIZE)
+        if stored is None:
+            stored = _ZERO_LINE
         if slot == NO_KEY:
             return stored
         return self._engine.decrypt_line(self._cipher(slot), line_pa, stored)
@@ -135,20 +137,24 @@ class MemoryController:
         self.dram.check(line_pa, LINE_SIZE)
         if slot != NO_KEY:
             plaintext = self._engine.encrypt_line(self._cipher(slot), line_pa, plaintext)
-        self.dram.store_view(line_pa, LINE_SIZE)[:] = np.frombuffer(plaintext, dtype=np.uint8)
+        self.dram.store_line(line_pa, plaintext)
 
     # ---- byte access (uncached CPU accesses, firmware, devices) -------------------------
     def read(self, pa: int, n: int, slot: int) -> bytes:
         """Read n bytes at pa, decrypted with the slot's key. Any alignment."""
         self.dram.check(pa, n)
+        off = pa & (LINE_SIZE - 1)
+        if 0 < n and off + n <= LINE_SIZE:  # one line: the common case of command buffers
+            line = self.read_line(pa - off, slot)
+            return line if n == LINE_SIZE else line[off : off + n]
         if pa % 16 == 0 and n % 16 == 0 and n >= BULK_MIN:
             out = np.empty(n, dtype=np.uint8)
             self.read_into(pa, out, slot)
             return out.tobytes()
-        start = pa & ~(LINE_SIZE - 1)
+        start = pa - off
         end = (pa + n + LINE_SIZE - 1) & ~(LINE_SIZE - 1)
-        data = b"".join(self.read_line(line, slot) for line in range(start, end, LINE_SIZE))
-        return data[pa - start : pa - start + n]
+        data = b"".join([self.read_line(line, slot) for line in range(start, end, LINE_SIZE)])
+        return data[off : off + n]
 
     def write(self, pa: int, data: bytes, slot: int) -> None:
         """Write bytes at pa, encrypted with the slot's key. Partial blocks are
