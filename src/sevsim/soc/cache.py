@@ -284,6 +284,8 @@ class Cache:
         self.stats["writebacks"] += written
         if invalidate:
             self.stats["evictions"] += self._count
+            for lines in self._pages.values():
+                lines.clear()  # a core's fast path may hold these dicts: it must miss now
             self._pages.clear()
             self._sets.clear()
             self._slots_of_line.clear()
@@ -367,3 +369,34 @@ class Cache:
 
 def _lines_of(pa: int, n: int) -> range:
     return range(pa & ~LINE_MASK, pa + n, LINE_SIZE) if n else range(0)
+
+
+# ---- the fabric's single-line snoop (its small accesses: command buffers, headers) ----------
+def snoop_line(
+    cache: Cache, line_pa: int, slot: int, invalidate: bool, whole: bool
+) -> bytes | None:
+    """``Cache.snoop`` of one line that also returns this domain's copy of it, if resident,
+    so the fabric need not decrypt DRAM again for what the probe just saw. ``whole``: the
+    caller is about to write the whole line to DRAM, so a dirty copy is dropped without
+    its write-back (the caller's write supersedes it)."""
+    if cache.upper:
+        cache._sync(line_pa, LINE_SIZE)
+    if line_pa not in cache._slots_of_line:
+        return None
+    if cache.coherent:
+        cache._drop_other_domains(line_pa, slot)
+    key = (slot << DOMAIN_SHIFT) | line_pa
+    line = cache._get(key)
+    if line is None:
+        return None
+    data = bytes(line)
+    if whole:
+        cache._dirty.discard(key)
+        cache._evict(key)
+    elif invalidate:
+        cache._evict(key)
+    elif key in cache._dirty:
+        cache._dirty.discard(key)
+        cache._memctl.write_line(line_pa, slot, data)
+        cache.stats["writebacks"] += 1
+    return data

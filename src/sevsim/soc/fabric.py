@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sevsim.soc.cache import Cache
-from sevsim.soc.memctl import MemoryController
+from sevsim.soc.cache import Cache, snoop_line
+from sevsim.soc.memctl import LINE_SIZE, MemoryController
 
 
 class FabricPort:
@@ -21,11 +21,33 @@ class FabricPort:
         self._memctl = memctl
 
     def read(self, pa: int, n: int, slot: int, invalidate: bool = False) -> bytes:
+        off = pa & (LINE_SIZE - 1)
+        if 0 < n <= LINE_SIZE - off:
+            # One line: the probe's copy, if the cache had one, is the line's plaintext.
+            self._memctl.dram.check(pa, n)
+            line = snoop_line(self._cache, pa - off, slot, invalidate, whole=False)
+            if line is not None:
+                return line[off : off + n]
+            return self._memctl.read(pa, n, slot)
         self._cache.snoop(pa, n, slot, invalidate=invalidate)
         return self._memctl.read(pa, n, slot)
 
     def write(self, pa: int, data: bytes, slot: int) -> None:
-        self._cache.snoop(pa, len(data), slot, invalidate=True)
+        n = len(data)
+        off = pa & (LINE_SIZE - 1)
+        if 0 < n <= LINE_SIZE - off:
+            # One line: a resident copy is merged with the new bytes and the line written
+            # once, instead of written back, read again and written (same DRAM contents).
+            self._memctl.dram.check(pa, n)
+            line = snoop_line(self._cache, pa - off, slot, invalidate=True, whole=True)
+            if line is None:
+                self._memctl.write(pa, data, slot)
+            else:
+                merged = bytearray(line)
+                merged[off : off + n] = data
+                self._memctl.write_line(pa - off, slot, bytes(merged))
+            return
+        self._cache.snoop(pa, n, slot, invalidate=True)
         self._memctl.write(pa, data, slot)
 
     def read_into(self, pa: int, out: np.ndarray, slot: int, invalidate: bool = False) -> None:
