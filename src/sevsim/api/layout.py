@@ -53,6 +53,9 @@ class Layout:
             fmt += f"{size - pos}x"
         self._struct = struct.Struct(fmt)
         assert self._struct.size == size
+        # What build needs per call, worked out once: the names in order, the byte fields.
+        self._names = tuple(f.name for f in self.fields)
+        self._byte_fields = tuple((f.name, f.size) for f in self.fields if f.is_bytes)
         self.Record = make_dataclass(
             name,
             [
@@ -86,13 +89,11 @@ class Layout:
     def build(self, record: Any = None, **values: Any) -> bytes:
         if record is None:
             record = self.Record(**values)
-        out = []
-        for f in self.fields:
-            v = getattr(record, f.name)
-            if f.is_bytes and len(v) != f.size:
-                raise ValueError(f"{self.name}.{f.name}: {len(v)} bytes, the field holds {f.size}")
-            out.append(v)
-        return self._struct.pack(*out)
+        for name, size in self._byte_fields:
+            v = getattr(record, name)
+            if len(v) != size:
+                raise ValueError(f"{self.name}.{name}: {len(v)} bytes, the field holds {size}")
+        return self._struct.pack(*[getattr(record, name) for name in self._names])
 
     def reserved_ok(self, data: bytes) -> bool:
         """True when every byte not covered by a field is zero (must-be-zero gaps)."""

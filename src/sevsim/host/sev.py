@@ -90,6 +90,10 @@ class SevDevice:
         self._regs = mailbox.registers
         self.init_ex_path = None if init_ex_path is None else Path(init_ex_path)
         self._cmd_buf = kernel.alloc_pages(1)  # Linux: sev->cmd_buf, one page
+        self._cmd_buf_pa = self.psp_pa(self._cmd_buf)
+        regs = self._regs
+        self._lo, self._hi = regs["cmdbuff_addr_lo"], regs["cmdbuff_addr_hi"]
+        self._cmdresp = regs["cmdresp"]
         self._nv_buf = kernel.alloc_pages(NV_LENGTH // 4096) if self.init_ex_path else None
         self.state = PlatformState.UNINIT
         self.api_version: tuple[int, int, int] | None = None
@@ -107,17 +111,17 @@ class SevDevice:
             return self._do_cmd_locked(command, buffer)
 
     def _do_cmd_locked(self, command: Command, buffer: bytes | None) -> tuple[int, Status, bytes]:
-        layout = cmd.BUFFERS.get(command)
-        size = layout.size if layout is not None else 0
+        size = _BUFFER_SIZES.get(command, 0)
         if buffer is not None:
-            self.kernel.write(self._cmd_buf, bytes(buffer).ljust(size, b"\0"))
-        addr = self.psp_pa(self._cmd_buf) if size else 0
-        self._mb.write32(self._regs["cmdbuff_addr_lo"], addr & 0xFFFF_FFFF)
-        self._mb.write32(self._regs["cmdbuff_addr_hi"], addr >> 32)
-        self._mb.write32(
-            self._regs["cmdresp"], (int(command) << cmd.CMDRESP_CMD_SHIFT) | cmd.CMDRESP_IOC
-        )
-        reg = self._mb.read32(self._regs["cmdresp"])
+            if len(buffer) < size:
+                buffer = bytes(buffer).ljust(size, b"\0")
+            self.kernel.write(self._cmd_buf, buffer)
+        addr = self._cmd_buf_pa if size else 0
+        mb = self._mb
+        mb.write32(self._lo, addr & 0xFFFF_FFFF)
+        mb.write32(self._hi, addr >> 32)
+        mb.write32(self._cmdresp, (command << cmd.CMDRESP_CMD_SHIFT) | cmd.CMDRESP_IOC)
+        reg = mb.read32(self._cmdresp)
         if not reg & cmd.CMDRESP_RESP:
             return -errno.ETIMEDOUT, Status.SUCCESS, b""
         status = _status(reg & cmd.CMDRESP_STATUS_MASK)
@@ -356,11 +360,13 @@ _NV_WRITERS = {
 }
 
 
+_STATUSES = {int(s): s for s in Status}
+# The bytes the driver copies in and out per command (the firmware's sizeof).
+_BUFFER_SIZES = {c: 0 if layout is None else layout.size for c, layout in cmd.BUFFERS.items()}
+
+
 def _status(value: int) -> Status:
-    try:
-        return Status(value)
-    except ValueError:
-        return Status.HWERROR_PLATFORM
+    return _STATUSES.get(value, Status.HWERROR_PLATFORM)
 
 
 def _state(value: int) -> PlatformState:

@@ -24,6 +24,7 @@ from typing import Any
 
 from sevsim.api import commands as cmd
 from sevsim.api.commands import Command
+from sevsim.api.layout import Layout
 from sevsim.api.status import PlatformState, Status
 from sevsim.psp.asids import AsidCommands
 from sevsim.psp.context import FirmwareContext
@@ -50,6 +51,10 @@ class Buffer(Enum):
     IN_OUT_ERROR = 4  # written back on success and on INVALID_LENGTH
 
 
+_READS = frozenset({Buffer.IN, Buffer.IN_OUT, Buffer.IN_OUT_ERROR})
+_WRITES = frozenset({Buffer.OUT, Buffer.IN_OUT, Buffer.IN_OUT_ERROR})
+
+
 class SevFirmware:
     def __init__(self, hw, fuses, spi: SpiFlash, profile, entropy: EntropySource) -> None:
         self._ctx = ctx = FirmwareContext(hw, fuses, spi, profile, entropy)
@@ -60,7 +65,7 @@ class SevFirmware:
         migration = MigrationCommands(ctx, asids)
         debug = DebugCommands(ctx)
         self._asids = asids  # the inspection port registers ACTIVATE watchers here
-        self._handlers: dict[int, tuple[Handler, Buffer]] = {
+        handlers: dict[Command, tuple[Handler, Buffer]] = {
             Command.INIT: (platform.init, Buffer.IN),
             Command.INIT_EX: (platform.init_ex, Buffer.IN),
             Command.SHUTDOWN: (platform.shutdown, Buffer.NONE),
@@ -96,6 +101,12 @@ class SevFirmware:
             Command.RECEIVE_FINISH: (migration.receive_finish, Buffer.IN),
         }
 
+        # One lookup per command: the handler, how its buffer moves, the buffer's layout.
+        self._handlers: dict[int, tuple[Handler, Buffer, Layout | None]] = {
+            int(command): (handler, use, cmd.BUFFERS.get(command))
+            for command, (handler, use) in handlers.items()
+        }
+
     def __repr__(self) -> str:
         major, minor, build = self.api_version
         return f"<SevFirmware {major}.{minor} build {build} state={self.state.name}>"
@@ -111,21 +122,20 @@ class SevFirmware:
     # ---- the dispatcher ----------------------------------------------------------------
     def dispatch(self, command_id: int, buffer_addr: int) -> Status:
         entry = self._handlers.get(command_id)
-        layout = cmd.BUFFERS.get(cmd.command_of(command_id))
         if entry is None:
             return Status.INVALID_COMMAND
-        handler, use = entry
+        handler, use, layout = entry
         ctx = self._ctx
         try:
             buf = None
             ctx.raw_buffer = b""
-            if use in (Buffer.IN, Buffer.IN_OUT, Buffer.IN_OUT_ERROR):
+            if use in _READS:
                 ctx.raw_buffer = ctx.mem.read(buffer_addr, layout.size)
                 buf = layout.parse(ctx.raw_buffer)
             elif use == Buffer.OUT:
                 buf = layout.new()
             status = handler(buf)
-            if use in (Buffer.OUT, Buffer.IN_OUT, Buffer.IN_OUT_ERROR) and status == Status.SUCCESS:
+            if use in _WRITES and status == Status.SUCCESS:
                 ctx.mem.write(buffer_addr, layout.build(buf))
             elif use == Buffer.IN_OUT_ERROR and status == Status.INVALID_LENGTH:
                 try:

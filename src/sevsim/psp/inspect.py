@@ -103,8 +103,8 @@ class PspDebugPort:
     def replace_handler(self, command: Command, handler: Callable[[object], Status]) -> None:
         """Run ``handler(buffer record)`` for ``command`` instead of the firmware's own: a
         simulated firmware bug, to test the tools that must catch one."""
-        _, use = self._fw._handlers[int(command)]
-        self._fw._handlers[int(command)] = (handler, use)
+        _, use, layout = self._fw._handlers[int(command)]
+        self._fw._handlers[int(command)] = (handler, use, layout)
 
     def occupy_handles(self, count: int) -> None:
         """Take the ``count`` lowest free guest handles with placeholder contexts, so that

@@ -26,17 +26,20 @@ class FirmwareError(Exception):
 class X86Memory:
     def __init__(self, hw) -> None:
         self._hw = hw
+        self._memory = hw.memory
+        self._no_cbit = ~hw.cbit_mask
+        self._reserved_bits = ((1 << 64) - 1) & ~((1 << hw.phys_bits) - 1)
+        self._dram_size = hw.dram_size
         self.reserved: list[tuple[int, int]] = []  # [start, end) the x86 may not name
 
     def check(self, addr: int, size: int) -> int:
         """The physical address without the C-bit, or FirmwareError(INVALID_ADDRESS)."""
-        hw = self._hw
         if size <= 0:
             raise FirmwareError(Status.INVALID_PARAM)  # MODEL: FW-internal ERR_INVALID_PARAMS
-        pa = addr & ~hw.cbit_mask
-        reserved_bits = ((1 << 64) - 1) & ~((1 << hw.phys_bits) - 1)
+        pa = addr & self._no_cbit
+        reserved_bits = self._reserved_bits
         end = pa + size
-        if pa & reserved_bits or (end - 1) & reserved_bits or end > hw.dram_size:
+        if pa & reserved_bits or (end - 1) & reserved_bits or end > self._dram_size:
             raise FirmwareError(Status.INVALID_ADDRESS)
         for start, stop in self.reserved:
             if pa < stop and start < end:
@@ -51,11 +54,11 @@ class X86Memory:
         turns on before it re-encrypts memory in place: cached lines of the range are
         written back and dropped rather than left to alias the new contents."""
         pa = self.check(addr, size)
-        return self._hw.memory.read(pa, size, self._plain_slot(addr), invalidate=flush)
+        return self._memory.read(pa, size, self._plain_slot(addr), invalidate=flush)
 
     def write(self, addr: int, data: bytes) -> None:
         pa = self.check(addr, len(data))
-        self._hw.memory.write(pa, data, self._plain_slot(addr))
+        self._memory.write(pa, data, self._plain_slot(addr))
 
     def read_guest(self, addr: int, size: int, asid: int) -> bytes:
         pa = self.check(addr, size)
