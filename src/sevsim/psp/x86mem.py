@@ -27,9 +27,13 @@ class X86Memory:
     def __init__(self, hw) -> None:
         self._hw = hw
         self._memory = hw.memory
+        self._cbit = hw.cbit_mask
         self._no_cbit = ~hw.cbit_mask
         self._reserved_bits = ((1 << 64) - 1) & ~((1 << hw.phys_bits) - 1)
         self._dram_size = hw.dram_size
+        # The "plaintext" access's slot by C-bit: the host key with it (none under plain
+        # SME without it; the TSME key under TSME). Fixed by the part's configuration.
+        self._plain_slots = (hw.key_slot(False), hw.key_slot(True))
         self.reserved: list[tuple[int, int]] = []  # [start, end) the x86 may not name
 
     def check(self, addr: int, size: int) -> int:
@@ -47,7 +51,7 @@ class X86Memory:
         return pa
 
     def _plain_slot(self, addr: int) -> int:
-        return self._hw.key_slot(bool(addr & self._hw.cbit_mask))
+        return self._plain_slots[bool(addr & self._cbit)]
 
     def read(self, addr: int, size: int, flush: bool = False) -> bytes:
         """``flush``: the read-sized write-back-invalidate mode (rd_sz_wbinvd) the firmware

@@ -96,18 +96,21 @@ class KvmSev:
     def sev_cmd(self, command: Command, **fields: Any) -> Status:
         """sev_issue_cmd: one firmware command; returns its status (fields updated in place
         are read back with ``sev_cmd_out``)."""
-        status, _ = self.sev_cmd_out(command, **fields)
-        return status
+        return self._issue(command, fields)[0]
 
     def sev_cmd_out(self, command: Command, **fields: Any) -> tuple[Status, Any]:
+        status, out = self._issue(command, fields)
+        layout = cmd.BUFFERS.get(command)
+        return status, layout.parse(out) if layout is not None and out else None
+
+    def _issue(self, command: Command, fields: dict[str, Any]) -> tuple[Status, bytes]:
         if self.sev is None:
             raise KvmError("SEV is not available on this host", err=errno.ENODEV)
         layout = cmd.BUFFERS.get(command)
-        buffer = layout.build(**fields) if layout is not None else None
-        ret, status, out = self.sev.do_cmd(command, buffer)
+        ret, status, out = self.sev.do_cmd(command, layout.build(**fields) if layout else None)
         if ret == -errno.ETIMEDOUT:
             raise KvmError(f"{command.name}: the PSP did not answer", err=errno.ETIMEDOUT)
-        return status, layout.parse(out) if layout is not None and out else None
+        return status, out
 
 
 class SevGuest:

@@ -71,7 +71,7 @@ class SevMigration:
         """KVM_SEV_SEND_UPDATE_DATA: one packet (header, ciphertext) of at most one guest
         page; like Linux, a longer range or one crossing a page boundary is EINVAL."""
         _check_one_page("SEND_UPDATE_DATA", gpa, length)
-        self._hva_of(gpa, length)  # sev_pin_memory of the one page
+        hva = self._hva_of(gpa, length)  # sev_pin_memory of the one page
         hdr_va = self._transfer_buffer(0, cmd.PACKET_HEADER.size)
         trans_va = self._transfer_buffer(1, length)
         psp_pa = self.kvm.sev.psp_pa
@@ -80,7 +80,7 @@ class SevMigration:
             handle=self.handle,
             hdr_paddr=psp_pa(hdr_va),
             hdr_len=cmd.PACKET_HEADER.size,
-            guest_paddr=self.spa(gpa) | self.kernel.me_mask,
+            guest_paddr=self.kernel.pa(hva) | self.kernel.me_mask,  # the pinned page's PFN
             guest_len=length,
             trans_paddr=psp_pa(trans_va),
             trans_len=length,
@@ -151,7 +151,7 @@ class SevMigration:
             handle=self.handle,
             hdr_paddr=psp_pa(hdr_va),
             hdr_len=len(header),
-            guest_paddr=self.spa(gpa) | self.kernel.me_mask,
+            guest_paddr=self.kernel.pa(hva) | self.kernel.me_mask,  # the pinned page's PFN
             guest_len=len(data),
             trans_paddr=psp_pa(trans_va),
             trans_len=len(data),
