@@ -369,8 +369,8 @@ def _status(value: int) -> Status:
     return _STATUSES.get(value, Status.HWERROR_PLATFORM)
 
 
+_STATES = {int(s): s for s in PlatformState}
+
+
 def _state(value: int) -> PlatformState:
-    try:
-        return PlatformState(value)
-    except ValueError:
-        return PlatformState.UNINIT
+    return _STATES.get(value, PlatformState.UNINIT)

@@ -87,9 +87,10 @@ class SevMigration:
         )
         if status != Status.SUCCESS:
             raise KvmError(f"SEND_UPDATE_DATA at GPA {gpa:#x}", status)
-        # copy_to_user: the transport buffer, then the header.
+        # copy_to_user: the transport buffer (streamed: a page the cache need not keep), then
+        # the header (a cached copy: its line stays for the next packet's header).
         data = self.kernel.read_stream(trans_va, length)
-        return self.kernel.read_stream(hdr_va, cmd.PACKET_HEADER.size), data
+        return self.kernel.read(hdr_va, cmd.PACKET_HEADER.size), data
 
     def sev_send_finish(self) -> None:
         status = self.kvm.sev_cmd(Command.SEND_FINISH, handle=self.handle)
@@ -137,7 +138,7 @@ class SevMigration:
         # psp_copy_user_blob: the header and the data into kernel buffers.
         hdr_va = self._transfer_buffer(0, len(header))
         trans_va = self._transfer_buffer(1, len(data))
-        self.kernel.write_stream(hdr_va, header)
+        self.kernel.write(hdr_va, header)
         self.kernel.write_stream(trans_va, data)
         hva = self._hva_of(gpa, len(data), whole_write=True)  # pinned; the firmware fills it
         if not self.kvm.sme_coherent:
