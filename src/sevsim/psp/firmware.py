@@ -51,8 +51,9 @@ class Buffer(Enum):
     IN_OUT_ERROR = 4  # written back on success and on INVALID_LENGTH
 
 
-_READS = frozenset({Buffer.IN, Buffer.IN_OUT, Buffer.IN_OUT_ERROR})
-_WRITES = frozenset({Buffer.OUT, Buffer.IN_OUT, Buffer.IN_OUT_ERROR})
+# Tuples, not sets: an Enum member hashes in Python code, but compares by identity.
+_READS = (Buffer.IN, Buffer.IN_OUT, Buffer.IN_OUT_ERROR)
+_WRITES = (Buffer.OUT, Buffer.IN_OUT, Buffer.IN_OUT_ERROR)
 
 
 class SevFirmware:
