@@ -404,14 +404,15 @@ def bench_command_path(rounds: int, progress: Progress) -> dict[str, float]:
     * ``send_page_us`` / ``receive_page_us``: the totals minus ``page_crypto_us``: what the
       command path costs beyond its crypto.
 
-    Each figure is timed over a batch of calls (per-call times are too short for one clock
-    read each); the median over ``rounds`` batches is reported."""
+    Each figure is timed over short batches of calls (one call is too short for one clock
+    read each; a short batch is rarely cut by another process on a shared machine), the
+    four cases interleaved; the median over all batches of a case is reported."""
     from cryptography.hazmat.primitives import hashes, hmac
 
     from sevsim.host.migration import TargetChain
     from sevsim.system import HostSystem
 
-    batch, page, gpa = 100, 4096, 0x10000
+    batch, batches, page, gpa = 10, 10, 4096, 0x10000
     progress("command path: starting a platform")
     with HostSystem.start(get_profile("milan").with_(dram_size=1 * GiB)) as system:
         own = TargetChain.from_chain(system.export_chain(full=True).encode(full=True))
@@ -452,11 +453,12 @@ def bench_command_path(rounds: int, progress: Progress) -> dict[str, float]:
         times: dict[str, list[float]] = {name: [] for name in cases}
         for r in range(rounds):
             progress(f"command path, round {r + 1}/{rounds}")
-            for name, fn in cases.items():
-                t = time.perf_counter()
-                for _ in range(batch):
-                    fn()
-                times[name].append((time.perf_counter() - t) / batch * 1e6)
+            for _ in range(batches):
+                for name, fn in cases.items():
+                    t = time.perf_counter()
+                    for _ in range(batch):
+                        fn()
+                    times[name].append((time.perf_counter() - t) / batch * 1e6)
         src.sev_send_cancel()
         src.destroy()
         dst.destroy()
