@@ -151,9 +151,7 @@ class FrameCache:
     def _drop_other_domains(self, slot: int, page_pa: int) -> None:
         """HwEnforcedCacheCoh: the engine's copies of this page in other domains are written
         back and dropped before this domain uses it, as the cache does with its lines."""
-        others = [
-            f for f in self._live if f.page_pa == page_pa and f.slot != slot and f.gen == self.gen
-        ]
+        others = [f for f in self._by_page.get(page_pa, ()) if f.slot != slot and f.gen == self.gen]
         if not others:
             return
         self.write_back(others)
@@ -161,9 +159,11 @@ class FrameCache:
             frame.gen = -1  # stale: reloaded from the model if used again
         self._flush_engine_tlb()
 
-    def write_back(self, frames: list[Frame] | None = None) -> None:
+    def write_back(self, frames: list[Frame] | None = None, snoop_slot: int | None = None) -> None:
         """Every line the engine changed goes into the model's cache (dirty, in the frame's
-        domain). Frames stay current."""
+        domain). Frames stay current. For a fabric snoop of ``snoop_slot``, the lines of
+        that domain go on to DRAM in bulk (``Cache.write_through``), as the snoop would
+        write them back next."""
         cache = self._cache
         frames = self._live if frames is None else frames
         for frame in frames:
@@ -180,7 +180,10 @@ class FrameCache:
             runs = np.split(changed, np.flatnonzero(np.diff(changed) != 1) + 1)
             for run in runs:
                 lo, hi = int(run[0]) * LINE, (int(run[-1]) + 1) * LINE
-                cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
+                if frame.slot == snoop_slot:
+                    cache.write_through(frame.page_pa + lo, frame.view[lo:hi], frame.slot)
+                else:
+                    cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
             self.stats["lines_written_back"] += len(changed)
 
@@ -221,9 +224,9 @@ class FrameCache:
         if fresh:
             self._drop_host_fast_paths()  # their direct line maps must now come via the cache
 
-    def _sync_page(self, page_pa: int) -> None:
+    def _sync_page(self, page_pa: int, snoop_slot: int | None = None) -> None:
         frames = [f for f in self._by_page.get(page_pa, ()) if f.gen == self.gen]
-        self.write_back(frames)
+        self.write_back(frames, snoop_slot)
         version = self._page_gen.get(page_pa >> 12, 0)
         for frame in frames:
             frame.version = version
