@@ -79,9 +79,9 @@ class Cache:
         self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
         # Pages a cache level above this one may hold newer data of (the instruction
         # engine's frames): page PA -> a function that writes that data back into this
-        # cache. Every access to such a page by anyone calls it first; a fabric snoop
-        # passes its key slot too, so that lines of that domain may go on to DRAM in bulk
-        # (``write_through``) instead of one dirty line at a time.
+        # cache, called as sync(pages, snoop_slot). Every access to such a page by anyone
+        # calls it first; a fabric snoop passes its key slot, so that lines of that domain
+        # may go on to DRAM in bulk (``write_through``), else snoop_slot is None.
         self.upper: dict[int, Callable[..., None]] = {}
 
     def __repr__(self) -> str:
@@ -106,13 +106,13 @@ class Cache:
             pages = [page for page in upper if lo <= page < hi]
         else:
             pages = range(lo, hi, 4096)
+        calls: dict[Callable[..., None], list[int]] = {}  # one call per level above
         for page_pa in pages:
             sync = upper.pop(page_pa, None)
             if sync is not None:
-                if snoop_slot is None:
-                    sync(page_pa)
-                else:
-                    sync(page_pa, snoop_slot)
+                calls.setdefault(sync, []).append(page_pa)
+        for sync, synced in calls.items():
+            sync(synced, snoop_slot)
 
     def _get(self, key: int) -> bytearray | None:
         lines = self._pages.get(key & ~0xFFF)
@@ -282,7 +282,7 @@ class Cache:
         lines were written back."""
         while self.upper:
             page_pa, sync = self.upper.popitem()
-            sync(page_pa)
+            sync([page_pa], None)
         written = len(self._dirty)
         self._write_back_all()
         self._dirty.clear()

@@ -168,6 +168,7 @@ class FrameCache:
         frames = self._live if frames is None else frames
         for frame in frames:
             cache.upper.pop(frame.page_pa, None)  # this is the write-back it would ask for
+        through: list[tuple[int, np.ndarray]] = []  # (PA, lines) for the snoop's domain
         for frame in frames:
             if not frame.written:
                 continue
@@ -181,18 +182,29 @@ class FrameCache:
             for run in runs:
                 lo, hi = int(run[0]) * LINE, (int(run[-1]) + 1) * LINE
                 if frame.slot == snoop_slot:
-                    cache.write_through(frame.page_pa + lo, frame.view[lo:hi], frame.slot)
+                    through.append((frame.page_pa + lo, frame.view[lo:hi]))
                 else:
                     cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
             self.stats["lines_written_back"] += len(changed)
+        # Runs that continue from one page into the next go to DRAM as one bulk write: the
+        # engine's set-up is paid once per run, not once per page.
+        start = 0
+        for i in range(1, len(through) + 1):
+            if i < len(through) and through[i][0] == through[i - 1][0] + len(through[i - 1][1]):
+                continue
+            pa, data = through[start]
+            if i - start > 1:
+                data = np.concatenate([piece for _, piece in through[start:i]])
+            cache.write_through(pa, data, snoop_slot)
+            start = i
 
     def release(self) -> None:
         """The engine goes away: what it changed goes to the model's cache, then every frame
         and chunk is let go at once (not left to Python's cycle collector)."""
         self.write_back([f for f in self._by_key.values() if f.gen == self.gen])
         for page_pa in self._by_page:
-            if self._cache.upper.get(page_pa) == self._sync_page:
+            if self._cache.upper.get(page_pa) == self._sync_pages:
                 del self._cache.upper[page_pa]
         self._chunks, self._free, self._retired, self._live = [], [], [], []
         self._by_key, self._by_page = {}, {}
@@ -211,9 +223,9 @@ class FrameCache:
     def end_run(self) -> None:
         """Control goes back to the host. Nothing is copied now: the pages the engine may
         have written are registered with the model's cache, which asks for them back
-        (``_sync_page``) the moment anyone touches them, as a cache above it would be
+        (``_sync_pages``) the moment anyone touches them, as a cache above it would be
         snooped. The frames stay, with their page's generation as it is now."""
-        upper, sync = self._cache.upper, self._sync_page
+        upper, sync = self._cache.upper, self._sync_pages
         gen = self._page_gen
         fresh = False
         for frame in self._live:
@@ -224,12 +236,14 @@ class FrameCache:
         if fresh:
             self._drop_host_fast_paths()  # their direct line maps must now come via the cache
 
-    def _sync_page(self, page_pa: int, snoop_slot: int | None = None) -> None:
-        frames = [f for f in self._by_page.get(page_pa, ()) if f.gen == self.gen]
+    def _sync_pages(self, pages: list[int], snoop_slot: int | None) -> None:
+        """What the model's cache calls before anyone touches these pages."""
+        by_page = self._by_page
+        frames = [f for page_pa in pages for f in by_page.get(page_pa, ()) if f.gen == self.gen]
         self.write_back(frames, snoop_slot)
-        version = self._page_gen.get(page_pa >> 12, 0)
+        gen = self._page_gen
         for frame in frames:
-            frame.version = version
+            frame.version = gen.get(frame.page_pa >> 12, 0)
 
     def invalidate(self) -> None:
         """WBINVD: every frame was written back (the cache asked for it); all are dropped,
@@ -240,8 +254,13 @@ class FrameCache:
 
     def revalidate(self) -> int:
         """Before the engine runs again: a frame whose page changed since (anything wrote
-        it: the hypervisor, DMA, the PSP, another vCPU, a write-back) is stale, and reloaded
-        from the model on its next use. Returns how many went stale.
+        it: the hypervisor, DMA, the PSP, another vCPU, a write-back) is stale, and is
+        reloaded from the model now, in place. Returns how many frames moved to a new
+        engine address (a reloaded page the engine had translated code from), after which
+        the engine's TLB must go; a frame reloaded in place keeps the engine's TLB entries
+        to it valid, so a device that wrote one status byte does not cost the engine every
+        TLB entry it had. (Nothing else runs between now and the engine's next access, so
+        loading now reads what loading then would.)
 
         A page another engine (another vCPU) may have written since is snooped first: its
         lines are written back into the model's cache, which moves the page on, as a
@@ -250,11 +269,11 @@ class FrameCache:
         upper = self._cache.upper
         for frame in self._live:
             sync = upper.get(frame.page_pa)
-            if sync is not None and sync != self._sync_page:
+            if sync is not None and sync != self._sync_pages:
                 del upper[frame.page_pa]
-                sync(frame.page_pa)
+                sync([frame.page_pa], None)
         gen = self._page_gen
-        keep, stale = [], 0
+        keep, stale = [], []
         for frame in self._live:
             if frame.gen != self.gen:
                 continue
@@ -262,9 +281,13 @@ class FrameCache:
                 keep.append(frame)
             else:
                 frame.gen = -1
-                stale += 1
+                stale.append(frame)
         self._live = keep
-        return stale
+        moved = 0
+        for frame in stale:
+            if self.frame(frame.slot, frame.page_pa) is not frame:
+                moved += 1
+        return moved
 
     def shrink_if_full(self) -> bool:
         """Between two runs: past ``max_frames``, write every frame back and drop them all

@@ -531,8 +531,8 @@ class X86Vcpu:
         # The engine's TLB caches the model's TLB and points at frames: keep it only if
         # neither moved on since the last exit.
         shrunk = not in_instruction and self.frames.shrink_if_full()
-        stale = self.frames.revalidate()
-        if shrunk or stale or state != self._loaded or self._tlb_key != self._model_tlb_key():
+        moved = self.frames.revalidate()
+        if shrunk or moved or state != self._loaded or self._tlb_key != self._model_tlb_key():
             self.flush_tlb()
         if not in_instruction:
             self.frames.recycle(self.uc.ctl_flush_tb)
