@@ -169,24 +169,38 @@ class FrameCache:
         for frame in frames:
             cache.upper.pop(frame.page_pa, None)  # this is the write-back it would ask for
         through: list[tuple[int, np.ndarray]] = []  # (PA, lines) for the snoop's domain
-        for frame in frames:
-            if not frame.written:
+        written = [frame for frame in frames if frame.written]
+        if not written:
+            return
+        # Which lines changed, for all the frames in one comparison (a page's worth of
+        # numpy calls each would cost more than the comparison itself).
+        lines = PAGE // LINE
+        changed_lines = (
+            np.stack([f.view for f in written]).reshape(-1, lines, LINE)
+            != np.stack([f.snapshot for f in written]).reshape(-1, lines, LINE)
+        ).any(axis=2)
+        whole = changed_lines.all(axis=1).tolist()
+        some = changed_lines.any(axis=1).tolist()
+        for i, frame in enumerate(written):
+            if not some[i]:
                 continue
-            changed = np.flatnonzero(
-                (frame.view.reshape(-1, LINE) != frame.snapshot.reshape(-1, LINE)).any(axis=1)
-            )
-            if not len(changed):
-                continue
-            # Contiguous runs of changed lines, one cache write each.
-            runs = np.split(changed, np.flatnonzero(np.diff(changed) != 1) + 1)
-            for run in runs:
-                lo, hi = int(run[0]) * LINE, (int(run[-1]) + 1) * LINE
+            if whole[i]:
+                runs = [(0, lines - 1)]
+                count = lines
+            else:
+                changed = np.flatnonzero(changed_lines[i])
+                count = len(changed)
+                # Contiguous runs of changed lines, one cache write each.
+                pieces = np.split(changed, np.flatnonzero(np.diff(changed) != 1) + 1)
+                runs = [(int(run[0]), int(run[-1])) for run in pieces]
+            for first, last in runs:
+                lo, hi = first * LINE, (last + 1) * LINE
                 if frame.slot == snoop_slot:
                     through.append((frame.page_pa + lo, frame.view[lo:hi]))
                 else:
                     cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
-            self.stats["lines_written_back"] += len(changed)
+            self.stats["lines_written_back"] += count
         # Runs that continue from one page into the next go to DRAM as one bulk write: the
         # engine's set-up is paid once per run, not once per page.
         start = 0
