@@ -86,6 +86,10 @@ class FrameCache:
         self._by_key: dict[int, Frame] = {}
         self._by_page: dict[int, list[Frame]] = {}  # page PA -> its frames (all domains)
         self._live: list[Frame] = []  # frames loaded in this run
+        # Pages of frames the engine may have written (a superset after frames go stale):
+        # what ``end_run`` registers with the model's cache, without a pass over every frame.
+        self._written_pages: set[int] = set()
+        self._run_clock = -1  # DRAM's change clock when the frames were last all current
         self._scratch = np.empty(PAGE, dtype=np.uint8)
         self.gen = 0
         self.max_frames = MAX_FRAMES
@@ -105,6 +109,10 @@ class FrameCache:
                 for i in reversed(range(CHUNK_FRAMES))
             ]
         return self._free.pop()
+
+    def mark_written(self, frame: Frame) -> None:
+        frame.written = True
+        self._written_pages.add(frame.page_pa)
 
     def lookup(self, slot: int, page_pa: int) -> Frame | None:
         """The frame of (slot, page) if it is current in this run."""
@@ -126,6 +134,8 @@ class FrameCache:
                 frame.gen = self.gen
                 frame.version = self._page_gen.get(page_pa >> 12, 0)
                 self._live.append(frame)
+                if frame.written:  # the engine's TLB may still let it write there
+                    self._written_pages.add(page_pa)
                 return frame
             self.stats["reloads"] += 1
             if frame.executed:
@@ -142,6 +152,8 @@ class FrameCache:
             self._by_page.setdefault(page_pa, []).append(frame)
         frame.view[:] = data
         frame.snapshot[:] = data
+        if frame.written:
+            self._written_pages.add(page_pa)
         frame.gen = self.gen
         frame.version = self._page_gen.get(page_pa >> 12, 0)
         self._live.append(frame)
@@ -222,6 +234,7 @@ class FrameCache:
                 del self._cache.upper[page_pa]
         self._chunks, self._free, self._retired, self._live = [], [], [], []
         self._by_key, self._by_page = {}, {}
+        self._written_pages = set()
 
     def write_back_line(self, slot: int, line_pa: int) -> None:
         """Write back one line (CLFLUSH), if its frame holds a change."""
@@ -240,13 +253,15 @@ class FrameCache:
         (``_sync_pages``) the moment anyone touches them, as a cache above it would be
         snooped. The frames stay, with their page's generation as it is now."""
         upper, sync = self._cache.upper, self._sync_pages
-        gen = self._page_gen
-        fresh = False
-        for frame in self._live:
-            if frame.written and frame.page_pa not in upper:
-                upper[frame.page_pa] = sync
-                fresh = True
-            frame.version = gen.get(frame.page_pa >> 12, 0)
+        fresh = self._written_pages.difference(upper)
+        for page_pa in fresh:
+            upper[page_pa] = sync
+        if self._cache._dram.clock != self._run_clock:
+            # Something wrote memory during the run (a CLFLUSH write-back, an exception
+            # frame the model pushed): the frames are current, at the pages' new versions.
+            gen = self._page_gen
+            for frame in self._live:
+                frame.version = gen.get(frame.page_pa >> 12, 0)
         if fresh:
             self._drop_host_fast_paths()  # their direct line maps must now come via the cache
 
@@ -280,12 +295,20 @@ class FrameCache:
         lines are written back into the model's cache, which moves the page on, as a
         coherent cache hierarchy makes one core's stores visible to the others. Without
         this, a frame here would keep reading what the page held before."""
-        upper = self._cache.upper
-        for frame in self._live:
-            sync = upper.get(frame.page_pa)
-            if sync is not None and sync != self._sync_pages:
-                del upper[frame.page_pa]
-                sync([frame.page_pa], None)
+        upper, own = self._cache.upper, self._sync_pages
+        if len(upper) < len(self._live):  # look from the smaller side
+            pages = [
+                page_pa
+                for page_pa, sync in upper.items()
+                if sync != own and any(f.gen == self.gen for f in self._by_page.get(page_pa, ()))
+            ]
+        else:
+            pages = [f.page_pa for f in self._live if f.page_pa in upper]
+        for page_pa in pages:
+            sync = upper.get(page_pa)
+            if sync is not None and sync != own:
+                del upper[page_pa]
+                sync([page_pa], None)
         gen = self._page_gen
         keep, stale = [], []
         for frame in self._live:
@@ -301,6 +324,7 @@ class FrameCache:
         for frame in stale:
             if self.frame(frame.slot, frame.page_pa) is not frame:
                 moved += 1
+        self._run_clock = self._cache._dram.clock
         return moved
 
     def shrink_if_full(self) -> bool:
@@ -313,6 +337,7 @@ class FrameCache:
         self.stats["shrinks"] += 1
         self._retired.extend(self._by_key.values())
         self._by_key.clear()
+        self._written_pages.clear()  # every frame is retired: none is current any more
         self._by_page.clear()
         return True
 

@@ -158,7 +158,7 @@ class GuestMemory:
         pos = 0
         for frame, off, n in pieces:
             frame.view[off : off + n] = np.frombuffer(data[pos : pos + n], dtype=np.uint8)
-            frame.written = True
+            self._cpu.frames.mark_written(frame)
             pos += n
 
 
@@ -335,7 +335,8 @@ class X86Vcpu:
             perms |= UC_PROT_READ
             if core._allowed(t, Access.WRITE):
                 perms |= UC_PROT_WRITE
-                frame.written = True
+                if not frame.written:
+                    self.frames.mark_written(frame)
         if perms & UC_PROT_EXEC and not frame.executed:
             frame.executed = True
             self._scan_clflush(va & ~0xFFF, frame.view)
