@@ -12,6 +12,7 @@ import re
 import uuid
 
 import pytest
+from conftest import COHERENT, NON_COHERENT, make_machine
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -24,6 +25,7 @@ from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.owner import secret, session
 from sevsim.profiles import get_profile
 from sevsim.soc.dma import BusMaster
+from sevsim.soc.x86.frames import FrameCache
 from sevsim.system import HostSystem
 
 FIRMWARE = x86_guest.image()
@@ -347,3 +349,28 @@ def test_vm_run_with_a_disk_from_the_command_line(tmp_path, capsys):
     assert "device must provide VIRTIO_F_ACCESS_PLATFORM" in json.loads(out)["console"]
     code, _, err = run(*common[:-5], "--disk", str(tmp_path / "missing.img"))
     assert code == 1 and "cannot open the disk image" in err and "Traceback" not in err
+
+
+# ---- a device snooping the instruction engine's frames ------------------------------------------
+@pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "non-coherent"])
+def test_a_dma_read_takes_only_its_own_lines_of_an_engine_frame_to_dram(coherent):
+    """The engine changed two lines of a page (no key: DRAM holds plaintext, so what it
+    holds can be read directly). A device reads the first line: that line is in DRAM,
+    what the device got is the engine's data, and the other line is a dirty cache line,
+    not in DRAM, until a WBINVD writes it back."""
+    machine = make_machine(COHERENT[0] if coherent else NON_COHERENT[0], dram_size=64 * MiB)
+    page = 0x200000
+    frames = FrameCache(lambda addr, buf: None, machine.cache, lambda: None, lambda: None)
+    frame = frames.frame(0, page)
+    frames.mark_written(frame)
+    first, other = bytes(range(64)), bytes(range(64, 128))
+    frame.view[0:64] = list(first)
+    frame.view[640:704] = list(other)
+    frames.end_run()  # back to the host: the page is registered with the cache
+    assert BusMaster(machine, 0x0400).read(page, 64) == first
+    assert machine.dram.read(page, 64) == first
+    assert machine.dram.read(page + 640, 64) == bytes(64)
+    assert machine.cache.resident(page + 640) == [(0, True)]
+    assert (0, True) not in machine.cache.resident(page)
+    machine.cores[0].wbinvd()
+    assert machine.dram.read(page + 640, 64) == other

@@ -79,9 +79,10 @@ class Cache:
         self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
         # Pages a cache level above this one may hold newer data of (the instruction
         # engine's frames): page PA -> a function that writes that data back into this
-        # cache, called as sync(pages, snoop_slot). Every access to such a page by anyone
-        # calls it first; a fabric snoop passes its key slot, so that lines of that domain
-        # may go on to DRAM in bulk (``write_through``), else snoop_slot is None.
+        # cache, called as sync(pages, snoop). Every access to such a page by anyone calls
+        # it first; a fabric snoop passes itself as (key slot, first PA, end PA), so that
+        # the lines of that domain inside its range may go on to DRAM in bulk
+        # (``write_through``); else snoop is None.
         self.upper: dict[int, Callable[..., None]] = {}
 
     def __repr__(self) -> str:
@@ -99,7 +100,7 @@ class Cache:
             self._sync(page_pa, 1)
         return self._pages.setdefault((slot << DOMAIN_SHIFT) | page_pa, {})
 
-    def _sync(self, pa: int, n: int, snoop_slot: int | None = None) -> None:
+    def _sync(self, pa: int, n: int, snoop: tuple[int, int, int] | None = None) -> None:
         upper = self.upper
         lo, hi = pa & ~0xFFF, pa + max(n, 1)
         if (hi - lo) >> 12 > len(upper):
@@ -112,7 +113,7 @@ class Cache:
             if sync is not None:
                 calls.setdefault(sync, []).append(page_pa)
         for sync, synced in calls.items():
-            sync(synced, snoop_slot)
+            sync(synced, snoop)
 
     def _get(self, key: int) -> bytearray | None:
         lines = self._pages.get(key & ~0xFFF)
@@ -355,7 +356,7 @@ class Cache:
         write back the same domain's dirty lines of the range (and drop them for a write);
         with HwEnforcedCacheCoh, write back and drop the other domains' lines too."""
         if self.upper:
-            self._sync(pa, n, slot)
+            self._sync(pa, n, (slot, pa & ~LINE_MASK, pa + n))
         slots_of_line = self._slots_of_line
         lines_in_page = self._lines_in_page
         cached: list[int] = []

@@ -171,11 +171,13 @@ class FrameCache:
             frame.gen = -1  # stale: reloaded from the model if used again
         self._flush_engine_tlb()
 
-    def write_back(self, frames: list[Frame] | None = None, snoop_slot: int | None = None) -> None:
+    def write_back(
+        self, frames: list[Frame] | None = None, snoop: tuple[int, int, int] | None = None
+    ) -> None:
         """Every line the engine changed goes into the model's cache (dirty, in the frame's
-        domain). Frames stay current. For a fabric snoop of ``snoop_slot``, the lines of
-        that domain go on to DRAM in bulk (``Cache.write_through``), as the snoop would
-        write them back next."""
+        domain). Frames stay current. For a fabric ``snoop`` (key slot, first PA, end PA),
+        the lines of that domain inside its range go on to DRAM in bulk
+        (``Cache.write_through``), as the snoop would write them back next."""
         cache = self._cache
         frames = self._live if frames is None else frames
         for frame in frames:
@@ -207,10 +209,19 @@ class FrameCache:
                 runs = [(int(run[0]), int(run[-1])) for run in pieces]
             for first, last in runs:
                 lo, hi = first * LINE, (last + 1) * LINE
-                if frame.slot == snoop_slot:
-                    through.append((frame.page_pa + lo, frame.view[lo:hi]))
-                else:
-                    cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
+                # Lines inside the snoop's range, in its domain, go on to DRAM (where the
+                # snoop puts them next); the rest become dirty lines, as they would be.
+                a, b = hi, hi
+                if snoop is not None and frame.slot == snoop[0]:
+                    a = min(max(snoop[1] - frame.page_pa, lo), hi)
+                    b = min(max(snoop[2] - frame.page_pa, lo), hi)
+                    b = min((b + LINE - 1) & ~(LINE - 1), hi)
+                if a > lo:
+                    cache.write(frame.page_pa + lo, frame.view[lo:a].tobytes(), frame.slot)
+                if b > a:
+                    through.append((frame.page_pa + a, frame.view[a:b]))
+                if hi > b:
+                    cache.write(frame.page_pa + b, frame.view[b:hi].tobytes(), frame.slot)
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
             self.stats["lines_written_back"] += count
         # Runs that continue from one page into the next go to DRAM as one bulk write: the
@@ -222,7 +233,7 @@ class FrameCache:
             pa, data = through[start]
             if i - start > 1:
                 data = np.concatenate([piece for _, piece in through[start:i]])
-            cache.write_through(pa, data, snoop_slot)
+            cache.write_through(pa, data, snoop[0])
             start = i
 
     def release(self) -> None:
@@ -265,11 +276,11 @@ class FrameCache:
         if fresh:
             self._drop_host_fast_paths()  # their direct line maps must now come via the cache
 
-    def _sync_pages(self, pages: list[int], snoop_slot: int | None) -> None:
+    def _sync_pages(self, pages: list[int], snoop: tuple[int, int, int] | None) -> None:
         """What the model's cache calls before anyone touches these pages."""
         by_page = self._by_page
         frames = [f for page_pa in pages for f in by_page.get(page_pa, ()) if f.gen == self.gen]
-        self.write_back(frames, snoop_slot)
+        self.write_back(frames, snoop)
         gen = self._page_gen
         for frame in frames:
             frame.version = gen.get(frame.page_pa >> 12, 0)
