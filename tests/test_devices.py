@@ -12,6 +12,7 @@ import re
 import uuid
 
 import pytest
+from conftest import COHERENT, NON_COHERENT, make_machine
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -24,6 +25,7 @@ from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.owner import secret, session
 from sevsim.profiles import get_profile
 from sevsim.soc.dma import BusMaster
+from sevsim.soc.x86.frames import FrameCache
 from sevsim.system import HostSystem
 
 FIRMWARE = x86_guest.image()
@@ -99,8 +101,10 @@ def boot(
     return vmm, console, image
 
 
-def test_a_16_mib_file_round_trips_through_the_bounce_pool(host, tmp_path):
-    vmm, log, image = boot(host, tmp_path, "disk:16:7")
+@pytest.mark.parametrize("iothread", [True, False], ids=["iothread", "in-exit"])
+def test_a_16_mib_file_round_trips_through_the_bounce_pool(host, tmp_path, iothread):
+    vmm, log, image = boot(host, tmp_path, "disk:16:7", disk_iothread=iothread)
+    assert vmm.disk.iothread == iothread
     assert "disk: read 16 MiB back, matches what was written" in log, log
     want = expected_data(16 * MiB, 7)
     # I/O is outside SEV's protection: the file holds exactly what the guest wrote.
@@ -203,6 +207,84 @@ def test_the_vmm_reports_a_bad_disk_image(host, tmp_path):
         create_image(tmp_path / "new.img", 1000)
 
 
+# ---- the I/O thread ---------------------------------------------------------------------------
+RING, AVAIL, USED, HEADER, DATA, STATUS = 0x300000, 0x300080, 0x301000, 0x302000, 0x303000, 0x305000
+
+
+def _write_request(vm, sector: int, data: bytes) -> None:
+    """A driver's one write request on a queue of 8: header, data, status byte."""
+    chain = [
+        (HEADER, v.BLK_REQ.size, v.DESC_F_NEXT, 1),
+        (DATA, len(data), v.DESC_F_NEXT, 2),
+        (STATUS, 1, v.DESC_F_WRITE, 0),
+    ]
+    for i, (addr, length, flags, nxt) in enumerate(chain):
+        vm.write(RING + 16 * i, v.DESC.build(addr=addr, len=length, flags=flags, next=nxt))
+    vm.write(HEADER, v.BLK_REQ.build(type=v.BLK_T_OUT, reserved=0, sector=sector))
+    vm.write(DATA, data)
+    vm.write(STATUS, b"\xff")
+    vm.write(AVAIL + 4, (0).to_bytes(2, "little"))  # ring[0] = head 0
+    vm.write(AVAIL, v.RING_HEADER.build(flags=0, idx=1))
+
+
+@pytest.mark.parametrize("iothread", [True, False], ids=["iothread", "in-exit"])
+def test_a_notify_returns_before_the_io_thread_serves_the_request(host, tmp_path, iothread):
+    """The driver's side of the registers, as the guest's virtio_blk.c does it, from the
+    test: with an I/O thread held before its pass, QUEUE_NOTIFY returns with the used ring
+    untouched and nothing in the file; released, the thread completes the request. Without
+    one, the request is complete when the notify returns."""
+    image = tmp_path / "disk.img"
+    create_image(image, 64 * 1024)
+    fw = tmp_path / "fw.fd"
+    fw.write_bytes(FIRMWARE)
+    cfg = VmConfig(
+        firmware=fw, memory=64 * MiB, sev=False, policy=0, disk=image, disk_iothread=iothread
+    )
+    vmm = Vmm(host, cfg)
+    vmm.start()
+    dev, vm = vmm.disk, vmm.vm
+    try:
+        assert dev.iothread == iothread
+
+        def out(reg: int, value: int) -> None:
+            dev.io_out(v.PORT_BASE + reg, value, 4)
+
+        out(v.STATUS, v.S_ACKNOWLEDGE | v.S_DRIVER)
+        out(v.DRIVER_FEATURES_SEL, 1)
+        out(v.DRIVER_FEATURES, v.F_VERSION_1 >> 32)
+        out(v.STATUS, v.S_ACKNOWLEDGE | v.S_DRIVER | v.S_FEATURES_OK)
+        out(v.QUEUE_NUM, 8)
+        for reg, addr in ((v.QUEUE_DESC_LOW, RING), (v.QUEUE_DRIVER_LOW, AVAIL)):
+            out(reg, addr)
+        out(v.QUEUE_DEVICE_LOW, USED)
+        out(v.QUEUE_READY, 1)
+        out(v.STATUS, v.S_ACKNOWLEDGE | v.S_DRIVER | v.S_FEATURES_OK | v.S_DRIVER_OK)
+        data = random.Random(5).randbytes(4096)
+        _write_request(vm, 8, data)
+        if iothread:
+            dev.pause()
+        out(v.QUEUE_NOTIFY, 0)
+        used_idx = v.RING_HEADER.parse(vm.read(USED, 4)).idx
+        if iothread:
+            # The notify came back; the request waits on the ring, the file is untouched.
+            assert used_idx == 0 and vm.read(STATUS, 1) == b"\xff"
+            assert image.read_bytes() == bytes(64 * 1024)
+            assert not dev.drain(0.05)  # a held thread does not finish
+            dev.resume()
+            assert dev.drain(30)
+            used_idx = v.RING_HEADER.parse(vm.read(USED, 4)).idx
+        assert used_idx == 1 and vm.read(STATUS, 1) == bytes([v.BLK_S_OK])
+        assert v.USED_ELEM.parse(vm.read(USED + 4, 8)).id == 0
+        content = image.read_bytes()
+        assert content[8 * 512 : 8 * 512 + 4096] == data
+        assert content[: 8 * 512] == bytes(8 * 512) and content[8 * 512 + 4096 :].count(0) == (
+            64 * 1024 - 8 * 512 - 4096
+        )
+        assert dev.stats.writes == 1 and dev.stats.bytes_written == 4096
+    finally:
+        vmm.quit()
+
+
 # ---- DMA aimed at private memory ------------------------------------------------------------
 PATTERN = b"the guest's private record, 64 bytes, never to be seen by a device"[:64]
 
@@ -267,3 +349,28 @@ def test_vm_run_with_a_disk_from_the_command_line(tmp_path, capsys):
     assert "device must provide VIRTIO_F_ACCESS_PLATFORM" in json.loads(out)["console"]
     code, _, err = run(*common[:-5], "--disk", str(tmp_path / "missing.img"))
     assert code == 1 and "cannot open the disk image" in err and "Traceback" not in err
+
+
+# ---- a device snooping the instruction engine's frames ------------------------------------------
+@pytest.mark.parametrize("coherent", [True, False], ids=["coherent", "non-coherent"])
+def test_a_dma_read_takes_only_its_own_lines_of_an_engine_frame_to_dram(coherent):
+    """The engine changed two lines of a page (no key: DRAM holds plaintext, so what it
+    holds can be read directly). A device reads the first line: that line is in DRAM,
+    what the device got is the engine's data, and the other line is a dirty cache line,
+    not in DRAM, until a WBINVD writes it back."""
+    machine = make_machine(COHERENT[0] if coherent else NON_COHERENT[0], dram_size=64 * MiB)
+    page = 0x200000
+    frames = FrameCache(lambda addr, buf: None, machine.cache, lambda: None, lambda: None)
+    frame = frames.frame(0, page)
+    frames.mark_written(frame)
+    first, other = bytes(range(64)), bytes(range(64, 128))
+    frame.view[0:64] = list(first)
+    frame.view[640:704] = list(other)
+    frames.end_run()  # back to the host: the page is registered with the cache
+    assert BusMaster(machine, 0x0400).read(page, 64) == first
+    assert machine.dram.read(page, 64) == first
+    assert machine.dram.read(page + 640, 64) == bytes(64)
+    assert machine.cache.resident(page + 640) == [(0, True)]
+    assert (0, True) not in machine.cache.resident(page)
+    machine.cores[0].wbinvd()
+    assert machine.dram.read(page + 640, 64) == other

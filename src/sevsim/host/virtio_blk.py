@@ -10,13 +10,19 @@ bounces every buffer through its swiotlb pool (``VIRTIO_F_ACCESS_PLATFORM``).
 Whatever the guest writes lands in the file as it is: the disk is outside SEV's
 protection unless the guest encrypts what it writes.
 
-Requests are handled when the driver notifies the queue (a port write: a VM exit), before
-the guest runs again; completion is the used ring (the model has no interrupts).
+Requests are carried out on the device's I/O thread, as QEMU's iothreads (or its main
+loop) do: the driver's notify (a port write: a VM exit) only kicks that thread and the
+guest runs on at once; the thread reads the rings and buffers, writes the file, and
+publishes each completion on the used ring (the model has no interrupts: the driver polls
+it). The thread takes the machine's turns for each access to guest memory, like any host
+thread. With ``iothread=False`` the requests are carried out during the notify's exit,
+before the guest runs again (deterministic: what a test that counts on the order uses).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +52,9 @@ class BlkStats:
 
 
 class VirtioBlkDevice:
-    def __init__(self, vm: Vm, path: Path, access_platform: bool = True) -> None:
+    def __init__(
+        self, vm: Vm, path: Path, access_platform: bool = True, iothread: bool = True
+    ) -> None:
         self.vm = vm
         self.path = Path(path)
         try:
@@ -65,9 +73,29 @@ class VirtioBlkDevice:
             self.features |= v.F_ACCESS_PLATFORM
         self.stats = BlkStats()
         self._buffer = np.empty(0, dtype=np.uint8)  # the device's own DMA buffer, reused
+        # The queue's state is the I/O thread's while it serves the ring; a register
+        # access from a vCPU waits for it (QEMU's AioContext lock).
+        self._lock = threading.RLock()
+        self._kick = threading.Condition(self._lock)
+        self._kicks = 0  # notifies not yet served
+        self._paused = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self.reset()
+        if iothread:
+            self._thread = threading.Thread(target=self._iothread, name="virtio-blk", daemon=True)
+            self._thread.start()
+
+    @property
+    def iothread(self) -> bool:
+        return self._thread is not None
 
     def reset(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._kicks = 0  # a reset forgets the notifies not yet served
         self.status = 0
         self.driver_features = 0
         self._device_sel = 0
@@ -80,9 +108,51 @@ class VirtioBlkDevice:
         self.interrupt_status = 0
 
     def close(self) -> None:
+        if self._thread is not None:
+            with self._lock:
+                self._stopping = True
+                self._paused = False
+                self._kick.notify_all()
+            self._thread.join()
+            self._thread = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    # ---- the I/O thread -----------------------------------------------------------------
+    def _iothread(self) -> None:
+        with self._lock:
+            while True:
+                while not self._stopping and (self._paused or not self._kicks):
+                    self._kick.wait()
+                if self._stopping:
+                    return
+                self._kicks = 0  # one pass serves every chain made available so far
+                try:
+                    self._serve()
+                except Exception as exc:  # noqa: BLE001 - the VM went away under it, say
+                    self.stats.errors.append(f"I/O thread: {exc}")
+                    self.status |= v.S_NEEDS_RESET
+                self._kick.notify_all()  # for drain()
+
+    def pause(self) -> None:
+        """Hold the I/O thread before its next pass over the ring (what a test, or a
+        debugger, uses to see the guest run on while its requests wait)."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._kick.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every notify so far has been served (QEMU's blk_drain); False if the
+        I/O thread is paused or did not finish in time."""
+        with self._lock:
+            return self._kick.wait_for(lambda: not self._kicks or self._paused, timeout) and (
+                not self._kicks
+            )
 
     def attach(self) -> None:
         """Put the device on the VM's I/O ports."""
@@ -96,6 +166,10 @@ class VirtioBlkDevice:
         )
 
     def io_in(self, port: int, size: int) -> int:
+        with self._lock:
+            return self._io_in(port, size)
+
+    def _io_in(self, port: int, size: int) -> int:
         reg = port - v.PORT_BASE
         if reg >= v.CONFIG:
             off = reg - v.CONFIG
@@ -115,6 +189,15 @@ class VirtioBlkDevice:
         return values.get(reg, 0)
 
     def io_out(self, port: int, value: int, size: int) -> None:
+        if port - v.PORT_BASE == v.QUEUE_NOTIFY and self._thread is not None:
+            with self._lock:  # ioeventfd: the notify only kicks the I/O thread
+                self._kicks += 1
+                self._kick.notify_all()
+            return
+        with self._lock:
+            self._io_out(port, value, size)
+
+    def _io_out(self, port: int, value: int, size: int) -> None:
         reg = port - v.PORT_BASE
         value &= 0xFFFF_FFFF
         if reg == v.DEVICE_FEATURES_SEL:
@@ -141,11 +224,11 @@ class VirtioBlkDevice:
         elif reg == v.INTERRUPT_ACK:
             self.interrupt_status &= ~value
         elif reg == v.QUEUE_NOTIFY:
-            self._notify()
+            self._serve()
 
     def _set_status(self, value: int) -> None:
         if value == 0:
-            self.reset()
+            self._reset()
             return
         if value & v.S_FEATURES_OK and not self.status & v.S_FEATURES_OK:
             # Refuse features the device did not offer, and a driver without VERSION_1.
@@ -154,7 +237,8 @@ class VirtioBlkDevice:
         self.status = value
 
     # ---- the queue ----------------------------------------------------------------------------
-    def _notify(self) -> None:
+    def _serve(self) -> None:
+        """Carry out every request the driver has made available, in ring order."""
         if not (self.status & v.S_DRIVER_OK and self.queue_ready and self.queue_num):
             return
         vm, num = self.vm, self.queue_num

@@ -76,6 +76,7 @@ class VmConfig:
     sev: bool = True  # False: an ordinary VM (QEMU without a sev-guest object)
     disk: Path | None = None  # a raw image for a virtio block device
     disk_access_platform: bool = True  # offer VIRTIO_F_ACCESS_PLATFORM (QEMU iommu_platform)
+    disk_iothread: bool = True  # requests on the device's I/O thread (False: in the exit)
     name: str | None = "vm"  # QEMU's -name guest=NAME; None: the platform service picks one
 
 
@@ -243,7 +244,12 @@ class Vmm:
             vm.io_ports[port] = device
         if self.config.disk is not None:
             try:
-                self.disk = VirtioBlkDevice(vm, self.config.disk, self.config.disk_access_platform)
+                self.disk = VirtioBlkDevice(
+                    vm,
+                    self.config.disk,
+                    self.config.disk_access_platform,
+                    self.config.disk_iothread,
+                )
             except DiskError as exc:
                 vm.destroy()
                 self.vm = None

@@ -34,7 +34,7 @@ from enum import IntEnum
 import numpy as np
 
 from sevsim.profiles import CacheGeometry
-from sevsim.soc.memctl import LINE_SIZE, MemoryController
+from sevsim.soc.memctl import BULK_MIN, LINE_SIZE, MemoryController
 
 LINE_MASK = LINE_SIZE - 1
 DOMAIN_SHIFT = 52  # key = slot << 52 | line address: one int, cheap to hash
@@ -79,8 +79,11 @@ class Cache:
         self.stats = {"fills": 0, "writebacks": 0, "evictions": 0}
         # Pages a cache level above this one may hold newer data of (the instruction
         # engine's frames): page PA -> a function that writes that data back into this
-        # cache. Every access to such a page by anyone calls it first.
-        self.upper: dict[int, Callable[[int], None]] = {}
+        # cache, called as sync(pages, snoop). Every access to such a page by anyone calls
+        # it first; a fabric snoop passes itself as (key slot, first PA, end PA), so that
+        # the lines of that domain inside its range may go on to DRAM in bulk
+        # (``write_through``); else snoop is None.
+        self.upper: dict[int, Callable[..., None]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -97,17 +100,20 @@ class Cache:
             self._sync(page_pa, 1)
         return self._pages.setdefault((slot << DOMAIN_SHIFT) | page_pa, {})
 
-    def _sync(self, pa: int, n: int) -> None:
+    def _sync(self, pa: int, n: int, snoop: tuple[int, int, int] | None = None) -> None:
         upper = self.upper
         lo, hi = pa & ~0xFFF, pa + max(n, 1)
         if (hi - lo) >> 12 > len(upper):
             pages = [page for page in upper if lo <= page < hi]
         else:
             pages = range(lo, hi, 4096)
+        calls: dict[Callable[..., None], list[int]] = {}  # one call per level above
         for page_pa in pages:
             sync = upper.pop(page_pa, None)
             if sync is not None:
-                sync(page_pa)
+                calls.setdefault(sync, []).append(page_pa)
+        for sync, synced in calls.items():
+            sync(synced, snoop)
 
     def _get(self, key: int) -> bytearray | None:
         lines = self._pages.get(key & ~0xFFF)
@@ -277,7 +283,7 @@ class Cache:
         lines were written back."""
         while self.upper:
             page_pa, sync = self.upper.popitem()
-            sync(page_pa)
+            sync([page_pa], None)
         written = len(self._dirty)
         self._write_back_all()
         self._dirty.clear()
@@ -320,12 +326,37 @@ class Cache:
                 line = self._get((newest << DOMAIN_SHIFT) | line_pa)
                 self._memctl.write_line(line_pa, newest, bytes(line))
 
+    def write_through(self, pa: int, data: np.ndarray, slot: int) -> None:
+        """Whole lines a cache level above writes back while a fabric access of the same
+        domain snoops them: they go on to DRAM in one bulk write, which is where that snoop
+        would put them next (``write`` then the snoop's write-back, without making each a
+        dirty line first). This domain's own lines of the range are older and go; with
+        HwEnforcedCacheCoh the other domains' lines are written back and dropped first, as
+        an allocation would do. MODEL: no line is left behind (the line-level path would
+        leave them clean), and nothing is evicted to make room."""
+        n = len(data)
+        if (pa & ~0xFFF) in self._lines_in_page:
+            for line_pa in _lines_of(pa, n):
+                if line_pa not in self._slots_of_line:
+                    continue
+                if self.coherent:
+                    self._drop_other_domains(line_pa, slot)
+                key = (slot << DOMAIN_SHIFT) | line_pa
+                if self._get(key) is not None:
+                    self._dirty.discard(key)  # overwritten below: no write-back
+                    self._evict(key)
+        if n >= BULK_MIN:
+            self._memctl.write_from(pa, data, slot)
+        else:
+            self._memctl.write(pa, data.tobytes(), slot)
+        self.stats["writebacks"] += n // LINE_SIZE
+
     def snoop(self, pa: int, n: int, slot: int, invalidate: bool) -> None:
         """What a fabric access (firmware, DMA) does to the cache before it reaches DRAM:
         write back the same domain's dirty lines of the range (and drop them for a write);
         with HwEnforcedCacheCoh, write back and drop the other domains' lines too."""
         if self.upper:
-            self._sync(pa, n)
+            self._sync(pa, n, (slot, pa & ~LINE_MASK, pa + n))
         slots_of_line = self._slots_of_line
         lines_in_page = self._lines_in_page
         cached: list[int] = []

@@ -388,13 +388,19 @@ class Core:
             return not t.nx and not (self._cpl < 3 and t.user and self._cfg.smep)
         return True
 
-    def _pieces(self, va: int, n: int, access: Access) -> list[tuple[int, int, MemType, int]]:
+    def _pieces(
+        self, va: int, n: int, access: Access, fast: bool = True
+    ) -> list[tuple[int, int, MemType, int]]:
         """Translate every page an access touches *before* any byte moves, so an access
-        that faults on its second page has no effect (as on hardware)."""
+        that faults on its second page has no effect (as on hardware). ``fast=False``: no
+        fast path for later loads and stores is set up (a streaming access goes through
+        the fabric's snoop, and setting one up would first pull an instruction engine's
+        lines of the page into the cache one by one)."""
         pieces = []
         pos, end = va, va + n
+        translate = self.translate if fast else self.translation
         while pos < end:
-            t = self.translate(pos, access)
+            t = translate(pos, access)
             # The rest of a large page is contiguous and has the same attributes.
             length = min(end, t.page_base + t.page_size) - pos
             pieces.append((t.page_pa | (pos & 0xFFF), self._slot(t, access), t.memtype, length))
@@ -533,7 +539,7 @@ class Core:
         if fast is not None:
             runs = [(fast[0], fast[1], len(out))]
         else:
-            runs = _physical_runs(self._pieces(va, len(out), Access.READ))
+            runs = _physical_runs(self._pieces(va, len(out), Access.READ, fast=False))
         pos = 0
         for pa, slot, length in runs:
             piece = out[pos : pos + length]
@@ -550,7 +556,7 @@ class Core:
             self._fabric.write(fast[0], data, fast[1])
             return
         pos = 0
-        for pa, slot, length in _physical_runs(self._pieces(va, len(data), Access.WRITE)):
+        for pa, slot, length in _physical_runs(self._pieces(va, len(data), Access.WRITE, False)):
             self._fabric.write(pa, data[pos : pos + length], slot)
             pos += length
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from sevsim.soc.iommu import IommuFault, bdf
 from sevsim.soc.turns import taking_turns
 
@@ -52,11 +54,19 @@ class BusMaster:
 
     @taking_turns
     def read(self, address: int, n: int) -> bytes:
-        """A DMA read of n bytes at a bus address."""
-        return b"".join(
-            self._machine.fabric.read(pa, length, slot)
-            for pa, slot, length in self._route(address, n, write=False)
-        )
+        """A DMA read of n bytes at a bus address: each physically contiguous run of one
+        key slot is one bulk fabric read (one snoop, one pass of the memory engine)."""
+        fabric = self._machine.fabric
+        out = np.empty(n, dtype=np.uint8)
+        pos = 0
+        for pa, slot, length in self._route(address, n, write=False):
+            piece = out[pos : pos + length]
+            if (pa | length) % 16:
+                piece[:] = np.frombuffer(fabric.read(pa, length, slot), dtype=np.uint8)
+            else:
+                fabric.read_into(pa, piece, slot)
+            pos += length
+        return out.tobytes()
 
     @taking_turns
     def write(self, address: int, data: bytes) -> None:
@@ -73,16 +83,20 @@ class BusMaster:
         address &= self._address_mask  # the lines this device does not drive stay low
         pieces: list[tuple[int, int]] = []  # (SPA with C-bit, length)
         pos = 0
+        walk: dict[int, int] = {}  # the IOMMU's reads for this transfer (one turn)
         while pos < n:
             try:
-                t = iommu.translate(self.device_id, address + pos, write)
+                t = iommu.translate(self.device_id, address + pos, write, walk)
             except IommuFault as fault:
                 raise DmaAbort(f"{self.name}: the IOMMU refused the DMA: {fault}") from fault
             if t is None:  # passed through: the bus address is the SPA
                 pieces.append((address + pos, n - pos))
                 break
             length = min(t.length, n - pos)
-            pieces.append((t.spa, length))
+            if pieces and pieces[-1][0] + pieces[-1][1] == t.spa:  # the next page follows
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + length)
+            else:
+                pieces.append((t.spa, length))
             pos += length
         out = []
         cbit = m.cbit_mask if m.memctl.smee else 0  # without SME the bit is an address bit

@@ -162,16 +162,29 @@ class Iommu:
         m.fabric.write(addr & ~m.cbit_mask, data, slot)
 
     # ---- translation ---------------------------------------------------------------------
-    def translate(self, device_id: int, address: int, write: bool) -> Translation | None:
+    def translate(
+        self, device_id: int, address: int, write: bool, walk: dict[int, int] | None = None
+    ) -> Translation | None:
         """Where a DMA by ``device_id`` to ``address`` goes: None to pass it through
-        untranslated, else the SPA of the page it hits. Raises IommuFault."""
+        untranslated, else the SPA of the page it hits. Raises IommuFault.
+
+        ``walk`` (a dict the caller keeps for the pages of one DMA transfer) remembers the
+        device table entry and the non-leaf entries read for the transfer's earlier pages:
+        one transfer is one turn on the silicon, so they cannot change in between, and a
+        multi-page transfer reads them once instead of once per page."""
         if not self.enabled:
             return None
         base_reg = self._regs[MMIO_DEV_TABLE_BASE]
         entries = ((base_reg & 0x1FF) + 1) * 4096 // DTE_SIZE
         if device_id >= entries:
             return None  # MODEL: outside the table, treated as an invalid entry
-        dte = DTE.parse(self._fabric_read((base_reg & ADDR_MASK) + device_id * DTE_SIZE, DTE_SIZE))
+        dte_pa = (base_reg & ADDR_MASK) + device_id * DTE_SIZE
+        raw = None if walk is None else walk.get(-1)
+        if raw is None:
+            raw = self._fabric_read(dte_pa, DTE_SIZE)
+            if walk is not None:
+                walk[-1] = raw
+        dte = DTE.parse(raw)
         dte0 = dte.data0
         if not dte0 & DTE_V or not dte0 & DTE_TV:
             return None
@@ -187,7 +200,12 @@ class Iommu:
         table = dte0 & ADDR_MASK
         for level in range(mode, 0, -1):
             shift = 12 + 9 * (level - 1)
-            (pte,) = self._read_u64s(table + (address >> shift & 0x1FF) * 8, 1)
+            entry_pa = table + (address >> shift & 0x1FF) * 8
+            pte = None if walk is None or level == 1 else walk.get(entry_pa)
+            if pte is None:
+                (pte,) = self._read_u64s(entry_pa, 1)
+                if walk is not None and level > 1:
+                    walk[entry_pa] = pte
             if not pte & PTE_PR:
                 self._fault(device_id, domain, address, write, False, "not mapped")
             readable &= bool(pte & PTE_IR)

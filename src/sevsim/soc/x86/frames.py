@@ -86,6 +86,10 @@ class FrameCache:
         self._by_key: dict[int, Frame] = {}
         self._by_page: dict[int, list[Frame]] = {}  # page PA -> its frames (all domains)
         self._live: list[Frame] = []  # frames loaded in this run
+        # Pages of frames the engine may have written (a superset after frames go stale):
+        # what ``end_run`` registers with the model's cache, without a pass over every frame.
+        self._written_pages: set[int] = set()
+        self._run_clock = -1  # DRAM's change clock when the frames were last all current
         self._scratch = np.empty(PAGE, dtype=np.uint8)
         self.gen = 0
         self.max_frames = MAX_FRAMES
@@ -105,6 +109,10 @@ class FrameCache:
                 for i in reversed(range(CHUNK_FRAMES))
             ]
         return self._free.pop()
+
+    def mark_written(self, frame: Frame) -> None:
+        frame.written = True
+        self._written_pages.add(frame.page_pa)
 
     def lookup(self, slot: int, page_pa: int) -> Frame | None:
         """The frame of (slot, page) if it is current in this run."""
@@ -126,6 +134,8 @@ class FrameCache:
                 frame.gen = self.gen
                 frame.version = self._page_gen.get(page_pa >> 12, 0)
                 self._live.append(frame)
+                if frame.written:  # the engine's TLB may still let it write there
+                    self._written_pages.add(page_pa)
                 return frame
             self.stats["reloads"] += 1
             if frame.executed:
@@ -142,6 +152,8 @@ class FrameCache:
             self._by_page.setdefault(page_pa, []).append(frame)
         frame.view[:] = data
         frame.snapshot[:] = data
+        if frame.written:
+            self._written_pages.add(page_pa)
         frame.gen = self.gen
         frame.version = self._page_gen.get(page_pa >> 12, 0)
         self._live.append(frame)
@@ -151,9 +163,7 @@ class FrameCache:
     def _drop_other_domains(self, slot: int, page_pa: int) -> None:
         """HwEnforcedCacheCoh: the engine's copies of this page in other domains are written
         back and dropped before this domain uses it, as the cache does with its lines."""
-        others = [
-            f for f in self._live if f.page_pa == page_pa and f.slot != slot and f.gen == self.gen
-        ]
+        others = [f for f in self._by_page.get(page_pa, ()) if f.slot != slot and f.gen == self.gen]
         if not others:
             return
         self.write_back(others)
@@ -161,38 +171,81 @@ class FrameCache:
             frame.gen = -1  # stale: reloaded from the model if used again
         self._flush_engine_tlb()
 
-    def write_back(self, frames: list[Frame] | None = None) -> None:
+    def write_back(
+        self, frames: list[Frame] | None = None, snoop: tuple[int, int, int] | None = None
+    ) -> None:
         """Every line the engine changed goes into the model's cache (dirty, in the frame's
-        domain). Frames stay current."""
+        domain). Frames stay current. For a fabric ``snoop`` (key slot, first PA, end PA),
+        the lines of that domain inside its range go on to DRAM in bulk
+        (``Cache.write_through``), as the snoop would write them back next."""
         cache = self._cache
         frames = self._live if frames is None else frames
         for frame in frames:
             cache.upper.pop(frame.page_pa, None)  # this is the write-back it would ask for
-        for frame in frames:
-            if not frame.written:
+        through: list[tuple[int, np.ndarray]] = []  # (PA, lines) for the snoop's domain
+        written = [frame for frame in frames if frame.written]
+        if not written:
+            return
+        # Which lines changed, for all the frames in one comparison (a page's worth of
+        # numpy calls each would cost more than the comparison itself).
+        lines = PAGE // LINE
+        changed_lines = (
+            np.stack([f.view for f in written]).reshape(-1, lines, LINE)
+            != np.stack([f.snapshot for f in written]).reshape(-1, lines, LINE)
+        ).any(axis=2)
+        whole = changed_lines.all(axis=1).tolist()
+        some = changed_lines.any(axis=1).tolist()
+        for i, frame in enumerate(written):
+            if not some[i]:
                 continue
-            changed = np.flatnonzero(
-                (frame.view.reshape(-1, LINE) != frame.snapshot.reshape(-1, LINE)).any(axis=1)
-            )
-            if not len(changed):
-                continue
-            # Contiguous runs of changed lines, one cache write each.
-            runs = np.split(changed, np.flatnonzero(np.diff(changed) != 1) + 1)
-            for run in runs:
-                lo, hi = int(run[0]) * LINE, (int(run[-1]) + 1) * LINE
-                cache.write(frame.page_pa + lo, frame.view[lo:hi].tobytes(), frame.slot)
+            if whole[i]:
+                runs = [(0, lines - 1)]
+                count = lines
+            else:
+                changed = np.flatnonzero(changed_lines[i])
+                count = len(changed)
+                # Contiguous runs of changed lines, one cache write each.
+                pieces = np.split(changed, np.flatnonzero(np.diff(changed) != 1) + 1)
+                runs = [(int(run[0]), int(run[-1])) for run in pieces]
+            for first, last in runs:
+                lo, hi = first * LINE, (last + 1) * LINE
+                # Lines inside the snoop's range, in its domain, go on to DRAM (where the
+                # snoop puts them next); the rest become dirty lines, as they would be.
+                a, b = hi, hi
+                if snoop is not None and frame.slot == snoop[0]:
+                    a = min(max(snoop[1] - frame.page_pa, lo), hi)
+                    b = min(max(snoop[2] - frame.page_pa, lo), hi)
+                    b = min((b + LINE - 1) & ~(LINE - 1), hi)
+                if a > lo:
+                    cache.write(frame.page_pa + lo, frame.view[lo:a].tobytes(), frame.slot)
+                if b > a:
+                    through.append((frame.page_pa + a, frame.view[a:b]))
+                if hi > b:
+                    cache.write(frame.page_pa + b, frame.view[b:hi].tobytes(), frame.slot)
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
-            self.stats["lines_written_back"] += len(changed)
+            self.stats["lines_written_back"] += count
+        # Runs that continue from one page into the next go to DRAM as one bulk write: the
+        # engine's set-up is paid once per run, not once per page.
+        start = 0
+        for i in range(1, len(through) + 1):
+            if i < len(through) and through[i][0] == through[i - 1][0] + len(through[i - 1][1]):
+                continue
+            pa, data = through[start]
+            if i - start > 1:
+                data = np.concatenate([piece for _, piece in through[start:i]])
+            cache.write_through(pa, data, snoop[0])
+            start = i
 
     def release(self) -> None:
         """The engine goes away: what it changed goes to the model's cache, then every frame
         and chunk is let go at once (not left to Python's cycle collector)."""
         self.write_back([f for f in self._by_key.values() if f.gen == self.gen])
         for page_pa in self._by_page:
-            if self._cache.upper.get(page_pa) == self._sync_page:
+            if self._cache.upper.get(page_pa) == self._sync_pages:
                 del self._cache.upper[page_pa]
         self._chunks, self._free, self._retired, self._live = [], [], [], []
         self._by_key, self._by_page = {}, {}
+        self._written_pages = set()
 
     def write_back_line(self, slot: int, line_pa: int) -> None:
         """Write back one line (CLFLUSH), if its frame holds a change."""
@@ -208,25 +261,29 @@ class FrameCache:
     def end_run(self) -> None:
         """Control goes back to the host. Nothing is copied now: the pages the engine may
         have written are registered with the model's cache, which asks for them back
-        (``_sync_page``) the moment anyone touches them, as a cache above it would be
+        (``_sync_pages``) the moment anyone touches them, as a cache above it would be
         snooped. The frames stay, with their page's generation as it is now."""
-        upper, sync = self._cache.upper, self._sync_page
-        gen = self._page_gen
-        fresh = False
-        for frame in self._live:
-            if frame.written and frame.page_pa not in upper:
-                upper[frame.page_pa] = sync
-                fresh = True
-            frame.version = gen.get(frame.page_pa >> 12, 0)
+        upper, sync = self._cache.upper, self._sync_pages
+        fresh = self._written_pages.difference(upper)
+        for page_pa in fresh:
+            upper[page_pa] = sync
+        if self._cache._dram.clock != self._run_clock:
+            # Something wrote memory during the run (a CLFLUSH write-back, an exception
+            # frame the model pushed): the frames are current, at the pages' new versions.
+            gen = self._page_gen
+            for frame in self._live:
+                frame.version = gen.get(frame.page_pa >> 12, 0)
         if fresh:
             self._drop_host_fast_paths()  # their direct line maps must now come via the cache
 
-    def _sync_page(self, page_pa: int) -> None:
-        frames = [f for f in self._by_page.get(page_pa, ()) if f.gen == self.gen]
-        self.write_back(frames)
-        version = self._page_gen.get(page_pa >> 12, 0)
+    def _sync_pages(self, pages: list[int], snoop: tuple[int, int, int] | None) -> None:
+        """What the model's cache calls before anyone touches these pages."""
+        by_page = self._by_page
+        frames = [f for page_pa in pages for f in by_page.get(page_pa, ()) if f.gen == self.gen]
+        self.write_back(frames, snoop)
+        gen = self._page_gen
         for frame in frames:
-            frame.version = version
+            frame.version = gen.get(frame.page_pa >> 12, 0)
 
     def invalidate(self) -> None:
         """WBINVD: every frame was written back (the cache asked for it); all are dropped,
@@ -237,21 +294,34 @@ class FrameCache:
 
     def revalidate(self) -> int:
         """Before the engine runs again: a frame whose page changed since (anything wrote
-        it: the hypervisor, DMA, the PSP, another vCPU, a write-back) is stale, and reloaded
-        from the model on its next use. Returns how many went stale.
+        it: the hypervisor, DMA, the PSP, another vCPU, a write-back) is stale, and is
+        reloaded from the model now, in place. Returns how many frames moved to a new
+        engine address (a reloaded page the engine had translated code from), after which
+        the engine's TLB must go; a frame reloaded in place keeps the engine's TLB entries
+        to it valid, so a device that wrote one status byte does not cost the engine every
+        TLB entry it had. (Nothing else runs between now and the engine's next access, so
+        loading now reads what loading then would.)
 
         A page another engine (another vCPU) may have written since is snooped first: its
         lines are written back into the model's cache, which moves the page on, as a
         coherent cache hierarchy makes one core's stores visible to the others. Without
         this, a frame here would keep reading what the page held before."""
-        upper = self._cache.upper
-        for frame in self._live:
-            sync = upper.get(frame.page_pa)
-            if sync is not None and sync != self._sync_page:
-                del upper[frame.page_pa]
-                sync(frame.page_pa)
+        upper, own = self._cache.upper, self._sync_pages
+        if len(upper) < len(self._live):  # look from the smaller side
+            pages = [
+                page_pa
+                for page_pa, sync in upper.items()
+                if sync != own and any(f.gen == self.gen for f in self._by_page.get(page_pa, ()))
+            ]
+        else:
+            pages = [f.page_pa for f in self._live if f.page_pa in upper]
+        for page_pa in pages:
+            sync = upper.get(page_pa)
+            if sync is not None and sync != own:
+                del upper[page_pa]
+                sync([page_pa], None)
         gen = self._page_gen
-        keep, stale = [], 0
+        keep, stale = [], []
         for frame in self._live:
             if frame.gen != self.gen:
                 continue
@@ -259,9 +329,14 @@ class FrameCache:
                 keep.append(frame)
             else:
                 frame.gen = -1
-                stale += 1
+                stale.append(frame)
         self._live = keep
-        return stale
+        moved = 0
+        for frame in stale:
+            if self.frame(frame.slot, frame.page_pa) is not frame:
+                moved += 1
+        self._run_clock = self._cache._dram.clock
+        return moved
 
     def shrink_if_full(self) -> bool:
         """Between two runs: past ``max_frames``, write every frame back and drop them all
@@ -273,6 +348,7 @@ class FrameCache:
         self.stats["shrinks"] += 1
         self._retired.extend(self._by_key.values())
         self._by_key.clear()
+        self._written_pages.clear()  # every frame is retired: none is current any more
         self._by_page.clear()
         return True
 

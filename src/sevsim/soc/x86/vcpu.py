@@ -119,6 +119,13 @@ ENGINE_INTERCEPTS = sum(
 )
 CR_WRITES = (1 << 0) | (1 << 3) | (1 << 4)
 TIME_SLICE = 0.05  # seconds of guest execution between host timer exits
+# The engine's TLB (QEMU's softmmu TLB: direct-mapped, 256 entries at first) grows only
+# when it is flushed after heavy use. A run that refilled it more than this many times
+# gets a flush before the next one, up to TLB_GROWTH_FLUSHES times per vCPU: a guest
+# streaming through megabytes would otherwise keep 256 entries, where two hot pages 1 MiB
+# apart evict each other on every access.
+TLB_GROWTH_FILLS = 2048
+TLB_GROWTH_FLUSHES = 6
 # The GPRs that KVM keeps for the guest (RAX and RSP live in the VMCB save area).
 GPRS = tuple(n for n in dec.GPR_NAMES if n not in ("rax", "rsp"))
 UC_GPR = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in GPRS + ("rax", "rsp")}
@@ -151,7 +158,7 @@ class GuestMemory:
         pos = 0
         for frame, off, n in pieces:
             frame.view[off : off + n] = np.frombuffer(data[pos : pos + n], dtype=np.uint8)
-            frame.written = True
+            self._cpu.frames.mark_written(frame)
             pos += n
 
 
@@ -192,6 +199,8 @@ class X86Vcpu:
         hidden.set_intercepts(SHADOW_BASE, ENGINE_INTERCEPTS, CR_WRITES)
         hidden.commit()
         self._clflush_sites: set[int] = set()
+        self._fills = 0  # engine TLB fills since its last flush
+        self._growth_flushes = 0
         self._breakpoints: dict[int, int] = {}  # linear address -> n, for DR7-enabled DRn
         self.core: Core | None = None
         self.gm: GuestMode | None = None
@@ -220,6 +229,7 @@ class X86Vcpu:
     def flush_tlb(self) -> None:
         """Drop the engine's TLB (the binding of unicorn 2.1.4 has no wrapper for it)."""
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._fills = 0
 
     def set_efer(self, value: int) -> None:
         hidden = HiddenState(self.uc)
@@ -301,6 +311,7 @@ class X86Vcpu:
         return self.frames.frame(core._slot(t, access), t.page_pa)
 
     def _tlb_fill(self, uc, va: int, kind: int, entry, _ud) -> bool:
+        self._fills += 1
         core = self.core
         access = (
             Access.FETCH
@@ -324,7 +335,8 @@ class X86Vcpu:
             perms |= UC_PROT_READ
             if core._allowed(t, Access.WRITE):
                 perms |= UC_PROT_WRITE
-                frame.written = True
+                if not frame.written:
+                    self.frames.mark_written(frame)
         if perms & UC_PROT_EXEC and not frame.executed:
             frame.executed = True
             self._scan_clflush(va & ~0xFFF, frame.view)
@@ -531,8 +543,17 @@ class X86Vcpu:
         # The engine's TLB caches the model's TLB and points at frames: keep it only if
         # neither moved on since the last exit.
         shrunk = not in_instruction and self.frames.shrink_if_full()
-        stale = self.frames.revalidate()
-        if shrunk or stale or state != self._loaded or self._tlb_key != self._model_tlb_key():
+        moved = self.frames.revalidate()
+        grow = self._fills > TLB_GROWTH_FILLS and self._growth_flushes < TLB_GROWTH_FLUSHES
+        if grow:
+            self._growth_flushes += 1
+        if (
+            grow
+            or shrunk
+            or moved
+            or state != self._loaded
+            or self._tlb_key != self._model_tlb_key()
+        ):
             self.flush_tlb()
         if not in_instruction:
             self.frames.recycle(self.uc.ctl_flush_tb)
