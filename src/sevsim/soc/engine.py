@@ -15,16 +15,18 @@ write-backs (512-bit Python integers, one ECB call per line). Tests check that b
 with a block-by-block reference.
 
 The real engine is pipelined hardware in every memory channel; the model's bulk path
-splits a large request into *lanes*, one per host core: the calling thread runs the first,
-worker threads the others (``update_into`` and numpy's XOR release the GIL). Each lane has
-its own ECB contexts (a context is not thread-safe) and scratch buffers.
+spreads a large request over *lanes*, one per host core: the calling thread and worker
+threads take its chunks one at a time until none is left (``update_into`` and numpy's XOR
+release the GIL). A worker that starts late, on a busy machine, finds less or nothing to
+do, so the caller never waits for one to be scheduled. Each lane has its own ECB contexts
+(a context is not thread-safe) and scratch buffers.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -36,9 +38,9 @@ EngineMode = Literal["xe", "xex"]
 ENGINE_MODES: tuple[EngineMode, ...] = ("xe", "xex")
 PATTERN_WORDS = 1024  # uint64 words per row when a chunk's base tweak is XORed in
 LANES = max(1, min(4, len(os.sched_getaffinity(0))))  # one per host core the process may use
-# Below this a request stays on the calling thread: handing a lane to a worker costs tens
-# of microseconds, as much as encrypting a few hundred KiB.
-PARALLEL_MIN = 1 << 20
+# Below this a request stays on the calling thread: waking a worker costs tens of
+# microseconds, as much as encrypting a hundred KiB.
+PARALLEL_MIN = 4 * CHUNK_SIZE
 
 
 class SlotCipher:
@@ -70,9 +72,9 @@ class _Lane:
         # table stays in the cache and is updated in place instead of rebuilt.
         self.base: int | None = None
         self.pat = np.empty(PATTERN_WORDS, dtype=np.uint64)  # a 128-bit value, repeated
-        # ECB's update_into wants 15 spare bytes after the output.
-        self.buf = np.empty(CHUNK_SIZE + 16, dtype=np.uint8)
-        self.buf64 = self.buf[:CHUNK_SIZE].view(np.uint64)
+        self.buf = np.empty(CHUNK_SIZE, dtype=np.uint8)
+        self.buf64 = self.buf.view(np.uint64)
+        self.last = np.empty(32, dtype=np.uint8)  # a block, and update_into's 15 spare bytes
 
     def pattern(self, value: int) -> np.ndarray:
         pat = self.pat
@@ -106,6 +108,38 @@ class _Lane:
         if full < words:
             np.bitwise_xor(wf[full:], pat[: words - full], out=tw[full:words])
         return tw[:words]
+
+
+class _Job:
+    """A large request's chunks, handed out one at a time to whichever lane asks."""
+
+    def __init__(self, pieces: int) -> None:
+        self.pieces = pieces
+        self.next = 0
+        self.busy = 0  # pieces being worked on
+        self.error: BaseException | None = None
+        self.cond = threading.Condition(threading.Lock())
+
+    def claim(self) -> int | None:
+        with self.cond:
+            if self.next >= self.pieces:
+                return None
+            self.next += 1
+            self.busy += 1
+            return self.next - 1
+
+    def release(self) -> None:
+        with self.cond:
+            self.busy -= 1
+            if not self.busy:
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        """No more claims; wait for the pieces in flight (they write into the caller's
+        buffers and the lanes' scratch)."""
+        with self.cond:
+            self.next = self.pieces
+            self.cond.wait_for(lambda: not self.busy)
 
 
 _workers: ThreadPoolExecutor | None = None
@@ -178,30 +212,39 @@ class AesEngine:
         if n < PARALLEL_MIN or lanes == 1:
             self._run(0, cipher._lanes[0][which], pa, src, dst, encrypt)
             return
-        # Lane boundaries on chunk boundaries, so no lane starts with a partial chunk.
-        cuts = [pa]
-        for i in range(1, lanes):
-            cut = (pa + n * i // lanes + CHUNK_SIZE - 1) & -CHUNK_SIZE
-            cuts.append(min(max(cut, cuts[-1]), pa + n))
-        cuts.append(pa + n)
-        parts = [(i, cuts[i] - pa, cuts[i + 1] - pa) for i in range(lanes) if cuts[i + 1] > cuts[i]]
+        first = pa & -CHUNK_SIZE
+        job = _Job((pa + n - first + CHUNK_SIZE - 1) // CHUNK_SIZE)
         pool = _worker_pool()
-        futures = [
-            pool.submit(self._run, i, cipher._lanes[i][which], pa + a, src[a:b], dst[a:b], encrypt)
-            for i, a, b in parts[1:]
-        ]
+        for i in range(1, lanes):
+            pool.submit(self._take, job, i, cipher._lanes[i][which], pa, src, dst, encrypt)
         try:
-            i, a, b = parts[0]
-            self._run(i, cipher._lanes[i][which], pa + a, src[a:b], dst[a:b], encrypt)
+            self._take(job, 0, cipher._lanes[0][which], pa, src, dst, encrypt)
         finally:
-            wait(futures)  # never return while a worker still writes into dst or the scratch
-        for future in futures:
-            future.result()  # a worker's exception is the caller's
+            job.close()
+        if job.error is not None:
+            raise job.error  # a worker's exception is the caller's
+
+    def _take(self, job: _Job, lane: int, ctx, pa: int, src, dst, encrypt: bool) -> None:
+        """Work on the job's chunks until none is left."""
+        first, end = pa & -CHUNK_SIZE, pa + len(src)
+        while (k := job.claim()) is not None:
+            try:
+                lo = max(pa, first + k * CHUNK_SIZE) - pa
+                hi = min(end, first + (k + 1) * CHUNK_SIZE) - pa
+                self._run(lane, ctx, pa + lo, src[lo:hi], dst[lo:hi], encrypt)
+            except BaseException as error:
+                if job.error is None:
+                    job.error = error
+                if lane:
+                    return  # a worker stops; the caller goes on and then raises
+                raise
+            finally:
+                job.release()
 
     def _run(self, lane_index: int, ctx, pa: int, src, dst, encrypt: bool) -> None:
         """One lane's share: per chunk, XOR the tweak in, ECB, XOR it out."""
         lane = self._lanes[lane_index]
-        buf, buf64_all = lane.buf, lane.buf64
+        buf, buf64_all, last = lane.buf, lane.buf64, lane.last
         tweak, offsets = self._tweak, self._offsets
         xor_in = encrypt or self._xex  # xe decryption runs D_K on the ciphertext itself
         xor_out = not encrypt or self._xex  # xe encryption stores E_K's output as it is
@@ -213,26 +256,21 @@ class AesEngine:
             off = cur & chunk_mask
             length = min(n - pos, CHUNK_SIZE - off)
             words = length >> 3
+            end = pos + length
             # Tweaks of this span: the chunk's base tweak XOR the in-chunk table (linearity).
             tw = lane.tweaks(offsets, tweak.chunk_base(cur - off), off, words)
-            s = src[pos : pos + length]
+            s = src[pos:end]
             if xor_in:
                 np.bitwise_xor(s.view(np.uint64), tw, out=buf64_all[:words])  # P ^ T, or C ^ T
                 s = buf[:length]
-            end = pos + length
-            if end + 15 <= n:
-                # ECB straight into dst (its next chunk gives the 15 spare bytes), then XOR
-                # the tweak there while the chunk is still in the cache: no extra copy.
-                ctx.update_into(s, dst[pos : end + 15])
-                if xor_out:
-                    d64 = dst[pos:end].view(np.uint64)
-                    np.bitwise_xor(d64, tw, out=d64)
-            else:
-                ctx.update_into(s, buf)
-                out = buf64_all[:words]
+            # ECB straight into dst, then the tweak XORed there while the chunk is still in
+            # the cache: no copy. update_into wants 15 spare bytes after its output, so the
+            # last block goes through the scratch buffer: nothing is written past dst[end].
+            if length > 16:
+                ctx.update_into(s[:-16], dst[pos : end - 1])
+            ctx.update_into(s[-16:], last)
+            dst[end - 16 : end] = last[:16]
+            if xor_out:
                 d64 = dst[pos:end].view(np.uint64)
-                if xor_out:
-                    np.bitwise_xor(out, tw, out=d64)
-                else:
-                    d64[:] = out
+                np.bitwise_xor(d64, tw, out=d64)
             pos = end
