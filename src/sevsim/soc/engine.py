@@ -77,10 +77,10 @@ class _Lane:
         self.last = np.empty(32, dtype=np.uint8)  # a block, and update_into's 15 spare bytes
 
     def pattern(self, value: int) -> np.ndarray:
-        pat = self.pat
-        pat[0::2] = np.uint64(value & 0xFFFFFFFFFFFFFFFF)
-        pat[1::2] = np.uint64(value >> 64)
-        return pat
+        # One 16-byte fill (blocks are little-endian integers, as in tweak.py): a quarter
+        # of the cost of two strided uint64 stores.
+        self.pat.view(np.dtype("V16")).fill(value.to_bytes(16, "little"))
+        return self.pat
 
     def tweaks(self, offsets: np.ndarray, base: int, off: int, words: int) -> np.ndarray:
         """The tweaks of ``words`` uint64 words from byte ``off`` of the chunk at ``base``."""
