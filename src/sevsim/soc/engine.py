@@ -166,8 +166,8 @@ os.register_at_fork(after_in_child=_forget_workers)
 
 class AesEngine:
     def __init__(self, mode: EngineMode, tweak: TweakFunction, lanes: int = LANES) -> None:
-        """``lanes``: how many parts a large request is split into (the slot ciphers used
-        with this engine must have at least as many)."""
+        """``lanes``: how many threads (the caller and lanes - 1 workers) work on a large
+        request; the slot ciphers used with this engine must have at least as many."""
         if mode not in ENGINE_MODES:
             raise ValueError(f"engine mode must be one of {ENGINE_MODES}, not {mode!r}")
         self.mode: EngineMode = mode
