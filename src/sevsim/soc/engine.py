@@ -72,14 +72,15 @@ class _Lane:
         # table stays in the cache and is updated in place instead of rebuilt.
         self.base: int | None = None
         self.pat = np.empty(PATTERN_WORDS, dtype=np.uint64)  # a 128-bit value, repeated
-        self.buf = np.empty(CHUNK_SIZE, dtype=np.uint8)
+        self.pat_blocks = self.pat.view(np.dtype("V16"))
+        self.buf = np.empty(CHUNK_SIZE, dtype=np.uint8)  # P ^ T, or ECB's output
         self.buf64 = self.buf.view(np.uint64)
         self.last = np.empty(32, dtype=np.uint8)  # a block, and update_into's 15 spare bytes
 
     def pattern(self, value: int) -> np.ndarray:
         # One 16-byte fill (blocks are little-endian integers, as in tweak.py): a quarter
         # of the cost of two strided uint64 stores.
-        self.pat.view(np.dtype("V16")).fill(value.to_bytes(16, "little"))
+        self.pat_blocks.fill(value.to_bytes(16, "little"))
         return self.pat
 
     def tweaks(self, offsets: np.ndarray, base: int, off: int, words: int) -> np.ndarray:
@@ -263,14 +264,23 @@ class AesEngine:
             if xor_in:
                 np.bitwise_xor(s.view(np.uint64), tw, out=buf64_all[:words])  # P ^ T, or C ^ T
                 s = buf[:length]
-            # ECB straight into dst, then the tweak XORed there while the chunk is still in
-            # the cache: no copy. update_into wants 15 spare bytes after its output, so the
-            # last block goes through the scratch buffer: nothing is written past dst[end].
-            if length > 16:
+            d64 = dst[pos:end].view(np.uint64)
+            if length < CHUNK_SIZE:
+                # Part of a chunk (a page, say): ECB into the scratch buffer, whose spare
+                # room takes update_into's 15 extra bytes, then out to dst in one pass.
+                ctx.update_into(s, buf)
+                if xor_out:
+                    np.bitwise_xor(buf64_all[:words], tw, out=d64)
+                else:
+                    d64[:] = buf64_all[:words]
+            else:
+                # A whole chunk: ECB straight into dst, then the tweak XORed there while the
+                # chunk is still in the cache. update_into wants 15 spare bytes after its
+                # output, so the last block goes through a small scratch: nothing is
+                # written past dst[end], where another lane may be working.
                 ctx.update_into(s[:-16], dst[pos : end - 1])
-            ctx.update_into(s[-16:], last)
-            dst[end - 16 : end] = last[:16]
-            if xor_out:
-                d64 = dst[pos:end].view(np.uint64)
-                np.bitwise_xor(d64, tw, out=d64)
+                ctx.update_into(s[-16:], last)
+                dst[end - 16 : end] = last[:16]
+                if xor_out:
+                    np.bitwise_xor(d64, tw, out=d64)
             pos = end
