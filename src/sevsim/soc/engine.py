@@ -37,7 +37,9 @@ from sevsim.soc.tweak import CHUNK_SIZE, TweakFunction
 EngineMode = Literal["xe", "xex"]
 ENGINE_MODES: tuple[EngineMode, ...] = ("xe", "xex")
 PATTERN_WORDS = 1024  # uint64 words per row when a chunk's base tweak is XORed in
-LANES = max(1, min(4, len(os.sched_getaffinity(0))))  # one per host core the process may use
+# One lane per host core the process may use; capped at 4, as more were never measured.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+LANES = max(1, min(4, _CORES or 1))
 # Below this a request stays on the calling thread: waking a worker costs tens of
 # microseconds, as much as encrypting a hundred KiB.
 PARALLEL_MIN = 4 * CHUNK_SIZE
