@@ -86,7 +86,8 @@ class _Lane:
         return self.pat
 
     def tweaks(self, offsets: np.ndarray, base: int, off: int, words: int) -> np.ndarray:
-        """The tweaks of ``words`` uint64 words from byte ``off`` of the chunk at ``base``."""
+        """The tweaks of ``words`` uint64 words from byte ``off`` of a chunk whose base tweak
+        is ``base``."""
         tw = self.tw
         # XOR with the base repeated in rows of PATTERN_WORDS: much faster than two
         # strided column XORs (numpy's inner loop then runs over contiguous words).
