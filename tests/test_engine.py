@@ -12,8 +12,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevsim.soc.engine import AesEngine, SlotCipher
-from sevsim.soc.tweak import CHUNK_SIZE, SEVURITY_T4, SEVURITY_T5, SEVURITY_T6, TweakFunction
+from sevsim.profiles import get_profile
+from sevsim.soc.dram import REGION_SIZE
+from sevsim.soc.engine import PARALLEL_MIN, AesEngine, SlotCipher, _Job
+from sevsim.soc.tweak import (
+    CHUNK_SIZE,
+    SEVURITY_T4,
+    SEVURITY_T5,
+    SEVURITY_T6,
+    TweakFunction,
+    xe_constants,
+)
 
 PHYS_BITS = 48
 KEY = bytes(range(16))
@@ -71,7 +80,7 @@ def test_bulk_path_matches_reference(mode, pa, blocks):
 
 @pytest.mark.parametrize("mode", ["xe", "xex"])
 def test_bulk_path_across_chunk_boundaries(mode):
-    # Spans three 128 KiB tweak chunks, starting and ending mid-chunk.
+    # Spans three tweak chunks, starting and ending mid-chunk.
     pa = 5 * CHUNK_SIZE - 4096 - 48
     data = os.urandom(CHUNK_SIZE + 8192 + 96)
     eng = engine(mode)
@@ -81,6 +90,95 @@ def test_bulk_path_across_chunk_boundaries(mode):
     assert ct[edge : edge + 48] == ref_encrypt(mode, pa + edge, data[edge : edge + 48])
     assert ct[-32:] == ref_encrypt(mode, pa + len(data) - 32, data[-32:])
     assert bulk(eng, pa, ct, encrypt=False) == data
+
+
+def ref_encrypt_vectorised(
+    mode: str, pa: int, data: bytes, key: bytes = KEY, constants=CONSTANTS
+) -> bytes:
+    """hardware.md §5.2 for many blocks at once: each block's tweak XORed together from
+    the per-bit constants, then one AES-ECB call from `cryptography` over all of P ^ T."""
+    blocks = len(data) // 16
+    addresses = pa + 16 * np.arange(blocks, dtype=np.uint64)
+    t = np.zeros((blocks, 16), dtype=np.uint8)
+    for bit, value in constants.items():
+        has_bit = (addresses >> np.uint64(bit)) & np.uint64(1) == 1
+        t[has_bit] ^= np.frombuffer(value, dtype=np.uint8)
+    t = t.reshape(-1)
+    x = (np.frombuffer(data, dtype=np.uint8) ^ t).tobytes()
+    c = np.frombuffer(Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(x), np.uint8)
+    return (c ^ t).tobytes() if mode == "xex" else c.tobytes()
+
+
+def test_vectorised_reference_agrees_with_the_block_by_block_one():
+    pa = 0x1234_5678_9A00
+    data = os.urandom(16 * 70)
+    for mode in ("xe", "xex"):
+        assert ref_encrypt_vectorised(mode, pa, data) == ref_encrypt(mode, pa, data)
+
+
+@pytest.mark.parametrize("mode", ["xe", "xex"])
+@pytest.mark.parametrize("lanes", [2, 3])
+@pytest.mark.parametrize(
+    ("pa", "size"),
+    [
+        # Starts mid-chunk and mid-page, ends mid-chunk: lanes of unequal shares.
+        (7 * CHUNK_SIZE + 3 * 4096 + 48, 4 * CHUNK_SIZE + 5 * 4096 + 80),
+        # Starts one block before a chunk boundary, high in the address space.
+        ((1 << 40) + CHUNK_SIZE - 16, 5 * CHUNK_SIZE + 7 * 16),
+    ],
+)
+def test_bulk_path_split_over_lanes_matches_reference(mode, lanes, pa, size):
+    assert size >= PARALLEL_MIN  # large enough to be split over the lanes
+    data = os.urandom(size)
+    eng = AesEngine(mode, TweakFunction(CONSTANTS, PHYS_BITS), lanes=lanes)
+    cipher = SlotCipher(KEY, lanes=lanes)
+    src = np.frombuffer(data, dtype=np.uint8)
+    ct = np.empty_like(src)
+    eng.encrypt(cipher, pa, src, ct)
+    assert ct.tobytes() == ref_encrypt_vectorised(mode, pa, data)
+    back = np.empty_like(src)
+    eng.decrypt(cipher, pa, ct, back)
+    assert back.tobytes() == data
+    # The same engine again, on a different range: its lanes' cached tweaks must follow.
+    eng.encrypt(cipher, pa + CHUNK_SIZE, src, ct)
+    assert ct.tobytes() == ref_encrypt_vectorised(mode, pa + CHUNK_SIZE, data)
+
+
+@pytest.mark.parametrize("mode", ["xe", "xex"])
+def test_every_lane_alone_computes_the_reference(mode):
+    # Which lane takes which chunk depends on thread timing; here each lane takes them all,
+    # with its own ECB contexts and scratch (a chunk per claim, partial chunks at both ends).
+    pa, size = 3 * CHUNK_SIZE + 4096 + 16, 4 * CHUNK_SIZE + 96
+    data = os.urandom(size)
+    eng = AesEngine(mode, TweakFunction(CONSTANTS, PHYS_BITS), lanes=3)
+    cipher = SlotCipher(KEY, lanes=3)
+    src = np.frombuffer(data, dtype=np.uint8)
+    ct = np.empty_like(src)
+    reference = ref_encrypt_vectorised(mode, pa, data)
+    for lane in range(3):
+        ct[:] = 0
+        job = _Job(pieces=5)  # the chunks [pa, pa + size) touches
+        eng._take(job, lane, cipher._lanes[lane][0], pa, src, ct, True)
+        assert job.claim() is None
+        assert ct.tobytes() == reference
+
+
+@pytest.mark.parametrize(("name", "mode"), [("naples", "xe"), ("milan", "xex")])
+def test_memctl_bulk_write_across_dram_regions_matches_reference(name, mode):
+    # xex with the fixed constants, so that the test can compute the tweaks itself.
+    memctl = make_memctl(name, xex_fixed_tweak=True)
+    assert memctl.engine_mode == mode
+    profile = get_profile(name)
+    constants = xe_constants(profile.name, profile.maxphyaddr, profile.xe_zero_tweak_bits)
+    key = os.urandom(memctl.key_bytes)
+    memctl.key_port().load(5, key)
+    pa = 3 * REGION_SIZE - 2 * CHUNK_SIZE - 4096 + 32  # crosses a DRAM region boundary
+    data = os.urandom(6 * CHUNK_SIZE + 4096 + 48)
+    memctl.write_from(pa, np.frombuffer(data, dtype=np.uint8), 5)
+    assert memctl.dram.read(pa, len(data)) == ref_encrypt_vectorised(mode, pa, data, key, constants)
+    out = np.empty(len(data), dtype=np.uint8)
+    memctl.read_into(pa, out, 5)
+    assert out.tobytes() == data
 
 
 @pytest.mark.parametrize("mode", ["xe", "xex"])
