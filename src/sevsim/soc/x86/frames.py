@@ -172,17 +172,22 @@ class FrameCache:
         self._flush_engine_tlb()
 
     def write_back(
-        self, frames: list[Frame] | None = None, snoop: tuple[int, int, int] | None = None
+        self,
+        frames: list[Frame] | None = None,
+        snoop: tuple[int, int, int] | None = None,
+        evict: bool = False,
     ) -> None:
         """Every line the engine changed goes into the model's cache (dirty, in the frame's
         domain). Frames stay current. For a fabric ``snoop`` (key slot, first PA, end PA),
         the lines of that domain inside its range go on to DRAM in bulk
-        (``Cache.write_through``), as the snoop would write them back next."""
+        (``Cache.write_through``), as the snoop would write them back next. With ``evict``
+        every changed line goes on to DRAM in bulk: a write-back of more than the model's
+        cache holds, whose lines would be evicted on the way anyway."""
         cache = self._cache
         frames = self._live if frames is None else frames
         for frame in frames:
             cache.upper.pop(frame.page_pa, None)  # this is the write-back it would ask for
-        through: list[tuple[int, np.ndarray]] = []  # (PA, lines) for the snoop's domain
+        through: list[tuple[int, np.ndarray, int]] = []  # (PA, lines, slot) to DRAM
         written = [frame for frame in frames if frame.written]
         if not written:
             return
@@ -212,14 +217,16 @@ class FrameCache:
                 # Lines inside the snoop's range, in its domain, go on to DRAM (where the
                 # snoop puts them next); the rest become dirty lines, as they would be.
                 a, b = hi, hi
-                if snoop is not None and frame.slot == snoop[0]:
+                if evict:
+                    a = lo
+                elif snoop is not None and frame.slot == snoop[0]:
                     a = min(max(snoop[1] - frame.page_pa, lo), hi)
                     b = min(max(snoop[2] - frame.page_pa, lo), hi)
                     b = min((b + LINE - 1) & ~(LINE - 1), hi)
                 if a > lo:
                     cache.write(frame.page_pa + lo, frame.view[lo:a].tobytes(), frame.slot)
                 if b > a:
-                    through.append((frame.page_pa + a, frame.view[a:b]))
+                    through.append((frame.page_pa + a, frame.view[a:b], frame.slot))
                 if hi > b:
                     cache.write(frame.page_pa + b, frame.view[b:hi].tobytes(), frame.slot)
                 frame.snapshot[lo:hi] = frame.view[lo:hi]
@@ -228,12 +235,14 @@ class FrameCache:
         # engine's set-up is paid once per run, not once per page.
         start = 0
         for i in range(1, len(through) + 1):
-            if i < len(through) and through[i][0] == through[i - 1][0] + len(through[i - 1][1]):
-                continue
-            pa, data = through[start]
+            if i < len(through):
+                pa, data, slot = through[i - 1]
+                if through[i][0] == pa + len(data) and through[i][2] == slot:
+                    continue
+            pa, data, slot = through[start]
             if i - start > 1:
-                data = np.concatenate([piece for _, piece in through[start:i]])
-            cache.write_through(pa, data, snoop[0])
+                data = np.concatenate([piece for _, piece, _ in through[start:i]])
+            cache.write_through(pa, data, slot)
             start = i
 
     def release(self) -> None:
@@ -344,6 +353,7 @@ class FrameCache:
         however much memory a guest touches. True if it did."""
         if len(self._by_key) <= self.max_frames:
             return False
+        self.write_back(evict=True)  # more than the model's cache holds: on to DRAM
         self.invalidate()
         self.stats["shrinks"] += 1
         self._retired.extend(self._by_key.values())
