@@ -194,10 +194,14 @@ class FrameCache:
         # Which lines changed, for all the frames in one comparison (a page's worth of
         # numpy calls each would cost more than the comparison itself).
         lines = PAGE // LINE
-        changed_lines = (
-            np.stack([f.view for f in written]).reshape(-1, lines, LINE)
-            != np.stack([f.snapshot for f in written]).reshape(-1, lines, LINE)
-        ).any(axis=2)
+        if len(written) == 1:  # a snoop of one page, the common case: no stacking copy
+            views, snapshots = written[0].view, written[0].snapshot
+        else:
+            views = np.stack([f.view for f in written])
+            snapshots = np.stack([f.snapshot for f in written])
+        changed_lines = (views.reshape(-1, lines, LINE) != snapshots.reshape(-1, lines, LINE)).any(
+            axis=2
+        )
         whole = changed_lines.all(axis=1).tolist()
         some = changed_lines.any(axis=1).tolist()
         for i, frame in enumerate(written):
