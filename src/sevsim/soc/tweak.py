@@ -34,6 +34,7 @@ FIRST_TWEAK_BIT = 4
 CHUNK_SHIFT = 18
 CHUNK_SIZE = 1 << CHUNK_SHIFT
 _LINE_REPLICATE = sum(1 << (128 * i) for i in range(4))  # one 128-bit value -> 4 blocks
+LINE_PAGES_KEPT = 4096  # pages whose line tweak is kept (about 1 MiB of Python ints)
 
 
 def xe_constants(
@@ -69,6 +70,7 @@ class TweakFunction:
         self._page_tables = [
             [self._xor_bits(v << shift) for v in range(256)] for shift in range(12, phys_bits, 8)
         ]
+        self._line_pages: dict[int, int] = {}  # page number -> its tweak, replicated x4
         # Per line of a page: the four blocks' in-page tweaks packed into one 512-bit int.
         self._line_in_page = [
             sum(self._in_page[line * 4 + j] << (128 * j) for j in range(4)) for line in range(64)
@@ -114,7 +116,13 @@ class TweakFunction:
 
     def line_int(self, line_pa: int) -> int:
         """The four block tweaks of the 64-byte line at line_pa, packed into 512 bits."""
-        return self.page_int(line_pa) * _LINE_REPLICATE ^ self._line_in_page[(line_pa >> 6) & 63]
+        pfn = line_pa >> 12
+        page = self._line_pages.get(pfn)
+        if page is None:  # the line path meets the same pages again and again: keep a few
+            if len(self._line_pages) >= LINE_PAGES_KEPT:
+                self._line_pages.clear()
+            page = self._line_pages[pfn] = self.page_int(line_pa) * _LINE_REPLICATE
+        return page ^ self._line_in_page[(line_pa >> 6) & 63]
 
     def chunk_base(self, chunk_pa: int) -> int:
         """T of a CHUNK_SIZE-aligned address: XORed with ``chunk_offsets`` it gives the
