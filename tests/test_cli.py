@@ -245,11 +245,18 @@ def test_bench_quick_json(capsys):
         "guest_load_ratio",
         "guest_loads_per_s",
         "launch_ratio",
+        "command_us",
+        "page_crypto_us",
+        "migrate_ratio",
+        "migrate_overlap",
         "bounce_io_ratio",
         "sparse_rss_mib",
         "touched_mib",
     ):
         assert data[key] > 0
+    assert data["send_page_total_us"] > data["page_crypto_us"]
+    # The quick migration's 64 MiB guest wrote its 32 MiB above 32 MiB: all of it was sent.
+    assert data["migrate_bytes"] >= 32 << 20
     assert data["touched_mib"] == 8
     assert data["bounce_io_bytes"] == 4 << 20
     assert len(data["bounce_io_rounds_ms"]["guest"]) == 2

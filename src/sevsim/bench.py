@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -344,7 +345,6 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
     import base64
     import tempfile
     import threading
-    from pathlib import Path
 
     from cryptography.hazmat.primitives import hashes, hmac
 
@@ -362,11 +362,7 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
         try:
             progress("migrate: starting two platform services")
             for state in states:
-                subprocess.run(
-                    [sys.executable, "-m", "sevsim", "platform", "serve", "--daemonize",
-                     "--state", str(state)],
-                    check=True, capture_output=True,
-                )  # fmt: skip
+                _serve(state)
             a, b = (attach(state, profile) for state in states)
             clients += [a, b]
 
@@ -421,10 +417,7 @@ def bench_migrate(size: int, progress: Progress) -> dict[str, float]:
             for client in clients:
                 client.close()
             for state in states:
-                subprocess.run(
-                    [sys.executable, "-m", "sevsim", "platform", "stop", "--state", str(state)],
-                    capture_output=True, check=False,
-                )  # fmt: skip
+                _stop(state)
     data = bytearray(os.urandom(sent))
     out = bytearray(sent + 15)
     key = os.urandom(16)
@@ -543,9 +536,21 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_of(pid: int) -> int:
+def _rss_of(pid: int | str) -> int:
+    """A process's resident set size in bytes (Linux)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _serve(state: Path) -> None:
+    """A platform service of its own, in the background (``sevsim platform serve``)."""
+    command = [sys.executable, "-m", "sevsim", "platform", "serve", "--daemonize"]
+    subprocess.run([*command, "--state", str(state)], check=True, capture_output=True)
+
+
+def _stop(state: Path) -> None:
+    command = [sys.executable, "-m", "sevsim", "platform", "stop", "--state", str(state)]
+    subprocess.run(command, capture_output=True, check=False)
 
 
 def bench_bounce_io(size: int, rounds: int, progress: Progress) -> dict[str, Any]:
@@ -559,7 +564,6 @@ def bench_bounce_io(size: int, rounds: int, progress: Progress) -> dict[str, Any
     of page cache, so both allocate from warm pages; each round runs on a fresh platform;
     the best round of each side is compared."""
     import tempfile
-    from pathlib import Path
 
     from sevsim.guest import x86 as x86_guest
     from sevsim.host.virtio_blk import create_image
@@ -666,8 +670,7 @@ def _recycle_page_cache(work: Any, size: int) -> None:
 
 def rss_bytes() -> int:
     """This process's resident set size in bytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return _rss_of("self")
 
 
 def sparse_child(touch: int) -> dict[str, float]:
@@ -733,7 +736,6 @@ def bench_sparse(touch: int, progress: Progress) -> dict[str, float]:
 def bench_service(vms: int, rounds: int, progress: Progress) -> dict[str, float]:
     """A platform service in its own process; this process is its VM processes' client."""
     import tempfile
-    from pathlib import Path
 
     from sevsim.guest import x86 as x86_guest
     from sevsim.host.vmm import VmConfig
@@ -745,11 +747,7 @@ def bench_service(vms: int, rounds: int, progress: Progress) -> dict[str, float]
         state = Path(work) / "state"
         firmware = Path(work) / "guest.fd"
         firmware.write_bytes(x86_guest.image())
-        subprocess.run(
-            [sys.executable, "-m", "sevsim", "platform", "serve", "--daemonize",
-             "--state", str(state)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        _serve(state)
         clients: list[ServiceClient] = []
         try:
 
@@ -785,15 +783,11 @@ def bench_service(vms: int, rounds: int, progress: Progress) -> dict[str, float]
                 vmm.wait_idle()
             status = probe.request("status")
             pid = probe.hello["pid"]
-            with open(f"/proc/{pid}/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rss = _rss_of(pid)
         finally:
             for client in clients:
                 client.close()
-            subprocess.run(
-                [sys.executable, "-m", "sevsim", "platform", "stop", "--state", str(state)],
-                capture_output=True, check=False,
-            )  # fmt: skip
+            _stop(state)
     return {
         "vm_start_ms": statistics.median(starts) * 1000,
         "service_rtt_ms": statistics.median(rtts) * 1000,
