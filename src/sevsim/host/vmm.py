@@ -664,11 +664,14 @@ class Vmm:
         return None if self.vm is None else self.vm.dead
 
     def pause_vcpus(self, timeout: float = 30.0) -> None:
-        """Stop the vCPUs at their next exit and wait until none is inside the guest."""
+        """Stop the vCPUs at their next exit and wait until none is inside the guest, and the
+        disk's requests in flight to complete (as QEMU's vm_stop drains block devices)."""
         self._running.clear()
         self._kick_vcpus()
         if self._runner is not None and self._runner.is_alive():
             self._parked.wait(timeout)
+        if self.disk is not None:
+            self.disk.drain(timeout)
 
     def resume_vcpus(self) -> None:
         self._running.set()
