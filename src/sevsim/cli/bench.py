@@ -30,7 +30,8 @@ def bench(quick: bool, as_json: bool) -> int:
     memory actually used (a 1 TiB machine; a 4 GiB SEV guest after boot; a service with
     8 guests; each side of the migration). Each figure is the median of several rounds
     (the best round of each side for the disk writes, where page-cache allocation is
-    bimodal). Takes a few minutes (about a minute with --quick). See docs/performance.md.
+    bimodal). Takes about two minutes (about half a minute with --quick). See
+    docs/performance.md.
     """
     console = Console(stderr=True)
     with Progress(
