@@ -374,3 +374,46 @@ def test_a_dma_read_takes_only_its_own_lines_of_an_engine_frame_to_dram(coherent
     assert (0, True) not in machine.cache.resident(page)
     machine.cores[0].wbinvd()
     assert machine.dram.read(page + 640, 64) == other
+
+
+@pytest.mark.parametrize("how", ["two-page read", "frames outgrow their bound"])
+def test_written_through_engine_lines_replace_the_cached_lines_of_every_page(how):
+    """The host wrote one line of the second of two pages (a dirty cache line); the engine
+    then rewrote both pages. Whether a two-page fabric read or the frames' shrink takes the
+    engine's lines to DRAM in one bulk write, the host's older line must not survive it."""
+    machine = make_machine("milan")
+    host = machine.memctl.host_key_slot
+    p1, p2 = 0x40000, 0x41000
+    machine.cache.write(p2 + 64, b"O" * 64, host)
+    frames = FrameCache(lambda addr, buf: None, machine.cache, lambda: None, lambda: None)
+    for page in (p1, p2):
+        frame = frames.frame(host, page)
+        frame.view[:] = ord("N")
+        frames.mark_written(frame)
+    frames.end_run()
+    if how == "two-page read":
+        assert machine.fabric.read(p1, 8192, host) == b"N" * 8192
+    else:
+        frames.max_frames = 1
+        assert frames.shrink_if_full()
+    machine.cache.wbinvd()
+    assert machine.memctl.read(p2 + 64, 64, host) == b"N" * 64
+
+
+def test_shrinking_frames_keeps_the_newer_write_of_a_non_coherent_alias():
+    """Without HwEnforcedCacheCoh, an older dirty C=0 line of a page and the engine's newer
+    C=1 write of it: as lines evicted oldest first, the newer data ends in DRAM (§4.1), also
+    when the frames outgrow their bound and go to DRAM in bulk."""
+    machine = make_machine(NON_COHERENT[0])
+    host = machine.memctl.host_key_slot
+    page = 0x40000
+    frames = FrameCache(lambda addr, buf: None, machine.cache, lambda: None, lambda: None)
+    frame = frames.frame(host, page)
+    machine.cache.write(page, b"Y" * 64, 0)  # the older alias, dirty
+    frame.view[:64] = ord("X")
+    frames.mark_written(frame)
+    frames.end_run()
+    frames.max_frames = 0
+    assert frames.shrink_if_full()
+    machine.cache.wbinvd()
+    assert machine.memctl.read(page, 64, host) == b"X" * 64

@@ -177,6 +177,14 @@ class Cache:
             if other != slot:
                 self._evict((other << DOMAIN_SHIFT) | line_pa)
 
+    def _write_back_other_domains(self, line_pa: int, slot: int) -> None:
+        for other in self._slots_of_line.get(line_pa, ()):
+            key = (other << DOMAIN_SHIFT) | line_pa
+            if other != slot and key in self._dirty:
+                self._dirty.discard(key)
+                self._memctl.write_line(line_pa, other, bytes(self._get(key)))
+                self.stats["writebacks"] += 1
+
     def _flush_line(self, line_pa: int, slot: int) -> None:
         key = (slot << DOMAIN_SHIFT) | line_pa
         if self._get(key) is not None:
@@ -326,21 +334,34 @@ class Cache:
                 line = self._get((newest << DOMAIN_SHIFT) | line_pa)
                 self._memctl.write_line(line_pa, newest, bytes(line))
 
-    def write_through(self, pa: int, data: np.ndarray, slot: int) -> None:
+    def write_through(
+        self, pa: int, data: np.ndarray, slot: int, older_aliases_first: bool = False
+    ) -> None:
         """Whole lines a cache level above writes back while a fabric access of the same
         domain snoops them: they go on to DRAM in one bulk write, which is where that snoop
         would put them next (``write`` then the snoop's write-back, without making each a
         dirty line first). This domain's own lines of the range are older and go; with
         HwEnforcedCacheCoh the other domains' lines are written back and dropped first, as
         an allocation would do. MODEL: no line is left behind (the line-level path would
-        leave them clean), and nothing is evicted to make room."""
+        leave them clean), and nothing is evicted to make room.
+
+        ``older_aliases_first`` (lines that would have entered the cache and been evicted
+        in turn): without coherence, another domain's dirty copy of a line is older and
+        would have been evicted first, so it is written back (and left clean) before the
+        new data goes to DRAM, keeping the aliasing outcome of §4.1."""
         n = len(data)
-        if (pa & ~0xFFF) in self._lines_in_page:
-            for line_pa in _lines_of(pa, n):
+        lines_in_page = self._lines_in_page
+        for page_pa in range(pa & ~0xFFF, pa + n, 4096):  # every page of the range
+            if page_pa not in lines_in_page:
+                continue
+            lo, hi = max(pa, page_pa), min(pa + n, page_pa + 4096)
+            for line_pa in _lines_of(lo, hi - lo):
                 if line_pa not in self._slots_of_line:
                     continue
                 if self.coherent:
                     self._drop_other_domains(line_pa, slot)
+                elif older_aliases_first:
+                    self._write_back_other_domains(line_pa, slot)
                 key = (slot << DOMAIN_SHIFT) | line_pa
                 if self._get(key) is not None:
                     self._dirty.discard(key)  # overwritten below: no write-back

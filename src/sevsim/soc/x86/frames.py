@@ -246,7 +246,7 @@ class FrameCache:
             pa, data, slot = through[start]
             if i - start > 1:
                 data = np.concatenate([piece for _, piece, _ in through[start:i]])
-            cache.write_through(pa, data, slot)
+            cache.write_through(pa, data, slot, older_aliases_first=evict)
             start = i
 
     def release(self) -> None:
