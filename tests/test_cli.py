@@ -255,8 +255,8 @@ def test_bench_quick_json(capsys):
     ):
         assert data[key] > 0
     assert data["send_page_total_us"] > data["page_crypto_us"]
-    # The quick migration's 64 MiB guest wrote its 32 MiB above 32 MiB: all of it was sent.
-    assert data["migrate_bytes"] >= 32 << 20
+    # The quick migration's 64 MiB guest wrote its 30 MiB above 34 MiB: all of it was sent.
+    assert data["migrate_bytes"] >= 30 << 20
     assert data["touched_mib"] == 8
     assert data["bounce_io_bytes"] == 4 << 20
     assert len(data["bounce_io_rounds_ms"]["guest"]) == 2

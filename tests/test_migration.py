@@ -528,3 +528,12 @@ def test_a_connection_lost_after_ready_keeps_a_paused_copy(two, tmp_path, sender
         assert guest_count(dst) == 0
     src.quit()
     dst.quit()
+
+
+def test_a_stream_of_the_old_format_is_refused_with_its_reason():
+    """Version 1 carried up to five pages per packet, which KVM's RECEIVE_UPDATE_DATA does
+    not take: say so instead of failing on the first packet."""
+    with pytest.raises(migration.MigrationError, match="older sevsim"):
+        migration.StreamReader(io.BytesIO(b"SEVSIM-MIGRATION 1\n" + bytes(64)))
+    with pytest.raises(migration.MigrationError, match="bad magic"):
+        migration.StreamReader(io.BytesIO(b"SEVSIM-MIGRATION 9\n" + bytes(64)))

@@ -128,13 +128,13 @@ def test_non_sev_guest_sees_no_encryption_and_hides_nothing(milan):
     vm.destroy()
 
 
-def test_fill_writes_every_page_above_32_mib_privately(milan):
-    """``fill`` (the migration benchmark's guest): q[i] = i over the RAM above 32 MiB."""
+def test_fill_writes_every_page_above_the_io_area_privately(milan):
+    """``fill`` (the migration benchmark's guest): q[i] = i over the RAM above the I/O area."""
     host, kvm = milan
-    base, memory = MEM, MEM + (8 << 20)
+    base, memory = x86_guest.symbols()["IO_AREA_END"], MEM + (8 << 20)
     vm = host.start_x86_guest("fill", "fill", memory=memory, sev=True)
     assert [e.reason for e in vm.run()] == ["DONE"]
-    assert "filled 8 MiB" in vm.console_text()
+    assert f"filled {(memory - base) >> 20} MiB" in vm.console_text()
     ram = next(s for s in vm.slots if s.gpa == 0)
     assert all((gpa >> 12) in ram.populated for gpa in range(base, memory, 4096))
     slot = host.machine.memctl.key_slot(True, vm.asid)

@@ -55,7 +55,8 @@ from sevsim.certs.chain import decode_chain
 from sevsim.certs.sev import CERT_SIZE, CertError
 from sevsim.soc.svm import SAVE, VMCB
 
-MAGIC = b"SEVSIM-MIGRATION 1\n"
+MAGIC = b"SEVSIM-MIGRATION 2\n"  # 2: one page per PAGE record (1 had up to five)
+OLD_MAGIC = b"SEVSIM-MIGRATION 1\n"
 FRAME = struct.Struct("<BI")
 GPA = struct.Struct("<Q")
 PAGE = 4096
@@ -134,7 +135,13 @@ class StreamReader:
     def __init__(self, inp: BinaryIO) -> None:
         self.inp = inp
         self.digest = hashlib.sha256()
-        if self._take(len(MAGIC)) != MAGIC:
+        magic = self._take(len(MAGIC))
+        if magic == OLD_MAGIC:
+            raise MigrationError(
+                "a stream from an older sevsim, with several pages per packet, which KVM does "
+                "not take: make the snapshot again with this version"
+            )
+        if magic != MAGIC:
             raise MigrationError("not a sevsim migration stream (bad magic)")
         self.digest.update(MAGIC)
 

@@ -113,7 +113,7 @@ class VirtioBlkDevice:
                 self._stopping = True
                 self._paused = False
                 self._kick.notify_all()
-            self._thread.join()
+            self._thread.join(timeout=30)  # (a thread stuck on a turn must not hang quit)
             self._thread = None
         if self._fd >= 0:
             os.close(self._fd)

@@ -288,13 +288,13 @@ class Vmm:
     def discard(self) -> None:
         """Tear down the guest (a failed incoming migration): DEACTIVATE, DECOMMISSION."""
         with self.lock:
+            self._close_disk()  # its I/O thread first: it must not touch freed guest memory
             if self.vm is not None and not self.vm.destroyed:
                 self.vm.destroy()
             self.vm = None
             if self.console is not None:
                 self.console.close()
                 self.console = None
-            self._close_disk()
 
     def _close_disk(self) -> None:
         if self.disk is not None:
@@ -688,11 +688,11 @@ class Vmm:
         self._running.set()  # a paused runner wakes and sees it too
         self._kick_vcpus()
         with self.lock:
+            self._close_disk()  # its I/O thread first: it must not touch freed guest memory
             if self.vm is not None and not self.vm.destroyed:
                 self.vm.destroy()
             if self.console is not None:
                 self.console.close()
-            self._close_disk()
 
     # ---- migration and snapshots (docs/migration.md) ----------------------------------------
     def set_migration_parameters(self, pdh: str, plat_cert: str, amd_cert: str = "") -> None:
@@ -729,6 +729,8 @@ class Vmm:
         self.status = "finish-migrate"
         self._emit("MIGRATION", {"status": "setup"})
         try:
+            if self.disk is not None and not self.disk.drain(30):
+                raise migration.MigrationError("the disk's requests in flight did not complete")
             with self.lock:
                 if kind == "file":
                     migration.snapshot(self, Path(where), self.target, self._progress)

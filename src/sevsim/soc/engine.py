@@ -212,16 +212,19 @@ class AesEngine:
         if pa % 16 or n % 16 or len(dst) != n:
             raise ValueError("the engine works on whole, aligned 16-byte blocks")
         which = 0 if encrypt else 1
-        lanes = len(self._lanes)
+        lanes = min(len(self._lanes), len(cipher._lanes))
         if n < PARALLEL_MIN or lanes == 1:
             self._run(0, cipher._lanes[0][which], pa, src, dst, encrypt)
             return
         first = pa & -CHUNK_SIZE
         job = _Job((pa + n - first + CHUNK_SIZE - 1) // CHUNK_SIZE)
-        pool = _worker_pool()
-        for i in range(1, lanes):
-            pool.submit(self._take, job, i, cipher._lanes[i][which], pa, src, dst, encrypt)
-        try:
+        try:  # whatever happens, no worker writes into dst once this returns
+            pool = _worker_pool()
+            for i in range(1, lanes):
+                try:
+                    pool.submit(self._take, job, i, cipher._lanes[i][which], pa, src, dst, encrypt)
+                except RuntimeError:  # the interpreter is shutting down: the caller does it all
+                    break
             self._take(job, 0, cipher._lanes[0][which], pa, src, dst, encrypt)
         finally:
             job.close()

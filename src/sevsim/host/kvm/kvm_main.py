@@ -15,6 +15,7 @@ The SEV commands are mixed in from ``sev`` and ``sev_migration``; the vCPU is in
 from __future__ import annotations
 
 import errno
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +167,7 @@ class Vm(SevGuest, SevMigration):
         self.kvm = kvm
         self.name = name
         self.kernel = kvm.kernel
+        self._populate_lock = threading.Lock()
         self.memory_size = memory
         self.sev = sev
         self.handle = 0
@@ -257,6 +259,13 @@ class Vm(SevGuest, SevMigration):
         populated = slot.populated
         if first in populated and last in populated and last - first < 2:
             return slot.hva + (gpa - slot.gpa)
+        with self._populate_lock:  # the vCPU, the VMM and the disk's I/O thread populate
+            return self._populate(slot, gpa, n, first, last, whole_write)
+
+    def _populate(
+        self, slot: MemSlot, gpa: int, n: int, first: int, last: int, whole_write: bool
+    ) -> int:
+        populated = slot.populated
         run: list[int] = []  # consecutive pages to clear in one go
         for index in range(first, last + 1):
             if index in populated:

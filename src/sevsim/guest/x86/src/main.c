@@ -211,18 +211,20 @@ static void workload_loads(uint64_t count, uint64_t rounds)
 }
 
 /*
- * fill: write every 8-byte word of the RAM above MIN_RAM and below 4 GiB
+ * fill: write every 8-byte word of the RAM above the I/O area and below 4 GiB
  * (q[i] = i, mem_loop with no rounds), so that every page of a large guest
  * holds data it wrote: what a migration benchmark moves. Under SEV all of it
- * is private, i.e. ciphertext in DRAM.
+ * is private, i.e. ciphertext in DRAM. (Run it before `disk`, whose swiotlb
+ * pool sits at the top of this range.)
  */
 static void workload_fill(void)
 {
 	uint64_t ram = fw_cfg_present() ? fw_cfg_read_int(FW_CFG_RAM_SIZE, 8) : MIN_RAM;
 	uint64_t top = ram > PC_LOWMEM_LIMIT ? PC_LOWMEM : ram;
+	uint64_t bytes = top > IO_AREA_END ? top - IO_AREA_END : 0;
 
-	mem_loop(MIN_RAM, top - MIN_RAM, 0);
-	say("filled %lu MiB", (top - MIN_RAM) >> 20);
+	mem_loop(IO_AREA_END, bytes, 0);
+	say("filled %lu MiB", bytes >> 20);
 }
 
 /* --- the workload list ------------------------------------------------------ */
