@@ -60,5 +60,9 @@ class PspHardware:
     def disable_asid(self, asid: int, ccxs: int) -> None:
         self._chip.disable_asid(asid, ccxs)
 
+    def seal_vmsa(self, spa: int, plaintext: bytes) -> None:
+        """LAUNCH_UPDATE_VMSA: the integrity value VMRUN checks an SEV-ES VMSA against."""
+        self._chip.seal_vmsa(spa, plaintext)
+
     def smee_all_cores(self) -> bool:
         return bool(self._machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)
