@@ -164,6 +164,34 @@ GHCB_PROTOCOL_MAX = 1  # MODEL: the SEV-ES protocol only (version 2 adds SNP's e
 
 def sev_info_response(cbit: int) -> int:
     """The SEV information response: max and min protocol versions and the C-bit."""
-    return (
-        GHCB_PROTOCOL_MAX << 48 | GHCB_PROTOCOL_MIN << 32 | cbit << 24 | GHCB_MSR_SEV_INFO_RESP
-    )
+    return GHCB_PROTOCOL_MAX << 48 | GHCB_PROTOCOL_MIN << 32 | cbit << 24 | GHCB_MSR_SEV_INFO_RESP
+
+
+# --- vCPU types: the processor signature QEMU puts in RDX at reset (sev-api.md §8.4) -------
+# (family, model, stepping) of QEMU's named CPU models, as sev-snp-measure's vcpu_types.py
+# lists them; the signature is what CPUID 1 EAX reports.
+VCPU_TYPES: dict[str, tuple[int, int, int]] = {
+    "EPYC": (23, 1, 2),
+    "EPYC-v1": (23, 1, 2),
+    "EPYC-v2": (23, 1, 2),
+    "EPYC-v3": (23, 1, 2),
+    "EPYC-v4": (23, 1, 2),
+    "EPYC-Rome": (23, 49, 0),
+    "EPYC-Milan": (25, 1, 1),
+    "EPYC-Genoa": (25, 17, 0),
+}
+
+
+def cpu_signature(family: int, model: int, stepping: int) -> int:
+    """CPUID 1 EAX: extended family and model above the base nibbles."""
+    fam_lo, fam_hi = min(family, 0xF), max(family - 0xF, 0)
+    return fam_hi << 20 | (model >> 4) << 16 | fam_lo << 8 | (model & 0xF) << 4 | stepping
+
+
+def vcpu_signature(cpu: str) -> int:
+    """The signature of a named vCPU type; ValueError names the known ones."""
+    try:
+        return cpu_signature(*VCPU_TYPES[cpu])
+    except KeyError:
+        known = ", ".join(VCPU_TYPES)
+        raise ValueError(f"unknown vCPU type {cpu!r} (known: {known})") from None
