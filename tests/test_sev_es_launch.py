@@ -251,3 +251,50 @@ def test_sevctls_sev_es_measurement_vector():
 def test_an_es_digest_needs_the_sev_es_reset_block():
     with pytest.raises(measure_mod.MeasureError, match="no SEV-ES reset block"):
         measure_mod.launch_digest(bytes(4096), es=measure_mod.EsVcpus())
+
+
+# ---- KVM's sev_es_sync_vmsa: the VMSA a reset vCPU gets is the owner's (§8.4) -------------
+@pytest.fixture(scope="module")
+def host():
+    from conftest import boot_host
+
+    host = boot_host("milan")
+    yield host
+    host.close()
+
+
+def test_kvm_builds_the_spec_vmsa_of_a_reset_bsp_and_ap(host):
+    from sevsim.host.kvm.sev_es import build_vmsa
+
+    vm = host.kvm.create_vm(16 << 20, vcpus=2, name="es-sync")
+    try:
+        bsp, ap = vm.vcpus
+        sig = vcpu_signature("EPYC-Milan")
+        # What the VMM does for an SEV-ES guest (QEMU): RDX = the vCPU type's signature,
+        # and the AP starts at the firmware's SEV-ES reset block (CS base ‖ IP).
+        for vcpu in vm.vcpus:
+            vcpu.regs["rdx"] = sig
+        ap.set_vmcb(cs_base=0x80_0000, rip=0xB004)
+        assert build_vmsa(bsp) == initial_vmsa(None, sig)
+        assert build_vmsa(ap) == initial_vmsa(0x80_B004, sig)
+        assert build_vmsa(bsp, fpu_state=False) == initial_vmsa(None, sig, fpu_state=False)
+    finally:
+        vm.destroy()
+
+
+def test_kvm_carries_registers_into_the_vmsa_and_refuses_host_debugging(host):
+    from sevsim.host.kvm.sev_es import build_vmsa
+    from sevsim.host.kvm.uapi import KvmError
+
+    vm = host.kvm.create_vm(16 << 20, vcpus=1, name="es-regs")
+    try:
+        (vcpu,) = vm.vcpus
+        vcpu.regs.update(rax=0x1111, rbx=0x2222, r15=0xF0F0)
+        vcpu.set_vmcb(rsp=0x7000)
+        page = VMSA.parse(build_vmsa(vcpu))
+        assert (page.rax, page.rbx, page.r15, page.rsp) == (0x1111, 0x2222, 0xF0F0, 0x7000)
+        vcpu.set_guest_debug(1 | 2)  # KVM_GUESTDBG_ENABLE | SINGLESTEP
+        with pytest.raises(KvmError, match="host debugging"):
+            build_vmsa(vcpu)
+    finally:
+        vm.destroy()
