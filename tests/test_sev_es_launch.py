@@ -8,17 +8,23 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import RawMailbox, make_platform, psp_port
 
 from sevsim.api import commands as c
+from sevsim.api import ovmf
 from sevsim.api import policy as pol
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
 from sevsim.api.vmsa import VMSA, initial_vmsa, vcpu_signature
+from sevsim.cli import main
+from sevsim.guest import x86 as x86_guest
 from sevsim.owner import measure as measure_mod
 
 VECTORS = Path(__file__).parent / "testdata" / "vectors"
@@ -298,3 +304,63 @@ def test_kvm_carries_registers_into_the_vmsa_and_refuses_host_debugging(host):
             build_vmsa(vcpu)
     finally:
         vm.destroy()
+
+
+# ---- against sev-snp-measure, the tool guest owners use (its --mode seves) ----------------
+STOCK_OVMF = Path("/usr/share/ovmf/OVMF.fd")  # Debian's ovmf package
+
+
+def sev_snp_measure() -> str:
+    """Its command, installed by the test extra next to this Python."""
+    script = Path(sys.executable).parent / "sev-snp-measure"
+    if not script.exists():
+        pytest.skip("sev-snp-measure is not installed (pip install '.[test]')")
+    return str(script)
+
+
+def firmware_path(which: str, tmp_path: Path) -> Path:
+    if which == "stock-ovmf":
+        if not STOCK_OVMF.exists():
+            pytest.skip(f"{STOCK_OVMF} is absent (Debian package ovmf)")
+        return STOCK_OVMF
+    image = x86_guest.image()
+    if ovmf.reset_address(ovmf.parse_table(image)) is None:
+        pytest.skip("the shipped guest image has no SEV-ES reset block yet")
+    path = tmp_path / "sevsim-guest.fd"
+    path.write_bytes(image)
+    return path
+
+
+def owner_measure_digest(capsys, firmware: Path, tik: Path, *extra: str) -> str:
+    args = ["owner", "measure", "--firmware", str(firmware), "--policy", "0x5", "--tik", str(tik)]
+    args += ["--api-major", "1", "--api-minor", "55", "--build-id", "0"]
+    args += ["--nonce", base64.b64encode(bytes(16)).decode(), "--json", *extra]
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)["launch_digest"]
+
+
+@pytest.mark.parametrize("which", ["stock-ovmf", "sevsim-guest"])
+@pytest.mark.parametrize("cpu", ["EPYC-v4", "EPYC-Milan"])
+@pytest.mark.parametrize("vcpus", [1, 4])
+def test_owner_measure_equals_sev_snp_measure(which, cpu, vcpus, tmp_path, capsys):
+    firmware = firmware_path(which, tmp_path)
+    tik = tmp_path / "tik.bin"
+    tik.write_bytes(bytes(16))
+    theirs = subprocess.run(
+        [sev_snp_measure(), "--mode", "seves", "--vcpus", str(vcpus), "--vcpu-type", cpu]
+        + ["--ovmf", str(firmware)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = owner_measure_digest(capsys, firmware, tik, "--cpu", cpu, "--smp", str(vcpus))
+    assert ours == theirs
+    # And by the spec's formula, written out here: SHA-256(firmware ‖ BSP ‖ AP × (n − 1)).
+    image = firmware.read_bytes()
+    ap_eip = ovmf.reset_address(ovmf.parse_table(image))
+    sig = vcpu_signature(cpu)
+    pages = initial_vmsa(None, sig) + initial_vmsa(ap_eip, sig) * (vcpus - 1)
+    assert hashlib.sha256(image + pages).hexdigest() == ours
