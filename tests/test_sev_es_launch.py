@@ -12,10 +12,11 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
-from conftest import RawMailbox, make_platform, psp_port
+from conftest import RawMailbox, boot_host, make_platform, psp_port
 
 from sevsim.api import commands as c
 from sevsim.api import ovmf
@@ -23,9 +24,14 @@ from sevsim.api import policy as pol
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
 from sevsim.api.vmsa import VMSA, initial_vmsa, vcpu_signature
+from sevsim.certs.sev import SevCert
 from sevsim.cli import main
 from sevsim.guest import x86 as x86_guest
+from sevsim.host.kvm.sev_es import build_vmsa
+from sevsim.host.kvm.uapi import KvmError
+from sevsim.host.vmm import VmConfig, Vmm
 from sevsim.owner import measure as measure_mod
+from sevsim.owner import session as session_mod
 
 VECTORS = Path(__file__).parent / "testdata" / "vectors"
 AMDSEV_SUFFIX = VECTORS / "sev-snp-measure" / "ovmf_AmdSev_suffix.bin"
@@ -262,16 +268,12 @@ def test_an_es_digest_needs_the_sev_es_reset_block():
 # ---- KVM's sev_es_sync_vmsa: the VMSA a reset vCPU gets is the owner's (§8.4) -------------
 @pytest.fixture(scope="module")
 def host():
-    from conftest import boot_host
-
     host = boot_host("milan")
     yield host
     host.close()
 
 
 def test_kvm_builds_the_spec_vmsa_of_a_reset_bsp_and_ap(host):
-    from sevsim.host.kvm.sev_es import build_vmsa
-
     vm = host.kvm.create_vm(16 << 20, vcpus=2, name="es-sync")
     try:
         bsp, ap = vm.vcpus
@@ -289,9 +291,6 @@ def test_kvm_builds_the_spec_vmsa_of_a_reset_bsp_and_ap(host):
 
 
 def test_kvm_carries_registers_into_the_vmsa_and_refuses_host_debugging(host):
-    from sevsim.host.kvm.sev_es import build_vmsa
-    from sevsim.host.kvm.uapi import KvmError
-
     vm = host.kvm.create_vm(16 << 20, vcpus=1, name="es-regs")
     try:
         (vcpu,) = vm.vcpus
@@ -364,3 +363,177 @@ def test_owner_measure_equals_sev_snp_measure(which, cpu, vcpus, tmp_path, capsy
     sig = vcpu_signature(cpu)
     pages = initial_vmsa(None, sig) + initial_vmsa(ap_eip, sig) * (vcpus - 1)
     assert hashlib.sha256(image + pages).hexdigest() == ours
+
+
+# ---- the real thing: an SEV-ES launch of the stock OVMF on the platform --------------------
+# What QEMU would be given: -bios OVMF.fd -smp 4 -cpu EPYC-Milan, sev-guest policy with ES.
+ES_SMP, ES_CPU = 4, "EPYC-Milan"
+SECRET = b"an SEV-ES disk passphrase"
+
+
+@pytest.fixture
+def es_launch(tmp_path):
+    """The platform, a paused SEV-ES VM launched from the stock OVMF with an owner's
+    session (policy ES, debugging allowed so the test can look at the secret), the
+    owner's files in ``tmp_path``."""
+    if not STOCK_OVMF.exists():
+        pytest.skip(f"{STOCK_OVMF} is absent (Debian package ovmf)")
+    host = boot_host("milan")
+    try:
+        exported = host.sev.pdh_cert_export()
+        assert exported.ok
+        started = session_mod.start(SevCert.parse(exported.data["pdh"]), int(ES))
+        files = started.write(tmp_path, "vm")
+        config = VmConfig(
+            STOCK_OVMF,
+            memory=64 << 20,
+            smp=ES_SMP,
+            cpu=ES_CPU,
+            policy=int(ES),
+            dh_cert_file=files["godh"],
+            session_file=files["session"],
+        )
+        vmm = Vmm(host, config)
+        vmm.start()
+        yield vmm, files
+    finally:
+        host.close()
+
+
+def test_an_es_launch_measures_what_sev_snp_measure_computes(es_launch, capsys):
+    vmm, files = es_launch
+    info = vmm.query_sev()
+    assert info["state"] == "launch-secret"
+    blob = base64.b64decode(vmm.query_launch_measure()["data"])
+    theirs = subprocess.run(
+        [sev_snp_measure(), "--mode", "seves", "--vcpus", str(ES_SMP), "--vcpu-type", ES_CPU]
+        + ["--ovmf", str(STOCK_OVMF)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    api = (info["api-major"], info["api-minor"], info["build-id"])
+    tik = files["tik"].read_bytes()
+    assert blob[:32] == hmac_measure(api, ES, bytes.fromhex(theirs), blob[32:], tik)
+    # And the owner's tool agrees.
+    args = ["owner", "measure", "--firmware", str(STOCK_OVMF), "--policy", hex(ES)]
+    args += ["--api-major", str(api[0]), "--api-minor", str(api[1]), "--build-id", str(api[2])]
+    args += ["--tik", str(files["tik"]), "--measurement", base64.b64encode(blob).decode()]
+    args += ["--smp", str(ES_SMP), "--cpu", ES_CPU, "--json"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    report = json.loads(capsys.readouterr().out)
+    assert exit_.value.code == 0 and report["match"] is True
+    assert report["launch_digest"] == theirs
+    # KVM no longer holds the vCPUs' state: a second KVM_SEV_LAUNCH_UPDATE_VMSA is refused.
+    assert all(vcpu.guest_state_protected for vcpu in vmm.vm.vcpus)
+    with pytest.raises(KvmError, match="already encrypted"):
+        vmm.vm.sev_launch_update_vmsa()
+
+
+def test_launch_update_vmsa_is_for_sev_es_guests(host):
+    vm = host.kvm.create_vm(16 << 20, sev=True, name="plain-sev")
+    try:
+        vm.sev_launch_start(0x1)
+        with pytest.raises(KvmError, match="not an SEV-ES guest"):
+            vm.sev_launch_update_vmsa()
+    finally:
+        vm.destroy()
+
+
+VALIDATE = Path("/usr/bin/virt-qemu-sev-validate")  # Debian package libvirt-clients-qemu
+
+
+def sev_validate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    if not VALIDATE.exists():
+        pytest.skip(f"{VALIDATE} is absent (Debian package libvirt-clients-qemu)")
+    # The script runs under the system Python and imports libvirt, lxml and cryptography.
+    probe = subprocess.run(
+        ["/usr/bin/python3", "-c", "import libvirt, lxml, cryptography"], capture_output=True
+    )
+    if probe.returncode:
+        pytest.skip("virt-qemu-sev-validate's imports are missing (python3-libvirt, -lxml)")
+    return subprocess.run(
+        ["/usr/bin/python3", str(VALIDATE), *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def uuid_bytes(text: str) -> bytes:
+    return uuid.UUID(text).bytes_le
+
+
+def test_libvirts_validator_accepts_the_launch_and_its_secret_is_injected(es_launch, tmp_path):
+    vmm, files = es_launch
+    info = vmm.query_sev()
+    # The VMSA files come from sev-snp-measure (--dump-vmsa), independently of sevsim.
+    subprocess.run(
+        [sev_snp_measure(), "--mode", "seves", "--vcpus", "2", "--vcpu-type", ES_CPU]
+        + ["--ovmf", str(STOCK_OVMF), "--dump-vmsa"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    common = ["--firmware", str(STOCK_OVMF), "--num-cpus", str(ES_SMP)]
+    common += ["--api-major", str(info["api-major"]), "--api-minor", str(info["api-minor"])]
+    common += ["--build-id", str(info["build-id"]), "--policy", str(int(ES))]
+    common += ["--tik", str(files["tik"]), "--tek", str(files["tek"])]
+    common += ["--measurement", vmm.query_launch_measure()["data"]]
+    done = sev_validate(
+        *common,
+        "--vmsa-cpu0",
+        "vmsa0.bin",
+        "--vmsa-cpu1",
+        "vmsa1.bin",
+        "--inject-secret",
+        f"luks-key:{tmp_path / 'secret.txt'}",
+        "--secret-header",
+        "header.b64",
+        "--secret-payload",
+        "payload.b64",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK: Looks good to me" in done.stdout and "OK: Injected 1 secrets" in done.stdout
+    header = (tmp_path / "header.b64").read_text()
+    payload = (tmp_path / "payload.b64").read_text()
+    gpa = 0x10_0000  # the stock OVMF declares no secret area: the GPA is given (QMP's gpa)
+    vmm.inject_secret(header, payload, gpa)  # LAUNCH_SECRET: the firmware checked its MAC
+    table = vmm.vm.sev_dbg_decrypt(gpa, len(base64.b64decode(payload)))
+    assert SECRET in table and table.startswith(uuid_bytes("1e74f542-71dd-4d66-963e-ef4287ff173b"))
+
+
+def test_libvirts_own_vmsa_is_the_pre_6_10_one(es_launch, tmp_path):
+    """libvirt 9's --cpu-family/model/stepping builds the VMSA of KVM_SEV_ES_INIT (no MXCSR,
+    no x87 control word): against a platform measuring like Linux >= 6.10 it must fail,
+    and `owner measure --legacy-vmsa` computes that older digest."""
+    vmm, files = es_launch
+    info = vmm.query_sev()
+    done = sev_validate(
+        "--firmware",
+        str(STOCK_OVMF),
+        "--num-cpus",
+        str(ES_SMP),
+        "--cpu-family",
+        "25",
+        "--cpu-model",
+        "1",
+        "--cpu-stepping",
+        "1",
+        "--api-major",
+        str(info["api-major"]),
+        "--api-minor",
+        str(info["api-minor"]),
+        "--build-id",
+        str(info["build-id"]),
+        "--policy",
+        str(int(ES)),
+        "--tik",
+        str(files["tik"]),
+        "--tek",
+        str(files["tek"]),
+        "--measurement",
+        vmm.query_launch_measure()["data"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1 and "Measurement does not match" in done.stderr
