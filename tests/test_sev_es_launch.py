@@ -117,6 +117,21 @@ def test_the_guest_state_is_checked_before_the_policy(mb):
     assert update_vmsa(mb, plain) == Status.INVALID_GUEST_STATE
 
 
+# ---- the ES ASID range (AMD-ASPFW sev_es_validate_asid), at its boundary -----------------
+def test_es_guests_take_asids_below_min_sev_asid_and_plain_guests_the_rest(mb):
+    es, plain = launch_start(mb, ES), launch_start(mb, 0)
+    assert cmd(mb, Command.ACTIVATE, handle=es, asid=100) == Status.INVALID_ASID
+    assert cmd(mb, Command.ACTIVATE, handle=plain, asid=99) == Status.INVALID_ASID
+    assert cmd(mb, Command.ACTIVATE, handle=es, asid=99) == Status.SUCCESS
+    assert cmd(mb, Command.ACTIVATE, handle=plain, asid=100) == Status.SUCCESS
+    # ACTIVATE_EX applies the same rule.
+    es2 = launch_start(mb, ES)
+    mb.write(0x20_0000, (0).to_bytes(4, "little"))  # APIC id 0
+    fields = {"ex_len": c.ACTIVATE_EX.size, "handle": es2, "numids": 1, "ids_paddr": 0x20_0000}
+    assert cmd(mb, Command.ACTIVATE_EX, asid=101, **fields) == Status.INVALID_ASID
+    assert cmd(mb, Command.ACTIVATE_EX, asid=1, **fields) == Status.SUCCESS
+
+
 # ---- LAUNCH_UPDATE_VMSA: the effect -------------------------------------------------------
 def test_vmsa_pages_are_measured_encrypted_and_sealed(mb):
     m = mb.machine
