@@ -3,8 +3,9 @@ issued through /dev/sev, and a guest's launch, launch secret, attestation, debug
 teardown. Migration (KVM_SEV_SEND_* / KVM_SEV_RECEIVE_*) is in ``sev_migration``.
 
 * The guest's firmware context is made with LAUNCH_START and bound to an ASID with ACTIVATE
-  (``sev_bind_asid``); the launch image is encrypted with LAUNCH_UPDATE_DATA; teardown is
-  DEACTIVATE then DECOMMISSION.
+  (``sev_bind_asid``); the launch image is encrypted with LAUNCH_UPDATE_DATA, and an SEV-ES
+  guest's vCPU state with LAUNCH_UPDATE_VMSA (``sev_es``); teardown is DEACTIVATE then
+  DECOMMISSION.
 * SEV ASIDs come from ``SevAsids``, which recycles lazily as KVM does: a freed ASID waits in
   a reclaim set, and only when the pool is empty does KVM run WBINVD on every core and
   DF_FLUSH, after which the reclaimed ASIDs are free.
@@ -192,7 +193,7 @@ class SevGuest:
         have the firmware measure and encrypt it; from then on KVM cannot see the state."""
         if not self.sev or not self.policy & pol.PolicyFlag.ES:
             raise KvmError("not an SEV-ES guest", err=errno.ENOTTY)
-        for vcpu in sorted(self.vcpus, key=lambda v: v.index):
+        for vcpu in self.vcpus:  # in index order, as KVM walks them
             sev_es_sync_vmsa(vcpu, self.vmsa_fpu_state)
             if not self.kvm.sme_coherent:
                 for line in range(vcpu.vmsa_va, vcpu.vmsa_va + VMSA_SIZE, 64):

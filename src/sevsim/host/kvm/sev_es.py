@@ -66,7 +66,7 @@ def build_vmsa(vcpu: Vcpu, fpu_state: bool = True) -> bytes:
 
 def sev_es_sync_vmsa(vcpu: Vcpu, fpu_state: bool = True) -> bytes:
     """Write the vCPU's plaintext VMSA into its VMSA page (``vcpu.vmsa_va``); returns it."""
-    if getattr(vcpu, "guest_state_protected", False):
+    if vcpu.guest_state_protected:
         raise KvmError(f"vCPU {vcpu.index}: its state is already encrypted", err=errno.EINVAL)
     page = build_vmsa(vcpu, fpu_state)
     vcpu.vm.kernel.write(vcpu.vmsa_va, page)
