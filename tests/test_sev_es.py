@@ -17,7 +17,7 @@ from conftest import boot_host, small_guest
 from sevsim.api.vmsa import GHCB, VMSA
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import KvmError
-from sevsim.host.vmm import Vmm, VmConfig, VmmError
+from sevsim.host.vmm import VmConfig, Vmm, VmmError
 from sevsim.soc.svm import EXIT_HLT, EXIT_INVALID, GUEST_INTERRUPT_MASK, SEV_ENABLE
 
 MEM = x86_guest.MIN_MEMORY
