@@ -552,3 +552,27 @@ def test_libvirts_own_vmsa_is_the_pre_6_10_one(es_launch, tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 1 and "Measurement does not match" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "policy, extra, message",
+    [
+        ("0x5", [], "the firmware has no SEV-ES reset block"),
+        ("0x1", ["--smp", "2"], "are for SEV-ES (policy bit 0x4)"),
+        ("0x5", ["--cpu", "EPYC-Nope"], "Invalid value for '--cpu'"),
+        ("0x5", ["--smp", "0"], "Invalid value for '--smp'"),
+    ],
+)
+def test_owner_measure_es_bad_input_is_one_line(policy, extra, message, tmp_path, capsys):
+    firmware = tmp_path / "plain.fd"
+    firmware.write_bytes(bytes(64 << 10))  # no footer table, so no SEV-ES reset block
+    tik = tmp_path / "tik.bin"
+    tik.write_bytes(bytes(16))
+    args = ["owner", "measure", "--firmware", str(firmware), "--policy", policy]
+    args += ["--api-major", "1", "--api-minor", "51", "--build-id", "3", "--tik", str(tik)]
+    args += ["--nonce", base64.b64encode(bytes(16)).decode(), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert err.count("\n") == 1  # one line
