@@ -319,7 +319,7 @@ def bench_launch(size: int, rounds: int, progress: Progress) -> dict[str, float]
             progress(f"launch {size >> 20} MiB, round {r + 1}/{rounds}")
             memctl.write_from(image_pa, data, memctl.host_key_slot)  # a fresh plaintext image
             handle = call(Command.LAUNCH_START, policy=0).handle
-            call(Command.ACTIVATE, handle=handle, asid=1)
+            call(Command.ACTIVATE, handle=handle, asid=system.machine.profile.min_sev_asid)
             base_t.append(_timed(baseline))
             model_t.append(_timed(lambda h=handle: launch(h)))
             call(Command.DEACTIVATE, handle=handle)

@@ -2,7 +2,8 @@
 registers``, ``x``/``xp`` and ``info tlb``/``info mem`` — what the *hypervisor* sees.
 
 For a plain SEV guest the register state is in the unencrypted VMCB and in KVM's copy of
-the GPRs, so ``info registers`` shows everything (SEV-ES is what hides it). Memory is read
+the GPRs, so ``info registers`` shows everything; for an SEV-ES guest it shows what KVM
+still holds, the state before LAUNCH_UPDATE_VMSA, and says so. Memory is read
 the way QEMU reads it: through the VMM's own mapping — ciphertext for an SEV guest's
 private pages — or, when the guest's policy allows debugging (NODBG clear), decrypted by
 the firmware (DBG_DECRYPT), as QEMU's SEV debug hooks do. ``x`` walks the guest's page
@@ -100,6 +101,12 @@ class Monitor:
             )
         lines.append(f"CR0={v.cr0:08x} CR2={v.cr2:016x} CR3={v.cr3:016x} CR4={v.cr4:08x}")
         lines.append(f"EFER={v.efer:016x}")
+        if self.vcpu.guest_state_protected:
+            lines.insert(
+                0,
+                "(SEV-ES: the guest's registers are encrypted in its VMSA; what KVM holds is "
+                "its state before LAUNCH_UPDATE_VMSA)",
+            )
         return "\n".join(lines) + "\n"
 
     # ---- memory ----------------------------------------------------------------------------
