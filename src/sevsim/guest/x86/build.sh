@@ -40,6 +40,7 @@ EXPORTS=(
 	PT_POOL_GPA VIRTQ_GPA DISK_BUFFER_GPA DISK_EXPECT_GPA DISK_TAGS_GPA IO_AREA_END
 	swiotlb_init swiotlb_map swiotlb_unmap virtblk_probe set_memory_decrypted
 	set_memory_encrypted workload_disk
+	GHCB_GPA VC_COUNTS_GPA vc_handler sev_es_ap_reset
 )
 
 for tool in gcc ld objcopy nm; do

@@ -334,16 +334,33 @@ static int is_space(char c)
 	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
 }
 
+/*
+ * Mask every line of both 8259 PICs (OCW1). A BIOS programs the PICs before
+ * it enables interrupts; this firmware never programs them and has no
+ * handlers for device interrupts (its IDT holds the exception vectors and
+ * the two of smpboot.c), so it masks them all, once, before any `sti`
+ * (yield_to_host): whatever state the PICs are in after reset, no device
+ * interrupt can reach an exception stub. On sevsim no device raises
+ * interrupts, and the hypervisor ignores these two writes. It is done here,
+ * not in entry32.S, because under SEV-ES an OUT needs the GHCB.
+ */
+static void pic_mask_all(void)
+{
+	outb(PIC1_DATA, 0xFF);
+	outb(PIC2_DATA, 0xFF);
+}
+
 noreturn void main(void)
 {
 	char list[WORKLOAD_MAX];
 
+	pic_mask_all();
 	serial_init();
 	say("booting");
 
 	if (sev_active())
-		say("SEV active, C-bit %u, SEV_STATUS 0x%lx",
-		    BOOT_INFO->cbit, BOOT_INFO->sev_status);
+		say("SEV active, C-bit %u, SEV_STATUS 0x%lx%s", BOOT_INFO->cbit,
+		    BOOT_INFO->sev_status, sev_es_active() ? " (SEV-ES)" : "");
 	else
 		say("SEV not active");
 
@@ -377,6 +394,8 @@ noreturn void main(void)
 		run_workload(word);
 	}
 
+	if (sev_es_active())
+		sev_es_report();
 	say("done");
 	halt_forever();
 }
