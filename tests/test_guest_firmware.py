@@ -30,7 +30,8 @@ MEASURE_PA = 0x30_0000
 
 @pytest.fixture
 def mb() -> RawMailbox:
-    return ready(RawMailbox(make_platform("milan")))
+    # Plain SEV guests on low ASIDs: the BIOS leaves no SEV-ES ASID range (EDX = 1).
+    return ready(RawMailbox(make_platform("milan", sev_edx=1)))
 
 
 def ready(mb: RawMailbox) -> RawMailbox:
@@ -159,7 +160,7 @@ def test_guest_status_of_an_unknown_handle_succeeds_with_state_zero(mb):
     [Command.ACTIVATE, Command.DEACTIVATE, Command.DECOMMISSION, Command.LAUNCH_FINISH],
 )
 def test_guest_commands_need_working_then_a_valid_handle(command):
-    mb = ready(RawMailbox(make_platform("milan")))
+    mb = ready(RawMailbox(make_platform("milan", sev_edx=1)))
     # INIT is not WORKING: the state is checked before the handle.
     assert cmd(mb, command, handle=1) == Status.INVALID_PLATFORM_STATE
     launch_start(mb)
@@ -167,7 +168,7 @@ def test_guest_commands_need_working_then_a_valid_handle(command):
 
 
 def test_launch_start_needs_init_or_working():
-    mb = RawMailbox(make_platform("milan"))
+    mb = RawMailbox(make_platform("milan", sev_edx=1))
     assert launch_start(mb)[0] == Status.INVALID_PLATFORM_STATE
 
 
@@ -199,7 +200,7 @@ def test_activate_checks_in_firmware_order(mb):
 
 
 def test_activate_before_df_flush_needs_it():
-    mb = RawMailbox(make_platform("milan"))
+    mb = RawMailbox(make_platform("milan", sev_edx=1))
     assert mb.init() == Status.SUCCESS  # every ASID dirty after INIT
     _, h = launch_start(mb)
     assert activate(mb, h, 3) == Status.DF_FLUSH_REQUIRED
@@ -259,7 +260,7 @@ def test_deactivate_before_running_returns_the_asid_clean(mb):
 
 
 def test_activate_ex_selects_ccxs_by_apic_id():
-    mb = ready(RawMailbox(make_platform("rome", cores=8)))  # two CCXs of four cores
+    mb = ready(RawMailbox(make_platform("rome", cores=8, sev_edx=1)))  # two CCXs of four
     m = mb.machine
     _, h = launch_start(mb)
 
@@ -438,7 +439,7 @@ def test_key_sharing_follows_noks_and_policy_equality(mb):
 
 
 def test_running_out_of_handles_is_resource_limit():
-    mb = ready(RawMailbox(make_platform("milan")))
+    mb = ready(RawMailbox(make_platform("milan", sev_edx=1)))
     fw = psp_port(mb)
     from sevsim.psp.guest import GUEST_COUNT_MAX
 
@@ -464,7 +465,7 @@ class GuestLifecycle(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mb = ready(RawMailbox(make_platform("rome", dram_size=1 << 30)))
+        self.mb = ready(RawMailbox(make_platform("rome", dram_size=1 << 30, sev_edx=1)))
         self.guests: dict[int, dict] = {}  # handle -> {"state", "asid"}
         self.asid_owner: dict[int, int] = {}
         self.dirty: set[int] = set()

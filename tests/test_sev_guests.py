@@ -9,16 +9,11 @@ guest knows comes from its console and from its memory read as a debugger reads 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
-from conftest import ALL_PROFILES, boot_host
+from conftest import ALL_PROFILES, boot_host, small_guest
 
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
@@ -232,33 +227,6 @@ def test_non_sev_guest_memory_uses_the_npt_c_bit_only(milan):
 
 
 # ---- forced-private accesses (small guests of their own: tests/guests/*.S) --------------------
-GUESTS = Path(__file__).resolve().parent / "guests"
-
-
-@functools.cache
-def small_guest(name: str) -> tuple[bytes, dict[str, int]]:
-    """tests/guests/NAME.S as a 64 KiB flash image (linked at the isa-bios alias, 0xF0000),
-    and its symbols."""
-    missing = [tool for tool in ("as", "ld", "objcopy", "nm") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the small guests need GNU binutils ({', '.join(missing)} not found)")
-    with tempfile.TemporaryDirectory() as tmp:
-        obj, elf, image = (f"{tmp}/{name}.{ext}" for ext in ("o", "elf", "fd"))
-        out = ""
-        for cmd in (
-            ["as", "--64", "--noexecstack", "-I", str(GUESTS), "-o", obj, f"{GUESTS}/{name}.S"],
-            ["ld", "-m", "elf_x86_64", "-Ttext=0xF0000", "--section-start=.reset=0xFFFF0"]
-            + ["-e", "reset_vector", "-o", elf, obj],
-            ["objcopy", "-O", "binary", "--gap-fill=0xff", "--pad-to=0x100000", elf, image],
-            ["nm", elf],
-        ):
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stderr}"
-            out = proc.stdout
-        symbols = {name: int(value, 16) for value, _, name in map(str.split, out.splitlines())}
-        return Path(image).read_bytes(), symbols
-
-
 def run_small_guest(host, name: str, sev: bool = True):
     image, symbols = small_guest(name)
     vm = host.start_x86_guest(name, memory=MEM, sev=sev, firmware=image)

@@ -67,7 +67,7 @@ def test_view_command_draws_dram_cpu_and_keys(tmp_path, capsys):
     # Every page of alpha's RAM and of its 64 KiB flash is in alpha's domain, but the 16
     # of fw_cfg's DMA bounce buffer, which it shares at boot.
     pages = (x86_guest.MIN_MEMORY + len(x86_guest.image())) // 4096 - 16
-    assert code == 0 and data["figures"]["alpha (ASID 1)"] == pages
+    assert code == 0 and data["figures"]["alpha (ASID 9)"] == pages
     # alpha's and beta's bounce buffers, and beta's published page
     assert data["figures"]["guest shared (C=0)"] == 16 + 16 + 1
     with Image.open(tmp_path / "k.png") as img:

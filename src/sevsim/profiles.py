@@ -224,6 +224,12 @@ NAPLES = MachineProfile(
     },
 )
 
+# The BIOS option "SEV-ES ASID space limit" sets CPUID 0x8000001F EDX on parts with SEV-ES:
+# ASIDs 1 .. limit-1 are for SEV-ES guests. Boxes ship with 1 (no SEV-ES guest can run), 9,
+# 128 or 510; sevsim's default leaves eight SEV-ES ASIDs (change it with Profile.with_).
+SEV_ES_ASID_LIMIT = 9
+
+
 ROME = MachineProfile(
     name="rome",
     part="AMD EPYC 7002 series (Rome)",
@@ -234,7 +240,7 @@ ROME = MachineProfile(
     sev_eax=0x0001000F,
     sev_ebx=_ebx(47, 5, 0),
     sev_ecx=509,
-    sev_edx=1,
+    sev_edx=SEV_ES_ASID_LIMIT,
     maxphyaddr=48,
     maxlinaddr=48,
     nasid=32768,
@@ -250,7 +256,7 @@ ROME = MachineProfile(
         "sev_ebx": "0x16F: C-bit 47, reduction 5 (same edge box; C = 47 on Rome per enarx "
         "sevctl #84/#85)",
         "sev_ecx": "509 (enarx sevctl #84/#85)",
-        "sev_edx": "1 (edge box; set by the BIOS 'SEV-ES ASID space limit')",
+        "sev_edx": "MODEL: 9, the BIOS 'SEV-ES ASID space limit' (1 on the edge box)",
         "maxphyaddr": "UNCONFIRMED: 48",
         "engine_mode": "xex with per-boot random tweaks (AMD to the SEVurity authors); "
         "exact Zen 2 tweak function UNCONFIRMED",
@@ -268,7 +274,7 @@ MILAN = MachineProfile(
     sev_eax=0x0101FD3F,
     sev_ebx=0x4173,
     sev_ecx=509,
-    sev_edx=1,
+    sev_edx=SEV_ES_ASID_LIMIT,
     maxphyaddr=48,
     maxlinaddr=48,
     nasid=32768,
@@ -285,7 +291,8 @@ MILAN = MachineProfile(
         "firecracker T2A fixture, EPYC 7713P lab notes); HwEnforcedCacheCoh set",
         "sev_ebx": "0x4173: C-bit 51, reduction 5, 4 VMPLs (same dumps)",
         "sev_ecx": "509 (same dumps)",
-        "sev_edx": "1; 128 and 510 also seen (BIOS 'SEV-ES ASID space limit')",
+        "sev_edx": "MODEL: 9, the BIOS 'SEV-ES ASID space limit' (1 in the dumps; 9, 128 "
+        "and 510 also seen)",
         "maxphyaddr": "48 (two Milan guest-visible dumps, EAX 0x3030)",
         "engine_mode": "xex with per-boot random tweaks; exact function UNCONFIRMED",
     },
@@ -301,7 +308,7 @@ GENOA = MachineProfile(
     sev_eax=0x0101FD3F,
     sev_ebx=_ebx(51, 4, 4),
     sev_ecx=1006,
-    sev_edx=1,
+    sev_edx=SEV_ES_ASID_LIMIT,
     maxphyaddr=52,
     maxlinaddr=57,
     nasid=32768,
@@ -315,7 +322,7 @@ GENOA = MachineProfile(
         "sev_ebx": "C-bit 51 and 4 VMPLs (ASPFW); reduction 4 is our reading of the "
         "firmware's 'MemWidth=4' comment, UNCONFIRMED",
         "sev_ecx": "1006 (ASPFW MAX_SEV_ASIDS)",
-        "sev_edx": "1 (set by the BIOS)",
+        "sev_edx": "MODEL: 9, the BIOS 'SEV-ES ASID space limit'",
         "maxphyaddr": "UNCONFIRMED: 52 (Zen 4 supports 52-bit physical and 57-bit linear "
         "addresses)",
         "engine_mode": "xex, AES-128: Genoa's cipher (AES-128/256, XEX/XTS) is UNCONFIRMED; "

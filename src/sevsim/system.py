@@ -108,20 +108,29 @@ class HostSystem:
         policy: int = 0,
         firmware: bytes | None = None,
         vcpus: int = 1,
+        cpu_signature: int = 0,
     ) -> Vm:
         """A VM whose vCPUs execute real code: a firmware image (the package's real-code
         guest by default) mapped below 4 GiB as QEMU's -bios, the workload, the RAM size and
         the number of vCPUs in fw_cfg (with its DMA interface, as QEMU offers it), and for
         SEV the image encrypted and measured
         (LAUNCH_UPDATE_DATA) before it runs. The first vCPU boots; the others wait for
-        its STARTUP IPIs (the image's ``aps`` workload)."""
-        from sevsim.api import fwcfg
+        its STARTUP IPIs (the image's ``aps`` workload). A policy with the ES bit makes it
+        an SEV-ES guest: its APs start at the image's SEV-ES reset block, and every vCPU's
+        VMSA is encrypted and measured after the image (LAUNCH_UPDATE_VMSA)."""
+        from sevsim.api import fwcfg, ovmf
+        from sevsim.api.policy import PolicyFlag
         from sevsim.guest import x86 as x86_guest
-        from sevsim.host.vmm import FwCfgDevice
+        from sevsim.host.vmm import FwCfgDevice, set_ap_reset_vectors
 
-        vm = self.kvm.create_vm(memory, vcpus=vcpus, sev=sev, name=name)
+        es = sev and bool(policy & PolicyFlag.ES)
+        vm = self.kvm.create_vm(
+            memory, vcpus=vcpus, sev=sev, name=name, sev_es=es, cpu_signature=cpu_signature
+        )
         image = x86_guest.image() if firmware is None else firmware
         base = vm.load_firmware(image)
+        if es:
+            set_ap_reset_vectors(vm, ovmf.parse_table(image))
         directory, items = fwcfg.file_directory({x86_guest.WORKLOAD_FILE: workload.encode()})
         items[fwcfg.FILE_DIR] = directory
         items[fwcfg.SIGNATURE] = b"QEMU"
@@ -134,6 +143,8 @@ class HostSystem:
         if sev:
             vm.sev_launch_start(policy)
             vm.sev_launch_update_data(base, len(image))
+            if es:
+                vm.sev_launch_update_vmsa()
             vm.sev_launch_measure()
             vm.sev_launch_finish()
         return vm

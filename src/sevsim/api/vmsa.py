@@ -195,3 +195,71 @@ def vcpu_signature(cpu: str) -> int:
     except KeyError:
         known = ", ".join(VCPU_TYPES)
         raise ValueError(f"unknown vCPU type {cpu!r} (known: {known})") from None
+
+
+# --- the initial VMSA of a vCPU at launch (sev-api.md §8.4) --------------------------------
+# What QEMU's reset state becomes once KVM's sev_es_sync_vmsa has copied it into the VMSA,
+# as sev-snp-measure's vmsa.py rebuilds it. The values are x86's INIT state with what KVM
+# adds (EFER.SVME, CR4.MCE from the host, the power-on PAT, CR0 with CD/NW cleared).
+RESET_CS_SELECTOR = 0xF000
+RESET_CS_BASE = 0xFFFF_0000
+RESET_RIP = 0xFFF0
+RESET_SEGMENT_ATTRIB = 0x93  # present, data, writable, accessed
+RESET_CS_ATTRIB = 0x9B  # present, code, readable, accessed
+RESET_LDTR_ATTRIB = 0x82  # present, LDT
+RESET_TR_ATTRIB = 0x8B  # present, busy 32-bit TSS (QEMU's reset value)
+RESET_EFER = 0x1000  # EFER.SVME: KVM sets it in every SVM guest's save area
+RESET_CR4 = 0x40  # CR4.MCE: KVM keeps the host's machine-check enable
+RESET_CR0 = 0x10  # CR0.ET; KVM clears CD/NW (its CD_NW_CLEARED quirk)
+RESET_DR7 = 0x400
+RESET_DR6 = 0xFFFF_0FF0
+RESET_RFLAGS = 0x2
+RESET_G_PAT = 0x0007_0406_0007_0406
+RESET_XCR0 = 0x1  # x87 only
+RESET_MXCSR = 0x1F80  # all SSE exceptions masked
+RESET_X87_FCW = 0x037F  # all x87 exceptions masked, extended precision
+
+
+def initial_vmsa(ap_eip: int | None, signature: int, fpu_state: bool = True) -> bytes:
+    """The 4096 plaintext bytes of a vCPU's VMSA at LAUNCH_UPDATE_VMSA.
+
+    ``ap_eip`` None: the boot processor, starting at the reset vector (CS base 0xFFFF0000,
+    RIP 0xFFF0). Otherwise an AP starting at the firmware's SEV-ES reset block address,
+    split into CS base (high 16 bits) and RIP (low 16 bits) as QEMU does. ``signature``:
+    RDX, the vCPU's CPUID 1 EAX. ``fpu_state``: MXCSR and the x87 control word at their
+    reset values, as Linux ≥ 6.10 writes them for a VM made with KVM_SEV_INIT2; False
+    gives the older KVM_SEV_ES_INIT layout, where those stay zero."""
+    values = {
+        f"{seg}_{f}": v
+        for seg in ("es", "ss", "ds", "fs", "gs")
+        for f, v in (("attrib", RESET_SEGMENT_ATTRIB), ("limit", 0xFFFF))
+    }
+    cs_base, rip = RESET_CS_BASE, RESET_RIP
+    if ap_eip is not None:
+        cs_base, rip = ap_eip & 0xFFFF_0000, ap_eip & 0xFFFF
+    values.update(
+        cs_selector=RESET_CS_SELECTOR,
+        cs_attrib=RESET_CS_ATTRIB,
+        cs_limit=0xFFFF,
+        cs_base=cs_base,
+        gdtr_limit=0xFFFF,
+        ldtr_attrib=RESET_LDTR_ATTRIB,
+        ldtr_limit=0xFFFF,
+        idtr_limit=0xFFFF,
+        tr_attrib=RESET_TR_ATTRIB,
+        tr_limit=0xFFFF,
+        efer=RESET_EFER,
+        cr4=RESET_CR4,
+        cr0=RESET_CR0,
+        dr7=RESET_DR7,
+        dr6=RESET_DR6,
+        rflags=RESET_RFLAGS,
+        rip=rip,
+        g_pat=RESET_G_PAT,
+        rdx=signature,
+        sev_features=0,  # plain SEV-ES: no SNP features
+        xcr0=RESET_XCR0,
+    )
+    if fpu_state:
+        values.update(mxcsr=RESET_MXCSR, x87_fcw=RESET_X87_FCW)
+    return VMSA.build(**values)

@@ -13,6 +13,7 @@ import click
 
 from sevsim.api import guidtable
 from sevsim.api import policy as pol
+from sevsim.api import vmsa as sev_vmsa
 from sevsim.certs.chain import decode_chain
 from sevsim.certs.sev import CERT_SIZE, CertError, SevCert
 from sevsim.cli.options import POLICY, json_option
@@ -165,6 +166,19 @@ def session_cmd(
     "--measurement", help="The reported measurement, MEASURE ‖ MNONCE (base64 or file): check it."
 )
 @click.option("--tik", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--cpu",
+    type=click.Choice(list(sev_vmsa.VCPU_TYPES)),
+    help="SEV-ES: the VMM's vCPU type (QEMU -cpu; its signature is RDX in the VMSA)."
+    "  [default: EPYC]",
+)
+@click.option("--smp", type=click.IntRange(1, 4096), help="SEV-ES: vCPUs.  [default: 1]")
+@click.option(
+    "--legacy-vmsa",
+    is_flag=True,
+    help="SEV-ES: the host kernel is older than Linux 6.10 (KVM_SEV_ES_INIT), whose VMSA"
+    " leaves MXCSR and the x87 control word zero.",
+)
 @json_option
 def measure_cmd(
     firmware: Path | None,
@@ -179,12 +193,16 @@ def measure_cmd(
     nonce: str | None,
     measurement: str | None,
     tik: Path,
+    cpu: str | None,
+    smp: int | None,
+    legacy_vmsa: bool,
     as_json: bool,
 ) -> None:
     """Recompute the launch measurement a platform should report, and compare.
 
     The launch digest is SHA-256 of the firmware image and, when the VMM was given
-    --kernel, of QEMU's SEV hashes table (kernel, initrd, command line). With
+    --kernel, of QEMU's SEV hashes table (kernel, initrd, command line). When the policy
+    has the ES bit (0x4), one VMSA page per vCPU follows (--smp, --cpu). With
     --measurement (as from QMP query-sev-launch-measure) it says match or mismatch and, on
     a mismatch, what usually causes one. With --nonce it prints the expected value.
     Exit code: 0 match (or printed), 1 mismatch, 2 bad input.
@@ -197,6 +215,11 @@ def measure_cmd(
         raise click.UsageError("--kernel/--initrd/--cmdline go with --firmware")
     if kernel is None and (initrd or cmdline is not None):
         raise click.UsageError("--initrd and --cmdline need --kernel (QEMU measures them with it)")
+    es_given = cpu is not None or smp is not None or legacy_vmsa
+    if es_given and not policy & pol.PolicyFlag.ES:
+        raise click.UsageError("--cpu, --smp and --legacy-vmsa are for SEV-ES (policy bit 0x4)")
+    if es_given and firmware is None:
+        raise click.UsageError("--cpu, --smp and --legacy-vmsa go with --firmware")
     numbers = [policy] + [
         _int(v, n)
         for v, n in (
@@ -213,12 +236,21 @@ def measure_cmd(
         if len(digest) != 32:
             raise click.UsageError("--launch-digest: a SHA-256 digest is 32 bytes")
     else:
-        digest = measure_mod.launch_digest(
-            firmware.read_bytes(),
-            kernel.read_bytes() if kernel else None,
-            initrd.read_bytes() if initrd else None,
-            cmdline,
-        )
+        es = None
+        if policy & pol.PolicyFlag.ES:
+            es = measure_mod.EsVcpus(
+                smp or 1, sev_vmsa.vcpu_signature(cpu or "EPYC"), not legacy_vmsa
+            )
+        try:
+            digest = measure_mod.launch_digest(
+                firmware.read_bytes(),
+                kernel.read_bytes() if kernel else None,
+                initrd.read_bytes() if initrd else None,
+                cmdline,
+                es,
+            )
+        except measure_mod.MeasureError as exc:
+            raise click.UsageError(f"--firmware: {exc}") from None
     if nonce is not None:
         mnonce = _b64_or_path(nonce, "--nonce")
         if len(mnonce) != 16:

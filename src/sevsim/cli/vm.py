@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from sevsim.api.vmsa import VCPU_TYPES
 from sevsim.cli import daemon
 from sevsim.cli.options import POLICY, json_option
 from sevsim.cli.platform import _platform_options
@@ -129,13 +130,27 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
 @click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--append", help="The kernel command line.")
 @click.option("--memory", "-m", default="512M", show_default=True, help="Guest RAM.")
-@click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64), help="vCPUs.")
+@click.option(
+    "--smp",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="vCPUs. Under SEV-ES each has its own VMSA, measured at launch.",
+)
+@click.option(
+    "--cpu",
+    type=click.Choice(list(VCPU_TYPES), case_sensitive=True),
+    help="The vCPU model, as QEMU's -cpu: its family/model/stepping signature is CPUID 1 "
+    "EAX and RDX at reset, so under SEV-ES it is part of each VMSA and of the launch "
+    "measurement (default: the host's).",
+)
 @click.option(
     "--sev-policy",
     type=POLICY,
     default="0x1",
     show_default=True,
-    help="The guest policy (decimal or 0x...).",
+    help="The guest policy (decimal or 0x...). Bit 2 (ES) makes an SEV-ES guest: "
+    "encrypted register state (VMSA), the GHCB protocol, no migration.",
 )
 @click.option(
     "--sev/--no-sev",
@@ -250,6 +265,7 @@ def run_cmd(**opts: Any) -> None:
         firmware=absolute(opts["bios"]),
         memory=parse_size(opts["memory"], "--memory"),
         smp=opts["smp"],
+        cpu=opts["cpu"],
         policy=opts["sev_policy"] if opts["sev"] else 0,
         sev=opts["sev"],
         dh_cert_file=absolute(opts["dh_cert_file"]),
@@ -265,6 +281,10 @@ def run_cmd(**opts: Any) -> None:
     )
     if (config.initrd or config.append is not None) and not config.kernel:
         raise click.UsageError("--initrd and --append go with --kernel")
+    if config.sev_es and opts["gdb"]:
+        raise click.UsageError(
+            "--gdb: an SEV-ES guest's registers are encrypted in its VMSA; KVM cannot debug it"
+        )
     if opts["daemonize"]:
         daemon.daemonize(opts["pidfile"])  # before any thread starts: the child attaches
     elif opts["pidfile"]:

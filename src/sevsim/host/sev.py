@@ -50,6 +50,9 @@ class SevIoctl(IntEnum):
     GET_ID2 = 8
 
 
+SEV_ES_TMR_SIZE = 1 << 20  # Linux SEV_TMR_SIZE
+
+
 @dataclass
 class IoctlResult:
     ret: int  # 0 or -errno
@@ -95,6 +98,11 @@ class SevDevice:
         self._lo, self._hi = regs["cmdbuff_addr_lo"], regs["cmdbuff_addr_hi"]
         self._cmdresp = regs["cmdresp"]
         self._nv_buf = kernel.alloc_pages(NV_LENGTH // 4096) if self.init_ex_path else None
+        # sev_es_tmr: on a part with SEV-ES the driver gives the firmware a 1 MiB Trusted
+        # Memory Region (1 MiB aligned) at INIT, with the SEV-ES flag.
+        self._tmr = None
+        if kernel.core.cpuid(0x8000_001F)[0] >> 3 & 1:
+            self._tmr = kernel.alloc_pages(SEV_ES_TMR_SIZE // 4096, align=SEV_ES_TMR_SIZE)
         self.state = PlatformState.UNINIT
         self.api_version: tuple[int, int, int] | None = None
         self.log: list[str] = []
@@ -172,11 +180,18 @@ class SevDevice:
         return IoctlResult(0, Status.SUCCESS)
 
     def _init_once(self) -> tuple[int, Status]:
+        es = {}
+        if self._tmr is not None:
+            es = {
+                "flags": cmd.CONFIG_FLAG_ES,
+                "tmr_paddr": self.psp_pa(self._tmr),
+                "tmr_len": SEV_ES_TMR_SIZE,
+            }
         if self._nv_buf is None:
-            ret, status, _ = self.do_cmd(Command.INIT, cmd.INIT.build())
+            ret, status, _ = self.do_cmd(Command.INIT, cmd.INIT.build(**es))
             return ret, status
         buf = cmd.INIT_EX.build(
-            length=cmd.INIT_EX_LENGTH, nv_paddr=self.psp_pa(self._nv_buf), nv_len=NV_LENGTH
+            length=cmd.INIT_EX_LENGTH, nv_paddr=self.psp_pa(self._nv_buf), nv_len=NV_LENGTH, **es
         )
         ret, status, _ = self.do_cmd(Command.INIT_EX, buf)
         return ret, status

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from sevsim.api import fwcfg, guidtable, ovmf
+from sevsim.api.policy import PolicyFlag
+from sevsim.api.vmsa import vcpu_signature
 from sevsim.host import cmos, migration, pc
 from sevsim.host.cmos import Cmos
 from sevsim.host.debug import SIGABRT, SIGINT, SIGQUIT, SIGTRAP, GuestDebug
@@ -60,6 +62,20 @@ class VmmError(RuntimeError):
     """A VM could not be set up or a request could not be carried out."""
 
 
+def set_ap_reset_vectors(vm: Vm, table: dict) -> None:
+    """QEMU's sev_es_set_reset_vector: KVM cannot set an SEV-ES AP's registers once its VMSA
+    is encrypted, so before the launch each AP is pointed at the firmware's AP reset address
+    (the SEV-ES reset block of its OVMF footer table): CS base its high half, IP its low."""
+    ap_reset = ovmf.reset_address(table)
+    if ap_reset is None:
+        raise ValueError(
+            "SEV-ES: the firmware has no SEV-ES reset block in its OVMF footer table "
+            f"(GUID {ovmf.SEV_ES_RESET_BLOCK_GUID}): its APs would have nowhere to start"
+        )
+    for vcpu in vm.vcpus[1:]:
+        vcpu.set_vmcb(cs_base=ap_reset & 0xFFFF_0000, rip=ap_reset & 0xFFFF)
+
+
 @dataclass
 class VmConfig:
     firmware: Path | None
@@ -78,6 +94,12 @@ class VmConfig:
     disk_access_platform: bool = True  # offer VIRTIO_F_ACCESS_PLATFORM (QEMU iommu_platform)
     disk_iothread: bool = True  # requests on the device's I/O thread (False: in the exit)
     name: str | None = "vm"  # QEMU's -name guest=NAME; None: the platform service picks one
+    cpu: str | None = None  # QEMU's -cpu model (api.vmsa.VCPU_TYPES); None: the host's CPUID
+
+    @property
+    def sev_es(self) -> bool:
+        """SEV-ES, as QEMU decides it: an SEV guest whose policy has the ES bit."""
+        return self.sev and bool(self.policy & PolicyFlag.ES)
 
 
 class FwCfgDevice:
@@ -205,6 +227,11 @@ class Vmm:
             raise VmmError("--no-sev: an ordinary VM has no launch session and no SEV policy")
         vm = self._create(cfg.memory, cfg.smp)
         flash = vm.load_firmware(self.firmware)  # every vCPU starts at the reset vector
+        if cfg.sev_es:
+            try:
+                set_ap_reset_vectors(vm, self.table)
+            except ValueError as exc:
+                raise VmmError(str(exc)) from None
         if not cfg.sev:
             if cfg.kernel is not None:
                 self._load_kernel_hashes(vm, measure=False)
@@ -218,6 +245,8 @@ class Vmm:
             vm.sev_launch_update_data(flash, size)
             if cfg.kernel is not None:
                 self._load_kernel_hashes(vm, measure=True)
+            if cfg.sev_es:
+                vm.sev_launch_update_vmsa()  # every vCPU's VMSA, encrypted and measured
             self.measurement = vm.sev_launch_measure()
         except KvmError as exc:
             raise VmmError(f"sev_launch: {exc}") from None
@@ -225,10 +254,20 @@ class Vmm:
     def _create(self, memory: int, smp: int) -> Vm:
         """The guest (SEV unless --no-sev) with its RAM, its console and fw_cfg; its vCPUs
         execute real x86 code."""
-        kind = "SEV guest" if self.config.sev else "VM"
+        cfg = self.config
+        kind = "SEV-ES guest" if cfg.sev_es else "SEV guest" if cfg.sev else "VM"
+        try:
+            signature = vcpu_signature(cfg.cpu) if cfg.cpu else 0
+        except ValueError as exc:
+            raise VmmError(str(exc)) from None
         try:
             vm = self.vm = self.kvm.create_vm(
-                memory, vcpus=smp, sev=self.config.sev, name=self.config.name
+                memory,
+                vcpus=smp,
+                sev=cfg.sev,
+                name=cfg.name,
+                sev_es=cfg.sev_es,
+                cpu_signature=signature,
             )
         except KvmError as exc:
             raise VmmError(f"cannot create the {kind}: {exc}") from None
@@ -359,7 +398,7 @@ class Vmm:
             "policy": self.config.policy,
             "state": self.guest_state(),
             "handle": self.vm.handle if self.vm else 0,
-            "sev-type": "sev",
+            "sev-type": "sev",  # QEMU: "a legacy SEV or SEV-ES guest"; ES is policy bit 2
         }
 
     def query_launch_measure(self) -> dict[str, str]:
@@ -705,6 +744,10 @@ class Vmm:
     def migrate(self, uri: str, wait: bool = False) -> None:
         """QMP migrate: ``tcp:HOST:PORT`` to another platform, ``file:PATH`` for a snapshot.
         Runs in the background; query_migrate reports it."""
+        if self.config.sev_es:
+            # QEMU's migration blocker: the SEND_UPDATE_VMSA path is not implemented by KVM's
+            # KVM_SEV_SEND_* API, so an SEV-ES guest is refused before anything is sent.
+            raise VmmError("SEV-ES: migration is not implemented (the guest keeps running here)")
         if self.target is None:
             raise VmmError("SEV: set the target's sev-pdh and sev-plat-cert first")
         if self.status not in ("running", "paused"):

@@ -2,8 +2,10 @@
 
 The launch digest is SHA-256 over what QEMU has the firmware encrypt with
 LAUNCH_UPDATE_DATA: the firmware image, then — when QEMU was given --kernel — the padded
-SEV hashes table of kernel, initrd and command line. The measurement is
-HMAC-SHA256(TIK, 0x04 ‖ API major ‖ API minor ‖ build ‖ LE32 policy ‖ digest ‖ MNONCE).
+SEV hashes table of kernel, initrd and command line. An SEV-ES guest (policy bit ES) adds
+one 4096-byte VMSA per vCPU, in vCPU order, from LAUNCH_UPDATE_VMSA: the boot processor's
+at the reset vector, then every AP's at the firmware's SEV-ES reset block. The measurement
+is HMAC-SHA256(TIK, 0x04 ‖ API major ‖ API minor ‖ build ‖ LE32 policy ‖ digest ‖ MNONCE).
 """
 
 from __future__ import annotations
@@ -12,10 +14,47 @@ import hashlib
 from dataclasses import dataclass, field
 
 from sevsim import crypto
-from sevsim.api import channel, guidtable
+from sevsim.api import channel, guidtable, ovmf
+from sevsim.api import vmsa as sev_vmsa
 from sevsim.api.commands import MEASUREMENT
 
 MEASUREMENT_SIZE = MEASUREMENT.size  # MEASURE ‖ MNONCE
+
+
+class MeasureError(ValueError):
+    """Inputs from which no launch digest can be computed (one line for the user)."""
+
+
+@dataclass(frozen=True)
+class EsVcpus:
+    """What an SEV-ES digest needs beyond the images: the vCPUs the VMM launched."""
+
+    count: int = 1  # QEMU -smp
+    signature: int = sev_vmsa.vcpu_signature("EPYC")  # RDX at reset (QEMU -cpu)
+    fpu_state: bool = True  # Linux >= 6.10 (KVM_SEV_INIT2) sets MXCSR and the x87 FCW
+
+
+def ap_reset_eip(firmware: bytes) -> int:
+    """Where APs start: the SEV-ES reset block of the firmware's footer table."""
+    try:
+        eip = ovmf.reset_address(ovmf.parse_table(firmware))
+    except ovmf.OvmfError as exc:
+        raise MeasureError(f"the firmware's footer table is damaged: {exc}") from None
+    if eip is None:
+        raise MeasureError(
+            "the firmware has no SEV-ES reset block: it cannot start an SEV-ES guest"
+        )
+    return eip
+
+
+def vmsa_pages(firmware: bytes, vcpus: EsVcpus) -> list[bytes]:
+    """The plaintext VMSA of each vCPU, in the order LAUNCH_UPDATE_VMSA measures them."""
+    if vcpus.count < 1:
+        raise MeasureError(f"an SEV-ES guest has at least one vCPU, not {vcpus.count}")
+    ap_eip = ap_reset_eip(firmware)
+    bsp = sev_vmsa.initial_vmsa(None, vcpus.signature, vcpus.fpu_state)
+    ap = sev_vmsa.initial_vmsa(ap_eip, vcpus.signature, vcpus.fpu_state)
+    return [bsp] + [ap] * (vcpus.count - 1)
 
 
 def launch_digest(
@@ -23,12 +62,17 @@ def launch_digest(
     kernel: bytes | None = None,
     initrd: bytes | None = None,
     cmdline: str | None = None,
+    es: EsVcpus | None = None,
 ) -> bytes:
-    """SHA-256(firmware [‖ hashes table]); a missing initrd hashes as empty data and a
-    missing command line as the empty string (its NUL byte only), as QEMU does."""
+    """SHA-256(firmware [‖ hashes table] [‖ VMSA pages]); a missing initrd hashes as empty
+    data and a missing command line as the empty string (its NUL byte only), as QEMU
+    does. ``es``: an SEV-ES guest's vCPUs (None: plain SEV, no VMSA)."""
     digest = hashlib.sha256(firmware)
     if kernel is not None:
         digest.update(guidtable.sev_hashes_table(kernel, initrd or b"", cmdline or ""))
+    if es is not None:
+        for page in vmsa_pages(firmware, es):
+            digest.update(page)
     return digest.digest()
 
 
@@ -61,6 +105,8 @@ MISMATCH_CHECKLIST = [
     "--kernel/--initrd/--cmdline: given if and only if the VMM was given them, byte for byte"
     " (the command line without a trailing newline)",
     "the policy: the value the VMM passed to LAUNCH_START (e.g. QEMU's sev-guest policy=)",
+    "SEV-ES (policy 0x4): --smp and --cpu as the VMM had them, and --legacy-vmsa when the"
+    " host kernel is older than Linux 6.10 (its VMSA has no MXCSR/x87 control word)",
     "the TIK: the NAME_tik.bin of the session the VMM used (a new session means new keys)",
     "the API version and build: those the platform reports (query-sev), not the policy's minimum",
     "the nonce: the MNONCE of this very launch (the last 16 bytes of the measurement blob)",

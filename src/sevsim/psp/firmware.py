@@ -87,6 +87,7 @@ class SevFirmware:
             Command.GUEST_STATUS: (asids.guest_status, Buffer.IN_OUT),
             Command.LAUNCH_START: (launch.launch_start, Buffer.IN_OUT),
             Command.LAUNCH_UPDATE_DATA: (launch.launch_update_data, Buffer.IN),
+            Command.LAUNCH_UPDATE_VMSA: (launch.launch_update_vmsa, Buffer.IN),
             Command.LAUNCH_MEASURE: (launch.launch_measure, Buffer.IN_OUT_ERROR),
             Command.LAUNCH_SECRET: (launch.launch_secret, Buffer.IN),
             Command.LAUNCH_FINISH: (launch.launch_finish, Buffer.IN),

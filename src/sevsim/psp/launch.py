@@ -15,6 +15,7 @@ from sevsim.api import channel
 from sevsim.api import commands as cmd
 from sevsim.api.commands import Command
 from sevsim.api.status import PlatformState, Status
+from sevsim.api.vmsa import VMSA_SIZE
 from sevsim.certs.sev import EC_FIELD, Algo, Usage
 from sevsim.psp.asids import AsidCommands
 from sevsim.psp.context import SCRATCH_SIZE, FirmwareContext
@@ -48,7 +49,20 @@ class LaunchCommands:
         return guest
 
     def launch_update_data(self, buf) -> Status:
+        return self._launch_update(buf, vmsa=False)
+
+    def launch_update_vmsa(self, buf) -> Status:
+        """An SEV-ES vCPU's initial save area: measured as supplied, encrypted in place like
+        LAUNCH_UPDATE_DATA, and its integrity value handed to the hardware, which VMRUN
+        checks. The length is checked before anything else (AMD-ASPFW)."""
+        if buf.len != VMSA_SIZE:
+            return Status.INVALID_LENGTH
+        return self._launch_update(buf, vmsa=True)
+
+    def _launch_update(self, buf, vmsa: bool) -> Status:
         guest = self._launch_guest(buf.handle, GuestState.LUPDATE)
+        if vmsa and not guest.is_es:
+            return Status.UNSUPPORTED
         if guest.inactive:
             return Status.INACTIVE
         if buf.paddr % 16:
@@ -62,6 +76,11 @@ class LaunchCommands:
             chunk = scratch[: min(len(scratch), buf.len - off)]
             mem.read_into(buf.paddr + off, chunk, flush=True)
             guest.digest.update(chunk)
+            if vmsa:
+                # MODEL: AMD-ASPFW writes a CRC block address into the VMSA (0x388) after
+                # measuring it and keeps the CRC in the SEV-ES TMR; here the chip keeps the
+                # page's integrity value itself, and the measured bytes are the same.
+                self.ctx.hw.seal_vmsa(mem.check(buf.paddr, buf.len), chunk.tobytes())
             mem.write_guest_from(buf.paddr + off, chunk, guest.asid)
         return Status.SUCCESS
 

@@ -3,8 +3,8 @@
 Per-core or per-CCX latches in the hardware: the WBINVD-done flag of each core (set by
 WBINVD/WBNOINVD, cleared by the firmware's ACTIVATE and checked at DF_FLUSH), and per ASID
 the CCXs on which the firmware has made the ASID valid (VMRUN refuses an SEV ASID that is
-not valid on the core's CCX). Also the integrity values of SEV-ES VMSAs. One small object, so that neither the cores
-nor the PSP's port reach into the other's fields.
+not valid on the core's CCX). Also the integrity values of SEV-ES VMSAs. One small
+object, so that neither the cores nor the PSP's port reach into the other's fields.
 """
 
 from __future__ import annotations

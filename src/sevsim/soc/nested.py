@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sevsim.api.vmsa import GPR_OFFSETS, VMSA, VMSA_SIZE
 from sevsim.soc import msr
 from sevsim.soc.cache import MemType
 from sevsim.soc.faults import (
@@ -46,9 +47,13 @@ from sevsim.soc.paging import (
 from sevsim.soc.svm import (
     EXIT_INVALID,
     EXIT_NPF,
+    EXIT_SHUTDOWN,
+    GUEST_INTERRUPT_MASK,
     NP_ENABLE,
     NPF_FINAL_GPA,
     NPF_GUEST_PAGE_TABLE,
+    RFLAGS_IF,
+    SAVE,
     SEV_ENABLE,
     SEV_ES_ENABLE,
     TLB_CONTROL_FLUSH_ALL_ASIDS,
@@ -63,6 +68,11 @@ if TYPE_CHECKING:
     from sevsim.soc.core import Core
 
 EFER_SVME = 1 << 12
+# The save-area fields a VMSA holds at the VMCB save area's offsets (segments, control
+# registers, RIP, RSP, RAX, ...): an SEV-ES VMRUN takes them from the VMSA instead.
+VMSA_SAVE_FIELDS = tuple(
+    f.name for f in VMCB.fields if f.offset >= SAVE and f.name in {g.name for g in VMSA.fields}
+)
 
 
 class HostTables:
@@ -148,6 +158,8 @@ class GuestMode:
         self.tables = GuestTables(self)
         self.host_tables = HostTables(core)
         self.frames = None  # the instruction engine's memory, while a real-code vCPU runs
+        # SEV-ES: the guest's GHCB MSR, loaded from the VMCB at VMRUN and saved at #VMEXIT.
+        self.ghcb_msr = vmcb.ghcb_gpa if self.sev_es else 0
 
     @property
     def sev_status(self) -> int:
@@ -260,8 +272,18 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         or (sev and not machine.hwcr & msr.HWCR_SMMLOCK)
         or (sev and not machine.chip.asid_valid_on(v.asid, core.index))
     )
+    es = bool(v.nested_ctl & SEV_ES_ENABLE)
+    invalid = invalid or (es and not (sev and profile.sev_es)) or (es and v.vmsa_pa % 4096)
     if invalid:
         return finish(Exit(EXIT_INVALID))
+    vmsa = None
+    if es:
+        vmsa = EncryptedState.load(core, v)
+        if vmsa is None:
+            return finish(
+                Exit(EXIT_SHUTDOWN, detail={"reason": "the VMSA failed its integrity check"})
+            )
+        regs = vmsa.regs  # the hypervisor's copy of the GPRs is neither used nor changed
 
     host = (core.cr0, core.cr3, core.cr4, core.efer, core.pat, core._cpl)
     if v.tlb_control == TLB_CONTROL_FLUSH_ALL_ASIDS:
@@ -276,17 +298,62 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
     if v.tlb_control in (TLB_CONTROL_FLUSH_ASID, TLB_CONTROL_FLUSH_ASID_LOCAL):
         core._flush_tlb(keep_global=v.tlb_control == TLB_CONTROL_FLUSH_ASID_LOCAL)
     core._cfg = core._walk_config()
+    guest = core._guest
     try:
-        exit_ = machine.use_x86(vmcb_pa).run(core, core._guest, v, regs)
+        exit_ = machine.use_x86(vmcb_pa).run(core, guest, v, regs)
     finally:
         v.cr0, v.cr3, v.cr4, v.efer, v.cpl = core.cr0, core.cr3, core.cr4, core.efer, core._cpl
         if v.nested_ctl & NP_ENABLE:
             v.g_pat = core.pat
+        if vmsa is not None:
+            vmsa.save(v, guest.ghcb_msr)
         core.cr0, core.cr3, core.cr4, core.efer, core.pat, core._cpl = host
         core._guest = None
         core.switch_asid(0)
         core._cfg = core._walk_config()
     v.next_rip = exit_.next_rip
-    insn = exit_.detail.get("insn_bytes", b"") if exit_.code == EXIT_NPF else b""
+    insn = exit_.detail.get("insn_bytes", b"") if exit_.code == EXIT_NPF and not es else b""
     v.insn_len, v.insn_bytes = len(insn), insn.ljust(15, b"\0")
     return finish(exit_)
+
+
+class EncryptedState:
+    """An SEV-ES guest's register state for one VMRUN (hardware.md §8.1): read from the VMSA
+    through the guest's key and checked against the integrity value the chip keeps, lent to
+    the engine in the VMCB record's save-area fields and a GPR dict of its own, and written
+    back encrypted at #VMEXIT. The hypervisor's save area and GPRs are left as they were; what
+    it learns is the control area: the exit code and information, the GHCB MSR, and whether
+    the guest takes interrupts (INT_STATE)."""
+
+    def __init__(self, core: Core, spa: int, slot: int, plain: bytes, vmcb) -> None:
+        self._core, self._spa, self._slot = core, spa, slot
+        self._plain = bytearray(plain)
+        state = VMSA.parse(plain)
+        self._hypervisor_view = {name: getattr(vmcb, name) for name in VMSA_SAVE_FIELDS}
+        for name in VMSA_SAVE_FIELDS:
+            setattr(vmcb, name, getattr(state, name))
+        self.regs = {name: getattr(state, name) for name in GPR_OFFSETS}
+
+    @classmethod
+    def load(cls, core: Core, vmcb) -> EncryptedState | None:
+        machine = core.machine
+        spa = vmcb.vmsa_pa & ~machine.cbit_mask
+        slot = core._memctl.key_slot(True, vmcb.asid)
+        plain = core._cache.read(spa, VMSA_SIZE, slot)
+        if not machine.chip.vmsa_intact(spa, plain):
+            return None
+        return cls(core, spa, slot, plain, vmcb)
+
+    def save(self, vmcb, ghcb_msr: int) -> None:
+        values = {name: getattr(vmcb, name) for name in VMSA_SAVE_FIELDS}
+        values.update(self.regs)
+        for name, value in values.items():
+            f = VMSA.field(name)
+            self._plain[f.offset : f.offset + f.size] = value.to_bytes(f.size, "little")
+        for name, value in self._hypervisor_view.items():
+            setattr(vmcb, name, value)
+        vmcb.ghcb_gpa = ghcb_msr
+        vmcb.int_state = GUEST_INTERRUPT_MASK if values["rflags"] & RFLAGS_IF else 0
+        plain = bytes(self._plain)
+        self._core._cache.write(self._spa, plain, self._slot)
+        self._core.machine.chip.seal_vmsa(self._spa, plain)

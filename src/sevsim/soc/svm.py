@@ -12,6 +12,10 @@ reads and writes the guest's registers (the weakness SEV-ES removes).
 the wrong key (another ASID's, tampered memory) decodes to garbage and runs as such,
 until it faults with no usable IDT — #VMEXIT(SHUTDOWN).
 
+**SEV-ES.** With SEV_ES_ENABLE the save area is the VMSA page (its address at 0x108),
+loaded and saved through the guest's key (``nested.py``); the VMCB's save area is not used,
+and an instruction the VMCB intercepts raises #VC in the guest unless its exit is automatic.
+
 **Exits.** The engine runs on its own thread; the host's VMRUN blocks while the guest runs
 and returns the exit when the guest traps (CPUID, MSR, HLT, VMMCALL, IOIO, #NPF, SHUTDOWN)
 or its time slice ends. The next VMRUN resumes the guest where it stopped. Only one side
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sevsim.api.layout import Layout
+from sevsim.api.vmsa import EXIT_VMGEXIT  # SEV-ES: the guest calls the hypervisor
 
 VMCB_SIZE = 4096
 SAVE = 0x400  # the save area
@@ -41,6 +46,7 @@ VMCB = Layout(
     (0x048, "Q", "msrpm_base_pa"),
     (0x058, "I", "asid"),
     (0x05C, "B", "tlb_control"),
+    (0x068, "Q", "int_state"),  # bit 0 interrupt shadow; bit 1 (SEV-ES) the guest's RFLAGS.IF
     (0x070, "Q", "exit_code"),
     (0x078, "Q", "exit_info_1"),
     (0x080, "Q", "exit_info_2"),
@@ -114,9 +120,15 @@ NP_ENABLE = 1 << 0
 SEV_ENABLE = 1 << 1
 SEV_ES_ENABLE = 1 << 2
 
+# INT_STATE (VMCB 0x068): what an SEV-ES guest's hypervisor may know of its interrupt state,
+# since it cannot read RFLAGS (APM vol. 2 §15.35.6; Linux SVM_GUEST_INTERRUPT_MASK).
+GUEST_INTERRUPT_MASK = 1 << 1
+
 # EVENTINJ (VMCB 0x0A8): bits 7:0 vector, 10:8 type (3 = exception), bit 31 valid.
 EVENTINJ_VALID = 1 << 31
 EVENTINJ_TYPE_EXCEPTION = 3 << 8
+EVENTINJ_ERROR_VALID = 1 << 11  # EV: push the error code in bits 63:32
+GP_EVENT = EVENTINJ_VALID | EVENTINJ_ERROR_VALID | EVENTINJ_TYPE_EXCEPTION | 13  # #GP(0)
 
 # RFLAGS (VMCB save area 0x570): bit 1 always reads as one; IF enables interrupts.
 RFLAGS_FIXED = 1 << 1
@@ -178,6 +190,7 @@ EXIT_NAMES = {
     EXIT_VMMCALL: "VMMCALL",
     EXIT_WBINVD: "WBINVD",
     EXIT_NPF: "NPF",
+    EXIT_VMGEXIT: "VMGEXIT",
     EXIT_INVALID: "INVALID",
 }
 

@@ -51,6 +51,8 @@ class Kvm(KvmSev):
         core = kernel.core
         eax, ebx, ecx, edx = core.cpuid(0x8000_001F)
         self.sev_supported = bool(eax >> 1 & 1) and sev is not None
+        # sev_hardware_setup: SEV-ES needs the feature and at least one ES ASID (EDX > 1).
+        self.sev_es_supported = self.sev_supported and bool(eax >> 3 & 1) and edx > 1
         self.sme_coherent = bool(eax >> 10 & 1)
         self.cbit = ebx & 0x3F
         self.nasid = core.cpuid(0x8000_000A)[1]
@@ -84,12 +86,30 @@ class Kvm(KvmSev):
         return asid
 
     # ---- VMs ----------------------------------------------------------------------------
-    def create_vm(self, memory: int, vcpus: int = 1, sev: bool = False, name: str = "") -> Vm:
-        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT). The vCPUs
-        execute real machine code from the reset vector (``Vm.load_firmware``)."""
-        if sev and not self.sev_supported:
+    def create_vm(
+        self,
+        memory: int,
+        vcpus: int = 1,
+        sev: bool = False,
+        name: str = "",
+        sev_es: bool = False,
+        cpu_signature: int = 0,
+    ) -> Vm:
+        """KVM_CREATE_VM + guest memory + KVM_CREATE_VCPU × n (+ KVM_SEV_INIT, or
+        KVM_SEV_ES_INIT: an ASID from the SEV-ES range and a VMSA per vCPU). The vCPUs
+        execute real machine code from the reset vector (``Vm.load_firmware``);
+        ``cpu_signature`` is CPUID 1 EAX of QEMU's -cpu model (0: the host's)."""
+        if (sev or sev_es) and not self.sev_supported:
             raise KvmError("SEV is not supported or not initialised", err=errno.ENOTTY)
-        return Vm(self, memory, vcpus, sev, name or f"vm{len(self.log)}")
+        if sev_es and not self.sev_es_supported:
+            raise KvmError(
+                "SEV-ES is not supported: the part has no SEV-ES ASID "
+                "(CPUID 0x8000001F EDX, the BIOS's 'SEV-ES ASID space limit', is 1)",
+                err=errno.ENOTTY,
+            )
+        vm = Vm(self, memory, vcpus, sev or sev_es, name or f"vm{len(self.log)}", sev_es)
+        vm.cpu_signature = cpu_signature
+        return vm
 
 
 @dataclass
@@ -159,7 +179,9 @@ class Vm(SevGuest, SevMigration):
     """A VM: memslots, the nested page table, vCPUs; its KVM_SEV_* commands come from
     ``SevGuest`` (launch, secret, attestation, debug, teardown) and ``SevMigration``."""
 
-    def __init__(self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str) -> None:
+    def __init__(
+        self, kvm: Kvm, memory: int, nr_vcpus: int, sev: bool, name: str, sev_es: bool = False
+    ) -> None:
         if memory <= 0 or memory % PAGE_4K:
             raise ValueError("guest memory must be a positive multiple of 4 KiB")
         if nr_vcpus < 1:
@@ -170,6 +192,10 @@ class Vm(SevGuest, SevMigration):
         self._populate_lock = threading.Lock()
         self.memory_size = memory
         self.sev = sev
+        self.sev_es = sev_es
+        self.cpu_signature = 0  # CPUID 1 EAX for the guest (0: the host's)
+        self.vmgexits = 0
+        self.ghcb_errors: list[str] = []  # requests KVM refused as malformed (for tools)
         self.handle = 0
         self.policy = 0
         self.console = bytearray()
@@ -202,7 +228,7 @@ class Vm(SevGuest, SevMigration):
             encrypted_tables=True,
             table_flags=NPT_TABLE,
         )
-        self.asid = kvm.asids.new() if sev else kvm.plain_asid()
+        self.asid = kvm.asids.new(es=sev_es) if sev else kvm.plain_asid()
         self.ipi_source: Vcpu | None = None  # the vCPU whose APIC is sending an IPI
         self.vcpus = [Vcpu(self, i) for i in range(nr_vcpus)]
 
@@ -331,6 +357,20 @@ class Vm(SevGuest, SevMigration):
         self.npt.map(page, self.spa(page), PAGE_4K, leaf, encrypted=encrypted)
         return True
 
+    def map_mmio(self, gpa: int) -> None:
+        """An MMIO page of an SEV-ES guest: a nested entry with a reserved bit (KVM's MMIO
+        SPTE), so that each access raises #VC and the guest asks over its GHCB."""
+        self.npt.map(gpa & ~0xFFF, 0, PAGE_4K, NPT_LEAF | self._mmio_reserved_bit())
+
+    def _mmio_reserved_bit(self) -> int:
+        """The highest physical-address bit above MAXPHYADDR (as reduced under SME) that is
+        not the C-bit: a present entry with it set faults with RSVD."""
+        machine = self.kernel.core.machine
+        for bit in range(51, machine.phys_bits - 1, -1):
+            if 1 << bit != machine.cbit_mask:
+                return 1 << bit
+        raise KvmError("no reserved physical-address bit for MMIO entries", err=errno.EIO)
+
     # ---- the firmware (QEMU's -bios) ---------------------------------------------------------
     def load_firmware(self, image: bytes) -> int:
         """QEMU's -bios: the image ends at 4 GiB, and its last 128 KiB (at most) also show
@@ -373,7 +413,9 @@ class Vm(SevGuest, SevMigration):
     def send_ipi(self, mode: int, vector: int, target: int) -> None:
         """An INIT or STARTUP IPI from a vCPU's local APIC (target: an APIC ID, or -1 for
         all the others): INIT puts the target back in reset, waiting for STARTUP; STARTUP
-        starts a waiting one in real mode at vector << 12 (CS vector << 8, IP 0)."""
+        starts a waiting one in real mode at vector << 12 (CS vector << 8, IP 0). An SEV-ES
+        vCPU's registers are encrypted: STARTUP only lets it run from its VMSA, which the
+        launch set to the firmware's SEV-ES reset block (the vector is ignored)."""
         for vcpu in self.vcpus:
             if target not in (-1, vcpu.index) or (target == -1 and vcpu is self.ipi_source):
                 continue
@@ -381,7 +423,8 @@ class Vm(SevGuest, SevMigration):
                 vcpu.reset()
                 vcpu.parked = True
             elif mode == lapic.DM_STARTUP and vcpu.parked:
-                vcpu.set_vmcb(cs_selector=vector << 8, cs_base=vector << 12, rip=0)
+                if not vcpu.guest_state_protected:
+                    vcpu.set_vmcb(cs_selector=vector << 8, cs_base=vector << 12, rip=0)
                 vcpu.parked = False
 
     def console_text(self) -> str:
@@ -399,6 +442,9 @@ class Vm(SevGuest, SevMigration):
             self.kernel.free_pages(vcpu.vmcb_va)
         if self.sev:
             self._sev_vm_destroy()
+        for vcpu in self.vcpus:
+            if vcpu.vmsa_va:  # after the WBINVD: no line of it under the guest's key remains
+                self.kernel.free_pages(vcpu.vmsa_va)
         for key in [k for k, v in self.kvm.sev_vmcbs.items() if k[1] == self.asid]:
             del self.kvm.sev_vmcbs[key]
         for slot in self.slots:

@@ -18,14 +18,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sevsim.api import commands as cmd
+from sevsim.api import policy as pol
 from sevsim.api.commands import Command
 from sevsim.api.status import Status
+from sevsim.api.vmsa import VMSA_SIZE
+from sevsim.host.kvm.sev_es import sev_es_sync_vmsa
 from sevsim.host.kvm.uapi import KvmError
 from sevsim.soc.paging import PAGE_4K
 
 if TYPE_CHECKING:
     from sevsim.host.kernel import HostKernel
     from sevsim.host.kvm.kvm_main import Kvm
+    from sevsim.host.kvm.svm import Vcpu
     from sevsim.host.sev import SevDevice
 
 
@@ -123,8 +127,12 @@ class SevGuest:
     handle: int
     policy: int
     asid: int
+    vcpus: list[Vcpu]
     _hva_of: Callable[..., int]
     spa: Callable[[int], int]
+    # KVM_SEV_INIT2 (Linux >= 6.10) puts the x87/SSE reset state into the VMSA; a VM made
+    # with the older KVM_SEV_ES_INIT does not (sev-api.md §8.4). The VMM may clear it.
+    vmsa_fpu_state = True
 
     def sev_launch_start(
         self, policy: int, godh_cert: bytes | None = None, session: bytes | None = None
@@ -177,6 +185,27 @@ class SevGuest:
         )
         if status != Status.SUCCESS:
             raise KvmError(f"LAUNCH_UPDATE_DATA at GPA {gpa:#x}", status)
+
+    def sev_launch_update_vmsa(self) -> None:
+        """KVM_SEV_LAUNCH_UPDATE_VMSA: for each vCPU in index order, sync its registers into
+        its VMSA page, flush the page from the caches (unless coherent across keys), and
+        have the firmware measure and encrypt it; from then on KVM cannot see the state."""
+        if not self.sev or not self.policy & pol.PolicyFlag.ES:
+            raise KvmError("not an SEV-ES guest", err=errno.ENOTTY)
+        for vcpu in sorted(self.vcpus, key=lambda v: v.index):
+            sev_es_sync_vmsa(vcpu, self.vmsa_fpu_state)
+            if not self.kvm.sme_coherent:
+                for line in range(vcpu.vmsa_va, vcpu.vmsa_va + VMSA_SIZE, 64):
+                    self.kernel.core.clflush(line)
+            status = self.kvm.sev_cmd(
+                Command.LAUNCH_UPDATE_VMSA,
+                handle=self.handle,
+                paddr=vcpu.vmsa_pa | self.kernel.me_mask,
+                len=VMSA_SIZE,
+            )
+            if status != Status.SUCCESS:
+                raise KvmError(f"LAUNCH_UPDATE_VMSA of vCPU {vcpu.index}", status)
+            vcpu.guest_state_protected = True
 
     def sev_launch_measure(self) -> bytes:
         """KVM_SEV_LAUNCH_MEASURE: MEASURE(32) || MNONCE(16)."""

@@ -5,18 +5,21 @@ failed entry) as KVM_RUN returns to QEMU."""
 
 from __future__ import annotations
 
+import errno
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sevsim import crypto
 from sevsim.host import lapic
+from sevsim.host.kvm import vmgexit
 from sevsim.host.kvm.uapi import (
     KVM_ENOSYS,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     KVM_SIGNATURE,
     PARKED,
+    KvmError,
     RunExit,
 )
 from sevsim.soc.core import Core
@@ -26,7 +29,6 @@ from sevsim.soc.svm import (
     DB_VECTOR,
     DR6_BS,
     DR7_L,
-    EVENTINJ_TYPE_EXCEPTION,
     EVENTINJ_VALID,
     EXIT_CPUID,
     EXIT_EXCP_BASE,
@@ -37,7 +39,10 @@ from sevsim.soc.svm import (
     EXIT_MSR,
     EXIT_NPF,
     EXIT_SHUTDOWN,
+    EXIT_VMGEXIT,
     EXIT_VMMCALL,
+    GP_EVENT,
+    GUEST_INTERRUPT_MASK,
     INTERCEPT_CPUID,
     INTERCEPT_HLT,
     INTERCEPT_IOIO_PROT,
@@ -52,6 +57,7 @@ from sevsim.soc.svm import (
     RFLAGS_IF,
     RFLAGS_TF,
     SEV_ENABLE,
+    SEV_ES_ENABLE,
     TLB_CONTROL_DO_NOTHING,
     TLB_CONTROL_FLUSH_ASID,
     VMCB,
@@ -74,8 +80,8 @@ EFER_SVME = 1 << 12
 DEFAULT_GUEST_PAT = 0x0007_0406_0007_0406  # the PAT's power-on value
 MSR_APIC_BASE = 0x1B
 GP_VECTOR = 13
-EVENTINJ_ERROR_VALID = 1 << 11  # EV: push the error code in bits 63:32
 NPF_WRITE = 1 << 1  # #NPF EXITINFO1: the access was a write
+NPF_RSVD = 1 << 3  # #NPF EXITINFO1: a reserved bit was set (KVM's MMIO entries)
 # KVM_SET_GUEST_DEBUG's control flags (Linux include/uapi/linux/kvm.h, x86)
 KVM_GUESTDBG_ENABLE = 1 << 0
 KVM_GUESTDBG_SINGLESTEP = 1 << 1
@@ -121,6 +127,13 @@ class Vcpu:
         self.core_index = self.index % len(kernel.core.machine.cores)
         self.asid = self.vm.asid  # what pre_run puts into the VMCB (svm->asid)
         self._last_core: int | None = None
+        # SEV-ES (sev_es_init_vmcb): a VMSA page per vCPU holds its registers once
+        # LAUNCH_UPDATE_VMSA has encrypted it; from then on KVM can neither read nor set them.
+        self.guest_state_protected = False
+        self.vmsa_va = self.vmsa_pa = 0
+        if self.vm.sev_es:
+            self.vmsa_va = kernel.alloc_pages(1)
+            self.vmsa_pa = kernel.pa(self.vmsa_va)
         self.set_vmcb(
             intercept_misc1=INTERCEPT_CPUID
             | INTERCEPT_HLT
@@ -129,7 +142,10 @@ class Vcpu:
             | INTERCEPT_SHUTDOWN,
             intercept_misc2=INTERCEPT_VMRUN | INTERCEPT_VMMCALL,
             asid=self.vm.asid,
-            nested_ctl=NP_ENABLE | (SEV_ENABLE if self.vm.sev else 0),
+            nested_ctl=NP_ENABLE
+            | (SEV_ENABLE if self.vm.sev else 0)
+            | (SEV_ES_ENABLE if self.vm.sev_es else 0),
+            vmsa_pa=self.vmsa_pa,
             ncr3=self.vm.npt.cr3(),
             g_pat=DEFAULT_GUEST_PAT,
         )
@@ -159,7 +175,11 @@ class Vcpu:
     def reset(self) -> None:
         """The architectural reset state (KVM/QEMU's vCPU reset): real mode, CS selector
         0xF000 with base 0xFFFF0000 and RIP 0xFFF0, so the first fetch is at 0xFFFFFFF0;
-        RDX holds the processor signature (CPUID 1 EAX)."""
+        RDX holds the processor signature (CPUID 1 EAX). An SEV-ES vCPU whose state is
+        protected keeps it: INIT only makes it wait for its STARTUP IPI again."""
+        self.halted = False
+        if self.guest_state_protected:
+            return
         data = {
             f"{seg}_{f}": 0 for seg in ("es", "ss", "ds", "fs", "gs") for f in ("selector", "base")
         }
@@ -194,8 +214,7 @@ class Vcpu:
             cpl=0,
         )
         self.regs.clear()
-        self.regs["rdx"] = self.vm.kernel.core.cpuid(1)[0]
-        self.halted = False
+        self.regs["rdx"] = self.cpuid(1)[0]
 
     # ---- the VMCB, in host memory ------------------------------------------------------------
     def vmcb(self) -> Any:
@@ -218,6 +237,11 @@ class Vcpu:
         software breakpoints (a #BP intercept: INT3 exits instead of reaching the guest),
         hardware breakpoints (up to four instruction addresses in DR0-DR3, enabled in the
         VMCB's DR7, and the #DB intercept). Each stop is a KVM_EXIT_DEBUG ("DEBUG")."""
+        if self.guest_state_protected:
+            # svm_vcpu_after_set_cpuid/KVM_SET_GUEST_DEBUG: the registers are encrypted.
+            raise KvmError(
+                "SEV-ES: the guest's registers are encrypted; KVM cannot debug it", err=errno.EINVAL
+            )
         if not control & KVM_GUESTDBG_ENABLE:
             control, breakpoints = 0, ()
         if len(breakpoints) > 4:
@@ -304,10 +328,17 @@ class Vcpu:
         if self._vmcb_field("event_inj") & EVENTINJ_VALID:
             return
         vector = self.apic.pending()
-        if vector is None or not self._vmcb_field("rflags") & RFLAGS_IF:
+        if vector is None or not self.interrupts_enabled():
             return
         self.apic.acknowledge(vector)
         self.set_vmcb(event_inj=EVENTINJ_VALID | EVENTINJ_TYPE_INTR | vector)
+
+    def interrupts_enabled(self) -> bool:
+        """The guest's RFLAGS.IF: in the VMCB's save area, or for an SEV-ES guest whose
+        RFLAGS are encrypted, the hardware's INT_STATE bit (svm_interrupt_blocked)."""
+        if self.guest_state_protected:
+            return bool(self._vmcb_field("int_state") & GUEST_INTERRUPT_MASK)
+        return bool(self._vmcb_field("rflags") & RFLAGS_IF)
 
     def _vmrun(self) -> Exit:
         core = self.vm.kvm.cpu(self.core_index)
@@ -339,8 +370,9 @@ class Vcpu:
         self.set_vmcb(
             asid=self.asid,
             tlb_control=TLB_CONTROL_FLUSH_ASID if flush else TLB_CONTROL_DO_NOTHING,
-            rax=self.regs.get("rax", 0),  # svm_vcpu_run: RAX lives in the VMCB
         )
+        if not self.guest_state_protected:
+            self.set_vmcb(rax=self.regs.get("rax", 0))  # svm_vcpu_run: RAX lives in the VMCB
         core.dr[:] = self.eff_db  # the guest's DR0-DR3 are live while it runs
 
     def _handle(self, e: Exit) -> RunExit | None:
@@ -355,10 +387,17 @@ class Vcpu:
                 return None
             vm.dead = RunExit("STUCK", f"no exit in {self._spins} time slices: the vCPU spins", e)
             return vm.dead
+        if e.code == EXIT_VMGEXIT:
+            return vmgexit.handle(self)
         if e.code == EXIT_NPF:
             gpa = e.info2
             self.npfs.append((gpa, e.info1))
             slot = vm.slot_of(gpa)
+            if vm.sev_es and e.info1 & NPF_RSVD:
+                # An MMIO access that reached KVM instead of the guest's #VC handler (during
+                # an event's delivery): KVM cannot emulate an SEV-ES guest's instruction.
+                vm.dead = RunExit("INTERNAL_ERROR", f"SEV-ES: MMIO at GPA {gpa:#x} not emulated", e)
+                return vm.dead
             if slot is not None and slot.readonly and e.info1 & NPF_WRITE:
                 # A write to ROM: KVM exits to the VMM as MMIO, which drops it.
                 problem = self._emulate_mmio(gpa, ROM, gpa)
@@ -366,13 +405,14 @@ class Vcpu:
                     return None
             elif vm.map_gpa(gpa):
                 return None
-            elif 0 <= gpa - lapic.APIC_BASE < lapic.APIC_SIZE:
-                problem = self._emulate_mmio(gpa, self.apic, lapic.APIC_BASE)
-                if problem is None:
-                    return None
+            elif vm.sev_es:
+                # No emulation for an SEV-ES guest: its next access to the page takes a
+                # reserved-bit #NPF, which is #VC for the guest to ask over the GHCB.
+                vm.map_mmio(gpa)
+                return None
             else:
-                # Nothing there: the VMM answers as QEMU's unassigned memory does.
-                problem = self._emulate_mmio(gpa, UNASSIGNED, gpa)
+                # The local APIC, or nothing (QEMU's unassigned memory answers).
+                problem = self._emulate_mmio(gpa, *self.mmio_device(gpa))
                 if problem is None:
                     return None
             vm.dead = RunExit("INTERNAL_ERROR", f"emulation failure: GPA {gpa:#x}: {problem}", e)
@@ -404,7 +444,7 @@ class Vcpu:
             return None
         if e.code == EXIT_HLT:
             self._skip(e)
-            if not self._vmcb_field("rflags") & RFLAGS_IF:
+            if not self.interrupts_enabled():
                 # Halted with interrupts off (the VMCB's saved RFLAGS, which KVM can read
                 # for a non-ES guest): nothing modelled (INIT, NMI) can wake it.
                 return RunExit("DONE", "halted with interrupts disabled", e)
@@ -418,6 +458,12 @@ class Vcpu:
             return vm.dead
         vm.dead = RunExit("INTERNAL_ERROR", f"unhandled exit {e.name}", e)
         return vm.dead
+
+    def mmio_device(self, gpa: int) -> tuple[Any, int]:
+        """What answers an MMIO access at a GPA outside guest RAM, and its base address."""
+        if 0 <= gpa - lapic.APIC_BASE < lapic.APIC_SIZE:
+            return self.apic, lapic.APIC_BASE
+        return UNASSIGNED, gpa
 
     def _emulate_mmio(self, gpa: int, device: Any, base: int) -> str | None:
         """KVM's MMIO emulation of a MOV: the instruction's bytes come from the VMCB (the
@@ -458,8 +504,9 @@ class Vcpu:
             self.regs[name] = self.regs.get(name, 0) & ~mask | value & mask
 
     def _skip(self, e: Exit) -> None:
-        """kvm_skip_emulated_instruction: RIP moves to NEXT_RIP."""
-        if e.next_rip:
+        """kvm_skip_emulated_instruction: RIP moves to NEXT_RIP (not for SEV-ES: the
+        hardware moved it, or the guest's #VC handler does)."""
+        if e.next_rip and not self.guest_state_protected:
             self.set_vmcb(rip=e.next_rip)
 
     # ---- emulation ---------------------------------------------------------------------------
@@ -473,13 +520,15 @@ class Vcpu:
             return (0, 0, 0, 0)
         if leaf == 0x1:
             eax, ebx, ecx, edx = host(leaf, subleaf)
+            eax = self.vm.cpu_signature or eax  # QEMU's -cpu model, else the host's
             ebx = (ebx & 0x00FF_FFFF) | self.index << 24  # initial APIC id
             return (eax, ebx, ecx | LEAF1_ECX_HYPERVISOR, edx)
         if leaf == 0x8000_001F:
             if not self.vm.sev:
                 return (0, 0, 0, 0)
-            # QEMU (target/i386/cpu.c): SEV only, the C-bit and the reduction it was given.
-            return (1 << 1, self.vm.kvm.cbit | self.vm.kvm.reduced_phys_bits << 6, 0, 0)
+            # QEMU (target/i386/cpu.c): SEV (and SEV-ES), the C-bit and the reduction.
+            eax = 1 << 1 | (1 << 3 if self.vm.sev_es else 0)
+            return (eax, self.vm.kvm.cbit | self.vm.kvm.reduced_phys_bits << 6, 0, 0)
         if leaf == 0x8000_000A:
             return (0, 0, 0, 0)  # no nested SVM for the guest
         return host(leaf, subleaf)
@@ -487,18 +536,31 @@ class Vcpu:
     def _msr(self, write: bool) -> bool:
         """True if the MSR access was emulated (RIP moves on), False if #GP was injected."""
         index = self.regs.get("rcx", 0) & 0xFFFF_FFFF
-        if index == MSR_APIC_BASE and not write:
-            value = 0xFEE0_0000 | 1 << 11 | (1 << 8 if self.index == 0 else 0)
-            self.regs.update(rax=value & 0xFFFF_FFFF, rdx=value >> 32)
-            return True
-        # Anything else: #GP into the guest, as KVM does without ignore_msrs.
-        self.set_vmcb(
-            event_inj=EVENTINJ_VALID | EVENTINJ_ERROR_VALID | EVENTINJ_TYPE_EXCEPTION | GP_VECTOR
-        )  # error code 0 in bits 63:32
-        return False
+        value = (self.regs.get("rdx", 0) & 0xFFFF_FFFF) << 32 | self.regs.get(
+            "rax", 0
+        ) & 0xFFFF_FFFF
+        result = self.emulate_msr(index, value if write else None)
+        if result is None:
+            # Anything else: #GP into the guest, as KVM does without ignore_msrs.
+            self.set_vmcb(event_inj=GP_EVENT)  # error code 0 in bits 63:32
+            return False
+        if not write:
+            self.regs.update(rax=result & 0xFFFF_FFFF, rdx=result >> 32)
+        return True
+
+    def emulate_msr(self, index: int, value: int | None) -> int | None:
+        """RDMSR (value None) or WRMSR of one MSR: the value read (0 for a write), or None
+        when KVM does not know the MSR (the guest gets #GP)."""
+        if index == MSR_APIC_BASE and value is None:
+            return 0xFEE0_0000 | 1 << 11 | (1 << 8 if self.index == 0 else 0)
+        return None
 
     def _ioio(self, info1: int) -> None:
-        """KVM_EXIT_IO: the device on the port handles it; no device reads all ones."""
+        self.regs["rax"] = self.port_io(info1, self.regs.get("rax", 0))
+
+    def port_io(self, info1: int, rax: int) -> int:
+        """KVM_EXIT_IO: the device on the port handles it; no device reads all ones. Returns
+        RAX afterwards."""
         port = info1 >> IOIO_PORT_SHIFT & 0xFFFF
         size = next(n for n, bit in IOIO_SIZE_BITS.items() if info1 & bit)
         device = self.vm.io_ports.get(port)
@@ -506,14 +568,19 @@ class Vcpu:
             mask = (1 << 8 * size) - 1
             value = device.io_in(port, size) if device else mask
             # complete_fast_pio_in: IN AL/AX replaces only those bytes; IN EAX zero-extends.
-            rest = self.regs.get("rax", 0) & ~mask if size < 4 else 0
-            self.regs["rax"] = rest | value & mask
-        elif device:
-            device.io_out(port, self.regs.get("rax", 0), size)
+            rest = rax & ~mask if size < 4 else 0
+            return rest | value & mask
+        if device:
+            device.io_out(port, rax, size)
+        return rax
 
     def _hypercall(self) -> None:
         nr = self.regs.get("rax", 0)
         args = tuple(self.regs.get(r, 0) for r in ("rbx", "rcx", "rdx", "rsi"))
+        self.regs["rax"] = self.hypercall(nr, args)
+
+    def hypercall(self, nr: int, args: tuple[int, ...]) -> int:
+        """kvm_emulate_hypercall: RAX = nr, arguments in RBX, RCX, RDX, RSI; returns RAX."""
         self.vm.hypercalls.append((nr, args))
         if nr == KVM_HC_MAP_GPA_RANGE:
             gpa, npages, attrs = args[0], args[1], args[2]
@@ -521,6 +588,5 @@ class Vcpu:
                 self.vm.shared_ranges.append((gpa, npages))
             else:
                 self.vm.shared_ranges = [r for r in self.vm.shared_ranges if r[0] != gpa]
-            self.regs["rax"] = 0
-        else:
-            self.regs["rax"] = -KVM_ENOSYS & 0xFFFF_FFFF_FFFF_FFFF
+            return 0
+        return -KVM_ENOSYS & 0xFFFF_FFFF_FFFF_FFFF

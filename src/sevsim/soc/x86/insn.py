@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as X
 
+from sevsim.api.vmsa import MSR_GHCB
 from sevsim.soc import msr
 from sevsim.soc.faults import GeneralProtection, HardwareFault
 from sevsim.soc.paging import Access
@@ -24,7 +25,9 @@ from sevsim.soc.svm import (
     EXIT_HLT,
     EXIT_INVD,
     EXIT_INVLPG,
+    EXIT_IOIO,
     EXIT_MSR,
+    EXIT_VMGEXIT,
     EXIT_VMMCALL,
     EXIT_VMRUN,
     EXIT_WBINVD,
@@ -63,6 +66,8 @@ def intercept(cpu: X86Vcpu, code: int, info1: int) -> Exit | None:
         return None
     if code == EXIT_MSR:
         return msr_access(cpu, write=bool(info1))
+    if code == EXIT_IOIO:
+        return cpu.vc(code, rip)  # only SEV-ES stops IN/OUT before they execute
     if code == EXIT_HLT:
         if misc1 & INTERCEPT_HLT:
             return cpu.vmexit(code)
@@ -72,6 +77,8 @@ def intercept(cpu: X86Vcpu, code: int, info1: int) -> Exit | None:
         ins = cpu.instruction()
         va = cpu.operand_address(ins)
         if misc1 & INTERCEPT_INVLPG:
+            if gm.sev_es:
+                return cpu.vc(code, rip)
             return Exit(code, va, 0, next_rip=ins.next_ip)
         core.invlpg(va)
         cpu.flush_tlb()
@@ -97,6 +104,8 @@ def write_cr(cpu: X86Vcpu, n: int) -> Exit | None:
     uc, core = cpu.uc, cpu.core
     ins = cpu.instruction()
     if cpu.gm.vmcb.intercept_cr >> (16 + n) & 1:
+        if cpu.gm.sev_es:
+            return cpu.vc(EXIT_WRITE_CR0 + n, ins.ip)
         # The VMCB intercepts writes to CRn: EXITINFO1 bit 63 says the GPR number in bits
         # 3:0 is valid (decode assists), for MOV to CRn only.
         info1 = 0
@@ -147,6 +156,13 @@ def msr_access(cpu: X86Vcpu, write: bool) -> Exit | None:
             if write:
                 raise GeneralProtection("SEV_STATUS is read-only")
             result = gm.sev_status
+        elif index == MSR_GHCB and gm.sev_es:
+            # SEV-ES: the guest's own GHCB MSR; the hardware saves it in the VMCB at #VMEXIT.
+            if write:
+                gm.ghcb_msr = value
+                result = None
+            else:
+                result = gm.ghcb_msr
         elif index in (msr.EFER, msr.PAT):
             if write:
                 core.wrmsr(index, value)
@@ -156,6 +172,8 @@ def msr_access(cpu: X86Vcpu, write: bool) -> Exit | None:
             else:
                 result = core.rdmsr(index)
         elif gm.intercept_misc1 & INTERCEPT_MSR_PROT:
+            if gm.sev_es:
+                return cpu.vc(EXIT_MSR, rip)
             ins = cpu.instruction()
             return Exit(
                 EXIT_MSR,
@@ -186,8 +204,14 @@ def invalid_opcode(cpu: X86Vcpu, rip: int) -> Exit | None:
             6, None, rip, f"#UD, and the instruction is unreadable ({fault})"
         )
     mnemonic = ins.mnemonic
-    if mnemonic == dec.Mnemonic.VMMCALL:
+    if mnemonic == dec.Mnemonic.VMGEXIT and cpu.gm.sev_es:
+        # An automatic exit that ends the instruction: the guest resumes after it.
+        uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+        return Exit(EXIT_VMGEXIT)
+    if mnemonic in (dec.Mnemonic.VMMCALL, dec.Mnemonic.VMGEXIT):  # REP is ignored outside ES
         if cpu.gm.intercept_misc2 & INTERCEPT_VMMCALL:
+            if cpu.gm.sev_es:
+                return cpu.vc(EXIT_VMMCALL, rip)
             nr = uc.reg_read(X.UC_X86_REG_RAX)
             return Exit(EXIT_VMMCALL, next_rip=ins.next_ip, detail={"nr": nr})
     elif mnemonic == dec.Mnemonic.RDRAND and ins.op_count == 1:

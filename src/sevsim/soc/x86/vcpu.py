@@ -52,7 +52,15 @@ from unicorn import (
 from unicorn import x86_const as X
 
 from sevsim.api.layout import Layout
-from sevsim.soc.faults import PF_ID, GeneralProtection, HardwareFault, NestedPageFault, PageFault
+from sevsim.api.vmsa import VC_VECTOR
+from sevsim.soc.faults import (
+    PF_ID,
+    PF_RSVD,
+    GeneralProtection,
+    HardwareFault,
+    NestedPageFault,
+    PageFault,
+)
 from sevsim.soc.paging import Access
 from sevsim.soc.svm import (
     BP_VECTOR,
@@ -81,6 +89,7 @@ from sevsim.soc.svm import (
     RFLAGS_TF,
     VMCB,
     Exit,
+    exit_name,
 )
 from sevsim.soc.x86 import decode as dec
 from sevsim.soc.x86 import insn
@@ -118,6 +127,17 @@ ENGINE_INTERCEPTS = sum(
     for code in (EXIT_CPUID, EXIT_HLT, EXIT_INVLPG, EXIT_MSR, EXIT_INVD, EXIT_VMRUN, EXIT_WBINVD)
 )
 CR_WRITES = (1 << 0) | (1 << 3) | (1 << 4)
+# Instruction prefixes: an instruction found by its opcode may start at any of those before.
+PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3}) | frozenset(
+    range(0x40, 0x50)
+)
+# The opcodes of IN, OUT, INS and OUTS. Unicorn performs port I/O without QEMU's SVM I/O
+# intercept check, so an SEV-ES guest's IN/OUT is stopped before it as an engine exit.
+IO_OPCODES = np.array([0x6C, 0x6D, 0x6E, 0x6F, 0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF])
+IO_MNEMONICS = frozenset(
+    getattr(dec.Mnemonic, m)
+    for m in ("IN", "OUT", "INSB", "INSW", "INSD", "OUTSB", "OUTSW", "OUTSD")
+)
 TIME_SLICE = 0.05  # seconds of guest execution between host timer exits
 # The engine's TLB (QEMU's softmmu TLB: direct-mapped, 256 entries at first) grows only
 # when it is flushed after heavy use. A run that refilled it more than this many times
@@ -199,6 +219,9 @@ class X86Vcpu:
         hidden.set_intercepts(SHADOW_BASE, ENGINE_INTERCEPTS, CR_WRITES)
         hidden.commit()
         self._clflush_sites: set[int] = set()
+        self._io_sites: set[int] = set()  # SEV-ES: where an IN/OUT may start
+        self._exits_key: tuple | None = None  # the paging registers the exits were set under
+        self._scanned: set[tuple[int, int]] = set()  # (linear page, frame) scanned for sites
         self._fills = 0  # engine TLB fills since its last flush
         self._growth_flushes = 0
         self._breakpoints: dict[int, int] = {}  # linear address -> n, for DR7-enabled DRn
@@ -337,45 +360,71 @@ class X86Vcpu:
                 perms |= UC_PROT_WRITE
                 if not frame.written:
                     self.frames.mark_written(frame)
-        if perms & UC_PROT_EXEC and not frame.executed:
+        if perms & UC_PROT_EXEC and (
+            not frame.executed or (va & ~0xFFF, frame.addr) not in self._scanned
+        ):
+            # Sites are linear addresses: a page seen through another window (the flash
+            # and its isa-bios alias) is scanned again there.
             frame.executed = True
-            self._scan_clflush(va & ~0xFFF, frame.view)
+            self._scanned.add((va & ~0xFFF, frame.addr))
+            self._scan_page(va & ~0xFFF, frame.view)
         entry.paddr = frame.addr
         entry.perms = perms
         return True
 
-    def _scan_clflush(self, page_va: int, view: np.ndarray) -> None:
-        """CLFLUSH (0F AE /7 with a memory operand) is a no-op inside the engine: make every
-        place on this page where one may start an engine exit, so the model flushes the
-        line. (Exits, not code hooks: with any code hook installed Unicorn 2.1.4 does not
-        write RIP back when another thread stops it between chained blocks.)"""
+    def _scan_page(self, page_va: int, view: np.ndarray) -> None:
+        """Engine exits where an instruction the model must see first may start: CLFLUSH (0F
+        AE /7 with a memory operand: a no-op inside the engine, the model flushes the line)
+        and, in an SEV-ES guest, IN/OUT/INS/OUTS (they raise #VC before they execute). A
+        byte inside another instruction is never reached as an instruction start, so a
+        false hit costs nothing. (Exits, not code hooks: with any code hook installed
+        Unicorn 2.1.4 does not write RIP back when another thread stops it between chained
+        blocks.)"""
         b = view
-        hits = np.flatnonzero(
+        clflush = np.flatnonzero(
             (b[:-2] == 0x0F)
             & (b[1:-1] == 0xAE)
             & ((b[2:] & 0x38) == 0x38)
             & ((b[2:] & 0xC0) != 0xC0)
         )
-        prefixes = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3} | set(
-            range(0x40, 0x50)
-        )
+        added = self._add_sites(page_va, b, clflush, self._clflush_sites)
+        if self.gm is not None and self.gm.sev_es:
+            io = np.flatnonzero(np.isin(b, IO_OPCODES))
+            added = self._add_sites(page_va, b, io, self._io_sites) or added
+        if added:
+            self._set_exits()
+
+    @staticmethod
+    def _add_sites(page_va: int, b: np.ndarray, hits: np.ndarray, sites: set[int]) -> bool:
         added = False
         for i in hits:
             start = int(i)
             starts = [start]
-            while start > 0 and int(b[start - 1]) in prefixes and len(starts) < 14:
+            while start > 0 and int(b[start - 1]) in PREFIXES and len(starts) < 14:
                 start -= 1
                 starts.append(start)
             for s in starts:
                 addr = page_va + s
-                if addr not in self._clflush_sites:
-                    self._clflush_sites.add(addr)
+                if addr not in sites:
+                    sites.add(addr)
                     added = True
-        if added:
-            self._set_exits()
+        return added
 
     def _set_exits(self) -> None:
-        self.uc.ctl_set_exits(sorted(self._clflush_sites | self._breakpoints.keys()))
+        """Hand the engine its exits. Unicorn translates each exit's address when they are
+        set, and a page that is not mapped now would fault in the middle of whatever runs:
+        sites on such pages (found under an earlier mapping) are left out."""
+        core = self.core
+        self._exits_key = (core.cr0, core.cr3, core.cr4, core.efer)
+        sites = self._clflush_sites | self._io_sites | self._breakpoints.keys()
+        mapped: dict[int, bool] = {}
+        for page in {site & ~0xFFF for site in sites}:
+            try:
+                self.core.translation(page, Access.FETCH)
+                mapped[page] = True
+            except HardwareFault:
+                mapped[page] = False
+        self.uc.ctl_set_exits(sorted(site for site in sites if mapped[site & ~0xFFF]))
 
     def _load_breakpoints(self) -> None:
         """Instruction breakpoints (DR0-DR3 enabled in the VMCB's DR7 with R/W and LEN zero)
@@ -412,13 +461,26 @@ class X86Vcpu:
         self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
         return None
 
+    def _io_site(self, rip: int) -> Exit | None:
+        """SEV-ES: the engine stopped at a possible IN/OUT: #VC(IOIO) before it executes;
+        if the bytes there are no port I/O after all, the place stops being an exit."""
+        try:
+            ins = self.instruction(rip)
+        except HardwareFault as fault:
+            return self.model_fault(fault, rip, self.linear(rip))
+        if ins.mnemonic in IO_MNEMONICS:
+            return self.vc(EXIT_IOIO, rip)
+        self._io_sites.discard(self.linear(rip))
+        self._set_exits()
+        self.uc.ctl_flush_tb()
+        return None
+
     def model_fault(self, fault: HardwareFault, rip: int, va: int) -> Exit | None:
         """A fault the model raised performing the instruction at RIP on address va: a
         #VMEXIT(NPF) for the hypervisor, or an exception for the guest."""
         if isinstance(fault, NestedPageFault):
             gpa = fault.gpa | (va & 0xFFF if fault.error_code & NPF_FINAL_GPA else 0)
-            detail = {"reason": fault.reason, "insn_bytes": self._insn_bytes(rip)}
-            return Exit(EXIT_NPF, fault.error_code, gpa, detail=detail)
+            return self.nested_page_fault(fault, gpa, rip)
         if isinstance(fault, PageFault):
             self.core.cr2 = fault.address
             self.uc.reg_write(X.UC_X86_REG_CR2, fault.address)
@@ -649,6 +711,9 @@ class X86Vcpu:
                 return Exit(EXIT_INTR)
             self._stop, self._fault = None, None
             rip = uc.reg_read(X.UC_X86_REG_RIP)
+            core = self.core
+            if self._exits_key != (core.cr0, core.cr3, core.cr4, core.efer):
+                self._set_exits()
             try:
                 uc.emu_start(rip, 0)  # ends where hooks, intercepts and faults stop it
             except UcError as err:
@@ -668,12 +733,7 @@ class X86Vcpu:
                     # The engine reports the page; the access's offset is the address's.
                     fetch = bool(fault.error_code & PF_ID)
                     gpa |= self._exact_address(self._fault_va, fetch, rip) & 0xFFF
-                return Exit(
-                    EXIT_NPF,
-                    fault.error_code,
-                    gpa,
-                    detail={"reason": fault.reason, "insn_bytes": self._insn_bytes(rip)},
-                )
+                return self.nested_page_fault(fault, gpa, rip)
             if isinstance(fault, PageFault):
                 cr2 = self._exact_address(fault.address, bool(fault.error_code & PF_ID), rip)
                 self.core.cr2 = cr2
@@ -686,6 +746,22 @@ class X86Vcpu:
         if err.errno == UC_ERR_INSN_INVALID:
             return insn.invalid_opcode(self, rip)
         return self.shutdown(f"the engine stopped: {err} at rip {rip:#x}")
+
+    def nested_page_fault(self, fault: NestedPageFault, gpa: int, rip: int) -> Exit | None:
+        """#VMEXIT(NPF), with the instruction's bytes (decode assists). SEV-ES: a reserved-bit
+        fault (how KVM marks MMIO) is not automatic: it raises #VC (the guest emulates MMIO
+        through the GHCB), and no instruction bytes are given for the others."""
+        if not self.gm.sev_es:
+            detail = {"reason": fault.reason, "insn_bytes": self._insn_bytes(rip)}
+            return Exit(EXIT_NPF, fault.error_code, gpa, detail=detail)
+        if fault.error_code & PF_RSVD:
+            return self.vc(EXIT_NPF, rip)
+        return Exit(EXIT_NPF, fault.error_code, gpa, detail={"reason": fault.reason})
+
+    def vc(self, code: int, rip: int) -> Exit | None:
+        """SEV-ES: a non-automatic exit becomes #VC in the guest, its error code the exit code;
+        a fault, RIP at the instruction (hardware.md §8.1)."""
+        return self.deliver_exception(VC_VECTOR, code, rip, f"#VC for {exit_name(code)}")
 
     def _insn_bytes(self, rip: int) -> bytes:
         """Decode assists: the bytes of the instruction at RIP as the CPU fetched them (with
@@ -728,7 +804,11 @@ class X86Vcpu:
                 return self.deliver_exception(DB_VECTOR, None, rip, f"breakpoint DR{n}")
             if stop[1] == EXIT_HLT and self.linear(rip) in self._clflush_sites:
                 return self._clflush_site(rip)
+            if stop[1] == EXIT_HLT and self.linear(rip) in self._io_sites:
+                return self._io_site(rip)
             return insn.intercept(self, stop[1], stop[2])
+        if kind == "shutdown":
+            return self.shutdown(stop[1])
         if kind == "exception":
             _, vector, error, rip = stop
             if vector == DB_VECTOR and self.uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_TF:
@@ -770,9 +850,17 @@ class X86Vcpu:
         return Exit(EXIT_SHUTDOWN, detail={"reason": reason})
 
     # ---- intercepted instructions -----------------------------------------------------------
-    def vmexit(self, code: int, **detail) -> Exit:
-        """#VMEXIT for the intercepted instruction at RIP, with its NEXT_RIP."""
-        return Exit(code, next_rip=self.instruction().next_ip, detail=detail)
+    def vmexit(self, code: int, **detail) -> Exit | None:
+        """#VMEXIT for the intercepted instruction at RIP, with its NEXT_RIP. SEV-ES: HLT is an
+        automatic exit that leaves RIP after the instruction (the hypervisor cannot move it);
+        the others raise #VC."""
+        ins = self.instruction()
+        if self.gm.sev_es:
+            if code != EXIT_HLT:
+                return self.vc(code, ins.ip)
+            self.uc.reg_write(X.UC_X86_REG_RIP, ins.next_ip)
+            return Exit(code)
+        return Exit(code, next_rip=ins.next_ip, detail=detail)
 
     def skip(self) -> None:
         ins = self.instruction()
@@ -788,6 +876,13 @@ class X86Vcpu:
     def _io(self, port: int, size: int, value: int | None) -> int:
         uc = self.uc
         mask = (1 << 8 * size) - 1
+        if self.gm.sev_es:
+            # The page scan missed this IN/OUT (code written after its page first ran): it
+            # cannot raise #VC any more. Stop the guest rather than let the host see it.
+            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            self._stop = ("shutdown", f"SEV-ES: port I/O at {rip:#x} was not stopped for #VC")
+            uc.emu_stop()
+            return uc.reg_read(X.UC_X86_REG_RAX) & mask
         if not self.gm.intercept_misc1 & INTERCEPT_IOIO_PROT:
             return mask  # no device answers
         ins = self.instruction(uc.reg_read(X.UC_X86_REG_RIP))
