@@ -47,8 +47,8 @@ def milan():
 
 @pytest.fixture(scope="module")
 def smp_guest(milan):
-    """Four vCPUs: the secret, the APs (each hashes it), a short count."""
-    vm = milan.start_x86_guest("es-smp", "aps count:70000", policy=ES_DEBUG, vcpus=4)
+    """Four vCPUs: the secret, the APs (each hashes it), an unknown MSR, a short count."""
+    vm = milan.start_x86_guest("es-smp", "aps msr-gp count:70000", policy=ES_DEBUG, vcpus=4)
     exits = vm.run()
     assert [e.reason for e in exits] == ["DONE"] * 4, (exits, vm.console_text())
     yield vm
@@ -91,11 +91,11 @@ def test_the_vc_handler_served_every_kind_of_exit(smp_guest):
     printed = vc_counts(smp_guest.console_text())
     # entry32.S's CPUIDs went over the MSR protocol (the APIC ID, 0x80000000, 0x8000001F,
     # 0x80000001); every other kind went through a GHCB: CPUID (rdrand_supported), IOIO
-    # (the console, fw_cfg), MSR (aps reads MSR_IA32_APICBASE), VMMCALL
-    # (KVM_HC_MAP_GPA_RANGE), MMIO (the local APIC).
+    # (the console, fw_cfg), MSR (aps reads MSR_IA32_APICBASE, msr-gp an unknown MSR),
+    # VMMCALL (KVM_HC_MAP_GPA_RANGE), MMIO (the local APIC).
     assert printed["msr-protocol"] == 4
     assert all(printed[kind] > 0 for kind in VC_KINDS), printed
-    assert printed["msr"] == 1
+    assert printed["msr"] == 2
     # The counters in the guest's memory, read after the run: the console line and "done"
     # were printed after the snapshot, so only IOIO grew.
     raw = smp_guest.sev_dbg_decrypt(SYMBOLS["VC_COUNTS_GPA"], 8 * len(VC_KINDS))
@@ -105,6 +105,17 @@ def test_the_vc_handler_served_every_kind_of_exit(smp_guest):
         k: v for k, v in printed.items() if k != "ioio"
     }
     assert not smp_guest.ghcb_errors
+
+
+def test_kvm_s_gp_for_an_unknown_msr_is_raised_at_the_rdmsr(smp_guest):
+    """KVM answers the #VC of a RDMSR it does not know with "raise #GP" (sw_exit_info_1 =
+    1); the handler raises it as if the RDMSR had: RIP at the RDMSR, error code 0."""
+    image = x86_guest.image()
+    base = SYMBOLS["IMAGE_BASE"]
+    rdmsr = base + image.index(b"\x0f\x32", SYMBOLS["probe_rdmsr"] - base)  # its first RDMSR
+    console = smp_guest.console_text()
+    assert f"exception general-protection (#13) at rip={rdmsr:#x} error=0x0" in console
+    assert "sevsim-guest: msr-gp ok" in console
 
 
 def test_the_ghcbs_are_shared_and_the_secret_stays_private(smp_guest):

@@ -30,7 +30,7 @@ SYMS=sevsim-guest.sym.json
 EXPORTS=(
 	reset_vector real_start gdt gdt_desc entry32 entry64
 	exception_stubs exception_common exception_handler main
-	alu_loop mem_loop load_loop probe_read8 yield_to_host idt ovmf_table
+	alu_loop mem_loop load_loop probe_read8 probe_rdmsr yield_to_host idt ovmf_table
 	trampoline_start ap_main wakeup_interrupt
 	IMAGE_BASE BOOT_INFO_GPA PML4_GPA PDPT_GPA PD_GPA SPLIT_PT_GPA IDT_GPA
 	STACK_TOP SECRET_GPA SHARED_GPA ALIAS_GPA ALIAS_FLUSH_GPA SELFMOD_GPA LOADS_GPA MEM_LOOP_GPA

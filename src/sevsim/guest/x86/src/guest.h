@@ -282,6 +282,7 @@ uint64_t alu_loop(uint64_t n);
 uint64_t mem_loop(uint64_t base, uint64_t bytes, uint64_t rounds);
 uint64_t load_loop(uint64_t base, uint64_t bytes, uint64_t count);
 uint64_t probe_read8(uint64_t addr);	/* ~0 if the read faulted */
+uint64_t probe_rdmsr(uint32_t msr);	/* ~0 if the RDMSR faulted */
 void yield_to_host(void);		/* sti; hlt; cli, with the registers cleared */
 
 /* --- victims.c ---------------------------------------------------------- */

@@ -161,6 +161,7 @@
 #define EFER_LMA        (1 << 10)       /* long mode active (read-only: set by CR0.PG) */
 #define EFER_NXE        (1 << 11)       /* no-execute enable */
 #define MSR_SEV_STATUS  0xC0010131      /* Linux: MSR_AMD64_SEV */
+#define UNKNOWN_MSR     0xC0011FFF      /* `msr-gp`: an MSR no one implements */
 #define SEV_STATUS_SEV  (1 << 0)        /* bit 0: SEV is active for this guest */
 #define SEV_STATUS_SEV_ES (1 << 1)      /* bit 1: SEV-ES: its registers are encrypted too */
 

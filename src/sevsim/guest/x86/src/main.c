@@ -168,6 +168,24 @@ static void expect_fault(const char *name, uint64_t addr, uint64_t vector)
 		say("%s FAILED", name);
 }
 
+/*
+ * msr-gp: RDMSR of an MSR no one implements raises #GP. Without SEV-ES the
+ * hypervisor injects it; under SEV-ES the RDMSR raises #VC, the hypervisor
+ * answers "raise #GP" in the GHCB, and sev_es.c raises it as if the RDMSR had.
+ * (QEMU's TCG reads 0 instead.)
+ */
+static void workload_msr_gp(void)
+{
+	volatile struct boot_info *bi = BOOT_INFO;
+
+	bi->last_vector = ~0ULL;
+	uint64_t v = probe_rdmsr(UNKNOWN_MSR);
+	if (v == ~0ULL && bi->last_vector == 13)
+		say("msr-gp ok");
+	else
+		say("msr-gp: no #GP, RDMSR 0x%x read 0x%lx", UNKNOWN_MSR, v);
+}
+
 /* --- selfmod: code written as data, then run -------------------------------- */
 
 typedef uint32_t (*selfmod_fn)(void);
@@ -295,6 +313,8 @@ static void run_workload(char *w)
 	} else if (streq(w, "gp")) {
 		/* Bits 63:48 are not copies of bit 47: a non-canonical address. */
 		expect_fault("gp", 0x8000000000000000ULL, 13);
+	} else if (streq(w, "msr-gp")) {
+		workload_msr_gp();
 	} else if (streq(w, "balance")) {
 		workload_balance();
 	} else if (streq(w, "flags")) {
