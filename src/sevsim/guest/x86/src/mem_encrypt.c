@@ -188,6 +188,9 @@ static void change_page_enc(uint64_t addr, uint64_t numpages, int enc)
  * set_memory_encrypted() pass enc_cache_flush_required(). Only two callers
  * skip it: the `alias` lesson, to show what it prevents, and the swiotlb
  * pool, which is never written through its private mapping (swiotlb.c).
+ *
+ * set_memory_enc_pgtable_only() is steps 1-3; __set_memory_enc_pgtable()
+ * adds step 4.
  */
 static void set_memory_enc_pgtable_only(uint64_t addr, uint64_t numpages, int enc, int flush)
 {
