@@ -42,7 +42,19 @@ def lines(vm) -> list[str]:
 def test_the_footer_table_is_in_the_last_page_in_ovmfs_format():
     image = x86_guest.image()
     table = ovmf.parse_table(image)
-    assert set(table) == {ovmf.SEV_SECRET_GUID, ovmf.SEV_HASH_TABLE_RV_GUID}
+    assert set(table) == {
+        ovmf.SEV_SECRET_GUID,
+        ovmf.SEV_HASH_TABLE_RV_GUID,
+        ovmf.SEV_ES_RESET_BLOCK_GUID,
+    }
+    # The SEV-ES APs' start: real-mode code in the image, reached with CS.base 0xFFFF0000
+    # and IP = its low 16 bits (QEMU's sev_es_set_reset_vector); it far-jumps (EA ptr16:16)
+    # to the trampoline at 0800:0000.
+    reset = ovmf.reset_address(table)
+    assert reset == SYMBOLS["sev_es_ap_reset"]
+    assert reset & 0xFFFF_0000 == ovmf.flash_base(len(image))
+    assert image[reset - ovmf.flash_base(len(image)) :][:5] == bytes.fromhex("ea00000008")
+    assert SYMBOLS["TRAMPOLINE_GPA"] == 0x0800 << 4
     secret, hashes = (
         ovmf.area(table, ovmf.SEV_SECRET_GUID),
         ovmf.area(table, ovmf.SEV_HASH_TABLE_RV_GUID),

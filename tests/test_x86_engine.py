@@ -145,9 +145,13 @@ def test_sev_ciphertext_rewritten_by_the_hypervisor_decodes_to_garbage():
         page = rip & ~0xFFF
         vm.write(page, bytes(range(256)) * 16)  # through the host's mapping: not the guest key
         exits = vm.run(max_rounds=50)
-        # A crash, whichever the garbage makes it: a triple fault, or an access to a GPA
-        # with nothing behind it that KVM cannot emulate. Not a spin (STUCK).
-        assert exits[0].reason in ("SHUTDOWN", "INTERNAL_ERROR"), exits
+        # A crash, whichever the garbage makes it: a triple fault, an access to a GPA with
+        # nothing behind it that KVM cannot emulate, or (when the garbage leaves the
+        # exception handler's own page intact) an exception the guest reports before it
+        # halts. Not a spin (STUCK), and not the spin loop's next line.
+        crashed = exits[0].reason in ("SHUTDOWN", "INTERNAL_ERROR")
+        reported = exits[0].reason == "DONE" and "sevsim-guest: exception " in vm.console_text()
+        assert crashed or reported, (exits, vm.console_text())
 
 
 def test_a_firmware_whose_idt_is_unusable_triple_faults():

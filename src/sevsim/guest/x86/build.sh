@@ -30,7 +30,7 @@ SYMS=sevsim-guest.sym.json
 EXPORTS=(
 	reset_vector real_start gdt gdt_desc entry32 entry64
 	exception_stubs exception_common exception_handler main
-	alu_loop mem_loop load_loop probe_read8 yield_to_host idt ovmf_table
+	alu_loop mem_loop load_loop probe_read8 probe_rdmsr yield_to_host idt ovmf_table
 	trampoline_start ap_main wakeup_interrupt
 	IMAGE_BASE BOOT_INFO_GPA PML4_GPA PDPT_GPA PD_GPA SPLIT_PT_GPA IDT_GPA
 	STACK_TOP SECRET_GPA SHARED_GPA ALIAS_GPA ALIAS_FLUSH_GPA SELFMOD_GPA LOADS_GPA MEM_LOOP_GPA
@@ -40,6 +40,7 @@ EXPORTS=(
 	PT_POOL_GPA VIRTQ_GPA DISK_BUFFER_GPA DISK_EXPECT_GPA DISK_TAGS_GPA IO_AREA_END
 	swiotlb_init swiotlb_map swiotlb_unmap virtblk_probe set_memory_decrypted
 	set_memory_encrypted workload_disk
+	GHCB_GPA VC_COUNTS_GPA vc_handler sev_es_ap_reset
 )
 
 for tool in gcc ld objcopy nm; do

@@ -8,6 +8,9 @@
  * arch/x86/mm/mem_encrypt_identity.c (sme_enable), and OVMF's
  * OvmfPkg/ResetVector/Ia32/{AmdSev.asm,PageTables64.asm,Flat32ToFlat64.asm}.
  *
+ * Under SEV-ES, CPUID raises #VC even here: early_vc_handler answers it
+ * through the GHCB MSR protocol.
+ *
  * Under SEV, with paging off, every data access of the guest is private:
  * encrypted with the guest's key. So the boot-info block and the page tables
  * written here land in RAM encrypted, which is what the guest wants.
@@ -27,35 +30,35 @@ entry32:
 	movl	%eax, %gs
 
 	/*
-	 * Only the bootstrap processor boots. CPUID(1) EBX[31:24] is this CPU's
-	 * initial APIC ID; application processors (APs) stop here, before they
-	 * could touch the shared stack. (Starting APs is out of scope.)
+	 * A stack, and an IDT with a #VC handler, before the first CPUID: in an
+	 * SEV-ES guest CPUID raises #VC, which the CPU delivers through the
+	 * IDT, pushing its frame on this stack (OVMF's reset vector does the
+	 * same, Ia32/AmdSev.asm). In other guests the IDT is never used.
 	 */
-	movl	$1, %eax
-	cpuid
-	shrl	$24, %ebx
-	jnz	ap_halt
-
 	movl	$STACK_TOP, %esp
-
-	/*
-	 * Mask every line of both 8259 PICs (OCW1). A BIOS programs the PICs
-	 * before it enables interrupts; this firmware never programs them and
-	 * has no handlers for device interrupts (its IDT holds the 32
-	 * exception vectors only), so it masks them all, once, before any
-	 * `sti` (yield_to_host): whatever state the PICs are in after reset, no
-	 * device interrupt can reach an exception stub. On sevsim no device
-	 * raises interrupts, and the hypervisor ignores these two writes.
-	 */
-	movb	$0xFF, %al
-	outb	%al, $PIC1_DATA
-	outb	%al, $PIC2_DATA
+	lidt	early_idt_desc
 
 	/* Zero the boot-info block: "not SEV" until proven otherwise. */
 	movl	$BOOT_INFO_GPA, %edi
 	movl	$(BOOT_INFO_SIZE / 4), %ecx
 	xorl	%eax, %eax
 	rep stosl
+
+	/*
+	 * Only the bootstrap processor boots. CPUID(1) EBX[31:24] is this CPU's
+	 * initial APIC ID; an application processor (AP) stops here. APs do
+	 * not come this way on QEMU or sevsim: they wait for a STARTUP IPI
+	 * (smpboot.c), or under SEV-ES start at the reset block (reset16.S).
+	 */
+	movl	$1, %eax
+	cpuid
+	shrl	$24, %ebx
+	jnz	ap_halt
+
+	/*
+	 * The 8259 PICs are masked in C (main.c), not here: under SEV-ES an
+	 * OUT raises #VC, and this early handler can only answer CPUID.
+	 */
 
 /* ------------------------------------------------------------------------
  * SEV detection, in the order Linux's sme_enable() uses in a guest.
@@ -81,7 +84,9 @@ entry32:
 	jz	.Lno_sev
 	movl	%ebx, %edi			/* keep EBX: RDMSR clobbers EDX:EAX */
 
-	/* SEV_STATUS bit 0: SEV is active for this guest. */
+	/* SEV_STATUS bit 0: SEV is active for this guest; bit 1: SEV-ES too
+	 * (boot_info keeps the whole MSR). The hardware answers this RDMSR
+	 * itself, so it never raises #VC. */
 	movl	$MSR_SEV_STATUS, %ecx
 	rdmsr
 	movl	%eax, BOOT_INFO_GPA + BI_SEV_STATUS
@@ -194,5 +199,87 @@ ap_halt:
 	cli
 1:	hlt
 	jmp	1b
+
+/* ------------------------------------------------------------------------
+ * The early #VC handler (OVMF's SevEsIdtVmmComm): 32-bit, paging off, no
+ * GHCB page yet, so it answers CPUID only, through the GHCB MSR protocol,
+ * one register per request. Anything else ends the guest. The CPU pushed
+ * EFLAGS, CS, EIP and the error code, which is the SVM exit code.
+ * ------------------------------------------------------------------------ */
+early_vc_handler:
+	cmpl	$SVM_EXIT_CPUID, (%esp)
+	jne	early_vc_terminate
+	pushl	%esi
+	pushl	%edi
+	movl	%eax, %esi			/* the leaf */
+	xorl	%edi, %edi
+	call	ghcb_msr_cpuid32
+	pushl	%edx				/* EAX */
+	incl	%edi
+	call	ghcb_msr_cpuid32
+	pushl	%edx				/* EBX */
+	incl	%edi
+	call	ghcb_msr_cpuid32
+	pushl	%edx				/* ECX */
+	incl	%edi
+	call	ghcb_msr_cpuid32		/* EDX stays in %edx */
+	popl	%ecx
+	popl	%ebx
+	popl	%eax
+	popl	%edi
+	popl	%esi
+	addl	$1, BOOT_INFO_GPA + BI_VC_COUNTS + 8 * VC_MSR_PROTOCOL
+	adcl	$0, BOOT_INFO_GPA + BI_VC_COUNTS + 8 * VC_MSR_PROTOCOL + 4
+	addl	$4, %esp			/* drop the error code */
+	addl	$2, (%esp)			/* #VC is a fault: step over CPUID (0F A2) */
+	iretl					/* IRET restores EFLAGS too */
+
+/*
+ * ghcb_msr_cpuid32: register %edi (0 EAX .. 3 EDX) of CPUID leaf %esi, in
+ * %edx. Request: the leaf in 63:32, the register in 31:30, code 0x004; the
+ * answer, code 0x005, has the value in 63:32. Clobbers %eax, %ecx.
+ */
+ghcb_msr_cpuid32:
+	movl	%edi, %eax
+	shll	$GHCB_CPUID_REG_SHIFT, %eax
+	orl	$GHCB_MSR_CPUID_REQ, %eax
+	movl	%esi, %edx
+	movl	$MSR_GHCB, %ecx
+	wrmsr
+	rep; vmmcall				/* VMGEXIT */
+	rdmsr
+	andl	$GHCB_MSR_INFO_MASK, %eax
+	cmpl	$GHCB_MSR_CPUID_RESP, %eax
+	jne	early_vc_terminate
+	ret
+
+/* A termination request through the MSR protocol; the hypervisor ends the guest. */
+early_vc_terminate:
+	movl	$MSR_GHCB, %ecx
+	movl	$GHCB_TERM_REASON(SEV_TERM_SET_GEN, GHCB_SEV_ES_GEN_REQ), %eax
+	xorl	%edx, %edx
+	wrmsr
+	rep; vmmcall
+	jmp	ap_halt
+
+/*
+ * The early IDT, in flash: vectors 0-28 not present (an exception there is a
+ * triple fault, as with no IDT at all), 29 a 32-bit interrupt gate to the
+ * handler above. The handler is in the image's 64 KiB, so its offset is
+ * IMAGE_BASE's upper half and its own offset in the image.
+ */
+	.section .rodata
+	.balign 8
+early_idt:
+	.fill	VC_VECTOR, 8, 0
+	.word	early_vc_handler - IMAGE_BASE	/* offset 15:0 */
+	.word	CODE32_SEL
+	.word	0x8E00				/* P=1, DPL=0, type 0xE: 32-bit interrupt gate */
+	.word	IMAGE_BASE >> 16		/* offset 31:16 */
+early_idt_end:
+	.balign 2
+early_idt_desc:
+	.word	early_idt_end - early_idt - 1	/* limit */
+	.long	early_idt			/* base */
 
 	.section .note.GNU-stack, "", @progbits

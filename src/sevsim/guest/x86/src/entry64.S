@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * entry64.S - 64-bit mode: segments, CR3 with the C-bit, the IDT, then C.
+ * entry64.S - 64-bit mode: segments, CR3 with the C-bit, the IDT, the SEV-ES
+ * GHCB, then C.
  *
  * Read next to Linux's arch/x86/boot/compressed/head_64.S (startup_64) and
  * arch/x86/boot/compressed/idt_handlers_64.S.
@@ -39,7 +40,8 @@ entry64:
 
 	/*
 	 * The IDT, in RAM at IDT_GPA: one 16-byte interrupt gate per vector
-	 * 0-31, each pointing at its stub below, then the two vectors of the
+	 * 0-31, each pointing at its stub below (#VC, 29, among them: the
+	 * handler sends it on to sev_es.c), then the two vectors of the
 	 * local APIC that smpboot.c uses (WAKEUP_VECTOR, SPURIOUS_VECTOR).
 	 */
 	leaq	exception_stubs(%rip), %rsi
@@ -57,7 +59,13 @@ entry64:
 	call	set_idt_gate
 	lidt	idt_desc(%rip)
 
+	/*
+	 * Under SEV-ES, this CPU's GHCB before anything else: from now on
+	 * every OUT, CPUID or MMIO access is a #VC that needs it. Returns at
+	 * once on any other guest.
+	 */
 	cld
+	call	sev_es_setup_ghcb
 	call	main
 	/* main() does not return; in case it does, stop. */
 2:	cli

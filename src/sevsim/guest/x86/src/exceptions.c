@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * exceptions.c - the common exception handler, called by entry64.S's stubs.
+ * #VC goes on to sev_es.c; every other exception is reported.
  */
 #include "guest.h"
 
@@ -38,6 +39,13 @@ static const char vector_names[IDT_VECTORS][28] = {
 void exception_handler(struct trap_frame *f)
 {
 	volatile struct boot_info *bi = BOOT_INFO;
+
+	/* SEV-ES: an instruction the hypervisor must emulate (sev_es.c). */
+	if (f->vector == VC_VECTOR) {
+		vc_handler(f);
+		return;
+	}
+
 	uint64_t cr2 = read_cr2();
 	uint64_t resume = bi->resume_rip;
 

@@ -50,6 +50,25 @@ static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, u
 	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
 }
 
+static inline uint64_t rdmsr(uint32_t msr)
+{
+	uint32_t lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return (uint64_t)hi << 32 | lo;
+}
+
+static inline void wrmsr(uint32_t msr, uint64_t v)
+{
+	__asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");
+}
+
+/* VMGEXIT (SEV-ES): REP VMMCALL, F3 0F 01 D9. An exit the guest asks for; the
+ * hypervisor reads this CPU's GHCB MSR to learn what it wants. */
+static inline void vmgexit(void)
+{
+	__asm__ volatile("rep; vmmcall" : : : "memory");
+}
+
 static inline uint64_t read_cr2(void)
 {
 	uint64_t v;
@@ -192,6 +211,16 @@ void set_memory_encrypted(uint64_t addr, uint64_t numpages);
 void __set_memory_enc_pgtable(uint64_t addr, uint64_t numpages, int enc, int flush);
 void set_page_decrypted(uint64_t gpa, int flush);
 
+void early_set_page_decrypted(uint64_t gpa);	/* no hypercall: for a GHCB */
+
+/* --- sev_es.c: SEV-ES, the #VC handler and the GHCB ---------------------- */
+int sev_es_active(void);
+void sev_es_setup_ghcb(void);		/* the BSP's, from entry64.S */
+void sev_es_prepare_ap_ghcbs(unsigned int cpus);
+void sev_es_ap_setup_ghcb(uint32_t apic_id);
+noreturn void sev_es_terminate(unsigned int set, unsigned int reason);
+void sev_es_report(void);		/* the #VC counts, on the console */
+
 /* --- swiotlb.c: bounce buffers in shared memory ------------------------- */
 #define IO_TLB_SHIFT	11
 #define IO_TLB_SIZE	(1 << IO_TLB_SHIFT)	/* a 2 KiB slot */
@@ -246,12 +275,14 @@ struct trap_frame {			/* as built by entry64.S */
 	uint64_t rip, cs, rflags, rsp, ss;	/* pushed by the CPU */
 };
 void exception_handler(struct trap_frame *f);
+void vc_handler(struct trap_frame *f);		/* sev_es.c: #VC */
 
 /* --- workloads.S -------------------------------------------------------- */
 uint64_t alu_loop(uint64_t n);
 uint64_t mem_loop(uint64_t base, uint64_t bytes, uint64_t rounds);
 uint64_t load_loop(uint64_t base, uint64_t bytes, uint64_t count);
 uint64_t probe_read8(uint64_t addr);	/* ~0 if the read faulted */
+uint64_t probe_rdmsr(uint32_t msr);	/* ~0 if the RDMSR faulted */
 void yield_to_host(void);		/* sti; hlt; cli, with the registers cleared */
 
 /* --- victims.c ---------------------------------------------------------- */

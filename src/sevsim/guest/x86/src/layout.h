@@ -66,6 +66,9 @@
 #define CMDLINE_MAX     PAGE_SIZE       /* bytes kept of it, NUL included */
 #define AP_MAILBOX_GPA  0x240000        /* struct ap_mailbox: the BSP and the APs (smpboot.c) */
 #define PICTURE_GPA     0x250000        /* `picture`: 16 private pages, 0x250000-0x25FFFF */
+/* SEV-ES (sev_es.c): each CPU's GHCB, the page it shares with the hypervisor to
+ * ask for what a #VC needs: CPU n (its APIC ID) uses GHCB_GPA + n * 4 KiB. */
+#define GHCB_GPA        0x260000        /* 0x260000-0x27FFFF: AP_MAX_CPUS pages */
 #define PICTURE_SIZE    256             /* 256 x 256 pixels, one byte each: 64 KiB */
 #define PICTURE_BYTES   (PICTURE_SIZE * PICTURE_SIZE)
 #define SELFMOD_GPA     0x300000        /* private buffer for the self-modifying-code test */
@@ -128,7 +131,18 @@
 #define BI_LAST_CR2     0x30    /* u64: CR2 when it was taken */
 #define BI_FW_CFG_DMA   0x38    /* u32: 1 once fw_cfg.c reads by DMA */
 #define BI_PT_POOL_USED 0x3C    /* u32: page tables taken from PT_POOL_GPA */
-#define BOOT_INFO_SIZE  0x40
+#define BI_VC_COUNTS    0x40    /* u64[VC_KINDS]: #VC exceptions handled, by kind (below) */
+#define BOOT_INFO_SIZE  0x70
+
+/* The kinds of #VC BI_VC_COUNTS counts (sev_es.c; entry32.S counts the first). */
+#define VC_MSR_PROTOCOL 0       /* CPUID answered through the GHCB MSR protocol */
+#define VC_CPUID        1       /* the others through the GHCB page */
+#define VC_IOIO         2
+#define VC_MSR          3
+#define VC_VMMCALL      4
+#define VC_MMIO         5
+#define VC_KINDS        6
+#define VC_COUNTS_GPA   (BOOT_INFO_GPA + BI_VC_COUNTS)
 
 /* --- Architectural bits (names as in the AMD64 APM). -------------------- */
 #define CR0_PE          (1 << 0)        /* protection enable */
@@ -147,7 +161,33 @@
 #define EFER_LMA        (1 << 10)       /* long mode active (read-only: set by CR0.PG) */
 #define EFER_NXE        (1 << 11)       /* no-execute enable */
 #define MSR_SEV_STATUS  0xC0010131      /* Linux: MSR_AMD64_SEV */
+#define UNKNOWN_MSR     0xC0011FFF      /* `msr-gp`: an MSR no one implements */
 #define SEV_STATUS_SEV  (1 << 0)        /* bit 0: SEV is active for this guest */
+#define SEV_STATUS_SEV_ES (1 << 1)      /* bit 1: SEV-ES: its registers are encrypted too */
+
+/* SEV-ES: the GHCB MSR and its protocol (GHCB specification; Linux's
+ * asm/sev-common.h). Request or response code in bits 11:0, data above. */
+#define MSR_GHCB        0xC0010130      /* Linux: MSR_AMD64_SEV_ES_GHCB */
+#define GHCB_MSR_INFO_MASK 0xFFF
+#define GHCB_MSR_SEV_INFO_RESP 0x001    /* max version 63:48, min 47:32, C-bit 31:24 */
+#define GHCB_MSR_SEV_INFO_REQ 0x002
+#define GHCB_MSR_CPUID_REQ 0x004        /* function 63:32, register 31:30 (EAX..EDX) */
+#define GHCB_MSR_CPUID_RESP 0x005       /* the register's value in 63:32 */
+#define GHCB_CPUID_REG_SHIFT 30
+#define GHCB_MSR_TERM_REQ 0x100         /* reason set 15:12, reason code 23:16 */
+#define GHCB_PROTOCOL_VERSION 1         /* the SEV-ES protocol (2 adds SNP's) */
+/* A termination request's reason: a set (0 = the GHCB specification's general
+ * reasons, 1 = this firmware's) and a code in it. */
+#define GHCB_TERM_REASON(set, code) (GHCB_MSR_TERM_REQ | (set) << 12 | (code) << 16)
+#define SEV_TERM_SET_GEN 0
+#define GHCB_SEV_ES_GEN_REQ 0           /* general termination request */
+#define GHCB_SEV_ES_PROT_UNSUPPORTED 1  /* no common protocol version */
+#define SEV_TERM_SET_GUEST 1
+#define GUEST_TERM_VC_UNSUPPORTED 1     /* a #VC this handler does not emulate */
+#define GUEST_TERM_VC_DECODE 2          /* an instruction it cannot decode */
+#define GUEST_TERM_HV_ANSWER 3          /* the hypervisor's answer is missing or malformed */
+#define VC_VECTOR       29              /* #VC, the VMM communication exception */
+#define SVM_EXIT_CPUID  0x72            /* the #VC error code is the SVM exit code */
 
 #define CPUID_SEV_LEAF  0x8000001F      /* AMD memory encryption leaf */
 #define SEV_CPUID_SME   (1 << 0)        /* EAX bit 0: SME supported */
@@ -157,6 +197,7 @@
 #define PTE_P           (1 << 0)        /* present */
 #define PTE_RW          (1 << 1)        /* writable */
 #define PTE_PS          (1 << 7)        /* page size: a 2 MiB page in a PDE */
+#define PTE_ADDR_MASK   0x000FFFFFFFFFF000ULL   /* bits 51:12 (the C-bit among them) */
 
 #define KVM_HC_MAP_GPA_RANGE 12         /* include/uapi/linux/kvm_para.h */
 #define KVM_MAP_GPA_RANGE_ENCRYPTED (1 << 4)    /* attrs: private; 0 = shared */
@@ -171,9 +212,14 @@
 #define AP_MB_CR4       0x10    /* u32: the BSP's CR4 (PAE) */
 #define AP_MB_ONLINE    0x14    /* u32: APs that have reported (LOCK-incremented) */
 #define AP_MB_BSP_APIC_ID 0x18  /* u32: where the APs send WAKEUP_VECTOR */
+#define AP_MB_SEV_ES    0x1C    /* u32: 1 under SEV-ES (the trampoline asks CPUID via the GHCB MSR) */
 #define AP_MB_DIGEST    0x20    /* u8[AP_MAX_CPUS][32]: SHA-256 of the secret, by APIC ID */
 
 /* --- The local APIC (xAPIC, MMIO), as Linux's asm/apicdef.h names it. ---- */
+#define MSR_IA32_APICBASE 0x1B          /* where the APIC is, and whether it is on */
+#define APICBASE_BSP    (1 << 8)
+#define APICBASE_ENABLE (1 << 11)
+#define APICBASE_BASE_MASK 0xFFFFF000ULL
 #define APIC_BASE       0xFEE00000      /* its MMIO page */
 #define APIC_ID         0x020           /* bits 31:24: the APIC ID */
 #define APIC_EOI        0x0B0
@@ -206,6 +252,7 @@ struct boot_info {
 	uint64_t last_cr2;
 	uint32_t fw_cfg_dma;
 	uint32_t pt_pool_used;
+	uint64_t vc_counts[VC_KINDS];
 };
 
 _Static_assert(__builtin_offsetof(struct boot_info, sev_status) == BI_SEV_STATUS, "layout");
@@ -217,7 +264,8 @@ _Static_assert(__builtin_offsetof(struct boot_info, last_vector) == BI_LAST_VECT
 _Static_assert(__builtin_offsetof(struct boot_info, last_error) == BI_LAST_ERROR, "layout");
 _Static_assert(__builtin_offsetof(struct boot_info, last_cr2) == BI_LAST_CR2, "layout");
 _Static_assert(__builtin_offsetof(struct boot_info, fw_cfg_dma) == BI_FW_CFG_DMA, "layout");
-#define BI_PT_POOL_USED 0x3C    /* u32: page tables taken from PT_POOL_GPA */
+_Static_assert(__builtin_offsetof(struct boot_info, pt_pool_used) == BI_PT_POOL_USED, "layout");
+_Static_assert(__builtin_offsetof(struct boot_info, vc_counts) == BI_VC_COUNTS, "layout");
 _Static_assert(sizeof(struct boot_info) <= BOOT_INFO_SIZE, "layout");
 
 struct ap_mailbox {
@@ -226,7 +274,7 @@ struct ap_mailbox {
 	uint32_t cr4;
 	uint32_t online;
 	uint32_t bsp_apic_id;
-	uint32_t reserved;
+	uint32_t sev_es;
 	uint8_t digest[AP_MAX_CPUS][32];
 };
 
@@ -235,6 +283,7 @@ _Static_assert(__builtin_offsetof(struct ap_mailbox, efer) == AP_MB_EFER, "layou
 _Static_assert(__builtin_offsetof(struct ap_mailbox, cr4) == AP_MB_CR4, "layout");
 _Static_assert(__builtin_offsetof(struct ap_mailbox, online) == AP_MB_ONLINE, "layout");
 _Static_assert(__builtin_offsetof(struct ap_mailbox, bsp_apic_id) == AP_MB_BSP_APIC_ID, "layout");
+_Static_assert(__builtin_offsetof(struct ap_mailbox, sev_es) == AP_MB_SEV_ES, "layout");
 _Static_assert(__builtin_offsetof(struct ap_mailbox, digest) == AP_MB_DIGEST, "layout");
 _Static_assert(sizeof(struct ap_mailbox) <= PAGE_SIZE, "layout");
 

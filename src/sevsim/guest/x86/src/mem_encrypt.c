@@ -17,6 +17,7 @@
  *   set_memory_decrypted(addr, numpages)  private -> shared
  *   set_memory_encrypted(addr, numpages)  shared -> private
  *   set_page_decrypted(gpa, flush)        one page, the cache flush optional
+ *   early_set_page_decrypted(gpa)         one page, the hypervisor not told (a GHCB)
  *   __set_memory_enc_pgtable(addr, numpages, enc, flush)   what they all do
  *   enc_cache_flush_required()            must the cache be flushed first?
  *   clflush_page(va)                      write back and drop a page's lines
@@ -39,7 +40,6 @@
 #include "guest.h"
 
 #define PTRS_PER_TABLE	512
-#define PTE_ADDR_MASK	0x000FFFFFFFFFF000ULL	/* bits 51:12 (the C-bit among them) */
 #define FOUR_GB		0x100000000ULL
 /* Linux's tlb_single_page_flush_ceiling: above this many pages, one full TLB
  * flush is cheaper than an INVLPG per page. */
@@ -181,14 +181,18 @@ static void change_page_enc(uint64_t addr, uint64_t numpages, int enc)
  *     INVLPG each page, or reload CR3 for a big range.
  *  4. amd_enc_status_change_finish(): tell the hypervisor, under SEV only
  *     (without SEV there is no one to tell, and plain QEMU with TCG raises
- *     #UD for VMMCALL).
+ *     #UD for VMMCALL). Under SEV-ES the VMMCALL raises #VC and goes to the
+ *     hypervisor through the GHCB (sev_es.c).
  *
  * `flush` is step 1's condition: set_memory_decrypted() and
  * set_memory_encrypted() pass enc_cache_flush_required(). Only two callers
  * skip it: the `alias` lesson, to show what it prevents, and the swiotlb
  * pool, which is never written through its private mapping (swiotlb.c).
+ *
+ * set_memory_enc_pgtable_only() is steps 1-3; __set_memory_enc_pgtable()
+ * adds step 4.
  */
-void __set_memory_enc_pgtable(uint64_t addr, uint64_t numpages, int enc, int flush)
+static void set_memory_enc_pgtable_only(uint64_t addr, uint64_t numpages, int enc, int flush)
 {
 	if (addr & (PAGE_SIZE - 1) || !numpages || numpages > (FOUR_GB - addr) / PAGE_SIZE) {
 		say("set_memory_%scrypted: 0x%lx + %lu pages is not page-aligned memory "
@@ -207,7 +211,11 @@ void __set_memory_enc_pgtable(uint64_t addr, uint64_t numpages, int enc, int flu
 			invlpg(addr + i * PAGE_SIZE);
 	else
 		write_cr3(read_cr3());
+}
 
+void __set_memory_enc_pgtable(uint64_t addr, uint64_t numpages, int enc, int flush)
+{
+	set_memory_enc_pgtable_only(addr, numpages, enc, flush);
 	if (sev_active()) {
 		uint64_t attrs = KVM_MAP_GPA_RANGE_PAGE_SZ_4K |
 				 (enc ? KVM_MAP_GPA_RANGE_ENCRYPTED : 0);
@@ -232,4 +240,15 @@ void set_memory_encrypted(uint64_t addr, uint64_t numpages)
 void set_page_decrypted(uint64_t gpa, int flush)
 {
 	__set_memory_enc_pgtable(gpa, 1, 0, flush);
+}
+
+/*
+ * One page made shared without step 4, as Linux's boot/compressed
+ * set_page_decrypted() makes its boot GHCB shared: an SEV-ES guest's GHCB,
+ * before it exists. The hypervisor reads a GHCB through its own mapping, so
+ * it needs no notice, and the hypercall would itself need the GHCB.
+ */
+void early_set_page_decrypted(uint64_t gpa)
+{
+	set_memory_enc_pgtable_only(gpa, 1, 0, enc_cache_flush_required());
 }

@@ -13,9 +13,10 @@
  * Each entry's size counts its data and its 18-byte trailer (size + GUID);
  * the footer's size counts the whole table, itself included.
  *
- * Two entries, with the addresses of OVMF's AmdSev build (layout.h): where
- * the VMM puts the measured kernel hashes, and where the guest owner's secret
- * is injected. The firmware finds them here too (ovmf.c), as OVMF does.
+ * Three entries: where the APs of an SEV-ES guest start, and, with the
+ * addresses of OVMF's AmdSev build (layout.h), where the VMM puts the
+ * measured kernel hashes and where the guest owner's secret is injected. The
+ * firmware finds the last two here too (ovmf.c), as OVMF does.
  */
 #include "layout.h"
 
@@ -29,6 +30,14 @@
 	.section .ovmf_table, "a"
 	.globl	ovmf_table
 ovmf_table:
+
+/* SEV_ES_RESET_BLOCK_GUID 00f771de-1a7e-4fcb-890e-68c77e2fb44e: u32, where an
+ * SEV-ES guest's APs start (reset16.S); QEMU reads it (sev_es_find_reset_vector). */
+sev_es_reset_block:
+	.long	sev_es_ap_reset
+	.word	sev_es_reset_block_end - sev_es_reset_block
+	GUID	0x00f771de, 0x1a7e, 0x4fcb, 0x89, 0x0e, 0x68, 0xc7, 0x7e, 0x2f, 0xb4, 0x4e
+sev_es_reset_block_end:
 
 /* SEV_HASH_TABLE_RV_GUID 7255371f-3a3b-4b04-927b-1da6efa8d454: u32 base, u32 size */
 sev_hash_table_block:

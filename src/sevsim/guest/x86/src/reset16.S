@@ -74,6 +74,20 @@ real_start:
 	ljmpl	$CODE32_SEL, $entry32
 
 /* ------------------------------------------------------------------------
+ * sev_es_ap_reset: where an AP of an SEV-ES guest starts. The hypervisor
+ * cannot set an ES guest's registers, so it ignores the STARTUP IPI's vector
+ * and starts the AP at the address the footer table's SEV-ES reset block
+ * names (ovmf_table.S), in real mode with CS.base = that address & 0xFFFF0000
+ * (here IMAGE_BASE) and IP = its low 16 bits (QEMU's sev_es_set_reset_vector).
+ * OVMF jumps from there to an address the BSP left in the AP jump table; this
+ * firmware goes straight to the trampoline the BSP copied to TRAMPOLINE_GPA,
+ * as if the STARTUP IPI's vector had been obeyed.
+ * ------------------------------------------------------------------------ */
+	.globl sev_es_ap_reset
+sev_es_ap_reset:
+	ljmp	$(TRAMPOLINE_GPA >> 4), $0	/* CS = 0x0800, IP = 0: linear 0x8000 */
+
+/* ------------------------------------------------------------------------
  * The reset vector: the last 16 bytes of the image, at 0xFFFFFFF0.
  * There is room for little more than a jump; OVMF also puts a near jump here.
  * ------------------------------------------------------------------------ */

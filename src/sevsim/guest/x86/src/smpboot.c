@@ -17,6 +17,10 @@
  * Under SEV this is the lesson: every vCPU of a guest runs with the guest's
  * ASID, so the APs have the BSP's key. They read the private secret (and the
  * private trampoline and mailbox) in the clear; the hypervisor does not.
+ *
+ * Under SEV-ES an AP starts at the image's reset block instead (reset16.S),
+ * which jumps to the same trampoline, and each AP has its own GHCB
+ * (sev_es.c): its APIC accesses are MMIO, each one a #VC.
  */
 #include "guest.h"
 
@@ -83,13 +87,6 @@ static uint64_t read_cr4(void)
 	return v;
 }
 
-static uint64_t rdmsr(uint32_t msr)
-{
-	uint32_t lo, hi;
-	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-	return (uint64_t)hi << 32 | lo;
-}
-
 /*
  * `aps`: start every AP and have each one hash the secret (made first if no
  * `secret` ran before); print what each AP found. The BSP waits with
@@ -108,12 +105,25 @@ void workload_aps(void)
 	}
 	secret_ensure();
 
+	/* Where the local APIC is, and that it is on (Linux reads the same MSR,
+	 * MSR_IA32_APICBASE); this firmware maps it at APIC_BASE only. */
+	uint64_t apicbase = rdmsr(MSR_IA32_APICBASE);
+	if ((apicbase & APICBASE_BASE_MASK) != APIC_BASE || !(apicbase & APICBASE_ENABLE)) {
+		say("aps: the local APIC is not enabled at 0x%x (APIC_BASE MSR 0x%lx)",
+		    APIC_BASE, apicbase);
+		return;
+	}
+
 	memcpy((void *)TRAMPOLINE_GPA, trampoline_start,
 	       (size_t)(trampoline_end - trampoline_start));
 	memset((void *)mb, 0, sizeof(*mb));
 	mb->cr3 = read_cr3();
 	mb->cr4 = (uint32_t)read_cr4();
 	mb->efer = rdmsr(MSR_EFER) & ~(uint64_t)EFER_LMA;	/* the CPU sets LMA itself */
+	/* Under SEV-ES each AP needs its own GHCB, shared, before its first #VC. */
+	mb->sev_es = (uint32_t)sev_es_active();
+	if (sev_es_active())
+		sev_es_prepare_ap_ghcbs(cpus);
 
 	apic_map_decrypted();
 	mb->bsp_apic_id = apic_read(APIC_ID) >> 24;
@@ -154,6 +164,8 @@ noreturn void ap_main(uint32_t apic_id)
 	volatile struct ap_mailbox *mb = AP_MAILBOX;
 	uint8_t digest[SHA256_DIGEST_SIZE];
 
+	if (mb->sev_es)
+		sev_es_ap_setup_ghcb(apic_id);	/* before the APIC's MMIO raises #VC */
 	sha256((const void *)(SECRET_GPA + sizeof(SECRET_MARKER) - 1), SECRET_BYTES, digest);
 	memcpy((void *)mb->digest[apic_id], digest, sizeof(digest));
 	__atomic_add_fetch(&mb->online, 1, __ATOMIC_RELEASE);	/* LOCK ADD */

@@ -20,6 +20,11 @@
  * (and reads) everything as private, so it decrypts the same bytes. The AP
  * also shares the BSP's page tables (the C-bit in every entry) and, through
  * the ASID the VMs vCPUs share, the key: it can read the BSP's secret.
+ *
+ * Under SEV-ES the hypervisor ignores the STARTUP IPI's vector (it cannot
+ * set the AP's CS:IP) and starts the AP at the firmware's reset block
+ * (reset16.S), which jumps here; the BSP says in the mailbox whether ES is
+ * on, and then the one CPUID below goes through the GHCB MSR instead.
  */
 #include "layout.h"
 
@@ -90,10 +95,28 @@ startup_64:
 	 * This AP's stack: its initial APIC ID (CPUID 1 EBX[31:24]) picks one
 	 * of the AP_STACK_SIZE stacks at AP_STACKS_GPA. An ID the stacks do
 	 * not cover stops here.
+	 *
+	 * Under SEV-ES a CPUID would raise #VC, and this AP has neither a
+	 * stack nor an IDT yet: it asks through the GHCB MSR protocol instead,
+	 * for register EBX (1) of leaf 1, as entry32.S's early handler does.
 	 */
+	cmpl	$0, MB(AP_MB_SEV_ES)
+	jne	2f
 	movl	$1, %eax
 	cpuid
-	shrl	$24, %ebx
+	jmp	3f
+2:	movl	$MSR_GHCB, %ecx
+	movl	$(1 << GHCB_CPUID_REG_SHIFT | GHCB_MSR_CPUID_REQ), %eax
+	movl	$1, %edx			/* the leaf, in bits 63:32 */
+	wrmsr
+	rep; vmmcall				/* VMGEXIT */
+	rdmsr
+	movl	%eax, %ecx
+	andl	$GHCB_MSR_INFO_MASK, %ecx
+	cmpl	$GHCB_MSR_CPUID_RESP, %ecx
+	jne	1f
+	movl	%edx, %ebx			/* the value, from bits 63:32 */
+3:	shrl	$24, %ebx
 	jz	1f				/* APIC ID 0 is the BSP's */
 	cmpl	$AP_MAX_CPUS, %ebx
 	jae	1f

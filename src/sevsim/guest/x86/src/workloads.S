@@ -128,6 +128,28 @@ probe_read8:
 	ret
 
 /*
+ * uint64_t probe_rdmsr(uint32_t msr)
+ *
+ * RDMSR of msr: EDX:EAX as one value, or ~0 if the RDMSR raised an exception
+ * (#GP for an MSR that does not exist), with probe_read8's resume address.
+ * Under SEV-ES the RDMSR is a #VC: the hypervisor answers "raise #GP" and
+ * sev_es.c raises it here, at the RDMSR.
+ */
+	.globl	probe_rdmsr
+	.balign	16
+probe_rdmsr:
+	leaq	1f(%rip), %rax
+	movq	%rax, BOOT_INFO_GPA + BI_RESUME_RIP	/* register the resume address */
+	movl	%edi, %ecx
+	rdmsr					/* the access that may fault */
+	shlq	$32, %rdx
+	orq	%rdx, %rax
+	jmp	2f
+1:	movq	$-1, %rax			/* resumed here after an exception */
+2:	movq	$0, BOOT_INFO_GPA + BI_RESUME_RIP	/* unregister */
+	ret
+
+/*
  * void yield_to_host(void)
  *
  * Let the hypervisor run, and come back: `sti; hlt; cli`. On sevsim a HLT is
