@@ -194,3 +194,24 @@ def test_io_tamper_sees_and_alters_clear_io_and_only_tags_detect_it():
     assert not tagged["host_saw_plaintext"] and tagged["detected"]  # the mitigation
     assert "integrity check failed for 1 block(s), first at sector 8" in tagged["guest_error"]
     assert r.succeeded
+
+
+def test_register_state_reads_an_sev_guests_secret_through_its_registers_but_not_an_es_one():
+    """SEV: at an exit the VMCB and KVM show the guest's registers, and steering RIP, RDI and
+    RFLAGS.TF makes the guest's own load hand over its secret byte by byte. SEV-ES: the same
+    VMRUNs resume the guest from its VMSA, the GHCB shows only the last request, and a write
+    into the VMSA's ciphertext shuts the guest down."""
+    r = run("register-state")
+    sev, es = r.figures["SEV"], r.figures["SEV-ES"]
+    assert sev["secret_recovered"] and sev["bytes_recovered"] == SECRET_SIZE and r.succeeded
+    assert sev["gprs_seen"] > 5 and sev["vmcb_cr3"] != "0x0"
+    assert es["bytes_recovered"] == 0 and not es["secret_recovered"]
+    assert es["vmcb_rip"] == "0xfff0" and es["vmcb_cr3"] == "0x0"  # KVM's pre-launch state
+    assert es["gprs_seen"] == 1  # RDX, the signature KVM set at reset
+    assert es["tampered_vmsa_exit"] == "SHUTDOWN"
+    assert "rbx" not in es["ghcb_fields"]  # the GHCB holds what the guest chose to show
+
+
+def test_register_state_on_a_part_without_sev_es_stages_only_the_sev_guest():
+    r = run("register-state", "naples")
+    assert r.succeeded and list(r.figures) == ["SEV"]

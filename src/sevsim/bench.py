@@ -280,6 +280,30 @@ def bench_guest_code(iterations: int, rounds: int, progress: Progress) -> dict[s
     }
 
 
+def bench_es_exits(count: int, progress: Progress) -> dict[str, float]:
+    """es_exit_ratio: one CPUID in an SEV-ES guest (#VC, the handler's GHCB request,
+    VMGEXIT, KVM reading and answering the GHCB, back through IRETQ) ÷ one intercepted
+    CPUID in a plain SEV guest (an exit, KVM, back). The same image runs ``cpuid:N`` in
+    both; the phase is timed from the workload line to its result."""
+    from sevsim.api.policy import PolicyFlag
+    from sevsim.system import HostSystem
+
+    work = f"cpuid:{count}"
+    cost = {}
+    with HostSystem.start(get_profile("milan").with_(dram_size=4 * GiB)) as system:
+        for label, policy in (("SEV", 0), ("SEV-ES", PolicyFlag.ES)):
+            progress(f"{count} CPUIDs in an {label} guest")
+            vm = system.start_x86_guest("bench", work, memory=32 * MiB, policy=policy)
+            vm.spin_budget = 1 << 30
+            cost[label] = _guest_phase(vm, f"workload {work}\n", "sevsim-guest: cpuid") / count
+            vm.destroy()
+    return {
+        "es_exit_ratio": cost["SEV-ES"] / cost["SEV"],
+        "sev_cpuid_us": cost["SEV"] * 1e6,
+        "es_cpuid_us": cost["SEV-ES"] * 1e6,
+    }
+
+
 def bench_launch(size: int, rounds: int, progress: Progress) -> dict[str, float]:
     """LAUNCH_UPDATE_DATA + LAUNCH_MEASURE of a ``size``-byte image, through the mailbox,
     against raw AES-128-ECB (``update_into``, no copies) plus SHA-256 of the same bytes."""
@@ -836,6 +860,7 @@ def run_bench(quick: bool = False, progress: Progress | None = None) -> dict[str
         bench_guest_code(20_000_000 if quick else 200_000_000, 4 if quick else 16, progress)
     )
     result.update(bench_launch(size, rounds, progress))
+    result.update(bench_es_exits(200 if quick else 2000, progress))
     result.update(bench_command_path(2 if quick else rounds, progress))
     result.update(bench_migrate(64 * MiB if quick else 256 * MiB, progress))
     result.update(bench_bounce_io(4 * MiB if quick else 64 * MiB, 2 if quick else rounds, progress))

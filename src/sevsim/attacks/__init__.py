@@ -4,7 +4,7 @@
 them (``sevsim attack --list``); importing this package registers them all.
 """
 
-from sevsim.attacks import coherence, hypervisor, io, physical  # noqa: F401 - they register
+from sevsim.attacks import coherence, hypervisor, io, physical, registers  # noqa: F401
 from sevsim.attacks.lab import ATTACKS, Attack, AttackResult
 
 ORDER = [
@@ -14,6 +14,7 @@ ORDER = [
     "crossline",
     "cipher-move",
     "replay",
+    "register-state",
     "ciphertext-side-channel",
     "io-tamper",
     "cache-alias",

@@ -89,7 +89,7 @@ def guest_image_cmd(out: Path, as_json: bool) -> None:
     sevsim/guest/x86; the same bytes as `vm firmware --size 64K`) for `vm run --bios`.
     Choose what it does with --fw-cfg name=opt/sevsim/workload,string='WORDS': secret,
     secret:LABEL, dma, aps (with --smp), picture, pf, gp, selfmod, alias, alias-flush,
-    spin, alu:N, mem:N, loads:N[:ROUNDS], count, count:N, disk:MIB[:SEED[:write|:auth]]
+    spin, alu:N, mem:N, loads:N[:ROUNDS], cpuid:N, count, count:N, disk:MIB[:SEED[:write|:auth]]
     (with --disk), hmac-selftest, and the attack lab's balance, flags, inbox (default:
     secret; the image's README.md says what each does). It also boots on plain QEMU."""
     image = x86_guest.image()

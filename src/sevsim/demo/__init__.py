@@ -5,7 +5,8 @@ physical attacker with a cold-boot dump) and, for guests, what the hypervisor re
 checks that the machine behaved as the architecture says. The CLI renders the steps as
 each completes (``demo_steps`` yields them, with ``Working`` notes of what comes next); this
 package only runs them: ``sme`` (SME, TSME, the platform's identity), ``attest`` (launch
-attestation with a remote owner), ``sev`` (guests side by side), ``migrate``
+attestation with a remote owner), ``sev`` (guests side by side, then SEV against SEV-ES:
+the registers), ``migrate``
 (a guest moving to another platform), ``io`` (an SEV guest's
 disk, its bounce buffers, DMA) and ``attacks`` (the attack lab, staged and checked).
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from sevsim.demo.attacks import attack_story
 from sevsim.demo.attest import attest_story
+from sevsim.demo.es import es_story
 from sevsim.demo.io import io_story
 from sevsim.demo.migrate import migrate_story
 from sevsim.demo.sev import sev_story
@@ -85,6 +87,7 @@ def demo_steps(
         (sme, sme_story, plain),
         (attest, attest_story, plain),
         (sev, sev_story, plain),
+        (sev, es_story, plain),
         (migrate, migrate_story, plain),
         (io, io_story, plain),
         (tsme, tsme_story, with_tsme),

@@ -56,6 +56,18 @@ def _replay(r: AttackResult, s: Step) -> None:
     s.check("the guest reads its old balance (no integrity in SEV)", r.succeeded)
 
 
+def _register_state(r: AttackResult, s: Step) -> None:
+    sev = r.figures["SEV"]
+    s.check("SEV: steering RIP, RDI and TF hands the secret over byte by byte", r.succeeded)
+    if "SEV-ES" in r.figures:
+        es = r.figures["SEV-ES"]
+        s.check("SEV-ES: the same VMRUNs recover nothing", es["bytes_recovered"] == 0)
+        s.check(
+            "SEV-ES: a write into the VMSA ends in SHUTDOWN", es["tampered_vmsa_exit"] == "SHUTDOWN"
+        )
+    s.check("SEV: the VMCB holds the guest's CR3", sev["vmcb_cr3"] != "0x0")
+
+
 def _side_channel(r: AttackResult, s: Step) -> None:
     s.check("two ciphertexts for two flag values: the key's bits, undecrypted", r.succeeded)
 
@@ -89,6 +101,7 @@ EXPECTED: dict[str, Expect] = {
     "crossline": _crossline,
     "cipher-move": _cipher_move,
     "replay": _replay,
+    "register-state": _register_state,
     "ciphertext-side-channel": _side_channel,
     "io-tamper": _io_tamper,
     "cache-alias": _cache_alias,

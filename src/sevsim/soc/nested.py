@@ -73,6 +73,11 @@ EFER_SVME = 1 << 12
 VMSA_SAVE_FIELDS = tuple(
     f.name for f in VMCB.fields if f.offset >= SAVE and f.name in {g.name for g in VMSA.fields}
 )
+# Where #VMEXIT writes each of them, and the GPRs, in the VMSA: (name, offset, size).
+_VMSA_SLOTS = tuple(
+    (name, VMSA.field(name).offset, VMSA.field(name).size)
+    for name in VMSA_SAVE_FIELDS + tuple(GPR_OFFSETS)
+)
 
 
 class HostTables:
@@ -347,9 +352,9 @@ class EncryptedState:
     def save(self, vmcb, ghcb_msr: int) -> None:
         values = {name: getattr(vmcb, name) for name in VMSA_SAVE_FIELDS}
         values.update(self.regs)
-        for name, value in values.items():
-            f = VMSA.field(name)
-            self._plain[f.offset : f.offset + f.size] = value.to_bytes(f.size, "little")
+        plain = self._plain
+        for name, offset, size in _VMSA_SLOTS:
+            plain[offset : offset + size] = values.get(name, 0).to_bytes(size, "little")
         for name, value in self._hypervisor_view.items():
             setattr(vmcb, name, value)
         vmcb.ghcb_gpa = ghcb_msr

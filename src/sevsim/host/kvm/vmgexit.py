@@ -30,6 +30,7 @@ from sevsim.api.vmsa import (
     GHCB_SHARED_BUFFER,
     GHCB_SHARED_BUFFER_SIZE,
     GHCB_SIZE,
+    GHCB_VALID_BITMAP,
     SVM_VMGEXIT_MMIO_READ,
     SVM_VMGEXIT_MMIO_WRITE,
     SVM_VMGEXIT_TERM_REQUEST,
@@ -63,6 +64,8 @@ REQUIRED = {
     SVM_VMGEXIT_TERM_REQUEST: (),
 }
 IOIO_TYPE_IN, IOIO_STR, IOIO_REP = 1 << 0, 1 << 2, 1 << 3
+SAVE_AREA_END = GHCB_VALID_BITMAP + 16  # the save-area image and its valid bitmap
+VERSION_START = GHCB.field("protocol_version").offset
 
 
 def handle(vcpu: Vcpu) -> RunExit | None:
@@ -106,14 +109,17 @@ def _ghcb_page(vcpu: Vcpu, gpa: int) -> RunExit | None:
     vm = vcpu.vm
     if not gpa or vm.slot_of(gpa, GHCB_SIZE) is None:
         return _die(vcpu, "INTERNAL_ERROR", f"vmgexit: GHCB GPA {gpa:#x} is not guest memory")
-    ghcb = GHCB.parse(vm.read(gpa, GHCB_SIZE))
+    # The save area with its valid bitmap, the shared buffer and the version fields, each
+    # read as KVM's mapping of the page would touch them (not the whole page).
+    answer = bytearray(GHCB_SIZE)
+    answer[:SAVE_AREA_END] = vm.read(gpa, SAVE_AREA_END)
+    answer[VERSION_START:] = vm.read(gpa + VERSION_START, GHCB_SIZE - VERSION_START)
+    ghcb = GHCB.parse(bytes(answer))
     valid = ghcb.valid_bitmap
 
     def given(name: str) -> int:
         return getattr(ghcb, name) if ghcb_is_valid(valid, name) else 0
 
-    answer = bytearray(GHCB_SIZE)
-    answer[:] = GHCB.build(ghcb)
     bitmap = bytearray(16)
 
     def reply(**values: int) -> None:
@@ -167,7 +173,7 @@ def _ghcb_page(vcpu: Vcpu, gpa: int) -> RunExit | None:
         args = tuple(given(r) for r in ("rbx", "rcx", "rdx", "rsi"))
         reply(rax=vcpu.hypercall(given("rax"), args), sw_exit_info_1=GHCB_HV_RESP_NO_ACTION)
     elif code in (SVM_VMGEXIT_MMIO_READ, SVM_VMGEXIT_MMIO_WRITE):
-        problem = _mmio(vcpu, gpa, ghcb, answer, code == SVM_VMGEXIT_MMIO_WRITE)
+        problem = _mmio(vcpu, gpa, ghcb, code == SVM_VMGEXIT_MMIO_WRITE)
         if problem:
             reply(
                 sw_exit_info_1=GHCB_HV_RESP_MALFORMED_INPUT, sw_exit_info_2=GHCB_ERR_INVALID_INPUT
@@ -179,11 +185,11 @@ def _ghcb_page(vcpu: Vcpu, gpa: int) -> RunExit | None:
         return _die(vcpu, "SYSTEM_EVENT", "SEV-ES termination request (GHCB)")
     f = GHCB.field("valid_bitmap")
     answer[f.offset : f.offset + f.size] = bytes(bitmap)
-    vm.write(gpa, bytes(answer))
+    vm.write(gpa, bytes(answer[:SAVE_AREA_END]))  # the answer's registers and bitmap
     return None
 
 
-def _mmio(vcpu: Vcpu, ghcb_gpa: int, ghcb, answer: bytearray, write: bool) -> str | None:
+def _mmio(vcpu: Vcpu, ghcb_gpa: int, ghcb, write: bool) -> str | None:
     """An MMIO read or write the guest emulates for itself: GPA in sw_exit_info_1, length in
     sw_exit_info_2, the data in the GHCB's shared buffer at sw_scratch."""
     target, length, scratch = ghcb.sw_exit_info_1, ghcb.sw_exit_info_2, ghcb.sw_scratch
@@ -192,12 +198,11 @@ def _mmio(vcpu: Vcpu, ghcb_gpa: int, ghcb, answer: bytearray, write: bool) -> st
         return f"MMIO: length {length} is not 1, 2, 4 or 8"
     if not start <= scratch <= start + GHCB_SHARED_BUFFER_SIZE - length:
         return f"MMIO: scratch area {scratch:#x} is outside the GHCB's shared buffer"
-    offset = scratch - ghcb_gpa
     device, base = vcpu.mmio_device(target)
     if write:
-        value = int.from_bytes(answer[offset : offset + length], "little")
+        value = int.from_bytes(vcpu.vm.read(scratch, length), "little")
         device.write(target - base, value)
     else:
         value = device.read(target - base) & ((1 << 8 * length) - 1)
-        answer[offset : offset + length] = value.to_bytes(length, "little")
+        vcpu.vm.write(scratch, value.to_bytes(length, "little"))
     return None

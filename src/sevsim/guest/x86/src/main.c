@@ -245,6 +245,24 @@ static void workload_fill(void)
 	say("filled %lu MiB", bytes >> 20);
 }
 
+/* --- cpuid: the price of one intercepted instruction ------------------------ */
+
+/*
+ * n CPUIDs of leaf 0. Each is intercepted by the hypervisor: an exit under
+ * SEV; under SEV-ES a #VC, the handler's GHCB request and a VMGEXIT. A
+ * benchmark times the loop in both.
+ */
+static void workload_cpuid(uint64_t n)
+{
+	uint32_t a, b, c, d, sum = 0;
+
+	for (uint64_t i = 0; i < n; i++) {
+		cpuid(0, &a, &b, &c, &d);
+		sum += a;
+	}
+	say("cpuid %lu, max leaf sum %x", n, sum);
+}
+
 /* --- the workload list ------------------------------------------------------ */
 
 /* Decimal digits only, at least one, no overflow. */
@@ -330,6 +348,8 @@ static void run_workload(char *w)
 			__asm__ volatile("1: jmp 1b");
 	} else if (starts_with(w, "disk:")) {
 		workload_disk(w);
+	} else if (starts_with(w, "cpuid:") && parse_u64(w + 6, &n)) {
+		workload_cpuid(n);
 	} else if (starts_with(w, "alu:") && parse_u64(w + 4, &n)) {
 		say("alu %lx", alu_loop(n));
 	} else if (starts_with(w, "mem:") && parse_u64(w + 4, &n)) {
