@@ -250,6 +250,9 @@ def test_bench_quick_json(capsys):
         "migrate_ratio",
         "migrate_overlap",
         "bounce_io_ratio",
+        "es_exit_ratio",
+        "sev_cpuid_us",
+        "es_cpuid_us",
         "sparse_rss_mib",
         "touched_mib",
     ):

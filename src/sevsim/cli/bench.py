@@ -25,8 +25,10 @@ def bench(quick: bool, as_json: bool) -> int:
     SHA-256 (LAUNCH_UPDATE_DATA + LAUNCH_MEASURE), with the raw crypto two firmwares do
     (a 256 MiB guest migrated page by page between two platform services over loopback),
     and with a plain Python file write (an SEV guest's disk writes through bounce
-    buffers). The command path is given in microseconds: a PLATFORM_STATUS round trip
-    and a one-page SEND_UPDATE_DATA beyond its crypto. RSS growth is compared with the
+    buffers). es_exit_ratio is the price of SEV-ES: one CPUID in an SEV-ES guest (#VC, a
+    GHCB request, VMGEXIT and back) over one intercepted CPUID in a plain SEV guest. The
+    command path is given in microseconds: a PLATFORM_STATUS round trip and a one-page
+    SEND_UPDATE_DATA beyond its crypto. RSS growth is compared with the
     memory actually used (a 1 TiB machine; a 4 GiB SEV guest after boot; a service with
     8 guests; each side of the migration). Each figure is the median of several rounds
     (the best round of each side for the disk writes, where page-cache allocation is
@@ -66,6 +68,9 @@ def bench(quick: bool, as_json: bool) -> int:
         ("guest_mem_ratio", "{:.3f}"),
         ("launch_ratio", "{:.3f}"),
         ("launch_gbps", "{:.2f} GB/s"),
+        ("es_exit_ratio", "{:.2f}×"),
+        ("sev_cpuid_us", "{:.0f} µs"),
+        ("es_cpuid_us", "{:.0f} µs"),
         ("command_us", "{:.1f} µs"),
         ("send_page_us", "{:.1f} µs"),
         ("send_page_total_us", "{:.1f} µs"),
