@@ -77,7 +77,7 @@ def test_demo_passes_every_check(tmp_path, capsys):
     assert code == 0 and data["ok"]
     titles = [s["title"] for s in data["steps"]]
     attacks = [t for t in titles if t.startswith("Attack: ")]
-    assert len(attacks) == 10
+    assert len(attacks) == 11
     assert "report written to" in err
     report = (tmp_path / "r" / "report.md").read_text()
     assert "![the classic picture](classic.png)" in report and "![key domains](keys.png)" in report
@@ -113,7 +113,7 @@ def test_demo_passes_every_check(tmp_path, capsys):
 def test_demo_parts(capsys):
     code, out, _ = run(["demo", "--sev", "--seed", "7", "--json"], capsys)
     titles = [s["title"] for s in json.loads(out)["steps"]]
-    assert code == 0 and len(titles) == 4 and "ASIDs" in titles[2]
+    assert code == 0 and len(titles) == 5 and "ASIDs" in titles[2] and "SEV-ES" in titles[4]
     code, _, err = run(["demo", "--sev", "--tsme"], capsys)
     assert code == 2 and "one at most" in err
     code, out, _ = run(["demo", "--attest", "--seed", "7", "--json"], capsys)

@@ -65,8 +65,8 @@ def vm() -> None:
 @json_option
 def firmware_cmd(out: Path, size: str, as_json: bool) -> None:
     """Write the guest firmware (OVMF's role): the real-code guest of sevsim/guest/x86 in a
-    flash image of --size bytes, ending with its OVMF footer table (secret area,
-    kernel-hashes area) and reset vector. Give it to `vm run --bios` and to
+    flash image of --size bytes, ending with its OVMF footer table (SEV-ES reset block,
+    secret area, kernel-hashes area) and reset vector. Give it to `vm run --bios` and to
     `owner measure --firmware`; with --kernel it checks the measured kernel hashes, then
     it proves it got the owner's secret and runs the workloads of
     --fw-cfg name=opt/sevsim/workload,string='WORDS' (see `vm guest-image`)."""

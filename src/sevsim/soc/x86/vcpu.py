@@ -351,7 +351,10 @@ class X86Vcpu:
         frame = self.frames.frame(slot, t.page_pa)
         perms = 0
         same = core._slot(t, Access.READ) == core._slot(t, Access.FETCH)
-        if access == Access.FETCH or same:
+        # SEV-ES: a read does not make a page executable, so that the first fetch from it
+        # fills again and scans it for IN/OUT (a data page read first would otherwise be
+        # scanned: its bytes give thousands of false sites).
+        if access == Access.FETCH or (same and not self.gm.sev_es):
             if core._allowed(t, Access.FETCH):
                 perms |= UC_PROT_EXEC
         if access != Access.FETCH or same:
