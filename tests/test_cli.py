@@ -101,13 +101,18 @@ def test_demo_passes_every_check(tmp_path, capsys):
     assert bytes.fromhex(alpha["dram_holds"]) != guest_reads
     plain = views["plain's secret"]
     assert bytes.fromhex(plain["host_reads"]) == bytes.fromhex(plain["cpu_reads"])
-    tables = [t for s in data["steps"] for t in s["tables"]]
+    all_tables = [t for s in data["steps"] for t in s["tables"]]
+    tables = [t for t in all_tables if "moment" in t["rows"][0]]  # the ASID tables
     moments = [r["moment"] for t in tables for r in t["rows"] if r["moment"]]
     assert any("WBINVD_REQUIRED" in m for m in moments)
     reused = [r for r in tables[-1]["rows"] if r["guest"] == "gamma"]
     assert reused and reused[0]["ASID"] == next(
         r["ASID"] for r in tables[0]["rows"] if r["guest"] == "alpha"
     )
+    # The SEV-ES step: the hypervisor reads the SEV guest's RIP, and the SEV-ES guest's reset RIP.
+    registers = next(t for t in all_tables if t["title"].startswith("what the hypervisor reads"))
+    rip = next(r for r in registers["rows"] if r["register"] == "RIP")
+    assert rip["SEV-ES guest"] == "0xfff0" and rip["SEV guest"] == rip["SEV-ES VMSA, under its key"]
 
 
 def test_demo_parts(capsys):
