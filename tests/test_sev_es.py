@@ -165,3 +165,82 @@ def test_an_es_launch_needs_the_firmware_s_reset_block(milan, tmp_path):
     vmm = Vmm(milan, VmConfig(firmware=bios, memory=MEM, policy=ES))
     with pytest.raises(VmmError, match="SEV-ES reset block"):
         vmm.start()
+
+
+def test_vmrun_refuses_an_es_guest_downgraded_to_plain_sev_on_its_asid(milan):
+    """A hypervisor that clears SEV_ES_ENABLE would get the registers in the VMCB again: the
+    hardware refuses a plain SEV guest on an SEV-ES ASID (below CPUID 0x8000001F EDX)."""
+    from sevsim.soc.svm import SEV_ES_ENABLE
+
+    vm = es_guest(milan)
+    vcpu = vm.vcpus[0]
+    vcpu.set_vmcb(nested_ctl=vcpu.vmcb().nested_ctl & ~SEV_ES_ENABLE)
+    assert vcpu.run_once().code == EXIT_INVALID
+    vm.destroy()
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        ({"sw_exit_code": 0x72, "rax": 0, "rcx": 0, "ghcb_usage": 1}, 2),  # INVALID_USAGE
+        ({"sw_exit_code": 0x72, "rax": 0, "rcx": 0, "without": "sw_exit_info_2"}, 4),
+        ({"sw_exit_code": 0x72, "rax": 0}, 4),  # MISSING_INPUT: no RCX
+        ({"sw_exit_code": 0x7B, "sw_exit_info_1": 0x3F8 << 16}, 5),  # INVALID_INPUT: no size
+        ({"sw_exit_code": 0x7B, "sw_exit_info_1": 0x3F8 << 16 | 1 << 4 | 1 << 2}, 5),  # INS
+        ({"sw_exit_code": 0x7C, "rcx": 0x1B, "sw_exit_info_1": 1, "rax": 0}, 4),  # no RDX
+        ({"sw_exit_code": 0x1234}, 6),  # INVALID_EVENT
+        (
+            {
+                "sw_exit_code": 0x8000_0001,
+                "sw_exit_info_1": 0xFEE0_0020,
+                "sw_exit_info_2": 4,
+                "sw_scratch": 0x10_0000,  # not in the GHCB's shared buffer
+            },
+            3,  # INVALID_SCRATCH_AREA
+        ),
+    ],
+)
+def test_kvm_answers_a_malformed_ghcb_request_with_the_specs_reason(milan, request_, reason):
+    """A GHCB written by hand, as a buggy or hostile guest would: KVM answers sw_exit_info_1 =
+    2 (malformed input) with the GHCB specification's reason in sw_exit_info_2 (Linux
+    sev-common.h GHCB_ERR_*), and goes on; it never takes the request."""
+    from sevsim.api.vmsa import GHCB, ghcb_set_valid
+    from sevsim.host.kvm import vmgexit
+
+    vm = es_guest(milan)
+    vm.run()
+    vcpu = vm.vcpus[0]
+    fields = {"sw_exit_info_1": 0, "sw_exit_info_2": 0} | dict(request_)
+    without = fields.pop("without", None)
+    usage = fields.pop("ghcb_usage", 0)
+    bitmap = bytearray(16)
+    for name in fields:
+        if name != without:
+            ghcb_set_valid(bitmap, name)
+    vm.write(GHCB_GPA, GHCB.build(**fields, valid_bitmap=bytes(bitmap), ghcb_usage=usage))
+    vcpu.set_vmcb(ghcb_gpa=GHCB_GPA)
+    console = vm.console_text()
+    assert vmgexit.handle(vcpu) is None and vm.dead is None
+    answer = GHCB.parse(vm.read(GHCB_GPA, GHCB.size))
+    assert (answer.sw_exit_info_1, answer.sw_exit_info_2) == (2, reason)
+    assert vm.ghcb_errors and vm.console_text() == console  # no I/O was done
+    vm.destroy()
+
+
+def test_a_hypercall_from_user_mode_gets_eperm(milan):
+    from sevsim.api.vmsa import GHCB, ghcb_set_valid
+    from sevsim.host.kvm import vmgexit
+
+    vm = es_guest(milan)
+    vm.run()
+    bitmap = bytearray(16)
+    fields = {"sw_exit_code": 0x81, "sw_exit_info_1": 0, "sw_exit_info_2": 0, "rax": 12}
+    for name in (*fields, "cpl"):
+        ghcb_set_valid(bitmap, name)
+    vm.write(GHCB_GPA, GHCB.build(**fields, cpl=3, valid_bitmap=bytes(bitmap)))
+    vm.vcpus[0].set_vmcb(ghcb_gpa=GHCB_GPA)
+    calls = len(vm.hypercalls)
+    vmgexit.handle(vm.vcpus[0])
+    assert GHCB.parse(vm.read(GHCB_GPA, GHCB.size)).rax == -1 & (1 << 64) - 1  # -KVM_EPERM
+    assert len(vm.hypercalls) == calls  # not made
+    vm.destroy()

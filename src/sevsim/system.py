@@ -130,7 +130,11 @@ class HostSystem:
         image = x86_guest.image() if firmware is None else firmware
         base = vm.load_firmware(image)
         if es:
-            set_ap_reset_vectors(vm, ovmf.parse_table(image))
+            try:
+                set_ap_reset_vectors(vm, ovmf.parse_table(image))
+            except ValueError:
+                vm.destroy()
+                raise
         directory, items = fwcfg.file_directory({x86_guest.WORKLOAD_FILE: workload.encode()})
         items[fwcfg.FILE_DIR] = directory
         items[fwcfg.SIGNATURE] = b"QEMU"

@@ -177,6 +177,8 @@ class AsidCommands:
         guest = ctx.guest(buf.handle)
         if guest.asid:
             return Status.ACTIVE
+        for spa in guest.vmsa_pages:  # its VMSAs' integrity values go with it
+            ctx.hw.forget_vmsa(spa)
         del ctx.guests[guest.handle]
         ctx.guest_count -= 1
         if ctx.guest_count == 0:

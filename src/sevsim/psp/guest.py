@@ -58,6 +58,7 @@ class Guest:
     digest: object = field(default_factory=hashlib.sha256, repr=False)
     launch_digest: bytes = b""
     measurement: bytes = field(default=b"", repr=False)
+    vmsa_pages: list[int] = field(default_factory=list)  # VMSAs sealed by LAUNCH_UPDATE_VMSA
 
     @property
     def is_es(self) -> bool:

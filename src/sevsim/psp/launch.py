@@ -80,7 +80,9 @@ class LaunchCommands:
                 # MODEL: AMD-ASPFW writes a CRC block address into the VMSA (0x388) after
                 # measuring it and keeps the CRC in the SEV-ES TMR; here the chip keeps the
                 # page's integrity value itself, and the measured bytes are the same.
-                self.ctx.hw.seal_vmsa(mem.check(buf.paddr, buf.len), chunk.tobytes())
+                spa = mem.check(buf.paddr, buf.len)
+                self.ctx.hw.seal_vmsa(spa, chunk.tobytes())
+                guest.vmsa_pages.append(spa)
             mem.write_guest_from(buf.paddr + off, chunk, guest.asid)
         return Status.SUCCESS
 

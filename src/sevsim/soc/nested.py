@@ -278,7 +278,16 @@ def vmrun(core: Core, vmcb_addr: int, regs: dict[str, int]) -> Exit:
         or (sev and not machine.chip.asid_valid_on(v.asid, core.index))
     )
     es = bool(v.nested_ctl & SEV_ES_ENABLE)
-    invalid = invalid or (es and not (sev and profile.sev_es)) or (es and v.vmsa_pa % 4096)
+    invalid = (
+        invalid
+        or (es and not (sev and profile.sev_es))
+        or (es and v.vmsa_pa % 4096)
+        # CPUID 0x8000001F EDX is the lowest ASID of an SEV guest without SEV-ES, and the
+        # ASIDs below it are SEV-ES ones (hardware.md §7.1): an SEV-ES guest cannot be run
+        # as a plain SEV guest on its own ASID, with its registers in the VMCB.
+        or (sev and not es and v.asid < profile.min_sev_asid)
+        or (es and v.asid >= profile.min_sev_asid)
+    )
     if invalid:
         return finish(Exit(EXIT_INVALID))
     vmsa = None

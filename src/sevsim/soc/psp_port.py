@@ -64,5 +64,9 @@ class PspHardware:
         """LAUNCH_UPDATE_VMSA: the integrity value VMRUN checks an SEV-ES VMSA against."""
         self._chip.seal_vmsa(spa, plaintext)
 
+    def forget_vmsa(self, spa: int) -> None:
+        """DECOMMISSION: the guest's VMSA integrity values are freed."""
+        self._chip.forget_vmsa(spa)
+
     def smee_all_cores(self) -> bool:
         return bool(self._machine.syscfg & msr.SYSCFG_MEM_ENCRYPT)

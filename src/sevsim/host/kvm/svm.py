@@ -562,7 +562,7 @@ class Vcpu:
         """KVM_EXIT_IO: the device on the port handles it; no device reads all ones. Returns
         RAX afterwards."""
         port = info1 >> IOIO_PORT_SHIFT & 0xFFFF
-        size = next(n for n, bit in IOIO_SIZE_BITS.items() if info1 & bit)
+        size = next((n for n, bit in IOIO_SIZE_BITS.items() if info1 & bit), 1)
         device = self.vm.io_ports.get(port)
         if info1 & IOIO_TYPE_IN:
             mask = (1 << 8 * size) - 1

@@ -222,6 +222,8 @@ class X86Vcpu:
         self._io_sites: set[int] = set()  # SEV-ES: where an IN/OUT may start
         self._exits_key: tuple | None = None  # the paging registers the exits were set under
         self._scanned: set[tuple[int, int]] = set()  # (linear page, frame) scanned for sites
+        self._site_pages: set[int] = set()  # linear pages with sites
+        self._exit_pages: set[int] = set()  # those whose sites the engine has now
         self._fills = 0  # engine TLB fills since its last flush
         self._growth_flushes = 0
         self._breakpoints: dict[int, int] = {}  # linear address -> n, for DR7-enabled DRn
@@ -371,6 +373,8 @@ class X86Vcpu:
             frame.executed = True
             self._scanned.add((va & ~0xFFF, frame.addr))
             self._scan_page(va & ~0xFFF, frame.view)
+        if perms & UC_PROT_EXEC and va & ~0xFFF in self._site_pages - self._exit_pages:
+            self._set_exits()  # a page left out while it was not mapped is back
         entry.paddr = frame.addr
         entry.perms = perms
         return True
@@ -391,9 +395,13 @@ class X86Vcpu:
             & ((b[2:] & 0xC0) != 0xC0)
         )
         added = self._add_sites(page_va, b, clflush, self._clflush_sites)
+        if len(clflush):
+            self._site_pages.add(page_va)
         if self.gm is not None and self.gm.sev_es:
             io = np.flatnonzero(np.isin(b, IO_OPCODES))
             added = self._add_sites(page_va, b, io, self._io_sites) or added
+            if len(io):
+                self._site_pages.add(page_va)
         if added:
             self._set_exits()
 
@@ -427,6 +435,7 @@ class X86Vcpu:
                 mapped[page] = True
             except HardwareFault:
                 mapped[page] = False
+        self._exit_pages = {page for page, ok in mapped.items() if ok}
         self.uc.ctl_set_exits(sorted(site for site in sites if mapped[site & ~0xFFF]))
 
     def _load_breakpoints(self) -> None:
@@ -440,6 +449,7 @@ class X86Vcpu:
         }
         if wanted != self._breakpoints:
             self._breakpoints = wanted
+            self._site_pages.update(address & ~0xFFF for address in wanted)
             self._set_exits()
             self.uc.ctl_flush_tb()
 
@@ -849,7 +859,10 @@ class X86Vcpu:
         return None
 
     def shutdown(self, reason: str) -> Exit:
-        self.note(reason)
+        self.note(reason)  # the model's own log (what an observer of the silicon sees)
+        if self.gm is not None and self.gm.sev_es:
+            # A SHUTDOWN exit tells the hypervisor nothing of an SEV-ES guest's state.
+            reason = "shutdown (an SEV-ES guest: its state stays in its VMSA)"
         return Exit(EXIT_SHUTDOWN, detail={"reason": reason})
 
     # ---- intercepted instructions -----------------------------------------------------------
