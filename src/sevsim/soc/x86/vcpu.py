@@ -422,9 +422,10 @@ class X86Vcpu:
         return added
 
     def _set_exits(self) -> None:
-        """Hand the engine its exits. Unicorn translates each exit's address when they are
-        set, and a page that is not mapped now would fault in the middle of whatever runs:
-        sites on such pages (found under an earlier mapping) are left out."""
+        """Hand the engine its exits. Unicorn translates every exit's address when the
+        engine starts, and one on a page that is not mapped would fault inside the guest:
+        sites on such pages are left out, until the paging registers change or the page is
+        filled again (``_tlb_fill``)."""
         core = self.core
         self._exits_key = (core.cr0, core.cr3, core.cr4, core.efer)
         sites = self._clflush_sites | self._io_sites | self._breakpoints.keys()
