@@ -19,6 +19,7 @@ from sevsim.attacks.lab import (
     is_secret,
     published_digest,
     start_victim,
+    vmrun,
 )
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import NPT_LEAF, KvmError
@@ -26,7 +27,6 @@ from sevsim.profiles import MachineProfile
 from sevsim.soc.nested import EFER_SVME
 from sevsim.soc.paging import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RW
 from sevsim.soc.svm import (
-    EXIT_INTR,
     EXIT_NPF,
     NP_ENABLE,
     NPF_GUEST_PAGE_TABLE,
@@ -499,9 +499,7 @@ def crossline_exec(profile: MachineProfile, r: AttackResult) -> None:
                 event_inj=0,
             )
             regs = {"rdi": target, "rcx": index}
-            exit_ = core.vmrun(vcpu.vmcb_addr, regs)
-            while exit_.code == EXIT_INTR:  # the host's timer ended the slice: back in, as KVM
-                exit_ = core.vmrun(vcpu.vmcb_addr, regs)
+            exit_ = vmrun(core, vcpu, regs)
             exits.append(exit_.name)
             after = vcpu.vmcb()
             if exit_.code != EXIT_NPF:

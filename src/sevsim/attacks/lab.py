@@ -26,6 +26,7 @@ from typing import Any
 from sevsim.guest import x86 as x86_guest
 from sevsim.host.kvm import Vm
 from sevsim.profiles import MachineProfile
+from sevsim.soc.svm import EXIT_INTR
 from sevsim.system import HostSystem
 
 SYMBOLS = x86_guest.symbols()  # the victims' fixed addresses: the image is public
@@ -105,6 +106,15 @@ def start_victim(
 ) -> Vm:
     """An SEV guest running the real-code image's ``workload``, launched as KVM does it."""
     return system.start_x86_guest(name, workload, policy=policy)
+
+
+def vmrun(core, vcpu, regs: dict[str, int]):
+    """The attacker's own VMRUN of a VMCB it prepared, resumed after the host timer's exits
+    (as KVM goes back in): the first exit that is the guest's."""
+    exit_ = core.vmrun(vcpu.vmcb_addr, regs)
+    while exit_.code == EXIT_INTR:
+        exit_ = core.vmrun(vcpu.vmcb_addr, regs)
+    return exit_
 
 
 def console_value(vm: Vm, prefix: str) -> str:

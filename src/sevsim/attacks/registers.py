@@ -15,10 +15,11 @@ from sevsim.attacks.lab import (
     is_secret,
     published_digest,
     start_victim,
+    vmrun,
 )
 from sevsim.guest import x86 as x86_guest
 from sevsim.profiles import MachineProfile
-from sevsim.soc.svm import DB_VECTOR, EXIT_EXCP_BASE, EXIT_INTR, RFLAGS_FIXED, RFLAGS_TF
+from sevsim.soc.svm import DB_VECTOR, EXIT_EXCP_BASE, RFLAGS_FIXED, RFLAGS_TF
 from sevsim.soc.x86.decode import disassemble
 from sevsim.system import HostSystem
 
@@ -49,13 +50,6 @@ def load_gadget() -> int:
     )
 
 
-def _vmrun(core, vcpu, regs: dict[str, int]):
-    exit_ = core.vmrun(vcpu.vmcb_addr, regs)
-    while exit_.code == EXIT_INTR:  # the host's timer ended the slice: back in, as KVM does
-        exit_ = core.vmrun(vcpu.vmcb_addr, regs)
-    return exit_
-
-
 def _steer(system, vcpu, gadget: int, r: AttackResult, label: str) -> bytes:
     """Single-step the guest's load once per byte of its secret: RIP at the load, RDI at the
     byte, RFLAGS.TF set and #DB intercepted; after one instruction RAX holds the byte."""
@@ -68,7 +62,7 @@ def _steer(system, vcpu, gadget: int, r: AttackResult, label: str) -> bytes:
             intercept_exceptions=1 << DB_VECTOR,
             event_inj=0,
         )
-        exit_ = _vmrun(core, vcpu, dict(vcpu.regs, rdi=SECRET_GPA + i))
+        exit_ = vmrun(core, vcpu, dict(vcpu.regs, rdi=SECRET_GPA + i))
         after = vcpu.vmcb()
         if exit_.code != EXIT_EXCP_BASE + DB_VECTOR:
             r.step(
@@ -154,7 +148,7 @@ def _what_es_shows(system, victim, vcpu, gadget: int, r: AttackResult) -> dict:
     rip = VMSA.field("rip")
     system.kernel.write(vcpu.vmsa_va + rip.offset, gadget.to_bytes(rip.size, "little"))
     system.kernel.wbinvd_on_all_cpus()  # the write reaches DRAM
-    exit_ = _vmrun(system.kvm.cpu(vcpu.core_index), vcpu, dict(vcpu.regs))
+    exit_ = vmrun(system.kvm.cpu(vcpu.core_index), vcpu, dict(vcpu.regs))
     r.step(
         f"SEV-ES: the hypervisor writes RIP={gadget:#x} into the VMSA page through its own "
         f"mapping; VMRUN → {exit_.name}: {exit_.detail.get('reason', '')}"

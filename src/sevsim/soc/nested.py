@@ -53,7 +53,6 @@ from sevsim.soc.svm import (
     NPF_FINAL_GPA,
     NPF_GUEST_PAGE_TABLE,
     RFLAGS_IF,
-    SAVE,
     SEV_ENABLE,
     SEV_ES_ENABLE,
     TLB_CONTROL_FLUSH_ALL_ASIDS,
@@ -61,6 +60,7 @@ from sevsim.soc.svm import (
     TLB_CONTROL_FLUSH_ASID_LOCAL,
     VMCB,
     VMCB_SIZE,
+    VMSA_SAVE_FIELDS,
     Exit,
 )
 
@@ -68,11 +68,6 @@ if TYPE_CHECKING:
     from sevsim.soc.core import Core
 
 EFER_SVME = 1 << 12
-# The save-area fields a VMSA holds at the VMCB save area's offsets (segments, control
-# registers, RIP, RSP, RAX, ...): an SEV-ES VMRUN takes them from the VMSA instead.
-VMSA_SAVE_FIELDS = tuple(
-    f.name for f in VMCB.fields if f.offset >= SAVE and f.name in {g.name for g in VMSA.fields}
-)
 # Where #VMEXIT writes each of them, and the GPRs, in the VMSA: (name, offset, size).
 _VMSA_SLOTS = tuple(
     (name, VMSA.field(name).offset, VMSA.field(name).size)

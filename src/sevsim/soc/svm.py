@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sevsim.api.layout import Layout
-from sevsim.api.vmsa import EXIT_VMGEXIT  # SEV-ES: the guest calls the hypervisor
+from sevsim.api.vmsa import EXIT_VMGEXIT, VMSA  # SEV-ES: the guest calls the hypervisor
 
 VMCB_SIZE = 4096
 SAVE = 0x400  # the save area
@@ -113,6 +113,13 @@ VMCB = Layout(
     (SAVE + 0x1F8, "Q", "rax"),
     (SAVE + 0x240, "Q", "cr2"),
     (SAVE + 0x268, "Q", "g_pat"),
+)
+
+# The save-area fields an SEV-ES VMSA holds at the same offsets as the VMCB's save area
+# (segments, control registers, RIP, RSP, RAX, ...): VMRUN takes them from the VMSA instead,
+# and KVM's sev_es_sync_vmsa copies them into it.
+VMSA_SAVE_FIELDS = tuple(
+    f.name for f in VMCB.fields if f.offset >= SAVE and f.name in {g.name for g in VMSA.fields}
 )
 
 # nested_ctl bits

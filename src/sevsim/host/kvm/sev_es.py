@@ -15,17 +15,14 @@ import errno
 from typing import TYPE_CHECKING
 
 from sevsim.api import vmsa as sev_vmsa
-from sevsim.api.vmsa import VMSA
+from sevsim.api.vmsa import GPR_OFFSETS, VMSA
 from sevsim.host.kvm.uapi import KvmError
-from sevsim.soc.svm import VMCB
+from sevsim.soc.svm import VMSA_SAVE_FIELDS
 
 if TYPE_CHECKING:
     from sevsim.host.kvm.svm import Vcpu
 
-_VMSA_NAMES = {f.name for f in VMSA.fields}
-# The VMCB save-area fields the memcpy carries over (same names, same offsets in the VMSA).
-SAVE_AREA_FIELDS = tuple(f.name for f in VMCB.fields if f.offset >= 0x400 and f.name in _VMSA_NAMES)
-GPRS = ("rax", "rbx", "rcx", "rdx", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
+GPRS = ("rax", *GPR_OFFSETS)  # what KVM keeps outside the VMCB (RAX: both)
 
 CR0_NW = 1 << 29
 CR0_CD = 1 << 30
@@ -43,7 +40,7 @@ def build_vmsa(vcpu: Vcpu, fpu_state: bool = True) -> bytes:
             f"vCPU {vcpu.index}: host debugging is on; an SEV-ES VMSA cannot hold it",
             err=errno.EINVAL,
         )
-    values = {name: getattr(vmcb, name) for name in SAVE_AREA_FIELDS}
+    values = {name: getattr(vmcb, name) for name in VMSA_SAVE_FIELDS}  # the memcpy
     regs = vcpu.regs
     values.update({name: regs.get(name, 0) for name in GPRS})
     values["rax"] = regs.get("rax", vmcb.rax)

@@ -373,7 +373,8 @@ class X86Vcpu:
             frame.executed = True
             self._scanned.add((va & ~0xFFF, frame.addr))
             self._scan_page(va & ~0xFFF, frame.view)
-        if perms & UC_PROT_EXEC and va & ~0xFFF in self._site_pages - self._exit_pages:
+        page = va & ~0xFFF
+        if perms & UC_PROT_EXEC and page in self._site_pages and page not in self._exit_pages:
             self._set_exits()  # a page left out while it was not mapped is back
         entry.paddr = frame.addr
         entry.perms = perms
